@@ -1,0 +1,60 @@
+"""The peer's one aiohttp application: error translation, health, metrics, and the rooms' routes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+from aiohttp import web
+
+from aivailable.api.errors import ApiError
+from aivailable.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Every error leaves as an OpenAI-style JSON body; nothing crashes the peer."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
+        message = (
+            exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
+        )
+        return ApiError(exc.status, message, type=kind).response()
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return ApiError(500, "internal server error", type="server_error").response()
+
+
+def build_app(
+    metrics: Metrics,
+    is_serving: Callable[[], bool],
+    route_groups: Iterable[list[web.RouteDef]],
+    on_scrape: Callable[[], None] = lambda: None,
+    client_max_size: int = 16 << 20,
+) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=client_max_size)
+
+    async def healthz(request: web.Request) -> web.Response:
+        if not is_serving():
+            raise ApiError(503, "starting", type="service_unavailable", retry_after=1)
+        return web.json_response({"status": "ok"})
+
+    async def metrics_endpoint(request: web.Request) -> web.Response:
+        on_scrape()  # gauges that are cheaper to read on demand than to keep current
+        return web.Response(
+            body=metrics.render(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+    app.add_routes([web.get("/healthz", healthz), web.get("/metrics", metrics_endpoint)])
+    for routes in route_groups:
+        app.add_routes(routes)
+    return app

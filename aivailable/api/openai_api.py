@@ -1,0 +1,291 @@
+"""The OpenAI-compatible endpoints: /v1/models, /v1/chat/completions, /v1/completions.
+
+Handlers validate (validate.py), find an engine for the model (a `ModelLookup`),
+and render the engine's events as OpenAI JSON or Server-Sent Events. Engine errors
+become HTTP errors here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+from aiohttp import web
+
+from aivailable.api.errors import ApiError, bad_request, not_found
+from aivailable.api.validate import Parsed, parse_chat, parse_completion
+from aivailable.backends.base import (
+    ChatRequest,
+    ContextOverflow,
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    Finished,
+    QueueFull,
+    TextDelta,
+)
+from aivailable.metrics import Metrics
+
+
+class Servable(Protocol):
+    """What the API needs of a model instance (aivailable.instances.Instance is one)."""
+
+    state: str
+    engine: Engine | None
+    error: str
+
+
+# Returns the instances this peer can serve, by model name; the peer process supplies
+# it so the API never owns the set of loaded models.
+ModelLookup = Callable[[], Mapping[str, Servable]]
+
+
+def engine_error(exc: EngineError) -> ApiError:
+    """The one place engine errors turn into HTTP statuses."""
+    if isinstance(exc, QueueFull):
+        return ApiError(
+            429,
+            f"the model's queue is full; retry after {exc.retry_after:.0f}s",
+            type="rate_limit_error",
+            code="queue_full",
+            retry_after=exc.retry_after,
+        )
+    if isinstance(exc, EngineUnavailable):
+        return ApiError(
+            503,
+            str(exc),
+            type="service_unavailable",
+            code=f"model_{exc.state}",
+            retry_after=exc.retry_after,
+        )
+    if isinstance(exc, ContextOverflow):
+        return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
+    return ApiError(500, f"engine error: {exc}", type="server_error")
+
+
+def _sse(data: dict | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+class OpenAIApi:
+    def __init__(
+        self,
+        lookup: ModelLookup,
+        metrics: Metrics,
+        max_tokens_limit: int,
+        request_timeout_s: float,
+        owner: str = "aivailable",
+    ):
+        self._lookup = lookup
+        self._metrics = metrics
+        self._max_tokens_limit = max_tokens_limit
+        self._timeout = request_timeout_s
+        self._owner = owner
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/v1/models", self.list_models),
+            web.get("/v1/models/{model}", self.get_model),
+            web.post("/v1/chat/completions", self.chat_completions),
+            web.post("/v1/completions", self.completions),
+        ]
+
+    def _model_card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": self._owner}
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        names = sorted(self._lookup())
+        return web.json_response({"object": "list", "data": [self._model_card(n) for n in names]})
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name not in self._lookup():
+            raise not_found(f"the model '{name}' does not exist", param="model")
+        return web.json_response(self._model_card(name))
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "chat", parse_chat)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "completions", parse_completion)
+
+    async def _serve(self, request: web.Request, endpoint: str, parse) -> web.StreamResponse:
+        try:
+            body = await request.json(loads=json.loads)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise bad_request(f"the request body is not valid JSON: {exc}") from exc
+        parsed: Parsed = parse(body, self._max_tokens_limit)
+        instances = self._lookup()
+        instance = instances.get(parsed.model)
+        if instance is None:
+            available = ", ".join(sorted(instances)) or "none"
+            raise not_found(
+                f"the model '{parsed.model}' does not exist (available: {available})",
+                param="model",
+            )
+        engine = instance.engine
+        if engine is None or instance.error:
+            raise engine_error(EngineUnavailable(instance.state, instance.error))
+        started = time.monotonic()
+        status = "200"
+        try:
+            if parsed.stream:
+                return await self._stream(request, engine, parsed, started)
+            return await self._complete(engine, parsed, started)
+        except ApiError as exc:
+            status = str(exc.status)
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            status = "499"  # the client went away
+            self._metrics.client_disconnects.labels(parsed.model).inc()
+            raise
+        finally:
+            self._metrics.requests.labels(endpoint, parsed.model, status).inc()
+            self._metrics.latency.labels(endpoint, parsed.model).observe(time.monotonic() - started)
+
+    def _count(self, model: str, finished: Finished) -> None:
+        self._metrics.tokens.labels(model, "prompt").inc(finished.prompt_tokens)
+        self._metrics.tokens.labels(model, "completion").inc(finished.completion_tokens)
+
+    async def _complete(self, engine: Engine, parsed: Parsed, started: float) -> web.Response:
+        pieces: list[str] = []
+        finished: Finished | None = None
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with contextlib.aclosing(engine.generate(parsed.request)) as events:
+                    async for event in events:
+                        if isinstance(event, TextDelta):
+                            if not pieces:
+                                self._metrics.ttft.labels(parsed.model).observe(
+                                    time.monotonic() - started
+                                )
+                            pieces.append(event.text)
+                        elif isinstance(event, Finished):
+                            finished = event
+        except EngineError as exc:
+            raise engine_error(exc) from exc
+        except TimeoutError as exc:
+            raise ApiError(
+                504, f"generation took longer than {self._timeout:.0f}s", type="timeout"
+            ) from exc
+        if finished is None:
+            raise ApiError(500, "the engine ended without finishing", type="server_error")
+        self._count(parsed.model, finished)
+        text = "".join(pieces)
+        is_chat = isinstance(parsed.request, ChatRequest)
+        if is_chat:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finished.finish_reason,
+            }
+        else:
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": finished.finish_reason,
+            }
+        return web.json_response(
+            {
+                "id": ("chatcmpl-" if is_chat else "cmpl-") + uuid.uuid4().hex,
+                "object": "chat.completion" if is_chat else "text_completion",
+                "created": int(time.time()),
+                "model": parsed.model,
+                "choices": [choice],
+                "usage": {
+                    "prompt_tokens": finished.prompt_tokens,
+                    "completion_tokens": finished.completion_tokens,
+                    "total_tokens": finished.prompt_tokens + finished.completion_tokens,
+                },
+            }
+        )
+
+    async def _stream(
+        self, request: web.Request, engine: Engine, parsed: Parsed, started: float
+    ) -> web.StreamResponse:
+        is_chat = isinstance(parsed.request, ChatRequest)
+        base = {
+            "id": ("chatcmpl-" if is_chat else "cmpl-") + uuid.uuid4().hex,
+            "object": "chat.completion.chunk" if is_chat else "text_completion",
+            "created": int(time.time()),
+            "model": parsed.model,
+        }
+
+        def chunk(text: str | None, finish: str | None, first: bool = False) -> dict:
+            if is_chat:
+                delta = (
+                    {"role": "assistant", "content": ""}
+                    if first
+                    else ({"content": text} if text is not None else {})
+                )
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {**base, "choices": [choice]}
+
+        events = engine.generate(parsed.request)
+        response: web.StreamResponse | None = None
+        try:
+            async with asyncio.timeout(self._timeout), contextlib.aclosing(events):
+                # Wait for the first event before sending headers, so a full queue or a
+                # failed engine still gets a proper status code rather than a broken stream.
+                first = await anext(events)
+                response = web.StreamResponse(
+                    headers={
+                        "Content-Type": "text/event-stream",
+                        "Cache-Control": "no-cache",
+                    }
+                )
+                await response.prepare(request)
+                if is_chat:
+                    await response.write(_sse(chunk(None, None, first=True)))
+                seen_text = False
+                event = first
+                while True:
+                    if isinstance(event, TextDelta):
+                        if not seen_text:
+                            seen_text = True
+                            self._metrics.ttft.labels(parsed.model).observe(
+                                time.monotonic() - started
+                            )
+                        await response.write(_sse(chunk(event.text, None)))
+                    else:
+                        self._count(parsed.model, event)
+                        await response.write(_sse(chunk(None, event.finish_reason)))
+                        if parsed.include_usage:
+                            usage = {
+                                "prompt_tokens": event.prompt_tokens,
+                                "completion_tokens": event.completion_tokens,
+                                "total_tokens": event.prompt_tokens + event.completion_tokens,
+                            }
+                            await response.write(_sse({**base, "choices": [], "usage": usage}))
+                        break
+                    event = await anext(events)
+        except EngineError as exc:
+            error = engine_error(exc)
+            if response is None:
+                raise error from exc
+            await response.write(_sse(error.body()))
+        except TimeoutError as exc:
+            error = ApiError(
+                504, f"generation took longer than {self._timeout:.0f}s", type="timeout"
+            )
+            if response is None:
+                raise error from exc
+            await response.write(_sse(error.body()))
+        except StopAsyncIteration as exc:
+            error = ApiError(500, "the engine ended without finishing", type="server_error")
+            if response is None:
+                raise error from exc
+            await response.write(_sse(error.body()))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response

@@ -1,0 +1,137 @@
+"""The peer's configuration: one frozen dataclass (DESIGN.md rule 4).
+
+Sources, later ones winning: the defaults below, a TOML file (`--config`, or
+`$AIVAILABLE_CONFIG`), environment variables `AIVAILABLE_<FIELD>` and command-line flags.
+Every default says its unit and why it is what it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _default_data_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("XDG_DATA_HOME", pathlib.Path.home() / ".local/share"))
+
+
+@dataclass(frozen=True)
+class Config:
+    # This node's id in the cluster. Default: the host name, which is unique on a LAN
+    # and stable across restarts (the Raft log and gossip incarnations are keyed by it).
+    name: str = field(default_factory=lambda: os.uname().nodename)
+    # Address to listen on. Default loopback, so a peer started by hand never exposes
+    # itself (or announces mDNS) on a LAN by surprise; a LAN needs 0.0.0.0 or an address.
+    bind: str = "127.0.0.1"
+    # TCP port for HTTP (API, dashboard, peer traffic) and UDP port for gossip: one
+    # number so a firewall rule and a --join address stay simple.
+    port: int = 8000
+    # Where the Raft log, cluster secret and per-node state live. Default follows XDG.
+    data_dir: pathlib.Path = field(default_factory=lambda: _default_data_dir() / "aivailable")
+    # Where downloaded models are cached (the model store). None: ~/.cache/aivailable
+    # or $AIVAILABLE_CACHE_DIR, shared by every peer on the machine.
+    cache_dir: pathlib.Path | None = None
+    # Static seeds HOST:PORT, for networks without multicast. Default none: mDNS finds peers.
+    join: tuple[str, ...] = ()
+    # Announce and browse with mDNS. On by default: plug in and it joins.
+    mdns: bool = True
+    # Simulated GPUs "fake:NAME:VRAM" for demos and tests on machines without GPUs.
+    gpu: tuple[str, ...] = ()
+    # Where the cluster secret is read from (created there if absent). None: data_dir/cluster.key.
+    cluster_key_file: pathlib.Path | None = None
+    # Models this peer serves by itself when it is not part of a cluster plan
+    # (single-node mode). The embedded model by default, so `up` serves out of the box.
+    model: tuple[str, ...] = ("builtin:smollm2-135m",)
+    # Context window per model instance, in tokens. 2048 fits SmolLM2's chat use and
+    # keeps the KV cache small (about 45 MiB for the 135M model at f16).
+    n_ctx: int = 2048
+    # Requests waiting or running per model before new ones get 429. 32 lets a burst of
+    # clients queue (one llama.cpp context decodes one request at a time) without letting
+    # a flood queue minutes of work.
+    queue_limit: int = 32
+    # Seconds a request may wait for a slot plus generate before it is cut off with an
+    # error, so no client hangs forever behind a stuck worker.
+    request_timeout_s: float = 300.0
+    # Upper bound on max_tokens a client may ask for; also the default when it asks for
+    # none, so a request without max_tokens cannot run for the whole context by accident.
+    max_tokens_limit: int = 4096
+    # Logging level name for the peer's own log.
+    log_level: str = "INFO"
+
+    @property
+    def advertise_addr(self) -> str:
+        """The HOST:PORT other peers and clients use to reach this one."""
+        host = "127.0.0.1" if self.bind in ("0.0.0.0", "::", "") else self.bind
+        return f"{host}:{self.port}"
+
+    @property
+    def key_file(self) -> pathlib.Path:
+        return self.cluster_key_file or self.data_dir / "cluster.key"
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a TOML or environment value into the field's type, with a clear error."""
+    default = _FIELDS[name].default
+    if default is dataclasses.MISSING:
+        default = _FIELDS[name].default_factory()  # type: ignore[misc]
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                return value.lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(str(v) for v in value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if name in ("data_dir", "cache_dir", "cluster_key_file"):
+            return pathlib.Path(value).expanduser()
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad value for {name}: {value!r}") from exc
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(
+    overrides: dict[str, Any] | None = None,
+    toml_path: str | os.PathLike | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Build the Config from defaults < TOML < environment < overrides (flags)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    toml_path = toml_path or environ.get("AIVAILABLE_CONFIG")
+    if toml_path:
+        try:
+            with open(toml_path, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {toml_path}: {exc}") from exc
+        for key, value in data.items():
+            key = key.replace("-", "_")
+            if key not in _FIELDS:
+                raise ConfigError(f"unknown setting {key!r} in {toml_path}")
+            values[key] = _coerce(key, value)
+    for name in _FIELDS:
+        env_value = environ.get(f"AIVAILABLE_{name.upper()}")
+        if env_value is not None:
+            values[name] = _coerce(name, env_value)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _coerce(key, value)
+    return Config(**values)

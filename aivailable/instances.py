@@ -1,0 +1,106 @@
+"""The model instances this peer runs: one engine per loaded model, started and stopped here.
+
+The single-node peer asks for its configured models at start; in a cluster the
+reconciler asks for what the committed plan gives this node. Either way this is
+the one owner of engines, so the API only ever looks them up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aivailable.backends.base import Engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Instance:
+    model: str
+    source: str
+    gpus: tuple[str, ...]
+    engine: Engine | None = None  # None while the model file is being fetched ("pending")
+    error: str = ""  # why the instance failed, for /cluster/status
+    task: asyncio.Task | None = field(default=None, repr=False)
+
+    @property
+    def state(self) -> str:
+        if self.error:
+            return "failed"
+        return self.engine.state if self.engine is not None else "pending"
+
+    def view(self) -> dict:
+        view = {
+            "model": self.model,
+            "source": self.source,
+            "gpus": list(self.gpus),
+            "state": self.state,
+            "queue_depth": self.engine.queue_depth if self.engine else 0,
+        }
+        for extra in ("pid", "restarts"):
+            value = getattr(self.engine, extra, None)
+            if value is not None:
+                view[extra] = value
+        if self.error:
+            view["error"] = self.error
+        return view
+
+
+# Fetches a model source to a local file path (the model store); blocking, run in a thread.
+Resolver = Callable[[str], pathlib.Path]
+# Builds an engine for (model name, model file, gpus); loading happens in its start().
+EngineFactory = Callable[[str, pathlib.Path, tuple[str, ...]], Engine]
+
+
+class Instances:
+    def __init__(self, resolve: Resolver, factory: EngineFactory, task_group: asyncio.TaskGroup):
+        self._resolve = resolve
+        self._factory = factory
+        self._tg = task_group
+        self._instances: dict[str, Instance] = {}
+
+    def by_model(self) -> dict[str, Instance]:
+        return dict(self._instances)
+
+    def views(self) -> list[dict]:
+        return [inst.view() for inst in self._instances.values()]
+
+    def get(self, model: str) -> Instance | None:
+        return self._instances.get(model)
+
+    def start(self, model: str, source: str, gpus: tuple[str, ...] = ()) -> Instance:
+        """Begin loading a model in the background; its state shows the progress."""
+        if model in self._instances:
+            return self._instances[model]
+        instance = Instance(model, source, gpus)
+        self._instances[model] = instance
+        instance.task = self._tg.create_task(self._load(instance), name=f"load {model}")
+        return instance
+
+    async def _load(self, instance: Instance) -> None:
+        try:
+            path = await asyncio.to_thread(self._resolve, instance.source)
+            instance.engine = self._factory(instance.model, path, instance.gpus)
+            await instance.engine.start()
+            log.info("model %s is ready", instance.model)
+        except Exception as exc:  # a model that cannot load fails alone, never the peer
+            instance.error = str(exc)
+            log.error("model %s failed to load: %s", instance.model, exc)
+
+    async def stop(self, model: str) -> bool:
+        instance = self._instances.pop(model, None)
+        if instance is None:
+            return False
+        if instance.task is not None and not instance.task.done():
+            instance.task.cancel()
+        if instance.engine is not None:
+            await instance.engine.stop()
+        return True
+
+    async def stop_all(self) -> None:
+        for model in list(self._instances):
+            await self.stop(model)

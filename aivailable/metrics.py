@@ -1,0 +1,68 @@
+"""Prometheus metrics of one peer, in a registry of its own (several peers may share a process in tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Latency buckets in seconds: from a fast first token on a GPU to a long CPU generation.
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "aivailable_requests",
+            "API requests by endpoint, model and status",
+            ["endpoint", "model", "status"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "aivailable_tokens",
+            "Tokens processed, by model and kind (prompt/completion)",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "aivailable_request_latency_seconds",
+            "Whole request latency",
+            ["endpoint", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "aivailable_time_to_first_token_seconds",
+            "Time to the first generated token",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "aivailable_queue_depth",
+            "Requests waiting or running per model",
+            ["model"],
+            registry=r,
+        )
+        self.vram = Gauge(
+            "aivailable_gpu_vram_bytes",
+            "GPU memory by GPU and kind (total/free)",
+            ["gpu", "name", "kind"],
+            registry=r,
+        )
+        # A gauge read from the engine at scrape time: the engine owns the count.
+        self.engine_restarts = Gauge(
+            "aivailable_engine_restarts",
+            "Model worker restarts after a crash",
+            ["model"],
+            registry=r,
+        )
+        self.client_disconnects = Counter(
+            "aivailable_client_disconnects",
+            "Streams whose client went away mid-generation",
+            ["model"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

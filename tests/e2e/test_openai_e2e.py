@@ -1,0 +1,189 @@
+"""A real peer process serving the real SmolLM2 model, driven by the official openai client."""
+
+import asyncio
+import json
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from tests.peers import PeerProcess, get_json
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+MODEL = "smollm2-135m"
+HELLO = [{"role": "user", "content": "Say hello in one short sentence."}]
+
+
+@pytest.fixture(scope="module")
+def peer(tmp_path_factory):
+    peer = PeerProcess(tmp_path_factory.mktemp("e2e"), "solo", "--no-mdns").start()
+    try:
+        peer.wait_healthy()
+        peer.wait_model_ready()
+        yield peer
+    finally:
+        peer.stop()
+
+
+@pytest.fixture
+def client(peer):
+    return openai.OpenAI(base_url=peer.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def instance(peer) -> dict:
+    return next(i for i in peer.status()["nodes"][0]["instances"] if i["model"] == MODEL)
+
+
+def test_models_lists_the_embedded_model(client):
+    assert MODEL in [m.id for m in client.models.list()]
+
+
+def test_chat_without_streaming_answers_with_usage(client):
+    reply = client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=24, temperature=0
+    )
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content.strip()
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens > 5 and 0 < reply.usage.completion_tokens <= 24
+
+
+def test_chat_streams_tokens(client):
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=HELLO,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert text.strip() and len(content_chunks) > 3
+    assert chunks[-1].usage.completion_tokens == len(content_chunks)
+
+
+def test_completions_with_and_without_streaming(client):
+    reply = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0
+    )
+    assert reply.choices[0].text and reply.usage.completion_tokens <= 8
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=MODEL,
+            prompt="The capital of France is",
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+        )
+    )
+    assert streamed == reply.choices[0].text  # greedy decoding is deterministic
+
+
+def test_max_tokens_stops_with_length(client):
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Count from 1 to 100."}],
+        max_tokens=5,
+        temperature=0,
+    )
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 5
+
+
+def test_seeded_sampling_repeats(client):
+    def ask():
+        return (
+            client.chat.completions.create(
+                model=MODEL, messages=HELLO, max_tokens=16, temperature=0.9, seed=1234
+            )
+            .choices[0]
+            .message.content
+        )
+
+    assert ask() == ask()
+
+
+def test_error_cases_get_openai_errors_and_the_peer_keeps_serving(client, peer):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=HELLO)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=-1)
+    assert info.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=HELLO, temperature="hot")
+    request = urllib.request.Request(
+        peer.url + "/v1/chat/completions",
+        data=b"{oops",
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as raw:
+        urllib.request.urlopen(request, timeout=10)
+    assert raw.value.code == 400 and "error" in json.loads(raw.value.read())
+    assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4).choices
+
+
+def test_eight_parallel_streaming_clients_all_complete(peer):
+    async def one(client, i):
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Name a colour. ({i})"}],
+            max_tokens=12,
+            stream=True,
+        )
+        pieces = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+        return "".join(pieces)
+
+    async def main():
+        async with openai.AsyncOpenAI(
+            base_url=peer.url + "/v1", api_key="unused", max_retries=0, timeout=300
+        ) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(8)))
+
+    answers = asyncio.run(main())
+    assert len(answers) == 8 and all(a.strip() for a in answers)
+
+
+def test_a_client_that_disconnects_frees_its_slot(client, peer):
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Write a very long story."}],
+        max_tokens=1500,
+        stream=True,
+    )
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 30
+    while instance(peer)["queue_depth"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert instance(peer)["queue_depth"] == 0
+    metrics = urllib.request.urlopen(peer.url + "/metrics", timeout=10).read().decode()
+    assert f'aivailable_client_disconnects_total{{model="{MODEL}"}}' in metrics
+
+
+def test_a_killed_worker_is_reported_restarted_and_serves_again(client, peer):
+    before = instance(peer)
+    os.kill(before["pid"], signal.SIGKILL)
+    peer.wait_until(
+        lambda: instance(peer)["restarts"] == before["restarts"] + 1,
+        60,
+        "the restart to be reported",
+    )
+    peer.wait_model_ready()
+    after = instance(peer)
+    assert after["pid"] != before["pid"]
+    reply = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8)
+    assert reply.choices[0].message.content
+    metrics = urllib.request.urlopen(peer.url + "/metrics", timeout=10).read().decode()
+    assert f'aivailable_engine_restarts{{model="{MODEL}"}} 1.0' in metrics
+    assert get_json(peer.url + "/healthz")["status"] == "ok"

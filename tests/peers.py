@@ -1,0 +1,127 @@
+"""Real peer processes for integration, chaos and e2e tests: start, wait, signal by pid."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A port free for both TCP (HTTP) and UDP (gossip) on loopback."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+
+
+def get_json(url: str, timeout: float = 5) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+class PeerProcess:
+    """`python -m aivailable up ...` as a child of the test, logging to a file."""
+
+    def __init__(
+        self, tmp: Path, name: str, *args: str, port: int | None = None, env: dict | None = None
+    ):
+        self.name = name
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = tmp / name
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.data_dir / "peer.log"
+        self.args = [
+            "--name",
+            name,
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            *args,
+        ]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> PeerProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aivailable", "up", *self.args],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def status(self) -> dict:
+        return get_json(self.url + "/cluster/status")
+
+    def wait_until(self, predicate, timeout: float = 120, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"peer {self.name} exited ({self.proc.returncode}):\n{self.log()[-3000:]}"
+                )
+            with contextlib.suppress(OSError, ValueError, KeyError, urllib.error.URLError):
+                if predicate():
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what} on {self.name}:\n{self.log()[-3000:]}")
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        self.wait_until(
+            lambda: get_json(self.url + "/healthz")["status"] == "ok", timeout, "/healthz"
+        )
+
+    def wait_model_ready(self, model: str = "smollm2-135m", timeout: float = 180) -> None:
+        def ready() -> bool:
+            node = self.status()["nodes"][0]
+            states = {i["model"]: i["state"] for i in node["instances"]}
+            if states.get(model) == "failed":
+                raise AssertionError(f"{model} failed on {self.name}: {self.status()}")
+            return states.get(model) == "ready"
+
+        self.wait_until(ready, timeout, f"{model} ready")
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 20) -> int | None:
+        """SIGTERM, then SIGKILL if it does not leave in time; returns the exit code."""
+        if self.proc is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            return self.proc.wait(5)
