@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aivailable import store  # noqa: E402
-from tests.peers import PeerProcess  # noqa: E402
+from aivailable.local_peers import PeerProcess  # noqa: E402
 
 MODEL = "smollm2-135m"
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
