@@ -3,6 +3,7 @@ determinism, stability under unchanged input, node loss and node join, and diff(
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from random import Random
 
@@ -23,7 +24,11 @@ from placement import (
 )
 from tests.unit.placement_strategies import models_st, nodes_st
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# PLACEMENT_EXAMPLES raises the count for a long soak; 150 keeps the suite quick.
+EXAMPLES = int(os.environ.get("PLACEMENT_EXAMPLES", "150"))
+SETTINGS = settings(
+    max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 POLICY = st.sampled_from(["pack", "spread"])
 
 
