@@ -144,8 +144,10 @@ def main() -> None:
     results = [run_size(n, m, clusters, repeats, args.seed) for n, m in sizes]
     quality = run_quality(quality_n, args.seed)
 
-    print(f"{'nodes x models':>15} {'solve ms':>9} {'p95 ms':>7} {'same ms':>8} {'-1 node ms':>10} "
-          f"{'VRAM used':>9} {'placed':>7} {'vs FFD':>7}")
+    print(
+        f"{'nodes x models':>15} {'solve ms':>9} {'p95 ms':>7} {'same ms':>8} {'-1 node ms':>10} "
+        f"{'VRAM used':>9} {'placed':>7} {'vs FFD':>7}"
+    )
     for r in results:
         print(
             f"{r['nodes']:>7} x {r['models']:<5} {r['solve_ms_median']:9.1f} {r['solve_ms_p95']:7.1f} "
@@ -162,7 +164,9 @@ def main() -> None:
     )
     out = ROOT / "bench" / "results" / "placement.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"sizes": results, "quality": quality, "quick": args.quick}, indent=2))
+    out.write_text(
+        json.dumps({"sizes": results, "quality": quality, "quick": args.quick}, indent=2)
+    )
     print(f"\nwrote {out.relative_to(ROOT)}")
 
 
