@@ -145,9 +145,9 @@ class RaftNode:
         # Dissertation 4.1 and Ongaro's 2015 raft-dev fix: a new leader must commit an entry of
         # its own term before changing membership, and only one change may be in flight.
         if self.log.term(self.log.committed) != self.term:
-            raise ProposalRejected("the leader has not yet committed an entry of its term")
+            raise ProposalRejected("the leader has not committed an entry of its term", True)
         if self.log.pending_conf_index() > self.log.committed:
-            raise ProposalRejected("another configuration change is still uncommitted")
+            raise ProposalRejected("another configuration change is uncommitted", True)
         # The latest configuration in the log is the committed one: none is pending.
         new = changed_conf(self.log.conf(), op, node, voter)
         self._append([(CONF, encode_conf(new, op, node))])
@@ -185,7 +185,7 @@ class RaftNode:
         if self.role != LEADER:
             raise NotLeader(self.leader_id)
         if self.lead_transferee is not None:
-            raise ProposalRejected("leadership transfer in progress")
+            raise ProposalRejected("leadership transfer in progress", True)
 
     # ---- Ready / Advance
 

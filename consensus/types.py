@@ -159,5 +159,9 @@ class NotLeader(Exception):
 
 
 class ProposalRejected(Exception):
-    """The leader refused a proposal: a conf change already pending, a transfer under way, or an
-    invalid membership change. Retrying later may succeed."""
+    """The leader refused a proposal. `retryable` is True for passing conditions (a conf change
+    still pending, a brand-new leader, a transfer under way) and False for an invalid change."""
+
+    def __init__(self, reason: str, retryable: bool = False):
+        super().__init__(reason)
+        self.retryable = retryable
