@@ -39,6 +39,7 @@ def direct_runs(path: Path, concurrency: int, trials: int, max_tokens: int) -> d
     from llama_cpp import Llama
 
     llm = Llama(str(path), n_ctx=2048, n_gpu_layers=0, verbose=False)
+    llm.create_chat_completion(PROMPT, max_tokens=8, temperature=0)  # warm-up, as for the API
     ttfts, total_tokens, total_time = [], 0, 0.0
     for _ in range(trials):
         start = time.perf_counter()
