@@ -27,7 +27,8 @@ from aivailable.backends.base import (
     SamplingParams,
     TextDelta,
 )
-from aivailable.backends.llama_engine import EngineConfig, LlamaEngine
+from aivailable.backends.llama_engine import EngineConfig, LlamaEngine, n_gpu_layers_for
+from aivailable.gpu import GpuInfo, cpu_device, parse_fake_gpu
 from aivailable.store import resolve
 
 # Restart quickly: the test waits for it.
@@ -285,3 +286,12 @@ async def test_corrupt_frame_fails_the_worker_and_restarts_it(stand_in):
     assert states[:3] == ["loading", "ready", "failed"]
     await engine.stop()
     assert engine.pid is None
+
+
+def test_full_offload_only_with_a_real_gpu():
+    nvidia = GpuInfo("gpu0", "nvidia", "GTX 1080", 8 << 30, 8 << 30, "470", "6.1")
+    amd = GpuInfo("gpu0", "amd", "RX 580", 8 << 30, 8 << 30, "6.7", "gfx803")
+    assert n_gpu_layers_for([]) == 0
+    assert n_gpu_layers_for([parse_fake_gpu("fake:X:8GiB"), cpu_device()]) == 0
+    assert n_gpu_layers_for([cpu_device(), nvidia]) == -1
+    assert n_gpu_layers_for([amd]) == -1
