@@ -133,7 +133,8 @@ class LlamaEngine(Engine):
         self._state_changed = asyncio.Event()
         self._stop_requested = asyncio.Event()
         self._run_done = asyncio.Event()
-        self._running = False
+        self._running = False  # a run() is under way or about to start
+        self._supervising = False  # a run() body is executing
         self._runner: asyncio.Task | None = None
         self._stderr_tail: deque[str] = deque(maxlen=20)
 
@@ -218,6 +219,9 @@ class LlamaEngine(Engine):
 
     async def run(self) -> None:
         """Supervise the worker until cancelled or stopped: spawn, serve, restart."""
+        if self._supervising:  # two supervisors would mean two children
+            raise RuntimeError(f"engine {self.name} is already running")
+        self._supervising = True
         if not self._running:
             self._prepare_run()
         loop = asyncio.get_running_loop()
@@ -250,6 +254,7 @@ class LlamaEngine(Engine):
                 self._proc = None
             self._fail_all(EngineUnavailable("stopping", "the model is being stopped"))
             self._running = False
+            self._supervising = False
             self._set_state("pending")
             self._run_done.set()
 
