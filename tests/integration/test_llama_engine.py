@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from aivailable.backends import llama_worker as proto
 from aivailable.backends.base import (
     ChatRequest,
     CompletionRequest,
@@ -27,7 +29,12 @@ from aivailable.backends.base import (
     SamplingParams,
     TextDelta,
 )
-from aivailable.backends.llama_engine import EngineConfig, LlamaEngine, n_gpu_layers_for
+from aivailable.backends.llama_engine import (
+    WORKER_ARGV,
+    EngineConfig,
+    LlamaEngine,
+    n_gpu_layers_for,
+)
 from aivailable.gpu import GpuInfo, cpu_device, parse_fake_gpu
 from aivailable.store import resolve
 
@@ -187,6 +194,36 @@ async def test_run_in_a_task_group(smollm2):
     assert eng.state == "pending" and eng.pid is None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+@slow
+def test_worker_exits_when_its_parent_goes_away(smollm2):
+    """A peer that dies closes the worker's stdin: the worker stops mid-generation and
+    exits, so no orphan keeps holding the model (and its GPU memory)."""
+    worker = subprocess.Popen(
+        [*WORKER_ARGV, "--model", str(smollm2), "--n-ctx", "512"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=Path(proto.__file__).parents[2],  # python -m imports this checkout's package
+    )
+    try:
+        assert proto.read_frame(worker.stdout)["type"] == proto.READY
+        generate = {"type": proto.GENERATE, "id": 1, "kind": "completion"}
+        generate |= {"prompt": "Once upon a time", "params": {"max_tokens": 400}}
+        worker.stdin.write(proto.encode_frame(generate))
+        worker.stdin.flush()
+        assert proto.read_frame(worker.stdout)["type"] == proto.DELTA
+        worker.stdin.close()
+        assert worker.wait(timeout=60) == 0
+        frames = []
+        while (frame := proto.read_frame(worker.stdout)) is not None:
+            frames.append(frame["type"])
+        assert frames[-1] == proto.CANCELLED  # stopped, not run to the end
+        assert len(frames) < 400
+    finally:
+        worker.kill()
+        worker.wait()
 
 
 # --- stand-in workers ---------------------------------------------------------------
