@@ -44,9 +44,17 @@ from aivailable.backends.base import (
     QueueFull,
     TextDelta,
 )
+from aivailable.gpu.info import GpuInfo
 
 log = logging.getLogger(__name__)
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # so the child imports this code
+WORKER_ARGV = (sys.executable, "-m", "aivailable.backends.llama_worker")
+
+
+def n_gpu_layers_for(gpus: Sequence[GpuInfo]) -> int:
+    """-1 (offload every layer) on a node with a real GPU, 0 (CPU only) otherwise.
+    Fake GPUs are for placement demos; their models still run on the CPU."""
+    return -1 if any(gpu.vendor in ("nvidia", "amd") for gpu in gpus) else 0
 
 
 @dataclass(frozen=True)
@@ -94,10 +102,13 @@ class LlamaEngine(Engine):
         tensor_split: Sequence[float] | None = None,
         config: EngineConfig | None = None,
         on_state_change: Callable[[InstanceState], None] | None = None,
+        worker_argv: Sequence[str] | None = None,
     ):
         """`n_gpu_layers`: -1 offloads every layer (a node with a GPU), 0 keeps all on the
         CPU. `queue_limit`: requests waiting or running before QueueFull. `env`: added to
-        the child's environment (CUDA_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES, ...)."""
+        the child's environment (CUDA_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES, ...).
+        `worker_argv`: the command that starts a worker (the model arguments follow);
+        tests put stand-in workers here."""
         self.name = name
         self.model_path = Path(model_path)
         self.n_ctx = n_ctx
@@ -108,6 +119,7 @@ class LlamaEngine(Engine):
         self.tensor_split = tuple(tensor_split) if tensor_split else None
         self.config = config or EngineConfig()
         self.on_state_change = on_state_change
+        self.worker_argv = list(worker_argv or WORKER_ARGV)
         self.state: InstanceState = "pending"
         self.restarts = 0  # children started after the first one
         self.last_error = ""  # why the last child failed, for status pages and logs
@@ -121,7 +133,8 @@ class LlamaEngine(Engine):
         self._state_changed = asyncio.Event()
         self._stop_requested = asyncio.Event()
         self._run_done = asyncio.Event()
-        self._running = False
+        self._running = False  # a run() is under way or about to start
+        self._supervising = False  # a run() body is executing
         self._runner: asyncio.Task | None = None
         self._stderr_tail: deque[str] = deque(maxlen=20)
 
@@ -183,12 +196,13 @@ class LlamaEngine(Engine):
         self._stop_requested.set()
         self._set_state("stopping")
         proc = self._proc
-        if proc is not None and not was_ready:
-            self._kill(proc)  # still loading: nothing to finish cleanly
-        elif proc is not None:
-            self._send_quietly(proc, {"type": proto.SHUTDOWN})
-            with contextlib.suppress(Exception):
-                proc.stdin.close()
+        if proc is not None:
+            if was_ready:  # let it finish cleanly: it exits on SHUTDOWN or end of input
+                self._send_quietly(proc, {"type": proto.SHUTDOWN})
+                with contextlib.suppress(Exception):
+                    proc.stdin.close()
+            else:  # still loading: nothing worth waiting for
+                self._kill(proc)
             try:
                 await asyncio.wait_for(self._run_done.wait(), self.config.stop_timeout)
             except TimeoutError:
@@ -197,13 +211,17 @@ class LlamaEngine(Engine):
             runner, self._runner = self._runner, None
             if not self._run_done.is_set():
                 runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
+            await asyncio.wait([runner])  # a cancel of stop() itself still propagates
+            if not runner.cancelled() and runner.exception() is not None:
+                log.error("model %s: supervisor failed", self.name, exc_info=runner.exception())
         else:
             await self._run_done.wait()
 
     async def run(self) -> None:
         """Supervise the worker until cancelled or stopped: spawn, serve, restart."""
+        if self._supervising:  # two supervisors would mean two children
+            raise RuntimeError(f"engine {self.name} is already running")
+        self._supervising = True
         if not self._running:
             self._prepare_run()
         loop = asyncio.get_running_loop()
@@ -236,11 +254,12 @@ class LlamaEngine(Engine):
                 self._proc = None
             self._fail_all(EngineUnavailable("stopping", "the model is being stopped"))
             self._running = False
+            self._supervising = False
             self._set_state("pending")
             self._run_done.set()
 
     def _command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "aivailable.backends.llama_worker"]
+        cmd = list(self.worker_argv)
         cmd += ["--model", str(self.model_path), "--n-ctx", str(self.n_ctx)]
         cmd += ["--n-gpu-layers", str(self.n_gpu_layers), "--n-batch", str(self.config.n_batch)]
         if self.main_gpu is not None:

@@ -1,7 +1,8 @@
-"""LlamaEngine with real llama.cpp on the real SmolLM2 model, fetched through the store.
+"""LlamaEngine with real llama.cpp on the real SmolLM2 model, fetched through the store
+(slow), and with stand-in workers that misbehave in ways llama.cpp rarely does (fast).
 
-Each test starts its own worker child (about a second on a CPU) and keeps generations
-short; the cancel and queue tests ask for long ones and stop them early.
+Each real test starts its own worker child (about a second on a CPU) and keeps
+generations short; the cancel and queue tests ask for long ones and stop them early.
 """
 
 from __future__ import annotations
@@ -9,24 +10,33 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
+from aivailable.backends import llama_worker as proto
 from aivailable.backends.base import (
     ChatRequest,
     CompletionRequest,
     ContextOverflow,
+    EngineError,
     EngineUnavailable,
     Finished,
     QueueFull,
     SamplingParams,
     TextDelta,
 )
-from aivailable.backends.llama_engine import EngineConfig, LlamaEngine
+from aivailable.backends.llama_engine import (
+    WORKER_ARGV,
+    EngineConfig,
+    LlamaEngine,
+    n_gpu_layers_for,
+)
+from aivailable.gpu import GpuInfo, cpu_device, parse_fake_gpu
 from aivailable.store import resolve
-
-pytestmark = pytest.mark.slow
 
 # Restart quickly: the test waits for it.
 FAST = EngineConfig(restart_backoff_initial=0.1, stop_timeout=10.0)
@@ -35,6 +45,9 @@ HI = ChatRequest(
     params=SamplingParams(max_tokens=12, temperature=0.0, seed=1),
 )
 LONG = CompletionRequest("Once upon a time", SamplingParams(max_tokens=400, temperature=0.8))
+
+
+slow = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +90,7 @@ async def eventually(predicate) -> None:
     raise AssertionError("condition not reached within 30 s")
 
 
+@slow
 async def test_chat_streams_text_then_finished(engine):
     events = await collect(engine, HI)
     *deltas, finished = events
@@ -90,6 +104,7 @@ async def test_chat_streams_text_then_finished(engine):
     assert engine.states == ["loading", "ready"]
 
 
+@slow
 async def test_completion_respects_max_tokens_and_seed(engine):
     request = CompletionRequest("The sky is", SamplingParams(max_tokens=6, seed=42))
     first = await collect(engine, request)
@@ -98,6 +113,7 @@ async def test_completion_respects_max_tokens_and_seed(engine):
     assert first == second  # same seed, same text
 
 
+@slow
 async def test_cancel_mid_stream_frees_the_slot(engine):
     stream = engine.generate(LONG)
     for _ in range(3):
@@ -109,6 +125,7 @@ async def test_cancel_mid_stream_frees_the_slot(engine):
     assert (await collect(engine, HI))[-1].completion_tokens > 0
 
 
+@slow
 async def test_queue_full(engine):
     running, waiting = engine.generate(LONG), engine.generate(LONG)
     assert isinstance(await anext(running), TextDelta)
@@ -124,12 +141,14 @@ async def test_queue_full(engine):
     assert engine.queue_depth == 0
 
 
+@slow
 async def test_context_overflow(engine):
     with pytest.raises(ContextOverflow, match="exceed context window"):
         await collect(engine, CompletionRequest("word " * 600, SamplingParams(max_tokens=4)))
     assert (await collect(engine, HI))[-1].completion_tokens > 0  # still serving
 
 
+@slow
 async def test_killed_worker_fails_in_flight_then_restarts(engine):
     stream = engine.generate(LONG)
     await anext(stream)
@@ -144,12 +163,14 @@ async def test_killed_worker_fails_in_flight_then_restarts(engine):
     assert (await collect(engine, HI))[-1].completion_tokens > 0
 
 
+@slow
 async def test_requests_while_not_ready_are_unavailable(smollm2):
     eng = LlamaEngine("smollm2-135m", smollm2, n_ctx=512, config=FAST)
     with pytest.raises(EngineUnavailable, match="pending"):
         await collect(eng, HI)
 
 
+@slow
 async def test_unloadable_model_fails_start_clearly(tmp_path):
     bogus = tmp_path / "bogus.gguf"
     bogus.write_bytes(b"GGUF" + b"\x00" * 64)
@@ -161,6 +182,7 @@ async def test_unloadable_model_fails_start_clearly(tmp_path):
     assert eng.state == "pending" and eng.pid is None
 
 
+@slow
 async def test_run_in_a_task_group(smollm2):
     eng = LlamaEngine("smollm2-135m", smollm2, n_ctx=512, config=FAST)
     async with asyncio.TaskGroup() as tg:
@@ -172,3 +194,141 @@ async def test_run_in_a_task_group(smollm2):
     assert eng.state == "pending" and eng.pid is None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+@slow
+def test_worker_exits_when_its_parent_goes_away(smollm2):
+    """A peer that dies closes the worker's stdin: the worker stops mid-generation and
+    exits, so no orphan keeps holding the model (and its GPU memory)."""
+    worker = subprocess.Popen(
+        [*WORKER_ARGV, "--model", str(smollm2), "--n-ctx", "512"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=Path(proto.__file__).parents[2],  # python -m imports this checkout's package
+    )
+    try:
+        assert proto.read_frame(worker.stdout)["type"] == proto.READY
+        generate = {"type": proto.GENERATE, "id": 1, "kind": "completion"}
+        generate |= {"prompt": "Once upon a time", "params": {"max_tokens": 400}}
+        worker.stdin.write(proto.encode_frame(generate))
+        worker.stdin.flush()
+        assert proto.read_frame(worker.stdout)["type"] == proto.DELTA
+        worker.stdin.close()
+        assert worker.wait(timeout=60) == 0
+        frames = []
+        while (frame := proto.read_frame(worker.stdout)) is not None:
+            frames.append(frame["type"])
+        assert frames[-1] == proto.CANCELLED  # stopped, not run to the end
+        assert len(frames) < 400
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+# --- stand-in workers ---------------------------------------------------------------
+
+STAND_IN_WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from aivailable.backends import llama_worker as p
+
+    out = sys.stdout.buffer
+    def send(message):
+        out.write(p.encode_frame(message))
+        out.flush()
+
+    mode = sys.argv[1]
+    if mode == "hang":  # never becomes ready
+        time.sleep(60)
+    send({"type": p.READY, "pid": 0, "n_ctx": 64, "n_gpu_layers": 0})
+    if mode == "garbage":  # a frame that is not msgpack
+        out.write(p.HEADER.pack(5) + b"hello")
+        out.flush()
+        time.sleep(60)
+    while (m := p.read_frame(sys.stdin.buffer)) is not None:
+        if m["type"] == p.SHUTDOWN:
+            break
+        if m["type"] != p.GENERATE:
+            continue
+        prompt = m.get("prompt", "")
+        if prompt in ("context_overflow", "internal"):
+            send({"type": p.ERROR, "id": m["id"], "kind": prompt, "message": prompt + "!"})
+            continue
+        for word in prompt.split():
+            send({"type": p.DELTA, "id": m["id"], "text": word})
+        send({"type": p.DONE, "id": m["id"], "finish_reason": "stop",
+              "prompt_tokens": len(prompt.split()), "completion_tokens": len(prompt.split())})
+    """
+)
+
+
+@pytest.fixture
+def stand_in(tmp_path):
+    script = tmp_path / "stand_in_worker.py"
+    script.write_text(STAND_IN_WORKER)
+
+    def make(mode: str, **kwargs) -> LlamaEngine:
+        config = EngineConfig(restart_backoff_initial=0.05, load_timeout=1.0, stop_timeout=2.0)
+        return LlamaEngine(
+            "stand-in",
+            tmp_path / "no-model.gguf",
+            config=config,
+            worker_argv=[sys.executable, str(script), mode],
+            **kwargs,
+        )
+
+    return make
+
+
+async def test_stand_in_protocol_round_trip(stand_in):
+    engine = stand_in("echo")
+    await engine.start()
+    events = await collect(engine, CompletionRequest("a b c"))
+    assert events == [TextDelta("a"), TextDelta("b"), TextDelta("c"), Finished("stop", 3, 3)]
+    with pytest.raises(ContextOverflow, match="context_overflow!"):
+        await collect(engine, CompletionRequest("context_overflow"))
+    with pytest.raises(EngineError, match="internal!"):
+        await collect(engine, CompletionRequest("internal"))
+    assert engine.queue_depth == 0
+    await engine.stop()
+    assert engine.last_exit_code == 0  # left on SHUTDOWN, not killed
+
+
+async def test_worker_that_never_loads_times_out(stand_in):
+    engine = stand_in("hang")
+    with pytest.raises(EngineUnavailable, match="did not load within"):
+        await engine.start()
+    await engine.stop()
+    assert engine.state == "pending" and engine.pid is None
+
+
+async def test_stop_while_loading_kills_the_worker(stand_in):
+    engine = stand_in("hang")
+    starting = asyncio.ensure_future(engine.start())
+    await eventually(lambda: engine.pid is not None)
+    pid = engine.pid
+    await engine.stop()
+    with pytest.raises(EngineUnavailable):
+        await starting
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+async def test_corrupt_frame_fails_the_worker_and_restarts_it(stand_in):
+    states = []
+    engine = stand_in("garbage", on_state_change=states.append)
+    await engine.start()
+    await eventually(lambda: engine.restarts >= 1)
+    assert states[:3] == ["loading", "ready", "failed"]
+    await engine.stop()
+    assert engine.pid is None
+
+
+def test_full_offload_only_with_a_real_gpu():
+    nvidia = GpuInfo("gpu0", "nvidia", "GTX 1080", 8 << 30, 8 << 30, "470", "6.1")
+    amd = GpuInfo("gpu0", "amd", "RX 580", 8 << 30, 8 << 30, "6.7", "gfx803")
+    assert n_gpu_layers_for([]) == 0
+    assert n_gpu_layers_for([parse_fake_gpu("fake:X:8GiB"), cpu_device()]) == 0
+    assert n_gpu_layers_for([cpu_device(), nvidia]) == -1
+    assert n_gpu_layers_for([amd]) == -1
