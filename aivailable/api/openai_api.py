@@ -26,6 +26,7 @@ from aivailable.backends.base import (
     EngineError,
     EngineUnavailable,
     Finished,
+    InvalidRequest,
     QueueFull,
     TextDelta,
 )
@@ -65,6 +66,8 @@ def engine_error(exc: EngineError) -> ApiError:
         )
     if isinstance(exc, ContextOverflow):
         return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, InvalidRequest):
+        return ApiError(400, str(exc), param="messages")
     return ApiError(500, f"engine error: {exc}", type="server_error")
 
 

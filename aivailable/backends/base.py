@@ -76,7 +76,12 @@ class EngineUnavailable(EngineError):
         self.retry_after = retry_after
 
 
-class ContextOverflow(EngineError):
+class InvalidRequest(EngineError):
+    """The model cannot take this request as asked (e.g. its chat template rejects the
+    order of roles): answer 400."""
+
+
+class ContextOverflow(InvalidRequest):
     """The prompt does not fit the context window: answer 400."""
 
 

@@ -41,6 +41,7 @@ from aivailable.backends.base import (
     Event,
     Finished,
     InstanceState,
+    InvalidRequest,
     QueueFull,
     TextDelta,
 )
@@ -385,6 +386,8 @@ class LlamaEngine(Engine):
             events.put_nowait(Finished(finish, prompt, completion))
         elif kind == proto.ERROR and frame.get("kind") == proto.CONTEXT_OVERFLOW:
             events.put_nowait(ContextOverflow(frame.get("message", "prompt too long")))
+        elif kind == proto.ERROR and frame.get("kind") == proto.BAD_REQUEST:
+            events.put_nowait(InvalidRequest(frame.get("message", "the model rejected it")))
         elif kind == proto.ERROR:
             events.put_nowait(EngineError(frame.get("message", "generation failed")))
         else:  # CANCELLED without our asking, or unknown: end the stream
