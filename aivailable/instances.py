@@ -92,7 +92,11 @@ class Instances:
             log.error("model %s cannot be loaded: %s", instance.model, exc)
             return
         # The engine's own supervisor restarts a crashed worker; it runs until stop().
-        await instance.engine.run()
+        try:
+            await instance.engine.run()
+        except Exception as exc:  # an engine that breaks fails alone, never the peer
+            instance.error = str(exc) or type(exc).__name__
+            log.exception("model %s stopped with an error", instance.model)
 
     async def stop(self, model: str) -> bool:
         instance = self._instances.pop(model, None)

@@ -8,6 +8,7 @@ Errors are raised as the exceptions below and translated to HTTP once, in the AP
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -102,6 +103,16 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def stop(self) -> None:
         """Stop and free all resources; safe to call twice."""
+
+    async def run(self) -> None:
+        """Serve until cancelled, in the caller's TaskGroup: start, wait, stop.
+
+        Engines with a supervisor of their own (LlamaEngine) override this."""
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()
 
     @abc.abstractmethod
     def generate(self, request: ChatRequest | CompletionRequest) -> AsyncIterator[Event]:
