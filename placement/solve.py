@@ -12,8 +12,10 @@ priority). Within a level the most instances fit when the smallest ones are take
 exchange argument: a smaller instance fits wherever a larger one did), so the solver looks for
 the largest k such that the k smallest pack, packing each candidate set largest first, and for
 small sets falls back to a bounded exact search. With a `current` plan, every still-valid
-instance is kept and only the missing ones are placed; a plan solved from scratch replaces it
-only when it places strictly more (so `solve(n, m, solve(n, m))` returns the same plan).
+instance is kept and only the missing ones are placed. Only if a plan solved from scratch
+places strictly more is the plan re-solved, putting each instance back where it runs when it
+still fits; as that bar depends on nodes and models alone, `solve(n, m, solve(n, m, c))`
+returns the same plan.
 """
 
 from __future__ import annotations
