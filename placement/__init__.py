@@ -3,6 +3,7 @@
 Everything here is a pure function of its arguments (DESIGN.md rule 1).
 """
 
+from placement.config import PlacementConfig, model_spec
 from placement.diff import NodeDiff, diff
 from placement.estimate import Estimate, estimate
 from placement.model import (
@@ -30,8 +31,10 @@ __all__ = [
     "Node",
     "NodeDiff",
     "Plan",
+    "PlacementConfig",
     "Unplaced",
     "diff",
     "estimate",
+    "model_spec",
     "solve",
 ]

@@ -12,8 +12,10 @@ priority). Within a level the most instances fit when the smallest ones are take
 exchange argument: a smaller instance fits wherever a larger one did), so the solver looks for
 the largest k such that the k smallest pack, packing each candidate set largest first, and for
 small sets falls back to a bounded exact search. With a `current` plan, every still-valid
-instance is kept and only the missing ones are placed; a plan solved from scratch replaces it
-only when it places strictly more (so `solve(n, m, solve(n, m))` returns the same plan).
+instance is kept and only the missing ones are placed. Only if a plan solved from scratch
+places strictly more is the plan re-solved, putting each instance back where it runs when it
+still fits; as that bar depends on nodes and models alone, `solve(n, m, solve(n, m, c))`
+returns the same plan.
 """
 
 from __future__ import annotations
@@ -99,6 +101,9 @@ class _State:
             (self.free[gpu], i, gpu, node) for i, (gpu, node) in enumerate(topo.gpu_slots)
         )
         self.group_free = [sum(self.free[g] for g in grp.gpus) for grp in topo.groups]
+        # for spread: nodes by free GPU bytes, most first
+        self.node_free = {n: sum(self.free[g] for g in gpus) for n, gpus in topo.node_gpus.items()}
+        self.by_node = sorted((-free, node) for node, free in self.node_free.items())
         # re-solving around a current plan: its instances not yet placed, and their bytes per GPU
         self.hints: dict[str, list[Assignment]] = {}
         self.reserved: dict[str, int] = {}
@@ -117,6 +122,8 @@ class _State:
         other.placed = list(self.placed)
         other.by_free = list(self.by_free)
         other.group_free = list(self.group_free)
+        other.node_free = dict(self.node_free)
+        other.by_node = list(self.by_node)
         other.hints = {m: list(h) for m, h in self.hints.items()}
         other.reserved = dict(self.reserved)
         return other
@@ -132,6 +139,10 @@ class _State:
                 entry = (old, slot, gpu, a.node)
                 del self.by_free[bisect_left(self.by_free, entry)]
                 insort(self.by_free, (old - vram, slot, gpu, a.node))
+                node_old = self.node_free[a.node]
+                self.node_free[a.node] = node_old - vram
+                del self.by_node[bisect_left(self.by_node, (-node_old, a.node))]
+                insort(self.by_node, (vram - node_old, a.node))
         self.nodes_of.setdefault(a.model, set()).add(a.node)
         self.placed.append(a)
         hints = self.hints.get(a.model)
@@ -180,8 +191,8 @@ def _choose(spec: ModelSpec, state: _State, policy: str) -> Assignment | None:
         if sticky is not None:
             return sticky
     best = None
-    # 1. one whole GPU. pack: least left over (ties: first node, first GPU, the slot order);
-    # spread: the node with the most free VRAM left, then the GPU with the most left.
+    # 1. one whole GPU. pack: least left over (ties: the first in node and GPU order);
+    # spread: the node with the most free GPU bytes, there the GPU with the most.
     if policy == "pack":
         by_free = state.by_free
         for i in range(bisect_left(by_free, (need,)), len(by_free)):
@@ -190,14 +201,13 @@ def _choose(spec: ModelSpec, state: _State, policy: str) -> Assignment | None:
                 best = (node, (gpu,), (need,))
                 break
     else:
-        node_free = {n: sum(free[g] for g in gpus) for n, gpus in topo.node_gpus.items()}
-        best_key = None
-        for gpu, node in topo.gpu_slots:
-            left = free[gpu] - need
-            if left >= 0 and node not in taken:
-                key = (-node_free[node], -left, gpu)
-                if best_key is None or key < best_key:
-                    best_key, best = key, (node, (gpu,), (need,))
+        for _, node in state.by_node:
+            if node in taken or not topo.node_gpus[node]:
+                continue
+            gpu = min(topo.node_gpus[node], key=lambda g: (-free[g], g))
+            if free[gpu] >= need:
+                best = (node, (gpu,), (need,))
+                break
     if best is None:
         # 2. split over the fewest GPUs of one node and vendor
         best_key = None

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from placement import Estimate, estimate
+from placement import Estimate, PlacementConfig, estimate, model_spec
 from placement.estimate import DEFAULT_OVERHEAD, GGUFError, read_header
 from tests.unit.placement_gguf import (
     LLAMA2_7B,
@@ -122,3 +122,14 @@ def test_header_reader_gives_the_metadata(headers):
 def test_estimate_is_a_plain_value():
     e = Estimate(1, 2, 3, 6)
     assert dataclasses.astuple(e)[:4] == (1, 2, 3, 6)
+
+
+def test_model_spec_reserves_the_estimate_and_splits_pay_the_per_gpu_part(headers):
+    path = headers["llama-3-8b"]
+    config = PlacementConfig(n_parallel=2, cache_type="q8_0", flash_attn=True)
+    spec = model_spec("l3", path, 8192, replicas=2, priority=1, config=config)
+    e = estimate(path, 8192, 2, cache_type="q8_0", flash_attn=True)
+    assert (spec.name, spec.vram, spec.replicas, spec.priority) == ("l3", e.total, 2, 1)
+    assert spec.split_overhead == e.compute + e.overhead
+    with pytest.raises(ValueError):
+        PlacementConfig(policy="random")

@@ -28,7 +28,6 @@ CONFIGS = [
     {"n_ctx": 512},
     {"n_ctx": 2048},
     {"n_ctx": 8192},
-    {"n_ctx": 32768},
     {"n_ctx": 100, "n_parallel": 3},
     {"n_ctx": 1000, "n_parallel": 3},
     {"n_ctx": 2048, "n_parallel": 4, "kv_unified": True},

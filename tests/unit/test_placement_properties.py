@@ -116,6 +116,17 @@ def test_unchanged_input_gives_the_identical_plan(nodes, models, policy):
 
 
 @SETTINGS
+@given(nodes_st(min_nodes=1), models_st(), models_st(), POLICY, st.data())
+def test_a_plan_reached_after_any_change_is_stable(nodes, models_a, models_b, policy, data):
+    before = solve(nodes, models_a, policy=policy)
+    gone = data.draw(st.sampled_from(nodes)).id
+    rest = [n for n in nodes if n.id != gone]
+    for now_nodes, now_models in ((nodes, models_b), (rest, models_a), (rest, models_b)):
+        plan = solve(now_nodes, now_models, current=before, policy=policy)
+        assert solve(now_nodes, now_models, current=plan, policy=policy) == plan
+
+
+@SETTINGS
 @given(nodes_st(min_nodes=1), models_st(), POLICY, st.data())
 def test_removing_a_node_moves_only_its_instances(nodes, models, policy, data):
     plan = solve(nodes, models, policy=policy)
