@@ -268,6 +268,16 @@ class Cluster:
         self.process(node.id)
         return index
 
+    def transfer(self, target: str) -> None:
+        node = self.leader()
+        if node is None:
+            return
+        try:
+            node.transfer_leadership(target)
+        except (NotLeader, ProposalRejected):
+            return
+        self.process(node.id)
+
     # ---- the checks
 
     def check(self) -> None:
@@ -341,11 +351,12 @@ class Cluster:
             )
         # Commit a fresh entry through whoever leads; retry if leadership moves under it.
         marker = None
-        for attempt in range(20):
+        for attempt in range(40):
             self.run_until(lambda: self.leader() is not None, horizon)
             data = b"settle-%d" % attempt
             index = self.propose(data)
-            if index is None:
+            if index is None:  # refused (e.g. a transfer under way): let time pass, retry
+                self.run_until(lambda: False, 2 * max(self.period.values()))
                 continue
             want = (self.last_proposal_term, data)
             if self.run_until(lambda i=index, w=want: self.acked.get(i) == w, horizon // 4):

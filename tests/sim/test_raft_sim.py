@@ -114,6 +114,10 @@ class RaftSimulation(RuleBasedStateMachine):
         else:
             self.c.conf_change(op, self._id(i))
 
+    @rule(i=node_index)
+    def transfer_leadership(self, i):
+        self.c.transfer(self._id(i))
+
     @invariant()
     def figure_3_properties_hold(self):
         self.c.check()
