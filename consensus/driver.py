@@ -222,6 +222,10 @@ class RaftDriver:
 
     async def _wait_applied(self, index: int) -> int:
         future = asyncio.get_running_loop().create_future()
+        stale = self._waiters.pop(index, None)
+        if stale is not None and not stale[1].done():
+            # Our earlier entry at this index was truncated away before it was applied.
+            stale[1].set_exception(NotLeader(self.node.leader_id))
         self._waiters[index] = (self.node.term, future)
         self._wake.set()
         return await future

@@ -35,6 +35,9 @@ def _apply_entries(entries: list[Entry], new: tuple[Entry, ...] | list[Entry]) -
     if not new:
         return entries
     first = new[0].index
+    if not entries or entries[-1].index + 1 == first:
+        entries.extend(new)  # the common case: a plain append
+        return entries
     kept = [e for e in entries if e.index < first]
     kept.extend(new)
     return kept

@@ -54,8 +54,10 @@ def random_run(seed: int, steps: int = 60, events_per_step: int = 150) -> Cluste
         elif action < 0.92:
             other = rng.choice([i for i in c.ids if i != nid])
             c.blocked.add((nid, other))  # asymmetric: nid cannot reach other, other can reach nid
-        elif action < 0.97:
+        elif action < 0.95:
             c.heal()
+        elif action < 0.97:
+            c.transfer(nid)
         else:
             op = rng.choice(("add", "remove", "promote", "learner"))
             if op == "learner":
