@@ -6,11 +6,23 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-PURE = ["consensus/core.py", "peer/membership.py", *sorted(
-    str(p.relative_to(ROOT)) for p in (ROOT / "placement").glob("*.py")
-)]
-FORBIDDEN_MODULES = {"asyncio", "socket", "threading", "time", "aiohttp", "uvloop", "random",
-                     "selectors", "subprocess", "multiprocessing"}
+PURE = [
+    "consensus/core.py",
+    "peer/membership.py",
+    *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "placement").glob("*.py")),
+]
+FORBIDDEN_MODULES = {
+    "asyncio",
+    "socket",
+    "threading",
+    "time",
+    "aiohttp",
+    "uvloop",
+    "random",
+    "selectors",
+    "subprocess",
+    "multiprocessing",
+}
 # A seeded random.Random passed in is fine; the module-level functions share global state.
 GLOBAL_RANDOM_CALLS = {"random", "randint", "choice", "shuffle", "uniform", "sample", "seed"}
 
