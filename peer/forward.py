@@ -213,9 +213,10 @@ class ForwardConfig:
     # More would multiply load during an overload for little gain.
     max_attempts: int = 2
     # Upstream statuses that mean "try another replica" when nothing has reached the
-    # client yet: 503 (that instance is loading, failed or stopping) and 429 (its queue
-    # is full, which is exactly when another replica should take the request).
-    retry_statuses: tuple[int, ...] = (429, 503)
+    # client yet: 503 (that instance is loading, failed or stopping), 429 (its queue is
+    # full, which is exactly when another replica should take the request) and 404 (the
+    # model has just left that node; gossip had not said so yet).
+    retry_statuses: tuple[int, ...] = (404, 429, 503)
 
 
 ReplicasOf = Callable[[str], list[Replica]]
@@ -308,6 +309,11 @@ class Forwarder:
                         auto_decompress=False,
                         allow_redirects=False,
                     )
+                    if upstream.status == 401:
+                        # That peer refused our signature: its cluster key differs. The
+                        # client did nothing wrong, so this is that replica failing.
+                        failures.append(f"{replica.node_id} refused this peer's signature")
+                        return None
                     if upstream.status in self._config.retry_statuses and not is_last:
                         failures.append(f"{replica.node_id} answered {upstream.status}")
                         return None

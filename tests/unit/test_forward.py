@@ -252,6 +252,16 @@ async def test_only_one_retry_and_the_last_answer_passes_through(front):
     assert [len(s.requests) for s in seens] == [1, 1, 0]
 
 
+async def test_a_replica_refusing_our_signature_is_a_failed_replica_not_a_401(front):
+    await front.add(upstream_app("a", status=401), "a", depth=0)
+    resp = await front.client.post("/v1/completions", json={"model": "m"})
+    assert resp.status == 503
+    assert "refused this peer's signature" in (await resp.json())["error"]["message"]
+    await front.add(upstream_app("b"), "b", depth=1)
+    resp = await front.client.post("/v1/completions", json={"model": "m"})
+    assert resp.status == 200 and (await resp.json())["served_by"] == "b"
+
+
 async def test_no_replica_answering_gives_503_unreachable(front):
     front.replicas += [r(n, addr=f"127.0.0.1:{free_port()}") for n in ("x", "y")]
     resp = await front.client.post("/v1/completions", json={"model": "m"})
