@@ -46,6 +46,17 @@ class Servable(Protocol):
 ModelLookup = Callable[[], Mapping[str, Servable]]
 
 
+class Forwarding(Protocol):
+    """Sends a request for a model this peer cannot serve to a peer that can
+    (peer.forward.Forwarder is one)."""
+
+    def forwardable(self, request: web.Request) -> bool: ...
+
+    async def forward(
+        self, request: web.Request, body: bytes, model: str
+    ) -> web.StreamResponse: ...
+
+
 def engine_error(exc: EngineError) -> ApiError:
     """The one place engine errors turn into HTTP statuses."""
     if isinstance(exc, QueueFull):
@@ -84,12 +95,14 @@ class OpenAIApi:
         max_tokens_limit: int,
         request_timeout_s: float,
         owner: str = "aivailable",
+        forwarder: Forwarding | None = None,
     ):
         self._lookup = lookup
         self._metrics = metrics
         self._max_tokens_limit = max_tokens_limit
         self._timeout = request_timeout_s
         self._owner = owner
+        self._forwarder = forwarder
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -119,13 +132,23 @@ class OpenAIApi:
         return await self._serve(request, "completions", parse_completion)
 
     async def _serve(self, request: web.Request, endpoint: str, parse) -> web.StreamResponse:
+        raw = await request.read()
         try:
-            body = await request.json(loads=json.loads)
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise bad_request(f"the request body is not valid JSON: {exc}") from exc
         parsed: Parsed = parse(body, self._max_tokens_limit)
         instances = self._lookup()
         instance = instances.get(parsed.model)
+        # --- forwarding hook (peer/forward.py): no ready instance here, so another peer's
+        # replica serves it; a request already forwarded to us is never forwarded again.
+        if (
+            self._forwarder is not None
+            and (instance is None or instance.state != "ready" or instance.engine is None)
+            and self._forwarder.forwardable(request)
+        ):
+            return await self._forwarder.forward(request, raw, parsed.model)
+        # --- end of forwarding hook
         if instance is None:
             available = ", ".join(sorted(instances)) or "none"
             raise not_found(

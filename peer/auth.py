@@ -1,0 +1,240 @@
+"""Peer-request authentication: an HMAC from the cluster secret on every peer-to-peer request.
+
+A peer signs `method, path?query, timestamp, nonce, sha256(body)` with HMAC-SHA256 under
+a key derived (HKDF-SHA256) from the cluster secret with its own label, so the request
+key and the gossip encryption key never coincide. The receiving peer refuses, with a
+401 JSON error, any request to a peer-only path (/raft/, /gossip/, /internal/) or any
+request marked as forwarded by another peer that is unsigned, signed with another key,
+altered, too old or too new, or replayed.
+
+Client requests (/v1/*, /cluster/*, /healthz, /metrics, /) need no signature.
+
+Outgoing: `PeerAuth.client_middleware` on the peer's shared `aiohttp.ClientSession`
+signs every request that session sends (aiohttp >= 3.12 client middlewares; the body is
+read from the request's bytes payload, which is what `data=bytes`, `data=str` and
+`json=` produce). `signed_headers()` is the same signature for any other HTTP client.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from aiohttp.client_middlewares import ClientHandlerType
+from aiohttp.payload import BytesPayload
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from aivailable.api.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+TIMESTAMP_HEADER = "X-Aivailable-Timestamp"  # milliseconds since the Unix epoch
+NONCE_HEADER = "X-Aivailable-Nonce"  # 32 hex digits, fresh per request
+SIGNATURE_HEADER = "X-Aivailable-Signature"  # hex HMAC-SHA256 of the canonical string
+# Marks a request one peer forwarded to another (peer/forward.py); it must be signed,
+# or any client could tell a peer "serve this locally, it was forwarded".
+FORWARDED_HEADER = "X-Aivailable-Forwarded"
+
+# Paths only peers call: Raft RPCs, gossip push-pull, model transfer and the like.
+PEER_PATH_PREFIXES = ("/raft/", "/gossip/", "/internal/")
+
+# HKDF "info" label of the request-signing key. The gossip cipher derives its key from
+# the same secret under a different label, so one key never serves two purposes.
+REQUEST_KEY_LABEL = b"aivailable v1 peer-request hmac-sha256"
+# Prefix of the signed string: names the scheme and its version.
+_SCHEME = b"AIVAILABLE-HMAC-SHA256-1"
+_NONCE = re.compile(r"[0-9a-f]{16,64}")
+_EMPTY_BODY_DIGEST = hashlib.sha256(b"").hexdigest()
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    # Largest difference, in seconds, between a request's timestamp and this peer's
+    # clock. Lab machines are not always on NTP; 60 s tolerates a drifting clock while
+    # keeping the replay cache (which must remember every nonce of the window) small.
+    max_skew_s: float = 60.0
+    # Nonces remembered for replay detection. At 65536 (about 10 MB) the cache holds a
+    # full 2 x 60 s window up to ~500 peer requests/s; beyond that the oldest are
+    # dropped and requests older than what was dropped are refused (see NonceCache),
+    # so replays stay impossible at any rate.
+    nonce_cache_size: int = 65536
+
+
+class AuthError(Exception):
+    """Why a peer request was refused (the message goes into the 401 body)."""
+
+
+def derive_request_key(secret: bytes) -> bytes:
+    """The 32-byte HMAC key for peer requests, from the cluster secret."""
+    if len(secret) < 16:
+        raise ValueError("the cluster secret must be at least 16 bytes")
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=REQUEST_KEY_LABEL).derive(
+        secret
+    )
+
+
+def canonical_string(
+    method: str, path_qs: str, timestamp_ms: int, nonce: str, body: bytes
+) -> bytes:
+    """What is signed. Headers are left out on purpose: proxies and HTTP stacks rewrite them."""
+    digest = hashlib.sha256(body).hexdigest() if body else _EMPTY_BODY_DIGEST
+    return b"\n".join(
+        (_SCHEME, method.upper().encode(), path_qs.encode(), str(timestamp_ms).encode(),
+         nonce.encode(), digest.encode())
+    )  # fmt: skip
+
+
+def requires_signature(path: str, headers: Mapping[str, str]) -> bool:
+    return path.startswith(PEER_PATH_PREFIXES) or FORWARDED_HEADER in headers
+
+
+class NonceCache:
+    """Nonces seen within the clock window, bounded in size.
+
+    Entries leave once their timestamp falls out of the window (a replay of them is
+    then refused as stale anyway). When the cache is full the oldest entry is dropped
+    and its timestamp becomes a floor: any request stamped at or before it is refused,
+    since the cache can no longer tell whether it is a replay.
+    """
+
+    def __init__(self, size: int, window_ms: int):
+        self._size = size
+        self._window_ms = window_ms
+        self._seen: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._floor_ms = -1
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check_and_add(self, nonce: str, timestamp_ms: int, now_ms: int) -> None:
+        expired = now_ms - self._window_ms
+        while self._seen:
+            oldest, ts = next(iter(self._seen.items()))
+            if ts >= expired:
+                break
+            del self._seen[oldest]
+        if nonce in self._seen:
+            raise AuthError("replayed request (nonce already used)")
+        if timestamp_ms <= self._floor_ms:
+            raise AuthError("request too old for the replay cache; resend it")
+        while len(self._seen) >= self._size:
+            _, ts = self._seen.popitem(last=False)
+            self._floor_ms = max(self._floor_ms, ts)
+        self._seen[nonce] = timestamp_ms
+
+
+class PeerAuth:
+    """Signs outgoing peer requests and checks incoming ones with the cluster key."""
+
+    def __init__(
+        self,
+        secret: bytes,
+        config: AuthConfig | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self._key = derive_request_key(secret)
+        self._config = config or AuthConfig()
+        self._clock = clock
+        self._skew_ms = int(self._config.max_skew_s * 1000)
+        self._nonces = NonceCache(self._config.nonce_cache_size, self._skew_ms)
+
+    def _mac(self, method: str, path_qs: str, timestamp_ms: int, nonce: str, body: bytes) -> str:
+        message = canonical_string(method, path_qs, timestamp_ms, nonce, body)
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    def signed_headers(self, method: str, path_qs: str, body: bytes = b"") -> dict[str, str]:
+        """Headers that authenticate one request (path with its query string, raw body)."""
+        timestamp_ms = int(self._clock() * 1000)
+        nonce = secrets.token_hex(16)
+        return {
+            TIMESTAMP_HEADER: str(timestamp_ms),
+            NONCE_HEADER: nonce,
+            SIGNATURE_HEADER: self._mac(method, path_qs, timestamp_ms, nonce, body),
+        }
+
+    def verify(self, method: str, path_qs: str, headers: Mapping[str, str], body: bytes) -> None:
+        """Raises AuthError unless the request is signed with our key, fresh and unseen."""
+        stamp = headers.get(TIMESTAMP_HEADER)
+        nonce = headers.get(NONCE_HEADER)
+        signature = headers.get(SIGNATURE_HEADER)
+        if not (stamp and nonce and signature):
+            raise AuthError("unsigned peer request")
+        try:
+            timestamp_ms = int(stamp)
+        except ValueError:
+            raise AuthError("malformed timestamp") from None
+        if not _NONCE.fullmatch(nonce):
+            raise AuthError("malformed nonce")
+        now_ms = int(self._clock() * 1000)
+        if abs(now_ms - timestamp_ms) > self._skew_ms:
+            raise AuthError(
+                f"timestamp is {(now_ms - timestamp_ms) / 1000:+.0f}s off this peer's clock "
+                f"(limit {self._config.max_skew_s:.0f}s); check the clocks (NTP)"
+            )
+        expected = self._mac(method, path_qs, timestamp_ms, nonce, body)
+        if not hmac.compare_digest(expected, signature.lower()):
+            raise AuthError("bad signature (another cluster's key, or an altered request)")
+        # Only after the signature holds, so forged requests cannot fill the cache.
+        self._nonces.check_and_add(nonce, timestamp_ms, now_ms)
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        """Server side: refuses unsigned or bad peer requests with a 401 JSON error."""
+        if not requires_signature(request.path, request.headers):
+            return await handler(request)
+        body = await request.read()  # cached: the handler reads the same bytes again
+        try:
+            self.verify(request.method, request.raw_path, request.headers, body)
+        except AuthError as exc:
+            log.warning(
+                "refused peer request %s %s from %s: %s",
+                request.method,
+                request.path,
+                request.remote,
+                exc,
+            )
+            error = ApiError(
+                401, f"peer request refused: {exc}", type="authentication_error", code="peer_auth"
+            )
+            response = error.response()
+            response.headers["WWW-Authenticate"] = "AIvailable-HMAC-SHA256"
+            return response
+        return await handler(request)
+
+    async def client_middleware(
+        self, request: aiohttp.ClientRequest, handler: ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        """Client side: signs every request sent through a session built with it."""
+        payload = request.body
+        if payload == b"" or payload is None:
+            body = b""
+        elif isinstance(payload, BytesPayload):
+            body = await payload.as_bytes()
+        else:
+            raise TypeError(
+                f"cannot sign a streamed request body ({type(payload).__name__}); "
+                "send bytes, str or json="
+            )
+        request.headers.update(self.signed_headers(request.method, request.url.raw_path_qs, body))
+        return await handler(request)
+
+
+def make_peer_session(auth: PeerAuth, **kwargs) -> aiohttp.ClientSession:
+    """The peer's one ClientSession for talking to other peers: every request is signed.
+
+    No connection cap (aiohttp's default is 100 in all), since each forwarded streaming
+    request holds a connection for its whole generation; keep-alive reuse keeps the
+    forwarding hop from paying a TCP handshake per request.
+    """
+    kwargs.setdefault("connector", aiohttp.TCPConnector(limit=0, keepalive_timeout=30))
+    return aiohttp.ClientSession(middlewares=(auth.client_middleware,), **kwargs)
