@@ -1,0 +1,262 @@
+"""estimate(): the VRAM one llama.cpp instance of a GGUF model needs, from its header alone.
+
+Reads only the GGUF header (metadata and tensor table, a few MB at most), never the weights,
+so it works on a 70B file as fast as on a 100 MB one, and on header-only files.
+
+What llama.cpp allocates on the GPU(s) for a fully offloaded model (its load log prints each):
+- weights ("CUDA0 model buffer size"): every tensor but the input token embeddings, which
+  stay in host memory; a model with tied embeddings (no output.weight) needs them on the GPU
+  as the output layer, so then every tensor counts.
+- KV cache ("llama_kv_cache: size"): layers x cells x (K row + V row), cells = n_ctx x
+  n_parallel rounded up to 256, rows in the cache type (f16, q8_0 = 34/32 bytes, q4_0 =
+  18/32 bytes per element).
+- compute buffer ("compute buffer size"): the peak of one micro-batch (n_ubatch tokens, f32):
+  either the logits (n_vocab) or, without flash attention, the attention scores of every
+  head plus the mask over the n_kv cells one sequence sees; plus a few activations.
+- overhead: the GPU runtime's own context and workspaces per process (CUDA/ROCm context,
+  cuBLAS/hipBLAS), which llama.cpp does not log; 256 MiB is a typical figure.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+MIB = 1 << 20
+DEFAULT_OVERHEAD = 256 * MIB  # per process: GPU runtime context + BLAS workspace, not logged
+CTX_PAD = 256  # llama.cpp rounds the context up to a multiple of this
+CACHE_TYPES = {
+    "f32": GGMLQuantizationType.F32,
+    "f16": GGMLQuantizationType.F16,
+    "bf16": GGMLQuantizationType.BF16,
+    "q8_0": GGMLQuantizationType.Q8_0,
+    "q4_0": GGMLQuantizationType.Q4_0,
+    "q4_1": GGMLQuantizationType.Q4_1,
+    "q5_0": GGMLQuantizationType.Q5_0,
+    "q5_1": GGMLQuantizationType.Q5_1,
+}
+
+
+class GGUFError(ValueError):
+    """The file is not a GGUF file llama.cpp could load."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights: int  # bytes of weights on the GPU(s)
+    kv_cache: int  # bytes of KV cache
+    compute: int  # bytes of llama.cpp's compute buffer
+    total: int  # weights + kv_cache + compute + overhead: what to reserve on one GPU
+    overhead: int = 0  # bytes the GPU runtime itself takes per process
+    host_weights: int = 0  # bytes of weights kept in host RAM (input embeddings)
+
+    @property
+    def split_overhead(self) -> int:
+        """Extra bytes per additional GPU when split: each holds a compute buffer and context."""
+        return self.compute + self.overhead
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    metadata: dict  # key -> value; arrays of strings are replaced by their length
+    tensors: dict  # name -> (shape tuple, ggml type int, bytes)
+
+    @property
+    def arch(self) -> str:
+        return str(self.metadata.get("general.architecture", "llama"))
+
+    def arch_value(self, key: str, default=None):
+        return self.metadata.get(f"{self.arch}.{key}", default)
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q"}
+_SCALARS |= {11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class _Reader:
+    """Sequential little-endian reads from a file, buffered in chunks."""
+
+    def __init__(self, f) -> None:
+        self.f, self.buf, self.pos = f, b"", 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.buf):
+            more = self.f.read(max(n, 1 << 20))
+            self.buf = self.buf[self.pos :] + more
+            self.pos = 0
+            if n > len(self.buf):
+                raise GGUFError("truncated GGUF header")
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def scalar(self, fmt: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        return self.take(self.scalar("<Q")).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int):
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            itype, count = self.scalar("<I"), self.scalar("<Q")
+            if itype == _STRING:  # token lists: keep only how many there are
+                for _ in range(count):
+                    self.take(self.scalar("<Q"))
+                return count
+            if itype in _SCALARS:
+                fmt = _SCALARS[itype]
+                size = struct.calcsize(fmt)
+                raw = self.take(size * count)
+                return list(struct.unpack(f"<{count}{fmt[1]}", raw))
+            return [self.value(itype) for _ in range(count)]
+        raise GGUFError(f"unknown GGUF value type {vtype}")
+
+
+def read_header(path: str | Path) -> GGUFHeader:
+    """Metadata and tensor table of a GGUF file (v2 or v3), without reading tensor data."""
+    with open(path, "rb") as f:
+        r = _Reader(f)
+        if r.take(4) != b"GGUF":
+            raise GGUFError(f"{path}: not a GGUF file")
+        version = r.scalar("<I")
+        if version < 2:
+            raise GGUFError(f"{path}: GGUF version {version} is too old")
+        n_tensors, n_kv = r.scalar("<Q"), r.scalar("<Q")
+        metadata = {}
+        for _ in range(n_kv):
+            key = r.string()
+            metadata[key] = r.value(r.scalar("<I"))
+        tensors = {}
+        for _ in range(n_tensors):
+            name = r.string()
+            shape = tuple(r.scalar("<Q") for _ in range(r.scalar("<I")))
+            ggml_type = r.scalar("<I")
+            r.scalar("<Q")  # data offset
+            tensors[name] = (shape, ggml_type, _tensor_bytes(shape, ggml_type))
+    return GGUFHeader(metadata, tensors)
+
+
+def _tensor_bytes(shape: tuple[int, ...], ggml_type: int) -> int:
+    try:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    except (ValueError, KeyError) as e:
+        raise GGUFError(f"unknown ggml type {ggml_type}") from e
+    elements = 1
+    for d in shape:
+        elements *= d
+    return elements // block * size
+
+
+def _row_bytes(ggml_type: GGMLQuantizationType, n: int) -> int:
+    block, size = GGML_QUANT_SIZES[ggml_type]
+    return -(-n // block) * size
+
+
+def _per_layer(value, n_layer: int) -> list[int]:
+    if isinstance(value, list):
+        return [int(v) for v in value] if len(value) == n_layer else [max(value)] * n_layer
+    return [int(value)] * n_layer
+
+
+def _pad(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def estimate(
+    gguf_path: str | Path,
+    n_ctx: int,
+    n_parallel: int = 1,
+    *,
+    cache_type: str = "f16",
+    n_ubatch: int = 512,
+    flash_attn: bool = False,
+    kv_unified: bool = False,
+    overhead: int = DEFAULT_OVERHEAD,
+) -> Estimate:
+    """Bytes one llama.cpp instance needs with n_parallel slots of n_ctx tokens each.
+
+    The instance is to be started with a context of n_ctx * n_parallel and n_parallel
+    sequences (llama-server `-c n_ctx*n_parallel -np n_parallel`), with `n_ubatch`,
+    `flash_attn`, `kv_unified` and K and V cache types `cache_type` (q8_0/q4_0 V caches need
+    flash attention in llama.cpp).
+    """
+    if n_ctx <= 0 or n_parallel <= 0 or n_ubatch <= 0:
+        raise ValueError("n_ctx, n_parallel and n_ubatch must be positive")
+    if cache_type not in CACHE_TYPES:
+        raise ValueError(f"cache_type must be one of {sorted(CACHE_TYPES)}")
+    return estimate_header(
+        read_header(gguf_path),
+        n_ctx,
+        n_parallel,
+        cache_type=cache_type,
+        n_ubatch=n_ubatch,
+        flash_attn=flash_attn,
+        kv_unified=kv_unified,
+        overhead=overhead,
+    )
+
+
+def estimate_header(
+    header: GGUFHeader,
+    n_ctx: int,
+    n_parallel: int = 1,
+    *,
+    cache_type: str = "f16",
+    n_ubatch: int = 512,
+    flash_attn: bool = False,
+    kv_unified: bool = False,
+    overhead: int = DEFAULT_OVERHEAD,
+) -> Estimate:
+    """estimate() on an already read header."""
+    hv = header.arch_value
+    n_layer = int(hv("block_count", 0))
+    n_embd = int(hv("embedding_length", 0))
+    if n_layer <= 0 or n_embd <= 0:
+        raise GGUFError(f"{header.arch}: block_count/embedding_length missing")
+    n_head = _per_layer(hv("attention.head_count", 1), n_layer)
+    n_head_kv = _per_layer(hv("attention.head_count_kv", hv("attention.head_count", 1)), n_layer)
+    n_ff = max(_per_layer(hv("feed_forward_length", 4 * n_embd), n_layer))
+    head_k = int(hv("attention.key_length", n_embd // max(max(n_head), 1)))
+    head_v = int(hv("attention.value_length", head_k))
+    n_vocab = int(hv("vocab_size", 0) or header.metadata.get("tokenizer.ggml.tokens", 0))
+    if not n_vocab and "token_embd.weight" in header.tensors:
+        n_vocab = header.tensors["token_embd.weight"][0][-1]
+
+    # weights on the GPU: all but the input embeddings, unless they double as the output layer
+    all_weights = sum(t[2] for t in header.tensors.values())
+    embd = header.tensors.get("token_embd.weight")
+    host = embd[2] if embd is not None and "output.weight" in header.tensors else 0
+    weights = all_weights - host
+
+    # KV cache: one K and one V row per cell and layer
+    cells = _pad(n_ctx * n_parallel, CTX_PAD)
+    ctype = CACHE_TYPES[cache_type]
+    kv_cache = sum(
+        cells * (_row_bytes(ctype, head_k * kv) + _row_bytes(ctype, head_v * kv))
+        for kv in n_head_kv
+    )
+
+    # compute buffer: the peak of one ubatch, in f32 values per token (fitted to llama.cpp's
+    # graph allocator): logits, or attention scores of every head + mask + activations, or
+    # the feed-forward step; flash attention never stores the scores and uses an f16 mask.
+    n_kv = cells if kv_unified else cells // n_parallel
+    ubatch = min(n_ubatch, cells)
+    n_embd_kv = head_k * max(n_head_kv)
+    steps = [n_vocab + 3 * n_embd]
+    if flash_attn:
+        steps.append(n_kv // 2 + 3 * n_ff + 2 * n_embd + n_vocab // 2)
+    else:
+        steps.append(n_kv * (max(n_head) + 1) + 5 * n_embd + 2 * n_embd_kv)
+        steps.append(n_kv + 3 * n_ff + 2 * n_embd)
+    compute = 4 * ubatch * max(steps)
+
+    total = weights + kv_cache + compute + overhead
+    return Estimate(weights, kv_cache, compute, total, overhead=overhead, host_weights=host)
