@@ -1,0 +1,50 @@
+"""GPU probes: what devices this node has, their VRAM, driver and architecture.
+
+    from aivailable.gpu import GpuInfo, probe_all, parse_fake_gpu
+    gpus = probe_all(["fake:GTX 1080:8GiB"])   # real NVIDIA + AMD GPUs, then the fakes
+
+Ids are "gpu0", "gpu1", ... in the order NVIDIA, AMD, fake (the CPU device is "cpu");
+the peer prefixes its node id ("n1/gpu0"). `index` keeps each vendor's own device number.
+"""
+
+from __future__ import annotations
+
+import os
+
+from aivailable.gpu import amd, nvml
+from aivailable.gpu.fake import parse_fake_gpu, parse_size
+from aivailable.gpu.info import GpuInfo, Vendor
+
+__all__ = ["GpuInfo", "Vendor", "cpu_device", "parse_fake_gpu", "parse_size", "probe_all"]
+
+
+def probe_all(
+    fake_specs: list[str] | tuple[str, ...] = (), *, real: bool = True, include_cpu: bool = False
+) -> list[GpuInfo]:
+    """Probe real GPUs (unless `real` is False) and add the fake ones.
+
+    Raises ValueError for a bad fake spec; a missing vendor library is never an error.
+    `include_cpu` appends the CPU as a device with the machine's RAM, for nodes that may
+    run models on the CPU.
+    """
+    fakes = [parse_fake_gpu(spec, i) for i, spec in enumerate(fake_specs)]
+    found = (nvml.probe() + amd.probe()) if real else []
+    found = [gpu.with_id(f"gpu{i}") for i, gpu in enumerate(found + fakes)]
+    if include_cpu:
+        found.append(cpu_device())
+    return found
+
+
+def cpu_device() -> GpuInfo:
+    """The CPU as a device: RAM total and available (Linux /proc/meminfo, else sysconf)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    free = total
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    return GpuInfo("cpu", "cpu", "CPU", total, free, "", "", 0)

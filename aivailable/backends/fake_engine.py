@@ -1,0 +1,141 @@
+"""FakeEngine: a stand-in for LlamaEngine that answers instantly with canned tokens.
+
+For fast unit tests of the HTTP layer, the forwarder and the reconciler: same interface,
+same errors, same queue rules, no model and no child process. Its output is a fixed
+reply (or one computed from the request), split at whitespace into tokens; max_tokens
+and stop strings behave as in the real engine. `crash()` simulates the worker dying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Callable
+
+from aivailable.backends.base import (
+    ChatRequest,
+    CompletionRequest,
+    ContextOverflow,
+    Engine,
+    EngineUnavailable,
+    Event,
+    Finished,
+    InstanceState,
+    QueueFull,
+    TextDelta,
+)
+
+DEFAULT_REPLY = "Hello! This is a canned reply from the fake engine."
+_TOKEN = re.compile(r"\s*\S+")
+
+
+def count_prompt_tokens(request: ChatRequest | CompletionRequest) -> int:
+    """Whitespace words, plus one per chat message for the template's role markers."""
+    if isinstance(request, CompletionRequest):
+        return len(request.prompt.split())
+    return sum(len(str(m.get("content") or "").split()) + 1 for m in request.messages)
+
+
+class FakeEngine(Engine):
+    def __init__(
+        self,
+        name: str = "fake-model",
+        *,
+        reply: str | Callable[[ChatRequest | CompletionRequest], str] = DEFAULT_REPLY,
+        token_delay: float = 0.0,  # seconds between tokens; >0 lets tests catch it mid-stream
+        load_delay: float = 0.0,  # seconds start() spends "loading"
+        queue_limit: int = 8,  # requests waiting or running before QueueFull
+        parallel: int = 1,  # generations at once (llama.cpp runs one per worker)
+        n_ctx: int = 2048,  # prompt tokens above this raise ContextOverflow
+        retry_after: float = 1.0,  # seconds suggested with QueueFull
+        on_state_change: Callable[[InstanceState], None] | None = None,
+    ):
+        self.name = name
+        self.state: InstanceState = "pending"
+        self.reply = reply
+        self.token_delay = token_delay
+        self.load_delay = load_delay
+        self.queue_limit = queue_limit
+        self.n_ctx = n_ctx
+        self.retry_after = retry_after
+        self.on_state_change = on_state_change
+        self._slots = asyncio.Semaphore(parallel)
+        self._depth = 0
+        self._epoch = 0  # bumped by crash(); generations of an older epoch fail
+        # Counters tests assert on.
+        self.completed = 0
+        self.cancelled = 0
+        self.requests: list[ChatRequest | CompletionRequest] = []
+
+    def _set_state(self, state: InstanceState) -> None:
+        if state != self.state:
+            self.state = state
+            if self.on_state_change is not None:
+                self.on_state_change(state)
+
+    async def start(self) -> None:
+        self._set_state("loading")
+        await asyncio.sleep(self.load_delay)
+        self._set_state("ready")
+
+    async def stop(self) -> None:
+        if self.state == "pending":
+            return
+        self._set_state("stopping")
+        self._epoch += 1
+        self._set_state("pending")
+
+    def crash(self) -> None:
+        """Simulate the worker dying: in-flight generations raise EngineUnavailable."""
+        self._epoch += 1
+        self._set_state("failed")
+
+    @property
+    def queue_depth(self) -> int:
+        return self._depth
+
+    def _text_for(self, request: ChatRequest | CompletionRequest) -> tuple[list[str], str]:
+        text = self.reply(request) if callable(self.reply) else self.reply
+        finish = "stop"
+        cut = [text.find(s) for s in request.params.stop if s and s in text]
+        if cut:
+            text = text[: min(cut)]
+        tokens = _TOKEN.findall(text)
+        limit = request.params.max_tokens
+        if limit is not None and limit < len(tokens):
+            tokens, finish = tokens[:limit], "length"
+        return tokens, finish
+
+    async def generate(self, request: ChatRequest | CompletionRequest) -> AsyncIterator[Event]:
+        if self.state != "ready":
+            raise EngineUnavailable(self.state)
+        if self._depth >= self.queue_limit:
+            raise QueueFull(self.retry_after)
+        prompt_tokens = count_prompt_tokens(request)
+        if prompt_tokens > self.n_ctx:
+            raise ContextOverflow(
+                f"prompt has {prompt_tokens} tokens, the context window is {self.n_ctx}"
+            )
+        tokens, finish = self._text_for(request)
+        epoch = self._epoch
+        self._depth += 1
+        done = False
+        try:
+            async with self._slots:
+                self.requests.append(request)
+                for token in tokens:
+                    await asyncio.sleep(self.token_delay)
+                    if self._epoch != epoch:
+                        raise EngineUnavailable(self.state, "the worker exited")
+                    yield TextDelta(token)
+                if self._epoch != epoch:
+                    raise EngineUnavailable(self.state, "the worker exited")
+                done = True
+                self.completed += 1
+                yield Finished(finish, prompt_tokens, len(tokens))
+        except (GeneratorExit, asyncio.CancelledError):
+            if not done:  # closed early: the client went away
+                self.cancelled += 1
+            raise
+        finally:
+            self._depth -= 1

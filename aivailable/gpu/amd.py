@@ -1,0 +1,93 @@
+"""AMD GPUs through amdsmi (ROCm's SMI library).
+
+Without libamd_smi.so, `import amdsmi` prints to stdout and raises (KeyError in some
+versions): both are contained here, and mean no AMD GPUs. A failed import is remembered
+so periodic probes do not retry it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+
+from aivailable.gpu.info import GpuInfo
+
+log = logging.getLogger(__name__)
+
+_import_failure: str | None = None  # why amdsmi could not be imported, once it failed
+
+
+def _load_amdsmi():
+    global _import_failure
+    if _import_failure is not None:
+        return None
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter):
+            import amdsmi
+    except (Exception, SystemExit) as e:
+        _import_failure = f"{type(e).__name__}: {e}; {chatter.getvalue().strip()}".strip("; ")
+        log.debug("amdsmi unavailable: %s", _import_failure)
+        return None
+    return amdsmi
+
+
+def probe() -> list[GpuInfo]:
+    amdsmi = _load_amdsmi()
+    if amdsmi is None:
+        return []
+    try:
+        amdsmi.amdsmi_init()
+    except Exception as e:  # no amdgpu driver loaded
+        log.debug("amdsmi init failed: %s", e)
+        return []
+    try:
+        return _devices(amdsmi)
+    except Exception as e:
+        log.warning("amdsmi probe failed: %s", e)
+        return []
+    finally:
+        with contextlib.suppress(Exception):
+            amdsmi.amdsmi_shut_down()
+
+
+def _vram(amdsmi, handle) -> tuple[int, int]:
+    """(total, free) in bytes; newer amdsmi has memory_total/usage, older only vram_usage (MB)."""
+    try:
+        vram = amdsmi.AmdSmiMemoryType.VRAM
+        total = int(amdsmi.amdsmi_get_gpu_memory_total(handle, vram))
+        used = int(amdsmi.amdsmi_get_gpu_memory_usage(handle, vram))
+    except (AttributeError, TypeError):
+        usage = amdsmi.amdsmi_get_gpu_vram_usage(handle)
+        total = int(usage["vram_total"]) << 20
+        used = int(usage["vram_used"]) << 20
+    return total, max(0, total - used)
+
+
+def _devices(amdsmi) -> list[GpuInfo]:
+    gpus = []
+    for index, handle in enumerate(amdsmi.amdsmi_get_processor_handles()):
+        try:
+            asic = amdsmi.amdsmi_get_gpu_asic_info(handle)
+            total, free = _vram(amdsmi, handle)
+        except Exception as e:  # one broken device hides only itself
+            log.warning("AMD GPU %d cannot be read: %s", index, e)
+            continue
+        try:
+            driver = str(amdsmi.amdsmi_get_gpu_driver_info(handle).get("driver_version", ""))
+        except Exception:
+            driver = ""
+        gpus.append(
+            GpuInfo(
+                id=f"amd{index}",
+                vendor="amd",
+                name=str(asic.get("market_name") or "AMD GPU"),
+                vram_total=total,
+                vram_free=free,
+                driver=driver,
+                compute=str(asic.get("target_graphics_version") or ""),
+                index=index,
+            )
+        )
+    return gpus

