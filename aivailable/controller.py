@@ -57,6 +57,13 @@ class ControllerConfig:
     # Seconds before a plan identical to one already proposed is proposed again (a proposal
     # can be lost when leadership changes hands).
     repropose_s: float = 5.0
+    # Seconds to wait for one proposal to be applied. A leader cut off from its quorum cannot
+    # tell whether an entry will commit; CheckQuorum deposes it within an election timeout
+    # (1-2 s), so 5 s means the proposal is lost, and the next pass tries again.
+    propose_timeout_s: float = 5.0
+    # Log entries a learner may lag behind the leader and still be promoted: promoting a
+    # learner far behind would stall commits until it caught up.
+    promote_max_lag: int = 100
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,7 @@ class NodeStatus:
     gpus: tuple[Gpu, ...] = ()
     cluster_id: str | None = None
     files: tuple[tuple[str, int, str], ...] = ()  # (sha256, size, source) it holds locally
+    addr: str = ""  # HOST:PORT of its HTTP API
 
 
 # ---- the pure core --------------------------------------------------------------------------
@@ -186,6 +194,22 @@ def model_file_updates(
     return out
 
 
+def registry_updates(
+    nodes: Iterable[NodeStatus], registry: Mapping[str, str], members: Iterable[str] | None = None
+) -> list[bytes]:
+    """NODE_ADDR commands for alive nodes (of `members`, when given) whose gossiped address
+    differs from the one in the Raft state, so a restarted cluster finds them without mDNS."""
+    keep = set(members) if members is not None else None
+    return [
+        cs.encode_node_addr(n.id, n.addr)
+        for n in sorted(nodes, key=lambda n: n.id)
+        if n.state == "alive"
+        and n.addr
+        and registry.get(n.id) != n.addr
+        and (keep is None or n.id in keep)
+    ]
+
+
 # ---- gossip -> NodeStatus ------------------------------------------------------------------
 
 
@@ -257,6 +281,7 @@ class Controller:
         conf: ConfHooks | None = None,
         members: Callable[[], Mapping[str, MemberInfo]] | None = None,
         membership: MembershipConfig | None = None,
+        caught_up: Callable[[], Iterable[str]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.node_id = node_id
@@ -271,6 +296,7 @@ class Controller:
         self._conf = conf
         self._members = members
         self._membership = membership or MembershipConfig()
+        self._caught_up = caught_up
         self._clock = clock
         self._last: tuple[bytes, float] | None = None  # last proposed plan bytes, when
 
@@ -286,11 +312,15 @@ class Controller:
             except Exception as exc:  # NotLeader, a lost proposal: try again on the next wake
                 log.info("controller step did not complete: %r", exc)
 
+    async def _submit(self, data: bytes) -> Any:
+        async with asyncio.timeout(self.config.propose_timeout_s):
+            return await self._propose(data)
+
     async def step(self) -> None:
         """One pass: default model, model file facts, the plan, one membership change."""
         st, cfg, now = self.state, self.config, self._clock()
         if not st.default_applied and cfg.default_source:
-            await self._propose(
+            await self._submit(
                 cs.encode_deploy(
                     DEFAULT_MODEL_NAME,
                     cfg.default_source,
@@ -301,7 +331,13 @@ class Controller:
             )
         nodes = self._nodes()
         for cmd in model_file_updates(st.desired(), nodes, self._local_path, cfg):
-            await self._propose(cmd)
+            await self._submit(cmd)
+        in_config = None
+        if self._conf is not None:
+            voters, learners = self._conf[0]()
+            in_config = (*voters, *learners)
+        for cmd in registry_updates(nodes, st.nodes, in_config):
+            await self._submit(cmd)
         local = {m.name: self._local_path(m) for m in st.desired()}
         plan = decide(
             st.desired(), nodes, st.plan, now, cfg, lambda m: model_vram(m, local[m.name], cfg)
@@ -319,12 +355,13 @@ class Controller:
                     len(plan.assignments),
                     len(plan.unplaced),
                 )
-                await self._propose(data)
+                await self._submit(data)
         if self._conf is not None and self._members is not None:
             change = self.conf_change(now)
             if change is not None:
                 log.info("membership: %s %s (%s)", change.op, change.node, change.reason)
-                await self._conf[1](change.op, change.node, change.voter)
+                async with asyncio.timeout(self.config.propose_timeout_s):
+                    await self._conf[1](change.op, change.node, change.voter)
 
     def conf_change(self, now: float) -> ConfChange | None:
         assert self._conf is not None and self._members is not None
@@ -336,5 +373,37 @@ class Controller:
             self._members(),
             now,
             cluster_id=self.state.cluster_id,
+            caught_up=self._caught_up() if self._caught_up is not None else None,
             config=self._membership,
         )
+
+
+# ---- wiring to consensus.RaftDriver ---------------------------------------------------------
+
+
+def raft_conf_hooks(driver: Any) -> ConfHooks:
+    """ConfHooks for a consensus.RaftDriver: its configuration and its change calls."""
+
+    async def change(op: str, node: str, voter: bool) -> Any:
+        if op == "promote":
+            return await driver.promote(node)
+        if op == "remove":
+            return await driver.remove(node)
+        return await (driver.add_voter(node) if voter else driver.add_learner(node))
+
+    return (lambda: (tuple(driver.voters), tuple(driver.learners)), change)
+
+
+def caught_up_learners(driver: Any, max_lag: int) -> Callable[[], list[str]]:
+    """Learners whose replicated log is within `max_lag` entries of the leader's."""
+
+    def caught_up() -> list[str]:
+        node = driver.node
+        progress = getattr(node, "progress", {}) or {}
+        return [
+            learner
+            for learner in driver.learners
+            if learner in progress and progress[learner].match >= node.last_index - max_lag
+        ]
+
+    return caught_up

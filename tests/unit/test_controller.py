@@ -3,6 +3,7 @@
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -17,9 +18,12 @@ from aivailable.controller import (
     MemberClock,
     NodeStatus,
     Trigger,
+    caught_up_learners,
     decide,
     model_file_updates,
     model_vram,
+    raft_conf_hooks,
+    registry_updates,
     usable_nodes,
 )
 from aivailable.membership_policy import MemberInfo
@@ -340,3 +344,48 @@ async def test_trigger_wait_times_out_and_clears():
 @pytest.mark.parametrize("state", ["dead", "left"])
 def test_gone_nodes_do_not_count(state):
     assert usable_nodes([node("x", 8, state=state)], 0.0, 5.0) == []
+
+
+def test_registry_updates_record_changed_addresses_of_alive_members():
+    nodes = [
+        NodeStatus("a", "alive", 0.0, addr="10.0.0.1:8000"),
+        NodeStatus("b", "alive", 0.0, addr="10.0.0.2:8000"),
+        NodeStatus("c", "dead", 0.0, addr="10.0.0.3:8000"),
+        NodeStatus("d", "alive", 0.0, addr="10.0.0.4:8000"),
+    ]
+    cmds = registry_updates(nodes, {"a": "10.0.0.1:8000", "b": "old:1"}, members=("a", "b", "c"))
+    assert [cs.decode(c)["node"] for c in cmds] == ["b"]
+    assert len(registry_updates(nodes, {})) == 3
+
+
+class FakeRaftDriver:
+    def __init__(self):
+        self.calls = []
+        self.voters, self.learners = ("a",), ("b", "c")
+        progress = {
+            "a": SimpleNamespace(match=500),
+            "b": SimpleNamespace(match=450),
+            "c": SimpleNamespace(match=10),
+        }
+        self.node = SimpleNamespace(progress=progress, last_index=500)
+
+    def __getattr__(self, op):
+        async def call(node):
+            self.calls.append((op, node))
+
+        return call
+
+
+async def test_raft_hooks_map_changes_onto_the_driver():
+    d = FakeRaftDriver()
+    conf, change = raft_conf_hooks(d)
+    assert conf() == (("a",), ("b", "c"))
+    for op, node, voter in [
+        ("add", "x", False),
+        ("add", "y", True),
+        ("promote", "b", True),
+        ("remove", "c", True),
+    ]:
+        await change(op, node, voter)
+    assert d.calls == [("add_learner", "x"), ("add_voter", "y"), ("promote", "b"), ("remove", "c")]
+    assert caught_up_learners(d, 100)() == ["b"]
