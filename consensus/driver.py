@@ -1,0 +1,377 @@
+"""RaftDriver: the asyncio adapter around the pure RaftNode.
+
+It only moves time, bytes and files: a timer calls node.tick(), POST /raft/messages feeds
+node.step(), and one loop runs the Ready cycle (save in a thread so fsync never blocks the
+event loop, then send, then apply, then advance). Outgoing messages are batched per
+destination, one HTTP request in flight per peer, over the caller's aiohttp.ClientSession
+(keep-alive connections), so everything queued while a request or an fsync is under way
+leaves in the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from random import Random
+
+import aiohttp
+from aiohttp import web
+
+from .core import RaftNode
+from .types import CMD, Entry, Message, NotLeader, ProposalRejected, Ready
+from .wire import WireError, decode_batch, encode_batch
+
+log = logging.getLogger(__name__)
+
+MESSAGES_PATH = "/raft/messages"
+
+
+@dataclass(frozen=True)
+class RaftConfig:
+    # One logical tick, in milliseconds. 100 ms like etcd's and hashicorp/raft's heartbeat:
+    # fast failure detection on a LAN without flooding it.
+    tick_interval_ms: int = 100
+    # Election timeout in ticks; each node draws its timeout from [T, 2T) = [1 s, 2 s) at the
+    # defaults, the 1 s of etcd and hashicorp/raft. Failover lands around 1.3 s (p50).
+    election_ticks: int = 10
+    # Heartbeat period in ticks: every tick, so followers hear the leader ~10 times per timeout.
+    heartbeat_ticks: int = 1
+    # PreVote (dissertation 9.6): a node that was cut off cannot depose a healthy leader.
+    pre_vote: bool = True
+    # CheckQuorum (dissertation 6.2): a leader cut off from a majority steps down.
+    check_quorum: bool = True
+    # Entries per AppendEntries message: large enough to catch up a follower quickly,
+    # small enough (with ~KB commands) to stay well under a MB per message.
+    max_append_entries: int = 512
+    # Unacknowledged AppendEntries per follower before the leader waits for answers.
+    max_inflight: int = 64
+    # Compact the log once this many entries were applied since the last snapshot. Controller
+    # state is small, so a snapshot is cheap; 10k entries bound both replay time and memory.
+    snapshot_entries: int = 10_000
+    # Per-POST timeout in ms. A peer that does not answer within two election timeouts is
+    # treated as unreachable; the messages are dropped and Raft retries what matters.
+    send_timeout_ms: int = 2_000
+    # Messages queued per peer before the oldest are dropped (a dead peer must not eat memory).
+    max_queued_messages: int = 10_000
+    # Largest accepted POST body, in bytes: snapshots travel in one message.
+    max_body_bytes: int = 256 << 20
+
+
+def _maybe_await(result) -> Awaitable | None:
+    return result if inspect.isawaitable(result) else None
+
+
+class RaftDriver:
+    def __init__(
+        self,
+        node_id: str,
+        storage,
+        config: RaftConfig,
+        session: aiohttp.ClientSession,
+        address_of: Callable[[str], str | None],
+        apply: Callable[[Entry, int], object],
+        *,
+        voters: tuple[str, ...] = (),
+        learners: tuple[str, ...] = (),
+        snapshot: Callable[[], bytes] | None = None,
+        restore: Callable[[bytes], object] | None = None,
+        rng: Random | None = None,
+    ):
+        """`voters`/`learners` bootstrap a brand-new node only (storage wins afterwards).
+        `apply(entry, term)` is called for each committed "cmd" entry in log order, with the
+        term it was proposed in (fencing). `snapshot()` returns the state-machine bytes as of
+        the last applied entry; `restore(bytes)` loads them (both optional: no compaction)."""
+        self.config = config
+        self.storage = storage
+        self.session = session
+        self.address_of = address_of
+        self._apply_cb = apply
+        self._snapshot_cb = snapshot
+        self._restore_cb = restore
+        self.node = RaftNode(
+            node_id,
+            storage,
+            voters=voters,
+            learners=learners,
+            rng=rng,
+            election_ticks=config.election_ticks,
+            heartbeat_ticks=config.heartbeat_ticks,
+            pre_vote=config.pre_vote,
+            check_quorum=config.check_quorum,
+            max_append_entries=config.max_append_entries,
+            max_inflight=config.max_inflight,
+        )
+        self._wake = asyncio.Event()
+        self._outbox: dict[str, list[Message]] = {}
+        self._outbox_ready: dict[str, asyncio.Event] = {}
+        self._waiters: dict[int, tuple[int, asyncio.Future]] = {}
+        self._leader_changed = asyncio.Event()
+        self._last_leader: str | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"raft-{node_id}")
+        self.dropped_messages = 0
+        self.send_errors = 0
+
+    # ---- read-only views
+
+    @property
+    def id(self) -> str:
+        return self.node.id
+
+    @property
+    def role(self) -> str:
+        return self.node.role
+
+    @property
+    def term(self) -> int:
+        return self.node.term
+
+    @property
+    def leader_id(self) -> str | None:
+        return self.node.leader_id
+
+    @property
+    def voters(self) -> tuple[str, ...]:
+        return self.node.voters
+
+    @property
+    def learners(self) -> tuple[str, ...]:
+        return self.node.learners
+
+    @property
+    def commit_index(self) -> int:
+        return self.node.commit_index
+
+    @property
+    def applied_index(self) -> int:
+        return self.node.applied_index
+
+    # ---- HTTP
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post(MESSAGES_PATH, self._handle_messages)]
+
+    async def _handle_messages(self, request: web.Request) -> web.Response:
+        body = bytearray()
+        async for chunk in request.content.iter_chunked(1 << 16):
+            body += chunk
+            if len(body) > self.config.max_body_bytes:
+                return web.json_response({"error": "raft batch too large"}, status=413)
+        try:
+            _, messages = decode_batch(bytes(body))
+        except WireError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        for m in messages:
+            self.node.step(m)
+        self._wake.set()
+        return web.Response(status=204)
+
+    # ---- the application's calls
+
+    async def propose(self, data: bytes) -> int:
+        """Replicate `data`; returns its log index once applied here. Raises NotLeader(leader)
+        on a follower, or if the entry was overwritten by a newer leader. Wrap it in a timeout:
+        a leader cut off from its quorum cannot tell whether the entry will commit."""
+        return await self._wait_applied(self.node.propose(bytes(data)))
+
+    async def add_voter(self, node_id: str) -> int:
+        return await self._conf_change("add", node_id, True)
+
+    async def add_learner(self, node_id: str) -> int:
+        return await self._conf_change("add", node_id, False)
+
+    async def promote(self, node_id: str) -> int:
+        return await self._conf_change("promote", node_id, True)
+
+    async def remove(self, node_id: str) -> int:
+        return await self._conf_change("remove", node_id, True)
+
+    async def _conf_change(self, op: str, node_id: str, voter: bool) -> int:
+        """One membership change, returned once applied. Raises NotLeader, or ProposalRejected
+        if the change is invalid or still not possible after two election timeouts (another
+        change pending, or a new leader that has not yet committed an entry of its term)."""
+        tick = self.config.tick_interval_ms / 1000
+        for _ in range(2 * self.config.election_ticks):
+            try:
+                index = self.node.propose_conf_change(op, node_id, voter=voter)
+            except ProposalRejected as exc:
+                if not exc.retryable:
+                    raise
+                await asyncio.sleep(tick)
+                continue
+            return await self._wait_applied(index)
+        return await self._wait_applied(self.node.propose_conf_change(op, node_id, voter=voter))
+
+    async def transfer_leadership(self, to: str) -> bool:
+        """Ask the leader (this node) to hand over to `to`; True once `to` leads, False if the
+        transfer did not finish within an election timeout."""
+        self.node.transfer_leadership(to)
+        self._wake.set()
+        timeout = 2 * self.config.election_ticks * self.config.tick_interval_ms / 1000
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self.node.leader_id != to:
+                    self._leader_changed.clear()
+                    await self._leader_changed.wait()
+        return self.node.leader_id == to
+
+    async def _wait_applied(self, index: int) -> int:
+        future = asyncio.get_running_loop().create_future()
+        self._waiters[index] = (self.node.term, future)
+        self._wake.set()
+        return await future
+
+    # ---- running
+
+    async def run(self) -> None:
+        """Tick, send, save and apply until cancelled."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                tg.create_task(self._tick_loop(), name=f"raft-{self.id}-tick")
+                tg.create_task(self._ready_loop(), name=f"raft-{self.id}-ready")
+        finally:
+            self._tg = None
+            for _, future in self._waiters.values():
+                if not future.done():
+                    future.set_exception(NotLeader(None))
+            self._waiters.clear()
+            self._executor.shutdown(wait=True)
+
+    async def _tick_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.config.tick_interval_ms / 1000
+        next_at = loop.time() + interval
+        while True:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            next_at += interval
+            if next_at < loop.time():  # the loop was stalled: do not tick in a burst
+                next_at = loop.time() + interval
+            self.node.tick()
+            self._wake.set()
+
+    async def _ready_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.node.has_ready():
+                rd = self.node.ready()
+                if rd.snapshot is not None or rd.entries or rd.hard_state is not None:
+                    await loop.run_in_executor(self._executor, self.storage.save, rd)
+                self._queue_messages(rd.messages)
+                await self._apply(rd)
+                self.node.advance(rd)
+                self._maybe_compact()
+            if self.node.leader_id != self._last_leader:
+                self._last_leader = self.node.leader_id
+                self._leader_changed.set()
+
+    async def _apply(self, rd: Ready) -> None:
+        if rd.restore is not None and self._restore_cb is not None and rd.restore.data:
+            pending = _maybe_await(self._restore_cb(rd.restore.data))
+            if pending is not None:
+                await pending
+        for entry in rd.committed:
+            if entry.kind == CMD:
+                try:
+                    pending = _maybe_await(self._apply_cb(entry, entry.term))
+                    if pending is not None:
+                        await pending
+                except Exception:
+                    log.exception("raft %s: apply of entry %d failed", self.id, entry.index)
+            waiter = self._waiters.pop(entry.index, None)
+            if waiter is not None:
+                term, future = waiter
+                if future.done():
+                    continue
+                if entry.term == term:
+                    future.set_result(entry.index)
+                else:  # a newer leader overwrote our entry: it never happened
+                    future.set_exception(NotLeader(self.node.leader_id))
+        if rd.restore is not None:
+            for index in [i for i in self._waiters if i <= rd.restore.index]:
+                _, future = self._waiters.pop(index)
+                if not future.done():  # covered by a snapshot: we cannot tell; say so
+                    future.set_exception(
+                        ProposalRejected("outcome unknown: log replaced by snapshot")
+                    )
+
+    def _maybe_compact(self) -> None:
+        if self._snapshot_cb is None:
+            return
+        node = self.node
+        if node.applied_index - node.log.snap_index >= self.config.snapshot_entries:
+            node.compact(node.applied_index, self._snapshot_cb())
+            self._wake.set()
+
+    # ---- sending
+
+    def _queue_messages(self, messages: tuple[Message, ...]) -> None:
+        for m in messages:
+            queue = self._outbox.get(m.dst)
+            if queue is None:
+                queue = self._outbox[m.dst] = []
+                self._outbox_ready[m.dst] = asyncio.Event()
+                if self._tg is not None:
+                    self._tg.create_task(self._send_loop(m.dst), name=f"raft-{self.id}-to-{m.dst}")
+            queue.append(m)
+            if len(queue) > self.config.max_queued_messages:
+                del queue[0]
+                self.dropped_messages += 1
+            self._outbox_ready[m.dst].set()
+
+    async def _send_loop(self, dst: str) -> None:
+        """One request in flight per peer; whatever queues meanwhile goes in the next batch."""
+        ready = self._outbox_ready[dst]
+        client_timeout = aiohttp.ClientTimeout(total=self.config.send_timeout_ms / 1000)
+        while True:
+            await ready.wait()
+            ready.clear()
+            batch, self._outbox[dst] = self._outbox[dst], []
+            if not batch:
+                continue
+            address = self.address_of(dst)
+            if address is None:
+                self.dropped_messages += len(batch)
+                continue
+            try:
+                await self._post(address, batch, client_timeout)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                self.send_errors += 1
+                self.dropped_messages += len(batch)
+                log.debug("raft %s: send to %s at %s failed: %r", self.id, dst, address, exc)
+                # Back off a little so a dead peer costs one failed connect per tick, not a spin.
+                await asyncio.sleep(self.config.tick_interval_ms / 1000)
+
+    async def _post(
+        self, address: str, batch: list[Message], client_timeout: aiohttp.ClientTimeout
+    ) -> None:
+        """The one place outgoing requests are made (the peer adds request signing here)."""
+        body = encode_batch(self.id, batch)
+        url = f"http://{address}{MESSAGES_PATH}"
+        async with self.session.post(
+            url, data=body, timeout=client_timeout, headers={"Content-Type": "application/msgpack"}
+        ) as resp:
+            if resp.status >= 300:
+                raise aiohttp.ClientResponseError(
+                    resp.request_info, resp.history, status=resp.status, message=await resp.text()
+                )
+
+    def status(self) -> dict:
+        return {
+            "id": self.id,
+            "role": self.role,
+            "term": self.term,
+            "leader": self.leader_id,
+            "voters": list(self.voters),
+            "learners": list(self.learners),
+            "commit_index": self.commit_index,
+            "applied_index": self.applied_index,
+            "last_index": self.node.last_index,
+        }
