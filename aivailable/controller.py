@@ -282,6 +282,7 @@ class Controller:
         members: Callable[[], Mapping[str, MemberInfo]] | None = None,
         membership: MembershipConfig | None = None,
         caught_up: Callable[[], Iterable[str]] | None = None,
+        found_cluster_id: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.node_id = node_id
@@ -297,6 +298,7 @@ class Controller:
         self._members = members
         self._membership = membership or MembershipConfig()
         self._caught_up = caught_up
+        self._found_cluster_id = found_cluster_id  # the founder commits it (bootstrap)
         self._clock = clock
         self._last: tuple[bytes, float] | None = None  # last proposed plan bytes, when
 
@@ -317,8 +319,11 @@ class Controller:
             return await self._propose(data)
 
     async def step(self) -> None:
-        """One pass: default model, model file facts, the plan, one membership change."""
+        """One pass: cluster id (founder), default model, model file facts, node addresses,
+        the plan, one membership change."""
         st, cfg, now = self.state, self.config, self._clock()
+        if st.cluster_id is None and self._found_cluster_id is not None:
+            await self._submit(cs.encode_init(self._found_cluster_id))
         if not st.default_applied and cfg.default_source:
             await self._submit(
                 cs.encode_deploy(
