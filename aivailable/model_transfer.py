@@ -229,6 +229,7 @@ class ModelFetcher:
         self._session = session
         self._peers = peers
         self._locks: dict[str, asyncio.Lock] = {}
+        self._unusable: set[str] = set()  # local sources that failed the store's checks
 
     async def ensure(self, record: ModelRecord) -> Path:
         """The local path of `record`'s file: held already; else the local source when it
@@ -269,3 +270,22 @@ class ModelFetcher:
                 f"{record.source} has sha256 {held.sha256}, but the deployed file is {sha}"
             )
         return held.path
+
+    async def discover(self, records: Iterable[ModelRecord]) -> None:
+        """Check the local sources of models whose checksum the cluster does not know yet
+        (a GGUF path deployed through a peer that lacks it): once held, the file is gossiped,
+        the leader records its checksum, and the node it is placed on can copy it from here."""
+        for record in records:
+            source = record.source
+            if record.sha256 is not None or source in self._unusable:
+                continue
+            if self.local.by_source(source) is not None or not self.local.held_locally(source):
+                continue
+            async with self._locks.setdefault(source, asyncio.Lock()):
+                try:
+                    held = await asyncio.to_thread(self.local.resolve_with_store, source)
+                except store.ModelSourceError as exc:
+                    log.warning("local copy of %s is unusable: %s", source, exc)
+                    self._unusable.add(source)
+                    continue
+            log.info("holding %s (sha256 %s) for the cluster", source, held.sha256[:12])

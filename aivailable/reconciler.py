@@ -227,6 +227,9 @@ def read_payload(node_id: str, payload: Mapping[str, Any] | None) -> PeerPayload
 # ---- the loop -----------------------------------------------------------------------------
 
 EnsureFile = Callable[[ModelRecord], Awaitable[Path]]
+# Checks the sources of deployed models whose checksum nobody knows yet and that this node
+# holds locally (model_transfer.ModelFetcher.discover), so they are gossiped and shared.
+Discover = Callable[[list[ModelRecord]], Awaitable[None]]
 
 
 @dataclass
@@ -250,12 +253,15 @@ class Reconciler:
         ensure_file: EnsureFile | None = None,
         config: ReconcilerConfig = ReconcilerConfig(),
         clock: Callable[[], float] = time.monotonic,
+        discover: Discover | None = None,
     ):
         self.node_id = node_id
         self.state = state
         self.instances = instances
         self.trigger = trigger
         self._ensure_file = ensure_file
+        self._discover = discover
+        self._discovering: asyncio.Task | None = None
         self.config = config
         self._clock = clock
         self._started: dict[str, Step] = {}  # what each instance was started with
@@ -314,6 +320,8 @@ class Reconciler:
             finally:
                 for task in self._fetching.values():
                     task.cancel()
+                if self._discovering is not None:
+                    self._discovering.cancel()
                 self._tg = None
 
     def _running(self) -> dict[str, Running]:
@@ -376,6 +384,10 @@ class Reconciler:
             for model in list(table):
                 if model not in self._started:
                     del table[model]
+        unknown = [m for m in self.state.desired() if m.sha256 is None]
+        busy = self._discovering is not None and not self._discovering.done()
+        if unknown and self._discover is not None and self._tg is not None and not busy:
+            self._discovering = self._tg.create_task(self._discover(unknown), name="discover")
         return steps
 
     async def _stop(self, model: str) -> None:

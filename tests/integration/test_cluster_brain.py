@@ -135,7 +135,7 @@ class BrainPeer:
                 controller = Controller(
                     self.id,
                     self.state,
-                    proposer.propose,
+                    driver.propose,  # the leader proposes itself, never forwards
                     lambda: driver.role == "leader",
                     lambda: driver.term,
                     lambda: node_statuses(w.entries()),

@@ -207,3 +207,23 @@ async def test_the_embedded_model_copied_from_a_peer_is_found_by_the_store(tmp_p
         assert path == b.cache_dir / "models" / Path(builtin.member).name
         resolved = await asyncio.to_thread(store.resolve, "builtin:smollm2-135m", b.cache_dir)
         assert resolved.path == path and resolved.sha256 == builtin.sha256
+
+
+async def test_discover_offers_local_sources_whose_checksum_nobody_knows(tmp_path):
+    good = tmp_path / "files" / "good.gguf"
+    sha, size = tiny_gguf(good, b"weights")
+    bad = tmp_path / "files" / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    local = LocalModels(tmp_path / "cache")
+    async with aiohttp.ClientSession() as s:
+        fetcher = ModelFetcher(local, s, lambda: [])
+        records = [
+            ModelRecord("good", str(good)),
+            ModelRecord("bad", str(bad)),
+            ModelRecord("elsewhere", str(tmp_path / "missing.gguf")),
+            ModelRecord("known", str(good), sha256="c" * 64),  # the cluster knows it: skipped
+        ]
+        await fetcher.discover(records)
+        assert local.files() == [(sha, size, str(good))]
+        await fetcher.discover(records)  # nothing new, and the bad file is not re-read
+        assert local.files() == [(sha, size, str(good))]

@@ -331,3 +331,20 @@ async def test_run_follows_plan_changes_on_the_trigger():
         assert w.states()["m"] == ("ready", ("gpu0",))
         run.cancel()
         await w.instances.stop_all()
+
+
+async def test_models_with_unknown_checksums_are_handed_to_discover():
+    seen = []
+
+    async def discover(records):
+        seen.append(sorted(r.name for r in records))
+
+    async with asyncio.TaskGroup() as tg:
+        w = World(tg)
+        w.rc = Reconciler("n1", w.state, w.instances, w.trigger, discover=discover)
+        w.deploy("a", "b")
+        w.state.apply(cs.encode_model_file("b", "/m/b.gguf", "ab" * 32, 10), 1)
+        run = tg.create_task(w.rc.run())
+        await w.settle()
+        run.cancel()
+    assert seen and seen[0] == ["a"]
