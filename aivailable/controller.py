@@ -183,10 +183,18 @@ def model_file_updates(
         if path is not None:
             found = reported.get(m.source)
             sha = m.sha256 or (found[0] if found else None)
-            vram, split = model_vram(m, path, config, estimator)
             if sha is not None:
+                vram = split = None
+                try:
+                    if estimator is None:
+                        from placement import estimate as estimator
+                    est = estimator(path, m.n_ctx)
+                    vram, split = est.total, est.split_overhead
+                except Exception as exc:  # commit what is certain; the size-based guess stays
+                    log.debug("cannot estimate %s from %s: %s", m.name, path, exc)
                 size = m.size if m.size is not None else path.stat().st_size
-                out.append(cs.encode_model_file(m.name, m.source, sha, size, vram, split))
+                if vram is not None or m.sha256 is None:
+                    out.append(cs.encode_model_file(m.name, m.source, sha, size, vram, split))
                 continue
         if m.sha256 is None and m.source in reported:
             sha, size = reported[m.source]

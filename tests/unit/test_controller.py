@@ -389,3 +389,17 @@ async def test_raft_hooks_map_changes_onto_the_driver():
         await change(op, node, voter)
     assert d.calls == [("add_learner", "x"), ("add_voter", "y"), ("promote", "b"), ("remove", "c")]
     assert caught_up_learners(d, 100)() == ["b"]
+
+
+def test_a_header_that_cannot_be_read_commits_the_checksum_but_no_vram(tmp_path):
+    local = tmp_path / "m.gguf"
+    local.write_bytes(b"x" * 10)
+    nodes = [node("n1", 8, files=[(SHA, 10, "/m/m.gguf")])]
+
+    def broken(path, n_ctx):
+        raise ValueError("not a GGUF file")
+
+    cmds = model_file_updates([ModelRecord("m", "/m/m.gguf")], nodes, lambda m: local, CFG, broken)
+    assert [(c["sha256"], c["vram"]) for c in map(cs.decode, cmds)] == [(SHA, None)]
+    known = ModelRecord("m", "/m/m.gguf", sha256=SHA, size=10)
+    assert model_file_updates([known], nodes, lambda m: local, CFG, broken) == []
