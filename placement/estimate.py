@@ -7,8 +7,8 @@ What llama.cpp allocates on the GPU(s) for a fully offloaded model (its load log
 - weights ("CUDA0 model buffer size"): every tensor but the input token embeddings, which
   stay in host memory; a model with tied embeddings (no output.weight) needs them on the GPU
   as the output layer, so then every tensor counts.
-- KV cache ("llama_kv_cache: size"): layers x cells x (K row + V row), cells = n_ctx x
-  n_parallel rounded up to 256, rows in the cache type (f16, q8_0 = 34/32 bytes, q4_0 =
+- KV cache ("llama_kv_cache: size"): layers x cells x (K row + V row), cells = n_parallel x
+  n_ctx rounded up to 256 (the total rounded, with a unified cache), rows in the cache type (f16, q8_0 = 34/32 bytes, q4_0 =
   18/32 bytes per element).
 - compute buffer ("compute buffer size"): the peak of one micro-batch (n_ubatch tokens, f32):
   either the logits (n_vocab) or, without flash attention, the attention scores of every
@@ -237,7 +237,8 @@ def estimate_header(
     weights = all_weights - host
 
     # KV cache: one K and one V row per cell and layer
-    cells = _pad(n_ctx * n_parallel, CTX_PAD)
+    # (each sequence's context is padded, or the whole one when the cache is unified)
+    cells = _pad(n_ctx * n_parallel, CTX_PAD) if kv_unified else _pad(n_ctx, CTX_PAD) * n_parallel
     ctype = CACHE_TYPES[cache_type]
     kv_cache = sum(
         cells * (_row_bytes(ctype, head_k * kv) + _row_bytes(ctype, head_v * kv))
@@ -248,14 +249,16 @@ def estimate_header(
     # graph allocator): logits, or attention scores of every head + mask + activations, or
     # the feed-forward step; flash attention never stores the scores and uses an f16 mask.
     n_kv = cells if kv_unified else cells // n_parallel
-    ubatch = min(n_ubatch, cells)
+    ubatch = min(n_ubatch, n_ctx * n_parallel)  # llama.cpp caps the batch at the context
     n_embd_kv = head_k * max(n_head_kv)
     steps = [n_vocab + 3 * n_embd]
     if flash_attn:
-        steps.append(n_kv // 2 + 3 * n_ff + 2 * n_embd + n_vocab // 2)
+        steps.append(n_kv // 2 + 3 * n_ff + 4 * n_embd)
     else:
         steps.append(n_kv * (max(n_head) + 1) + 5 * n_embd + 2 * n_embd_kv)
         steps.append(n_kv + 3 * n_ff + 2 * n_embd)
+        if n_vocab <= 3 * n_ff:  # the logits then land above the FFN step's freed buffers
+            steps.append(n_vocab + 2 * n_ff)
     compute = 4 * ubatch * max(steps)
 
     total = weights + kv_cache + compute + overhead

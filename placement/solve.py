@@ -18,6 +18,7 @@ only when it places strictly more (so `solve(n, m, solve(n, m))` returns the sam
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -72,6 +73,9 @@ class _Topology:
             for vendor in sorted(by_vendor):
                 self.groups.append(_Group(node.id, tuple(by_vendor[vendor]), cpu=False))
         self.gpu_groups = [g for g in self.groups if not g.cpu]
+        self.gpu_slots = [(gpu, grp.node) for grp in self.gpu_groups for gpu in grp.gpus]
+        self.slot_of = {gpu: i for i, (gpu, _) in enumerate(self.gpu_slots)}
+        self.group_of = {gpu: i for i, grp in enumerate(self.groups) for gpu in grp.gpus}
         self.cpu_groups = [g for g in self.groups if g.cpu]
         self.node_gpus: dict[str, tuple[str, ...]] = {
             n.id: tuple(g for grp in self.gpu_groups if grp.node == n.id for g in grp.gpus)
@@ -80,13 +84,33 @@ class _Topology:
 
 
 class _State:
-    """Free bytes per GPU and what is placed so far; cheap to copy for trial packings."""
+    """Free bytes per GPU and what is placed so far; cheap to copy for trial packings.
+
+    `by_free` keeps the GPUs (not cpu devices) sorted by (free bytes, slot order), so a best
+    fit is a binary search; `group_free` is the free sum of each group (a split's bound).
+    """
 
     def __init__(self, topo: _Topology) -> None:
         self.topo = topo
         self.free = dict(topo.capacity)
         self.nodes_of: dict[str, set[str]] = {}
         self.placed: list[Assignment] = []
+        self.by_free = sorted(
+            (self.free[gpu], i, gpu, node) for i, (gpu, node) in enumerate(topo.gpu_slots)
+        )
+        self.group_free = [sum(self.free[g] for g in grp.gpus) for grp in topo.groups]
+        # for spread: nodes by free GPU bytes, most first
+        self.node_free = {n: sum(self.free[g] for g in gpus) for n, gpus in topo.node_gpus.items()}
+        self.by_node = sorted((-free, node) for node, free in self.node_free.items())
+        # re-solving around a current plan: its instances not yet placed, and their bytes per GPU
+        self.hints: dict[str, list[Assignment]] = {}
+        self.reserved: dict[str, int] = {}
+
+    def add_hints(self, assignments: Iterable[Assignment]) -> None:
+        for a in assignments:
+            self.hints.setdefault(a.model, []).append(a)
+            for gpu, vram in zip(a.gpus, a.vram, strict=True):
+                self.reserved[gpu] = self.reserved.get(gpu, 0) + vram
 
     def copy(self) -> _State:
         other = _State.__new__(_State)
@@ -94,13 +118,36 @@ class _State:
         other.free = dict(self.free)
         other.nodes_of = {m: set(s) for m, s in self.nodes_of.items()}
         other.placed = list(self.placed)
+        other.by_free = list(self.by_free)
+        other.group_free = list(self.group_free)
+        other.node_free = dict(self.node_free)
+        other.by_node = list(self.by_node)
+        other.hints = {m: list(h) for m, h in self.hints.items()}
+        other.reserved = dict(self.reserved)
         return other
 
     def commit(self, a: Assignment) -> None:
+        topo = self.topo
         for gpu, vram in zip(a.gpus, a.vram, strict=True):
-            self.free[gpu] -= vram
+            old = self.free[gpu]
+            self.free[gpu] = old - vram
+            self.group_free[topo.group_of[gpu]] -= vram
+            slot = topo.slot_of.get(gpu)
+            if slot is not None:
+                entry = (old, slot, gpu, a.node)
+                del self.by_free[bisect_left(self.by_free, entry)]
+                insort(self.by_free, (old - vram, slot, gpu, a.node))
+                node_old = self.node_free[a.node]
+                self.node_free[a.node] = node_old - vram
+                del self.by_node[bisect_left(self.by_node, (-node_old, a.node))]
+                insort(self.by_node, (vram - node_old, a.node))
         self.nodes_of.setdefault(a.model, set()).add(a.node)
         self.placed.append(a)
+        hints = self.hints.get(a.model)
+        if hints:  # this instance is back: release its old place (or, if elsewhere, the first)
+            done = hints.pop(hints.index(a) if a in hints else 0)
+            for gpu, vram in zip(done.gpus, done.vram, strict=True):
+                self.reserved[gpu] -= vram
 
     def count(self, model: str) -> int:
         return len(self.nodes_of.get(model, ()))
@@ -137,25 +184,34 @@ def _choose(spec: ModelSpec, state: _State, policy: str) -> Assignment | None:
     topo, free = state.topo, state.free
     taken = state.nodes_of.get(spec.name, ())
     need = spec.vram
-    best_key, best = None, None
-    # 1. one whole GPU
-    for group in topo.gpu_groups:
-        if group.node in taken:
-            continue
-        node_free = 0
-        if policy == "spread":
-            node_free = sum(free[g] for g in topo.node_gpus[group.node]) - need
-        for gpu in group.gpus:
-            left = free[gpu] - need
-            if left < 0:
+    if state.hints:
+        sticky = _choose_sticky(spec, state, policy)
+        if sticky is not None:
+            return sticky
+    best = None
+    # 1. one whole GPU. pack: least left over (ties: the first in node and GPU order);
+    # spread: the node with the most free GPU bytes, there the GPU with the most.
+    if policy == "pack":
+        by_free = state.by_free
+        for i in range(bisect_left(by_free, (need,)), len(by_free)):
+            _, _, gpu, node = by_free[i]
+            if node not in taken:
+                best = (node, (gpu,), (need,))
+                break
+    else:
+        for _, node in state.by_node:
+            if node in taken or not topo.node_gpus[node]:
                 continue
-            key = (left, group.node, gpu) if policy == "pack" else (-node_free, -left, gpu)
-            if best_key is None or key < best_key:
-                best_key, best = key, (group.node, (gpu,), (need,))
+            gpu = min(topo.node_gpus[node], key=lambda g: (-free[g], g))
+            if free[gpu] >= need:
+                best = (node, (gpu,), (need,))
+                break
     if best is None:
         # 2. split over the fewest GPUs of one node and vendor
-        for group in topo.gpu_groups:
-            if group.node in taken or len(group.gpus) < 2:
+        best_key = None
+        group_free = state.group_free
+        for gi, group in enumerate(topo.groups):
+            if group.cpu or len(group.gpus) < 2 or group_free[gi] < need or group.node in taken:
                 continue
             split = _split_in_group(spec, group, free)
             if split is None:
@@ -167,10 +223,11 @@ def _choose(spec: ModelSpec, state: _State, policy: str) -> Assignment | None:
                 best_key, best = key, (group.node, gpus, vram)
     if best is None:
         # 3. a cpu device the node offers, whole instances only
+        best_key = None
         for group in topo.cpu_groups:
             gpu = group.gpus[0]
             left = free[gpu] - need
-            if group.node in taken or left < 0:
+            if left < 0 or group.node in taken:
                 continue
             key = (left if policy == "pack" else -left, group.node)
             if best_key is None or key < best_key:
@@ -179,6 +236,26 @@ def _choose(spec: ModelSpec, state: _State, policy: str) -> Assignment | None:
         return None
     node, gpus, vram = best
     return Assignment(spec.name, node, gpus, vram)
+
+
+def _choose_sticky(spec: ModelSpec, state: _State, policy: str) -> Assignment | None:
+    """While re-solving around a current plan: where the instance runs now if that still
+    fits; else a whole GPU that displaces the fewest bytes of instances still to come back."""
+    free, taken = state.free, state.nodes_of.get(spec.name, ())
+    for hint in state.hints.get(spec.name, ()):
+        fits = all(free[g] >= v for g, v in zip(hint.gpus, hint.vram, strict=True))
+        if fits and hint.node not in taken:
+            return hint
+    best_key, best = None, None
+    for slot, (gpu, node) in enumerate(state.topo.gpu_slots):
+        left = free[gpu] - spec.vram
+        if left < 0 or node in taken:
+            continue
+        displaced = max(0, state.reserved.get(gpu, 0) - left)
+        key = (displaced, left if policy == "pack" else -left, slot)
+        if best_key is None or key < best_key:
+            best_key, best = key, Assignment(spec.name, node, (gpu,), (spec.vram,))
+    return best
 
 
 def _greedy(items: Sequence[ModelSpec], state: _State, policy: str) -> list[ModelSpec]:
@@ -197,7 +274,7 @@ def _group_room(group: _Group, free: dict[str, int]) -> int:
     return sum(free[g] for g in group.gpus)
 
 
-def _exact_pack(items: Sequence[ModelSpec], state: _State, policy: str) -> _State | None:
+def _exact_pack(items: Sequence[ModelSpec], state: _State) -> _State | None:
     """Bounded exhaustive search for a packing of all items (no split overheads), or None.
 
     With zero split overhead a group of GPUs holds any set of instances whose sizes sum to at
@@ -281,7 +358,7 @@ def _place_level(items: list[ModelSpec], state: _State, policy: str) -> _State:
         subset = smallest_first[:k]
         candidate = state.copy()
         if _greedy(sorted(subset, key=lambda s: (-s.vram, s.name)), candidate, policy):
-            candidate = _exact_pack(subset, state, policy) if k <= EXACT_MAX_ITEMS else None
+            candidate = _exact_pack(subset, state) if k <= EXACT_MAX_ITEMS else None
         if candidate is None:
             hi = k - 1
         else:
@@ -402,8 +479,8 @@ def solve(
 
     policy: "pack" (best fit; keeps large holes for large models) or "spread" (the least
     loaded node first). rebalance: when something stays unplaced, also solve from scratch and
-    take that plan if it places strictly more (moving running instances); with False, valid
-    instances of `current` never move.
+    take that plan if it places strictly more (moving running instances, though reusing their
+    current places where they still fit); with False, valid instances of `current` never move.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
@@ -420,8 +497,19 @@ def solve(
     result = kept
     missing = any(kept.count(s.name) < s.replicas for s in specs)
     if missing and rebalance and current is not None and current.assignments:
+        # The bar is a plan solved from scratch: it depends on nodes and models alone, so a
+        # plan that met it meets it again next time (solve(n, m, solve(n, m, c)) is a fixpoint).
         fresh = _fill(_State(topo), specs, policy)
         if _score(fresh, specs) > _score(kept, specs):
-            result = fresh
+            # Solve again from scratch but reuse current places that still fit: fewer moves.
+            around = _State(topo)
+            around.add_hints(
+                a
+                for a in sorted(current.assignments, key=lambda a: (a.node, a.model, a.gpus))
+                if a.model in by_name and _valid(a, by_name[a.model], topo)
+            )
+            sticky = _fill(around, specs, policy)
+            sticky.hints = {}
+            result = sticky if _score(sticky, specs) >= _score(fresh, specs) else fresh
     assignments = tuple(sorted(result.placed, key=lambda a: (a.node, a.model, a.gpus)))
     return Plan(assignments=assignments, unplaced=_unplaced(result, specs))

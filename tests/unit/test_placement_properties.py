@@ -3,6 +3,7 @@ determinism, stability under unchanged input, node loss and node join, and diff(
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from random import Random
 
@@ -23,7 +24,11 @@ from placement import (
 )
 from tests.unit.placement_strategies import models_st, nodes_st
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# PLACEMENT_EXAMPLES raises the count for a long soak; 150 keeps the suite quick.
+EXAMPLES = int(os.environ.get("PLACEMENT_EXAMPLES", "150"))
+SETTINGS = settings(
+    max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 POLICY = st.sampled_from(["pack", "spread"])
 
 
@@ -108,6 +113,17 @@ def test_unchanged_input_gives_the_identical_plan(nodes, models, policy):
     again = solve(nodes, models, current=plan, policy=policy)
     assert again == plan
     assert diff(plan, again) == {}
+
+
+@SETTINGS
+@given(nodes_st(min_nodes=1), models_st(), models_st(), POLICY, st.data())
+def test_a_plan_reached_after_any_change_is_stable(nodes, models_a, models_b, policy, data):
+    before = solve(nodes, models_a, policy=policy)
+    gone = data.draw(st.sampled_from(nodes)).id
+    rest = [n for n in nodes if n.id != gone]
+    for now_nodes, now_models in ((nodes, models_b), (rest, models_a), (rest, models_b)):
+        plan = solve(now_nodes, now_models, current=before, policy=policy)
+        assert solve(now_nodes, now_models, current=plan, policy=policy) == plan
 
 
 @SETTINGS

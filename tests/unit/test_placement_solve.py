@@ -100,6 +100,15 @@ def test_a_new_higher_priority_model_displaces_a_running_lower_one():
     assert where(kept, "low") and not where(kept, "high")
 
 
+def test_making_room_for_a_new_model_moves_as_few_instances_as_it_can():
+    nodes = [node(n, 10) for n in "abcd"]
+    models = [ModelSpec(n, 4 * G) for n in "PQRSTU"]
+    old = solve(nodes, models, policy="spread")  # two nodes with two, two with one
+    new = solve(nodes, [*models, ModelSpec("M", 9 * G)], current=old)
+    assert not new.unplaced  # M needs a whole node: one single instance must move over
+    assert len(set(old.assignments) - set(new.assignments)) == 1
+
+
 def test_most_models_fit_when_the_small_ones_go_first():
     # One 10 GiB model or three 3 GiB ones: the three count more.
     models = [ModelSpec("big", 10 * G), *(ModelSpec(f"s{i}", 3 * G) for i in range(3))]
