@@ -486,14 +486,15 @@ class RaftNode:
             self._send(APP_RESP, m.src, index=self.log.committed)
             return
         if self.log.match_term(snap.index, snap.term):
-            # We hold the snapshot's last entry: keep the log after it, just commit (7).
+            # We hold the snapshot's last entry: keep the log after it, just commit (7). Only
+            # up to snap.index is known to match; what follows may still diverge.
             self.log.commit_to(snap.index)
         else:
             self.log.restore(snap)
             self.snapshot = snap
             self._pending_snapshot = snap
             self._restore = snap
-        self._send(APP_RESP, m.src, index=self.log.last_index())
+        self._send(APP_RESP, m.src, index=snap.index)
 
     def _step_leader(self, m: Message) -> None:
         pr = self.progress.get(m.src)

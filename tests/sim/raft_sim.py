@@ -284,10 +284,6 @@ class Cluster:
         for i, a in enumerate(nodes):
             for b in nodes[i + 1 :]:
                 _check_log_matching(a, b)
-        for index, (term, data) in self.acked.items():
-            entry, _ = self.committed.get(index, (None, 0))
-            if entry is None or (entry.term, entry.data) != (term, data):
-                raise SafetyViolation(f"acknowledged proposal at {index} lost: {entry}")
 
     def _record_commits(self, n: RaftNode) -> None:
         log = n.log
@@ -313,6 +309,18 @@ class Cluster:
             for index, (e, seen_term) in self.committed.items():
                 if seen_term < n.term and index > log.snap_index and log.term(index) != e.term:
                     raise SafetyViolation(f"leader {n.id} of term {n.term} lacks committed {e}")
+            # ... in particular every acknowledged proposal, which must never be lost.
+            for index, (term, data) in self.acked.items():
+                if index > log.snap_index:
+                    held = (
+                        log.entries[index - log.snap_index - 1]
+                        if index <= log.last_index()
+                        else None
+                    )
+                    if held is None or (held.term, held.data) != (term, data):
+                        raise SafetyViolation(
+                            f"acknowledged proposal {index} lost: leader {n.id} holds {held}"
+                        )
         self.leader_logs[n.id] = (n.term, list(log.entries[-64:]))
 
     # ---- the end of a run: heal everything and demand progress
@@ -369,15 +377,20 @@ def _check_log_matching(a: RaftNode, b: RaftNode) -> None:
     la, lb = a.log, b.log
     lo = max(la.snap_index, lb.snap_index) + 1
     hi = min(la.last_index(), lb.last_index())
-    matched = False
-    for index in range(hi, lo - 1, -1):
+    # Find the highest common index holding the same term; everything up to it must be equal.
+    index = hi
+    while index >= lo:
         ea = la.entries[index - la.snap_index - 1]
         eb = lb.entries[index - lb.snap_index - 1]
-        if matched and ea != eb:
-            raise SafetyViolation(
-                f"logs of {a.id} and {b.id} match at a later index but not {index}"
-            )
         if ea.term == eb.term:
-            if ea != eb:
-                raise SafetyViolation(f"{a.id} and {b.id} differ at {index} in the same term")
-            matched = True
+            break
+        index -= 1
+    if index < lo:
+        return
+    sa = la.entries[lo - la.snap_index - 1 : index - la.snap_index]
+    sb = lb.entries[lo - lb.snap_index - 1 : index - lb.snap_index]
+    if sa != sb:
+        bad = next(x.index for x, y in zip(sa, sb, strict=True) if x != y)
+        raise SafetyViolation(
+            f"{a.id} and {b.id} agree on term at {index} but differ at {bad} (Log Matching)"
+        )

@@ -62,11 +62,13 @@ def leader_changes_after_isolation(seed: int, pre_vote: bool, check_quorum: bool
     return c.leader_changes - changes_before
 
 
+@pytest.mark.slow
 def test_pre_vote_and_check_quorum_a_returning_node_does_not_depose_the_leader():
     changes = [leader_changes_after_isolation(seed, True, True) for seed in range(10)]
     assert changes == [0] * 10
 
 
+@pytest.mark.slow
 def test_without_pre_vote_a_returning_node_does_depose_the_leader():
     # The control experiment: the same runs without the two features do disrupt the leader.
     changes = [leader_changes_after_isolation(seed, False, False) for seed in range(10)]

@@ -9,8 +9,27 @@ from random import Random
 
 import pytest
 
-from consensus import FOLLOWER, LEADER, MemoryStorage, ProposalRejected, RaftNode
-from consensus.types import APP_RESP, CONF, SNAP, TIMEOUT_NOW, VOTE_RESP, Message, decode_conf
+from consensus import (
+    FOLLOWER,
+    LEADER,
+    Entry,
+    MemoryStorage,
+    ProposalRejected,
+    RaftNode,
+    Ready,
+    Snapshot,
+)
+from consensus.types import (
+    APP_RESP,
+    CONF,
+    SNAP,
+    TIMEOUT_NOW,
+    VOTE_RESP,
+    ConfState,
+    HardState,
+    Message,
+    decode_conf,
+)
 from tests.sim.raft_net import SyncNetwork
 
 
@@ -209,3 +228,15 @@ def test_the_bootstrap_configuration_is_persisted_in_the_first_ready():
     store.save(n.ready())
     again = RaftNode("n1", store, voters=("other",), rng=Random(0))
     assert again.voters == ("n1", "n2")
+
+
+def test_section_7_a_snapshot_matching_our_log_keeps_the_rest_but_acks_only_its_index():
+    store = MemoryStorage()
+    entries = tuple(Entry(t, i + 1, "cmd", b"") for i, t in enumerate((1, 1, 1, 2, 2)))
+    store.save(Ready(hard_state=HardState(2, None, 0), entries=entries))
+    n = RaftNode("n2", store, voters=("n1", "n2", "n3"), rng=Random(0))
+    snap = Snapshot(3, 1, ConfState(("n1", "n2", "n3")), b"s")
+    n.step(Message(SNAP, "n1", "n2", 3, snapshot=snap))
+    (resp,) = [m for m in n.ready().messages if m.type == APP_RESP]
+    assert resp.index == 3  # entries 4 and 5 are not known to match the leader's
+    assert n.commit_index == 3 and n.last_index == 5
