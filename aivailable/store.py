@@ -356,6 +356,7 @@ def _copy_atomically(src: BinaryIO, target: Path, total: int, label: str, show: 
                 advance(len(chunk))
             out.flush()
             os.fsync(out.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a model file need not be
         os.replace(tmp_name, target)
     except BaseException:
         with contextlib.suppress(OSError):

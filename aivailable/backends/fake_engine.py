@@ -62,6 +62,10 @@ class FakeEngine(Engine):
         self._slots = asyncio.Semaphore(parallel)
         self._depth = 0
         self._epoch = 0  # bumped by crash(); generations of an older epoch fail
+        # What LlamaEngine reports too, for status pages.
+        self.pid: int | None = None  # no child process
+        self.restarts = 0  # start() calls after a crash()
+        self.last_error = ""
         # Counters tests assert on.
         self.completed = 0
         self.cancelled = 0
@@ -74,6 +78,8 @@ class FakeEngine(Engine):
                 self.on_state_change(state)
 
     async def start(self) -> None:
+        if self.state == "failed":
+            self.restarts += 1
         self._set_state("loading")
         await asyncio.sleep(self.load_delay)
         self._set_state("ready")
@@ -88,6 +94,7 @@ class FakeEngine(Engine):
     def crash(self) -> None:
         """Simulate the worker dying: in-flight generations raise EngineUnavailable."""
         self._epoch += 1
+        self.last_error = "the fake worker crashed"
         self._set_state("failed")
 
     @property

@@ -107,7 +107,9 @@ async def test_crash_fails_in_flight_requests_and_reports_state():
         async for _ in stream:
             pass
     assert engine.queue_depth == 0
+    assert engine.last_error
     await engine.start()
+    assert engine.restarts == 1
     await collect(engine, CHAT)
     await engine.stop()
     await engine.stop()  # twice is fine

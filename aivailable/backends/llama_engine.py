@@ -1,0 +1,461 @@
+"""LlamaEngine: the parent side of one llama.cpp model worker (`llama_worker.py`).
+
+The model runs in a child process so that a llama.cpp crash cannot take the peer down
+and its exit frees the GPU memory. A supervisor (`run()`) spawns the child, reads its
+frames, forwards its stderr to our log, and when the child dies fails the requests in
+flight with EngineUnavailable and starts a new child after a backoff
+("failed" -> "loading" -> "ready"). Requests queue in a bounded queue; closing a
+generate() iterator early sends a cancel to the worker and frees the slot at once.
+
+Two ways to drive it:
+- `await engine.start()`: the engine owns its supervisor task; `await engine.stop()`
+  stops the child and awaits that task.
+- `tg.create_task(engine.run())` in the caller's TaskGroup, then
+  `await engine.wait_ready()`; cancelling run() (or `stop()`) ends the child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import sys
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+
+from aivailable.backends import llama_worker as proto
+from aivailable.backends.base import (
+    ChatRequest,
+    CompletionRequest,
+    ContextOverflow,
+    Engine,
+    EngineError,
+    EngineUnavailable,
+    Event,
+    Finished,
+    InstanceState,
+    QueueFull,
+    TextDelta,
+)
+from aivailable.gpu.info import GpuInfo
+
+log = logging.getLogger(__name__)
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # so the child imports this code
+WORKER_ARGV = (sys.executable, "-m", "aivailable.backends.llama_worker")
+
+
+def n_gpu_layers_for(gpus: Sequence[GpuInfo]) -> int:
+    """-1 (offload every layer) on a node with a real GPU, 0 (CPU only) otherwise.
+    Fake GPUs are for placement demos; their models still run on the CPU."""
+    return -1 if any(gpu.vendor in ("nvidia", "amd") for gpu in gpus) else 0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Node-wide settings of model workers (per-model ones are LlamaEngine arguments)."""
+
+    # Seconds a client is told to wait (Retry-After) when the queue is full: about one
+    # short generation of a small model on a CPU.
+    queue_retry_after: float = 1.0
+    # Seconds a client is told to wait while the model loads or restarts: SmolLM2 loads
+    # in about a second; bigger models take longer, and clients retry anyway.
+    unavailable_retry_after: float = 2.0
+    # Seconds a child may take from spawn to "ready" before it is killed: a large model
+    # read from a slow disk takes minutes; a hung driver should not block forever.
+    load_timeout: float = 300.0
+    # Seconds before the first restart of a dead child; doubled after each quick death
+    # up to restart_backoff_max, so a model that crashes at once does not spin a core.
+    restart_backoff_initial: float = 0.5
+    restart_backoff_max: float = 30.0
+    # Seconds a child must have lived for its death to reset the backoff: a crash after
+    # that long is a new incident, not a crash loop.
+    stable_after: float = 30.0
+    # Seconds stop() waits for a clean exit before SIGKILL: freeing a GPU context takes
+    # well under a second; a wedged child must not hold the reconciler.
+    stop_timeout: float = 5.0
+    # llama.cpp CPU threads; None lets llama.cpp choose (half the cores).
+    n_threads: int | None = None
+    # Prompt tokens evaluated per batch; llama.cpp's default.
+    n_batch: int = 512
+    # All of llama.cpp's logging (per-request timings included) instead of warnings only.
+    verbose: bool = False
+
+
+class LlamaEngine(Engine):
+    def __init__(
+        self,
+        name: str,
+        model_path: str | os.PathLike,
+        n_ctx: int = 2048,
+        n_gpu_layers: int = 0,
+        queue_limit: int = 16,
+        env: dict[str, str] | None = None,
+        *,
+        main_gpu: int | None = None,
+        tensor_split: Sequence[float] | None = None,
+        config: EngineConfig | None = None,
+        on_state_change: Callable[[InstanceState], None] | None = None,
+        worker_argv: Sequence[str] | None = None,
+    ):
+        """`n_gpu_layers`: -1 offloads every layer (a node with a GPU), 0 keeps all on the
+        CPU. `queue_limit`: requests waiting or running before QueueFull. `env`: added to
+        the child's environment (CUDA_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES, ...).
+        `worker_argv`: the command that starts a worker (the model arguments follow);
+        tests put stand-in workers here."""
+        self.name = name
+        self.model_path = Path(model_path)
+        self.n_ctx = n_ctx
+        self.n_gpu_layers = n_gpu_layers
+        self.queue_limit = queue_limit
+        self.env = dict(env or {})
+        self.main_gpu = main_gpu
+        self.tensor_split = tuple(tensor_split) if tensor_split else None
+        self.config = config or EngineConfig()
+        self.on_state_change = on_state_change
+        self.worker_argv = list(worker_argv or WORKER_ARGV)
+        self.state: InstanceState = "pending"
+        self.restarts = 0  # children started after the first one
+        self.last_error = ""  # why the last child failed, for status pages and logs
+        self.last_exit_code: int | None = None
+        self.load_failures = 0  # children that died or failed before ready
+        self.cancelled = 0  # generations the worker stopped early on our cancel
+        self._proc: asyncio.subprocess.Process | None = None
+        self._pending: dict[int, asyncio.Queue] = {}  # request id -> its events
+        self._ids = itertools.count(1)
+        self._depth = 0
+        self._state_changed = asyncio.Event()
+        self._stop_requested = asyncio.Event()
+        self._run_done = asyncio.Event()
+        self._running = False
+        self._runner: asyncio.Task | None = None
+        self._stderr_tail: deque[str] = deque(maxlen=20)
+
+    # --- state -------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """The worker child's pid while one runs (tests kill it)."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    @property
+    def queue_depth(self) -> int:
+        return self._depth
+
+    def _set_state(self, state: InstanceState) -> None:
+        if state == self.state:
+            return
+        log.info("model %s: %s -> %s", self.name, self.state, state)
+        self.state = state
+        self._state_changed.set()
+        self._state_changed = asyncio.Event()
+        if self.on_state_change is not None:
+            try:
+                self.on_state_change(state)
+            except Exception:
+                log.exception("on_state_change callback failed")
+
+    async def wait_ready(self) -> None:
+        """Return once ready; raise EngineUnavailable if a load attempt fails meanwhile
+        (the supervisor keeps retrying with backoff) or the engine stops."""
+        load_failures = self.load_failures
+        while self.state != "ready":
+            if self.load_failures > load_failures:
+                raise EngineUnavailable("failed", self.last_error)
+            if self._run_done.is_set() and not self._running:
+                raise EngineUnavailable(self.state, "the engine is not running")
+            await self._state_changed.wait()
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if not self._running and self._runner is None:
+            self._prepare_run()
+            # Owned: stop() cancels and awaits it.
+            self._runner = asyncio.create_task(self.run(), name=f"engine:{self.name}")
+        await self.wait_ready()
+
+    def _prepare_run(self) -> None:
+        self._stop_requested.clear()
+        self._run_done.clear()
+        self.last_error = ""
+        self._running = True
+
+    async def stop(self) -> None:
+        if not self._running and self._runner is None:
+            return
+        was_ready = self.state == "ready"
+        self._stop_requested.set()
+        self._set_state("stopping")
+        proc = self._proc
+        if proc is not None:
+            if was_ready:  # let it finish cleanly: it exits on SHUTDOWN or end of input
+                self._send_quietly(proc, {"type": proto.SHUTDOWN})
+                with contextlib.suppress(Exception):
+                    proc.stdin.close()
+            else:  # still loading: nothing worth waiting for
+                self._kill(proc)
+            try:
+                await asyncio.wait_for(self._run_done.wait(), self.config.stop_timeout)
+            except TimeoutError:
+                self._kill(proc)
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            if not self._run_done.is_set():
+                runner.cancel()
+            await asyncio.wait([runner])  # a cancel of stop() itself still propagates
+            if not runner.cancelled() and runner.exception() is not None:
+                log.error("model %s: supervisor failed", self.name, exc_info=runner.exception())
+        else:
+            await self._run_done.wait()
+
+    async def run(self) -> None:
+        """Supervise the worker until cancelled or stopped: spawn, serve, restart."""
+        if not self._running:
+            self._prepare_run()
+        loop = asyncio.get_running_loop()
+        backoff = self.config.restart_backoff_initial
+        first = True
+        try:
+            while not self._stop_requested.is_set():
+                if not first:
+                    self.restarts += 1
+                first = False
+                started = loop.time()
+                await self._run_child()
+                if self._stop_requested.is_set():
+                    break
+                if loop.time() - started >= self.config.stable_after:
+                    backoff = self.config.restart_backoff_initial
+                log.warning(
+                    "model %s: worker failed (%s); restarting in %.1fs",
+                    self.name,
+                    self.last_error,
+                    backoff,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop_requested.wait(), backoff)
+                backoff = min(backoff * 2, self.config.restart_backoff_max)
+        finally:
+            if self._proc is not None:  # cancelled mid-child
+                self._kill(self._proc)
+                await self._proc.wait()
+                self._proc = None
+            self._fail_all(EngineUnavailable("stopping", "the model is being stopped"))
+            self._running = False
+            self._set_state("pending")
+            self._run_done.set()
+
+    def _command(self) -> list[str]:
+        cmd = list(self.worker_argv)
+        cmd += ["--model", str(self.model_path), "--n-ctx", str(self.n_ctx)]
+        cmd += ["--n-gpu-layers", str(self.n_gpu_layers), "--n-batch", str(self.config.n_batch)]
+        if self.main_gpu is not None:
+            cmd += ["--main-gpu", str(self.main_gpu)]
+        if self.tensor_split:
+            cmd += ["--tensor-split", ",".join(str(x) for x in self.tensor_split)]
+        if self.config.n_threads:
+            cmd += ["--n-threads", str(self.config.n_threads)]
+        if self.config.verbose:
+            cmd.append("--verbose")
+        return cmd
+
+    def _child_env(self) -> dict[str, str]:
+        env = {**os.environ, **self.env}
+        path = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + path if path else "")
+        # CUDA numbers devices fastest-first by default, NVML by PCI bus: make them agree.
+        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        return env
+
+    async def _run_child(self) -> None:
+        """One child's life: spawn, wait for ready, serve frames until it exits."""
+        self._set_state("loading")
+        self._stderr_tail.clear()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._command(),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._child_env(),
+                start_new_session=True,  # a Ctrl-C in the terminal goes to the peer only
+            )
+        except OSError as e:
+            self.last_error = f"cannot start the worker: {e}"
+            self.load_failures += 1
+            self._set_state("failed")
+            return
+        self._proc = proc
+        error = ""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._forward_stderr(proc.stderr))
+                try:
+                    error = await self._serve_child(proc)
+                finally:
+                    self._kill(proc)  # stdout closed: make sure stderr ends too
+        finally:
+            code = await proc.wait()
+            self._proc = None
+            self.last_exit_code = code
+            if not self._stop_requested.is_set():
+                tail = " | ".join(self._stderr_tail)
+                self.last_error = error or (
+                    f"worker exited with code {code}" + (f": {tail}" if tail else "")
+                )
+            self._fail_all(EngineUnavailable("failed", self.last_error or "worker exited"))
+            if not self._stop_requested.is_set():
+                if self.state == "loading":
+                    self.load_failures += 1
+                self._set_state("failed")
+
+    async def _serve_child(self, proc: asyncio.subprocess.Process) -> str:
+        """Wait for ready, then route frames until the child's stdout ends. Returns an
+        error message if the child reported one before ready."""
+        try:
+            first = await asyncio.wait_for(self._read_frame(proc.stdout), self.config.load_timeout)
+        except TimeoutError:
+            return f"the model did not load within {self.config.load_timeout:.0f}s"
+        if first is None:
+            return ""
+        if first.get("type") == proto.ERROR:
+            return f"cannot load {self.model_path.name}: {first.get('message')}"
+        if first.get("type") != proto.READY:
+            return f"worker sent {first!r:.100} before ready"
+        self.last_error = ""
+        self._set_state("ready")
+        while (frame := await self._read_frame(proc.stdout)) is not None:
+            self._route(frame)
+        return ""
+
+    async def _read_frame(self, stdout: asyncio.StreamReader) -> dict | None:
+        try:
+            header = await stdout.readexactly(proto.HEADER.size)
+            (length,) = proto.HEADER.unpack(header)
+            if length > proto.MAX_FRAME:
+                raise ValueError(f"frame of {length} bytes")
+            return proto.decode_body(await stdout.readexactly(length))
+        except asyncio.IncompleteReadError:
+            return None
+        except (ValueError, msgpack.UnpackException) as e:
+            log.error("model %s: corrupt frame from the worker: %s", self.name, e)
+            return None
+
+    async def _forward_stderr(self, stderr: asyncio.StreamReader) -> None:
+        worker_log = logging.getLogger(f"aivailable.worker.{self.name}")
+        while True:
+            try:
+                line = await stderr.readline()
+            except ValueError:  # a line over the stream limit: skip what is buffered
+                continue
+            if not line:
+                return
+            text = line.decode(errors="replace").rstrip()
+            if text:
+                self._stderr_tail.append(text)
+                worker_log.info("%s", text)
+
+    def _route(self, frame: dict) -> None:
+        kind = frame.get("type")
+        if kind == proto.CANCELLED:
+            self.cancelled += 1  # the worker stopped a generation we gave up on
+        events = self._pending.get(frame.get("id"))
+        if events is None:  # cancelled or failed already: late frames are dropped
+            return
+        if kind == proto.DELTA:
+            events.put_nowait(TextDelta(frame.get("text", "")))
+            return
+        del self._pending[frame["id"]]
+        if kind == proto.DONE:
+            finish = "stop" if frame.get("finish_reason") == "stop" else "length"
+            prompt, completion = frame.get("prompt_tokens", 0), frame.get("completion_tokens", 0)
+            events.put_nowait(Finished(finish, prompt, completion))
+        elif kind == proto.ERROR and frame.get("kind") == proto.CONTEXT_OVERFLOW:
+            events.put_nowait(ContextOverflow(frame.get("message", "prompt too long")))
+        elif kind == proto.ERROR:
+            events.put_nowait(EngineError(frame.get("message", "generation failed")))
+        else:  # CANCELLED without our asking, or unknown: end the stream
+            events.put_nowait(EngineUnavailable(self.state, "the worker dropped the request"))
+
+    def _fail_all(self, error: EngineError) -> None:
+        pending, self._pending = self._pending, {}
+        for events in pending.values():
+            events.put_nowait(error)
+
+    def _send(self, proc: asyncio.subprocess.Process, message: dict) -> None:
+        if proc.stdin is None or proc.stdin.is_closing() or proc.returncode is not None:
+            raise EngineUnavailable(
+                "failed", "the worker is gone", self.config.unavailable_retry_after
+            )
+        proc.stdin.write(proto.encode_frame(message))
+
+    def _send_quietly(self, proc: asyncio.subprocess.Process, message: dict) -> None:
+        with contextlib.suppress(EngineError, OSError, RuntimeError):
+            self._send(proc, message)
+
+    @staticmethod
+    def _kill(proc: asyncio.subprocess.Process) -> None:
+        # os.kill, not proc.kill(): Popen.send_signal polls first and may reap the child
+        # itself, and then asyncio's child watcher reports exit code 255 instead of the
+        # real one.
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+
+    # --- requests ----------------------------------------------------------------------
+
+    async def generate(self, request: ChatRequest | CompletionRequest) -> AsyncIterator[Event]:
+        proc = self._proc
+        if self.state != "ready" or proc is None:
+            detail = self.last_error if self.state == "failed" else ""
+            raise EngineUnavailable(self.state, detail, self.config.unavailable_retry_after)
+        if self._depth >= self.queue_limit:
+            raise QueueFull(self.config.queue_retry_after)
+        request_id = next(self._ids)
+        events: asyncio.Queue = asyncio.Queue()
+        self._send(proc, _generate_message(request_id, request))
+        self._pending[request_id] = events
+        self._depth += 1
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            self._depth -= 1
+            if self._pending.pop(request_id, None) is not None:
+                # Closed early (client gone): stop the worker's generation too.
+                self._send_quietly(proc, {"type": proto.CANCEL, "id": request_id})
+
+
+def _generate_message(request_id: int, request: ChatRequest | CompletionRequest) -> dict:
+    p = request.params
+    message = {
+        "type": proto.GENERATE,
+        "id": request_id,
+        "params": {
+            "max_tokens": p.max_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "stop": list(p.stop),
+            "seed": p.seed,
+        },
+    }
+    if isinstance(request, ChatRequest):
+        message["kind"] = "chat"
+        message["messages"] = [dict(m) for m in request.messages]
+    else:
+        message["kind"] = "completion"
+        message["prompt"] = request.prompt
+    return message
