@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aivailable", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _up_parser(sub)
+    sub.add_parser("demo", help="three peers on 127.0.0.1 with simulated mixed GPUs")
     for name, text in (
         ("status", "show nodes, GPUs, leader and models"),
         ("chat", "chat with a model, streaming tokens"),
@@ -176,7 +177,14 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from aivailable.demo import main as demo_main
+
+    return demo_main()
+
+
 COMMANDS = {
+    "demo": cmd_demo,
     "up": cmd_up,
     "status": cmd_status,
     "chat": cmd_chat,

@@ -8,6 +8,7 @@ the one owner of engines, so the API only ever looks them up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import pathlib
 from collections.abc import Callable
@@ -82,23 +83,27 @@ class Instances:
         return instance
 
     async def _load(self, instance: Instance) -> None:
+        """Fetch the model file, then supervise the engine in this TaskGroup until stopped."""
         try:
             path = await asyncio.to_thread(self._resolve, instance.source)
             instance.engine = self._factory(instance.model, path, instance.gpus)
-            await instance.engine.start()
-            log.info("model %s is ready", instance.model)
-        except Exception as exc:  # a model that cannot load fails alone, never the peer
+        except Exception as exc:  # a model that cannot be fetched fails alone, never the peer
             instance.error = str(exc)
-            log.error("model %s failed to load: %s", instance.model, exc)
+            log.error("model %s cannot be loaded: %s", instance.model, exc)
+            return
+        # The engine's own supervisor restarts a crashed worker; it runs until stop().
+        await instance.engine.run()
 
     async def stop(self, model: str) -> bool:
         instance = self._instances.pop(model, None)
         if instance is None:
             return False
-        if instance.task is not None and not instance.task.done():
-            instance.task.cancel()
         if instance.engine is not None:
             await instance.engine.stop()
+        if instance.task is not None and not instance.task.done():
+            instance.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await instance.task
         return True
 
     async def stop_all(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 STATE_STYLE = {
@@ -63,7 +64,7 @@ def render_status(status: dict, console: Console | None = None) -> None:
         models.add_column(col)
     for model in status.get("models", []):
         placements = ", ".join(
-            f"{p['node']}[{','.join(p.get('gpus', []))}] {_styled(p['state'])}"
+            escape(f"{p['node']}[{','.join(p.get('gpus', []))}]") + f" {_styled(p['state'])}"
             for p in model.get("placements", [])
         ) or model.get("unplaced", "unplaced")
         models.add_row(model["name"], str(model.get("replicas", "")), placements)

@@ -244,6 +244,14 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "aivailable"
 
 
+def model_name(source: str) -> str:
+    """The name clients use for a source, without fetching it: builtin:NAME -> NAME,
+    a path -> the file's stem."""
+    if source.startswith(BUILTIN_PREFIX):
+        return source[len(BUILTIN_PREFIX) :]
+    return Path(source).stem
+
+
 def resolve(
     source: str, cache_dir: str | os.PathLike | None = None, progress: bool = False
 ) -> ModelFile:

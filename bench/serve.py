@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aivailable import store  # noqa: E402
-from tests.peers import PeerProcess  # noqa: E402
+from aivailable.local_peers import PeerProcess  # noqa: E402
 
 MODEL = "smollm2-135m"
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
@@ -39,6 +39,7 @@ def direct_runs(path: Path, concurrency: int, trials: int, max_tokens: int) -> d
     from llama_cpp import Llama
 
     llm = Llama(str(path), n_ctx=2048, n_gpu_layers=0, verbose=False)
+    llm.create_chat_completion(PROMPT, max_tokens=8, temperature=0)  # warm-up, as for the API
     ttfts, total_tokens, total_time = [], 0, 0.0
     for _ in range(trials):
         start = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 from collections.abc import Callable, Iterable
 
@@ -11,6 +12,7 @@ from aivailable.api.errors import ApiError
 from aivailable.metrics import Metrics
 
 log = logging.getLogger(__name__)
+DASHBOARD = importlib.resources.files("aivailable.api") / "dashboard.html"
 
 
 @web.middleware
@@ -54,7 +56,16 @@ def build_app(
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
 
-    app.add_routes([web.get("/healthz", healthz), web.get("/metrics", metrics_endpoint)])
+    async def dashboard(request: web.Request) -> web.Response:
+        return web.Response(text=DASHBOARD.read_text(), content_type="text/html")
+
+    app.add_routes(
+        [
+            web.get("/", dashboard),
+            web.get("/healthz", healthz),
+            web.get("/metrics", metrics_endpoint),
+        ]
+    )
     for routes in route_groups:
         app.add_routes(routes)
     return app

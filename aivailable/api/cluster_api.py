@@ -13,6 +13,7 @@ from typing import Protocol
 from aiohttp import web
 
 from aivailable.api.errors import ApiError, bad_request, not_found
+from aivailable.store import model_name
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
@@ -34,8 +35,6 @@ def parse_deploy(body: object, max_ctx: int = 131072) -> tuple[str, str, int, in
         raise bad_request("'source' is required: builtin:NAME or a GGUF path", param="source")
     name = body.get("name")
     if name is None:
-        from aivailable.store import model_name  # the store knows how sources are named
-
         name = model_name(source)
     if not isinstance(name, str) or not MODEL_NAME.match(name):
         raise bad_request(

@@ -205,6 +205,10 @@ class Worker:
             "max_tokens": None if max_tokens is None else max(1, int(max_tokens)),
             "stream": True,
         }
+        if sampling["seed"] is not None:
+            # Reusing a cached prompt prefix changes the logits in the last bits, and so
+            # what a seed samples: evaluate the whole prompt afresh so a seed repeats.
+            self.llm.reset()
         if request.get("kind") == "chat":
             return self.llm.create_chat_completion(messages=request["messages"], **sampling)
         return self.llm.create_completion(prompt=request["prompt"], **sampling)

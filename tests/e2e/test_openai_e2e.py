@@ -11,7 +11,7 @@ import urllib.request
 import openai
 import pytest
 
-from tests.peers import PeerProcess, get_json
+from aivailable.local_peers import PeerProcess, get_json
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

@@ -194,3 +194,9 @@ async def test_metrics_count_requests_and_tokens(served):
     text = await (await served.client.get("/metrics")).text()
     assert 'aivailable_requests_total{endpoint="chat",model="fake",status="200"} 1.0' in text
     assert 'aivailable_tokens_total{kind="completion",model="fake"} 5.0' in text
+
+
+async def test_the_dashboard_is_served_at_the_root(served):
+    resp = await served.client.get("/")
+    assert resp.status == 200 and resp.content_type == "text/html"
+    assert "/cluster/status" in await resp.text()

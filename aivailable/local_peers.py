@@ -1,4 +1,8 @@
-"""Real peer processes for integration, chaos and e2e tests: start, wait, signal by pid."""
+"""Peer processes on this machine, for `aivailable demo`, the tests and the benchmarks.
+
+Each is a real `python -m aivailable up` child, logging to a file in its data dir;
+it is signalled only by its own pid.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,6 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -37,14 +39,26 @@ def get_json(url: str, timeout: float = 5) -> dict:
 
 
 class PeerProcess:
-    """`python -m aivailable up ...` as a child of the test, logging to a file."""
+    """`python -m aivailable up ...` as a child process, logging to a file.
+
+    `host` is where it listens (a network namespace's own address in chaos tests) and
+    `prefix` what runs it there, e.g. ("ip", "netns", "exec", "ns1").
+    """
 
     def __init__(
-        self, tmp: Path, name: str, *args: str, port: int | None = None, env: dict | None = None
+        self,
+        tmp: Path,
+        name: str,
+        *args: str,
+        port: int | None = None,
+        env: dict | None = None,
+        host: str = "127.0.0.1",
+        prefix: tuple[str, ...] = (),
     ):
         self.name = name
+        self.host = host
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self.data_dir = tmp / name
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir / "peer.log"
@@ -55,16 +69,18 @@ class PeerProcess:
             str(self.port),
             "--data-dir",
             str(self.data_dir),
+            "--bind",
+            host,
             *args,
         ]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.prefix = prefix
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> PeerProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aivailable", "up", *self.args],
-            cwd=ROOT,
+            [*self.prefix, sys.executable, "-m", "aivailable", "up", *self.args],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -1,0 +1,126 @@
+"""The CLI: flags reach the config, bad input is a clear error, status renders as tables."""
+
+import io
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from rich.console import Console
+
+from aivailable import cli
+from aivailable.status_view import render_status, vram_bar
+
+STATUS = {
+    "node_id": "a",
+    "leader": "a",
+    "term": 3,
+    "nodes": [
+        {
+            "id": "a",
+            "addr": "127.0.0.1:1",
+            "state": "alive",
+            "gpus": [
+                {
+                    "id": "a/gpu0",
+                    "vendor": "fake",
+                    "name": "GTX 1080",
+                    "vram_total": 8 << 30,
+                    "vram_free": 6 << 30,
+                }
+            ],
+            "instances": [{"model": "m", "state": "ready"}],
+        },
+        {"id": "c", "addr": "127.0.0.1:3", "state": "dead", "gpus": [], "instances": []},
+    ],
+    "models": [
+        {
+            "name": "m",
+            "replicas": 1,
+            "placements": [{"node": "a", "gpus": ["a/gpu0"], "state": "ready"}],
+        }
+    ],
+}
+
+
+def test_up_flags_become_config_overrides():
+    args = cli.build_parser().parse_args(
+        [
+            "up",
+            "--name",
+            "n1",
+            "--port",
+            "9000",
+            "--gpu",
+            "fake:GTX 1080:8GiB",
+            "--gpu",
+            "fake:RX 580:8GiB",
+            "--join",
+            "h:1",
+            "--no-mdns",
+        ]
+    )
+    overrides = cli._up_overrides(args)
+    assert overrides["gpu"] == ["fake:GTX 1080:8GiB", "fake:RX 580:8GiB"]
+    assert overrides["mdns"] is False and overrides["port"] == 9000 and overrides["join"] == ["h:1"]
+
+
+def test_up_rejects_a_bad_fake_gpu_before_starting(capsys):
+    assert cli.main(["up", "--gpu", "fake:broken", "--port", "1"]) == 2
+    assert "fake" in capsys.readouterr().err
+
+
+def test_vram_bar_shows_used_over_total():
+    assert vram_bar(8 << 30, 6 << 30, width=4) == "[#---] 2.0 GiB/8.0 GiB"
+    assert vram_bar(0, 0) == "-"
+
+
+def test_status_renders_nodes_gpus_and_models():
+    out = io.StringIO()
+    render_status(STATUS, Console(file=out, width=160, color_system=None))
+    text = out.getvalue()
+    for expected in ("leader a", "GTX 1080", "2.0 GiB/8.0 GiB", "dead", "a[a/gpu0] ready"):
+        assert expected in text
+
+
+@pytest.fixture
+def fake_peer():
+    """A stand-in peer answering /cluster/status and refusing deploys, on a real socket."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body = json.dumps(STATUS).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            body = json.dumps({"error": {"message": "'replicas' must be an integer"}}).encode()
+            self.send_response(400)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join()
+
+
+def test_status_command_prints_json(fake_peer, capsys):
+    assert cli.main(["status", "--url", fake_peer, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["leader"] == "a"
+
+
+def test_client_errors_are_one_clear_line(fake_peer, capsys):
+    assert cli.main(["deploy", "builtin:x", "--url", fake_peer]) == 1
+    assert "400: 'replicas' must be an integer" in capsys.readouterr().err
+    assert cli.main(["status", "--url", "http://127.0.0.1:9"]) == 1
+    assert "cannot reach" in capsys.readouterr().err
