@@ -189,9 +189,12 @@ class Proposer:
         return [web.post(PROPOSE_PATH, self._handle)]
 
     async def _handle(self, request: web.Request) -> web.Response:
-        data = await request.content.read(MAX_COMMAND_BYTES + 1)
-        if len(data) > MAX_COMMAND_BYTES:
-            return web.json_response({"error": "command too large"}, status=413)
+        body = bytearray()
+        async for chunk in request.content.iter_chunked(1 << 16):
+            body += chunk
+            if len(body) > MAX_COMMAND_BYTES:
+                return web.json_response({"error": "command too large"}, status=413)
+        data = bytes(body)
         if self._driver.role != "leader":
             return web.json_response({"leader": self._driver.leader_id}, status=421)
         try:
