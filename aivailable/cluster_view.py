@@ -195,6 +195,10 @@ class Proposer:
             if len(body) > MAX_COMMAND_BYTES:
                 return web.json_response({"error": "command too large"}, status=413)
         data = bytes(body)
+        try:
+            cs.decode(data)
+        except cs.CommandError as exc:
+            return web.json_response({"error": f"not a cluster command: {exc}"}, status=400)
         if self._driver.role != "leader":
             return web.json_response({"leader": self._driver.leader_id}, status=421)
         try:

@@ -166,9 +166,14 @@ async def test_a_follower_forwards_to_the_leader():
             app2.add_routes(follower_proposer.routes())
             async with (
                 TestServer(app2, host="127.0.0.1") as f,
-                session.post(f"http://127.0.0.1:{f.port}/internal/propose", data=b"x") as resp,
+                session.post(
+                    f"http://127.0.0.1:{f.port}/internal/propose", data=cs.encode_undeploy("m")
+                ) as resp,
             ):
                 assert resp.status == 421 and (await resp.json())["leader"] == "a"
+            # Bytes that are no command are refused at the edge, never proposed.
+            async with session.post(f"http://{addrs['a']}/internal/propose", data=b"x") as resp:
+                assert resp.status == 400 and len(leader.log) == 1
 
 
 async def test_no_leader_is_a_503_with_retry_after():
