@@ -315,7 +315,10 @@ class Reconciler:
             self._tg = tg
             try:
                 while True:
-                    await self.reconcile()
+                    try:
+                        await self.reconcile()
+                    except Exception:  # an engine that fails to stop must not stop the peer
+                        log.exception("reconcile pass failed; trying again")
                     await self.trigger.wait(self.config.tick_s)
             finally:
                 for task in self._fetching.values():
