@@ -1,0 +1,240 @@
+"""The cluster view: status JSON, deploy/undeploy through the leader, the proposer's retries."""
+
+import asyncio
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from aivailable import cluster_state as cs
+from aivailable.api.errors import ApiError
+from aivailable.cluster_state import ClusterState
+from aivailable.cluster_view import (
+    PeerEntry,
+    Proposer,
+    RaftClusterView,
+    address_book,
+    apply_entry,
+    cluster_status,
+    member_infos,
+    node_statuses,
+    peer_entries,
+)
+from aivailable.controller import MemberClock, Trigger
+from aivailable.gpu import GpuInfo
+from aivailable.reconciler import node_payload, read_payload
+from placement import Assignment, Plan, Unplaced
+
+GIB = 1 << 30
+
+
+@dataclass
+class Entry:
+    term: int
+    index: int
+    data: bytes
+
+
+class NotLeader(Exception):
+    pass
+
+
+@dataclass
+class FakeDriver:
+    """The parts of consensus.RaftDriver the view uses; "replicates" by calling every apply."""
+
+    role: str = "leader"
+    leader_id: str | None = "a"
+    term: int = 3
+    applied_index: int = 0
+    voters: tuple = ("a", "b")
+    learners: tuple = ("c",)
+    appliers: list = field(default_factory=list)
+    log: list = field(default_factory=list)
+
+    async def propose(self, data: bytes) -> int:
+        if self.role != "leader":
+            raise NotLeader(self.leader_id)
+        self.log.append(data)
+        index = len(self.log)
+        for apply in self.appliers:
+            apply(Entry(self.term, index, data), self.term)
+        self.applied_index = index
+        return index
+
+
+def member(mid, state, payload):
+    return SimpleNamespace(id=mid, state=state, payload=payload)
+
+
+def payload(addr, instances=(), files=(), cluster="c1"):
+    gpus = [GpuInfo("gpu0", "fake", "GTX 1080", 8 * GIB, 8 * GIB, "", "")]
+    return node_payload(addr, cluster, gpus, {}, instances, files)
+
+
+def test_peer_entries_and_what_the_controller_and_policy_get():
+    clock = MemberClock()
+    members = [
+        member("b", "suspect", payload("127.0.0.1:2", files=[("ab" * 32, 5, "x")])),
+        member("a", "alive", payload("127.0.0.1:1")),
+    ]
+    entries = peer_entries(members, clock, 10.0)
+    assert [e.id for e in entries] == ["a", "b"]
+    members[1] = member("a", "alive", payload("127.0.0.1:1"))
+    entries = peer_entries(members, clock, 12.0)
+    assert [e.since for e in entries] == [10.0, 10.0]
+    statuses = node_statuses(entries)
+    assert statuses[1].state == "suspect" and statuses[1].files == (("ab" * 32, 5, "x"),)
+    assert statuses[0].addr == "127.0.0.1:1" and statuses[0].gpus[0].id == "a/gpu0"
+    infos = member_infos(entries)
+    assert infos["b"].state == "suspect" and infos["b"].cluster_id == "c1"
+
+
+def test_cluster_status_shows_nodes_models_placements_and_unplaced():
+    state = ClusterState()
+    for cmd in (
+        cs.encode_init("c1"),
+        cs.encode_deploy("m", "builtin:smollm2-135m", replicas=2),
+        cs.encode_deploy("big", "/m/big.gguf"),
+        cs.encode_deploy("new", "/m/new.gguf"),
+    ):
+        state.apply(cmd, 1)
+    plan = Plan(
+        (Assignment("m", "a", ("a/gpu0",), (100,)), Assignment("m", "b", ("b/gpu0",), (100,))),
+        (Unplaced("big", 1, "larger than any node"),),
+    )
+    state.apply(cs.encode_plan(plan, 1), 1)
+    inst = [{"model": "m", "state": "ready", "queue_depth": 2, "gpus": ["gpu0"]}]
+    entries = [
+        PeerEntry("a", "alive", 0.0, read_payload("a", payload("127.0.0.1:1", inst))),
+        PeerEntry("b", "dead", 0.0, read_payload("b", payload("127.0.0.1:2"))),
+    ]
+    status = cluster_status("a", "a", 4, state, entries, ("a", "b"), ())
+    assert (status["node_id"], status["leader"], status["term"], status["cluster_id"]) == (
+        "a",
+        "a",
+        4,
+        "c1",
+    )
+    a = status["nodes"][0]
+    assert a["addr"] == "127.0.0.1:1" and a["state"] == "alive"
+    assert a["gpus"][0]["vram_total"] == 8 * GIB and a["gpus"][0]["name"] == "GTX 1080"
+    assert a["instances"] == inst
+    models = {m["name"]: m for m in status["models"]}
+    assert [(p["node"], p["state"]) for p in models["m"]["placements"]] == [
+        ("a", "ready"),
+        ("b", "pending"),
+    ]
+    assert "larger than any node" in models["big"]["unplaced"]
+    assert models["new"]["placements"] == [] and models["new"]["unplaced"]
+
+
+async def test_propose_on_the_leader_and_read_your_writes():
+    state = ClusterState()
+    driver = FakeDriver()
+    async with aiohttp.ClientSession() as session:
+        proposer = Proposer(driver, session, lambda n: None, timeout_s=1.0)
+        driver.appliers.append(apply_entry(state, [], proposer))
+        assert await proposer.propose(cs.encode_deploy("m", "/m/m.gguf")) == 1
+        assert "m" in state.models
+
+
+async def test_a_follower_forwards_to_the_leader():
+    leader_state, follower_state = ClusterState(), ClusterState()
+    leader = FakeDriver()
+    follower = FakeDriver(role="follower", leader_id="a")
+    triggers = [Trigger()]
+    async with aiohttp.ClientSession() as session:
+        leader_proposer = Proposer(leader, session, lambda n: None)
+        follower_proposer = Proposer(follower, session, lambda n: addrs.get(n), timeout_s=2.0)
+        leader.appliers += [
+            apply_entry(leader_state, []),
+            apply_entry(follower_state, triggers, follower_proposer),
+        ]
+        app = web.Application()
+        app.add_routes(leader_proposer.routes())
+        async with TestServer(app, host="127.0.0.1") as server:
+            addrs = {"a": f"127.0.0.1:{server.port}"}
+            index = await follower_proposer.propose(cs.encode_deploy("m", "/m/m.gguf"))
+            assert index == 1 and "m" in leader_state.models and "m" in follower_state.models
+            assert await triggers[0].wait(0.01)
+            # A follower's own endpoint refuses and names the leader instead of forwarding.
+            app2 = web.Application()
+            app2.add_routes(follower_proposer.routes())
+            async with (
+                TestServer(app2, host="127.0.0.1") as f,
+                session.post(
+                    f"http://127.0.0.1:{f.port}/internal/propose", data=cs.encode_undeploy("m")
+                ) as resp,
+            ):
+                assert resp.status == 421 and (await resp.json())["leader"] == "a"
+            # Bytes that are no command are refused at the edge, never proposed.
+            async with session.post(f"http://{addrs['a']}/internal/propose", data=b"x") as resp:
+                assert resp.status == 400 and len(leader.log) == 1
+
+
+async def test_no_leader_is_a_503_with_retry_after():
+    driver = FakeDriver(role="follower", leader_id=None)
+    async with aiohttp.ClientSession() as session:
+        proposer = Proposer(driver, session, lambda n: None, timeout_s=0.3, retry_s=0.05)
+        with pytest.raises(ApiError) as info:
+            await proposer.propose(cs.encode_undeploy("m"))
+    assert info.value.status == 503 and info.value.retry_after and "no leader" in info.value.message
+
+
+async def test_a_leader_elected_meanwhile_gets_the_proposal():
+    state = ClusterState()
+    driver = FakeDriver(role="candidate", leader_id=None)
+    async with aiohttp.ClientSession() as session:
+        proposer = Proposer(driver, session, lambda n: None, timeout_s=2.0, retry_s=0.02)
+        driver.appliers.append(apply_entry(state, [], proposer))
+
+        async def elect():
+            await asyncio.sleep(0.1)
+            driver.role, driver.leader_id = "leader", "a"
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(elect())
+            assert await proposer.propose(cs.encode_deploy("m", "/m/m.gguf")) == 1
+
+
+async def test_view_deploy_and_undeploy():
+    state = ClusterState()
+    driver = FakeDriver()
+    async with aiohttp.ClientSession() as session:
+        proposer = Proposer(driver, session, lambda n: None, timeout_s=1.0)
+        driver.appliers.append(apply_entry(state, [], proposer))
+        view = RaftClusterView("a", state, driver, proposer, lambda: [])
+        result = await view.deploy("smollm2-135m", "builtin:smollm2-135m", 2, 1024)
+        assert result["replicas"] == 2 and result["state"] == "pending"
+        rec = state.models["smollm2-135m"]
+        assert rec.replicas == 2 and rec.sha256 and rec.size  # known for a built-in
+        with pytest.raises(ApiError) as info:
+            await view.deploy("x", "builtin:nope", 1, 1024)
+        assert info.value.status == 400
+        assert await view.undeploy("smollm2-135m") and state.models == {}
+        assert not await view.undeploy("smollm2-135m")
+        status = view.status()
+        assert status["voters"] == ["a", "b"] and status["learners"] == ["c"]
+
+
+def test_address_book_prefers_gossip_then_the_registry():
+    state = ClusterState()
+    state.apply(cs.encode_node_addr("b", "10.0.0.2:8000"), 1)
+    gossip = {"a": "10.0.0.1:8000", "b": "10.0.0.9:8000"}
+    address_of = address_book(state, lambda: gossip)
+    assert address_of("a") == "10.0.0.1:8000" and address_of("b") == "10.0.0.9:8000"
+    gossip.clear()
+    assert address_of("b") == "10.0.0.2:8000" and address_of("z") is None
+
+
+def test_apply_entry_logs_rejections_and_fires_only_on_change(caplog):
+    state = ClusterState()
+    t = Trigger()
+    apply = apply_entry(state, [t])
+    assert not apply(Entry(1, 1, b"junk"), 1).ok
+    assert not t._event.is_set() and any("rejected" in r.getMessage() for r in caplog.records)
+    assert apply(Entry(1, 2, cs.encode_deploy("m", "x")), 1).changed and t._event.is_set()
