@@ -89,7 +89,8 @@ def first_replicas(plan) -> int:
 
 def run_size(n_nodes: int, n_models: int, clusters: int, repeats: int, seed: int) -> dict:
     rng = Random(seed)
-    keys = ("fresh", "worst", "cpu", "same", "node_lost", "spread", "util", "placed", "ffd")
+    keys = ("fresh", "worst", "cpu", "same", "node_lost", "moved", "spread", "util", "placed")
+    keys += ("ffd",)
     rows = {k: [] for k in keys}
     for _ in range(clusters):
         nodes, models = cluster(rng, n_nodes, n_models)
@@ -99,7 +100,10 @@ def run_size(n_nodes: int, n_models: int, clusters: int, repeats: int, seed: int
         rows["cpu"].append(cpu)
         rows["same"].append(timed(lambda n=nodes, m=models, p=plan: solve(n, m, p), repeats)[2])
         rest = nodes[1:]
-        rows["node_lost"].append(timed(lambda r=rest, m=models, p=plan: solve(r, m, p), repeats)[2])
+        lost = timed(lambda r=rest, m=models, p=plan: solve(r, m, p), repeats)
+        rows["node_lost"].append(lost[2])
+        survivors = {a for a in plan.assignments if a.node != nodes[0].id}
+        rows["moved"].append(len(survivors - set(lost[3].assignments)))
         spread = timed(lambda n=nodes, m=models: solve(n, m, policy="spread"), repeats)
         rows["spread"].append(spread[2])
         capacity = sum(g.capacity for n in nodes for g in n.gpus)
@@ -118,6 +122,7 @@ def run_size(n_nodes: int, n_models: int, clusters: int, repeats: int, seed: int
         "solve_wall_ms_worst": max(rows["worst"]),
         "resolve_unchanged_cpu_ms": statistics.median(rows["same"]),
         "resolve_node_lost_cpu_ms": statistics.median(rows["node_lost"]),
+        "node_lost_other_instances_moved": statistics.mean(rows["moved"]),
         "solve_spread_cpu_ms": statistics.median(rows["spread"]),
         "vram_utilisation": statistics.mean(rows["util"]),
         "first_replicas_placed": statistics.mean(rows["placed"]),
@@ -159,20 +164,22 @@ def main() -> None:
 
     print(
         f"{'nodes x models':>15} {'cpu ms':>7} {'wall ms':>8} {'worst':>7} {'same':>6} "
-        f"{'-1 node':>7} {'spread':>7} {'VRAM used':>9} {'placed':>7} {'vs FFD':>7}"
+        f"{'-1 node':>7} {'moved':>5} {'spread':>7} {'VRAM used':>9} {'placed':>7} {'vs FFD':>7}"
     )
     for r in results:
         print(
             f"{r['nodes']:>7} x {r['models']:<5} {r['solve_cpu_ms_median']:7.1f} "
             f"{r['solve_wall_ms_median']:8.1f} {r['solve_wall_ms_worst']:7.1f} "
             f"{r['resolve_unchanged_cpu_ms']:6.1f} {r['resolve_node_lost_cpu_ms']:7.1f} "
+            f"{r['node_lost_other_instances_moved']:5.1f} "
             f"{r['solve_spread_cpu_ms']:7.1f} {r['vram_utilisation']:9.1%} "
             f"{r['first_replicas_placed']:7.1%} {r['first_replicas_vs_ffd']:7.3f}"
         )
     print(
         "(ms: median per solve() call; cpu = this process's CPU time, wall = elapsed, worst ="
         " slowest wall;\n same = re-solve with the plan as current, -1 node = after losing a"
-        " node; spread = policy spread)"
+        " node, moved = other nodes' instances it moved; spread = policy spread;\n placed ="
+        " models with an instance; vs FFD = that, over first-fit decreasing's, without priorities)"
     )
     print(
         f"\nquality on {quality['instances']} random instances (<= 6 nodes, <= 10 models), "

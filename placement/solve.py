@@ -13,9 +13,9 @@ exchange argument: a smaller instance fits wherever a larger one did), so the so
 the largest k such that the k smallest pack, packing each candidate set largest first, and for
 small sets falls back to a bounded exact search. With a `current` plan, every still-valid
 instance is kept and only the missing ones are placed. Only if a plan solved from scratch
-places strictly more is the plan re-solved, putting each instance back where it runs when it
-still fits; as that bar depends on nodes and models alone, `solve(n, m, solve(n, m, c))`
-returns the same plan.
+serves more models (gives an instance to a model that has none) is the plan re-solved,
+putting each instance back where it runs when it still fits; as that bar depends on nodes
+and models alone, `solve(n, m, solve(n, m, c))` returns the same plan.
 """
 
 from __future__ import annotations
@@ -107,6 +107,7 @@ class _State:
         # re-solving around a current plan: its instances not yet placed, and their bytes per GPU
         self.hints: dict[str, list[Assignment]] = {}
         self.reserved: dict[str, int] = {}
+        self.pin_first = False  # each level: first put hinted instances back where they run
 
     def add_hints(self, assignments: Iterable[Assignment]) -> None:
         for a in assignments:
@@ -126,6 +127,7 @@ class _State:
         other.by_node = list(self.by_node)
         other.hints = {m: list(h) for m, h in self.hints.items()}
         other.reserved = dict(self.reserved)
+        other.pin_first = self.pin_first
         return other
 
     def commit(self, a: Assignment) -> None:
@@ -240,14 +242,23 @@ def _choose(spec: ModelSpec, state: _State, policy: str) -> Assignment | None:
     return Assignment(spec.name, node, gpus, vram)
 
 
-def _choose_sticky(spec: ModelSpec, state: _State, policy: str) -> Assignment | None:
-    """While re-solving around a current plan: where the instance runs now if that still
-    fits; else a whole GPU that displaces the fewest bytes of instances still to come back."""
+def _fitting_hint(spec: ModelSpec, state: _State) -> Assignment | None:
+    """The first place where this model runs now that still fits one more instance."""
     free, taken = state.free, state.nodes_of.get(spec.name, ())
     for hint in state.hints.get(spec.name, ()):
         fits = all(free[g] >= v for g, v in zip(hint.gpus, hint.vram, strict=True))
         if fits and hint.node not in taken:
             return hint
+    return None
+
+
+def _choose_sticky(spec: ModelSpec, state: _State, policy: str) -> Assignment | None:
+    """While re-solving around a current plan: where the instance runs now if that still
+    fits; else a whole GPU that displaces the fewest bytes of instances still to come back."""
+    hint = _fitting_hint(spec, state)
+    if hint is not None:
+        return hint
+    free, taken = state.free, state.nodes_of.get(spec.name, ())
     best_key, best = None, None
     for slot, (gpu, node) in enumerate(state.topo.gpu_slots):
         left = free[gpu] - spec.vram
@@ -340,6 +351,18 @@ def _place_level(items: list[ModelSpec], state: _State, policy: str) -> _State:
     """Place as many of one level's instances as fit; return the new state."""
     if not items:
         return state
+    if state.pin_first:  # instances that still fit where they run stay there, before the rest
+        state = state.copy()
+        rest = []
+        for spec in sorted(items, key=lambda s: (-s.vram, s.name)):
+            hint = _fitting_hint(spec, state)
+            if hint is None:
+                rest.append(spec)
+            else:
+                state.commit(hint)
+        items = rest
+        if not items:
+            return state
     largest_first = sorted(items, key=lambda s: (-s.vram, s.name))
     trial = state.copy()
     failed = _greedy(largest_first, trial, policy)
@@ -427,16 +450,16 @@ def _keep(current: Plan, specs: dict[str, ModelSpec], state: _State) -> None:
                 state.commit(a)
 
 
-def _score(state: _State, specs: Sequence[ModelSpec]) -> tuple[int, ...]:
-    """Placed instances per level, most important level first (compared lexicographically)."""
+def _served(state: _State, specs: Sequence[ModelSpec]) -> tuple[int, ...]:
+    """Models with at least one instance, per priority, highest first (compare as tuples).
+
+    Running instances move only to raise this: to serve a model that would otherwise have no
+    instance at all, never just for an extra replica.
+    """
     priorities = sorted({s.priority for s in specs}, reverse=True)
-    firsts = [
-        sum(min(state.count(s.name), 1) for s in specs if s.priority == p) for p in priorities
-    ]
-    extras = [
-        sum(max(state.count(s.name) - 1, 0) for s in specs if s.priority == p) for p in priorities
-    ]
-    return (*firsts, *extras)
+    return tuple(
+        sum(1 for s in specs if s.priority == p and state.count(s.name)) for p in priorities
+    )
 
 
 def _fits_empty(spec: ModelSpec, group: _Group, topo: _Topology) -> bool:
@@ -480,9 +503,9 @@ def solve(
     """Place `models` on `nodes`, keeping what `current` already placed where it still fits.
 
     policy: "pack" (best fit; keeps large holes for large models) or "spread" (the least
-    loaded node first). rebalance: when something stays unplaced, also solve from scratch and
-    take that plan if it places strictly more (moving running instances, though reusing their
-    current places where they still fit); with False, valid instances of `current` never move.
+    loaded node first). rebalance: when a model is left without any instance, also solve from
+    scratch and, if that serves more models, re-solve around `current` (moving running
+    instances, though reusing their places where they fit); False: valid instances never move.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
@@ -497,21 +520,28 @@ def solve(
         _keep(current, by_name, kept)
     kept = _fill(kept, specs, policy)
     result = kept
-    missing = any(kept.count(s.name) < s.replicas for s in specs)
+    missing = any(kept.count(s.name) == 0 for s in specs if s.replicas > 0)
     if missing and rebalance and current is not None and current.assignments:
         # The bar is a plan solved from scratch: it depends on nodes and models alone, so a
         # plan that met it meets it again next time (solve(n, m, solve(n, m, c)) is a fixpoint).
         fresh = _fill(_State(topo), specs, policy)
-        if _score(fresh, specs) > _score(kept, specs):
-            # Solve again from scratch but reuse current places that still fit: fewer moves.
-            around = _State(topo)
-            around.add_hints(
+        bar = _served(fresh, specs)
+        if bar > _served(kept, specs):
+            # Solve again around the current plan, for fewer moves: first with each level's
+            # running instances pinned where they run, else reusing places as they come up.
+            result = fresh
+            hints = [
                 a
                 for a in sorted(current.assignments, key=lambda a: (a.node, a.model, a.gpus))
                 if a.model in by_name and _valid(a, by_name[a.model], topo)
-            )
-            sticky = _fill(around, specs, policy)
-            sticky.hints = {}
-            result = sticky if _score(sticky, specs) >= _score(fresh, specs) else fresh
+            ]
+            for pin_first in (True, False):
+                around = _State(topo)
+                around.add_hints(hints)
+                around.pin_first = pin_first
+                around = _fill(around, specs, policy)
+                if _served(around, specs) >= bar:
+                    result = around
+                    break
     assignments = tuple(sorted(result.placed, key=lambda a: (a.node, a.model, a.gpus)))
     return Plan(assignments=assignments, unplaced=_unplaced(result, specs))
