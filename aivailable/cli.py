@@ -39,9 +39,13 @@ def _up_parser(sub) -> None:
     up.add_argument("--cluster-key-file", help="read the cluster secret here (created if absent)")
     up.add_argument(
         "--model",
-        action="append",
         metavar="SOURCE",
-        help="model to serve alone (builtin:NAME or a GGUF path; repeatable)",
+        help="model a new cluster deploys (default builtin:smollm2-135m; 'none' for none)",
+    )
+    up.add_argument(
+        "--cpu",
+        choices=("auto", "yes", "no"),
+        help="offer the CPU as a model device: auto (only without GPUs), yes, no (routing only)",
     )
     up.add_argument("--n-ctx", type=int, help="context window per instance, tokens")
     up.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
@@ -89,6 +93,7 @@ def _up_overrides(args: argparse.Namespace) -> dict:
         "gpu": args.gpu,
         "cluster_key_file": args.cluster_key_file,
         "model": args.model,
+        "cpu": args.cpu,
         "n_ctx": args.n_ctx,
         "log_level": args.log_level,
     }

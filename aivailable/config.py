@@ -14,6 +14,9 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from consensus.driver import RaftConfig
+from peer.config import GossipConfig
+
 
 def _default_data_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("XDG_DATA_HOME", pathlib.Path.home() / ".local/share"))
@@ -41,11 +44,16 @@ class Config:
     mdns: bool = True
     # Simulated GPUs "fake:NAME:VRAM" for demos and tests on machines without GPUs.
     gpu: tuple[str, ...] = ()
+    # Offer this machine's CPU (its free RAM) as a device that may host whole models:
+    # "auto" offers it only when the node has no GPU, so a GPU-less lab machine still
+    # serves while GPU nodes never fall back to the CPU; "no" makes a routing-only peer.
+    cpu: str = "auto"
     # Where the cluster secret is read from (created there if absent). None: data_dir/cluster.key.
     cluster_key_file: pathlib.Path | None = None
-    # Models this peer serves by itself when it is not part of a cluster plan
-    # (single-node mode). The embedded model by default, so `up` serves out of the box.
-    model: tuple[str, ...] = ("builtin:smollm2-135m",)
+    # The model a brand-new cluster deploys once (the founder's controller commits it):
+    # the embedded model, so `up` serves out of the box. "none" deploys nothing.
+    # Undeploying it later sticks.
+    model: str = "builtin:smollm2-135m"
     # Context window per model instance, in tokens. 2048 fits SmolLM2's chat use and
     # keeps the KV cache small (about 45 MiB for the 135M model at f16).
     n_ctx: int = 2048
@@ -61,6 +69,17 @@ class Config:
     max_tokens_limit: int = 4096
     # Logging level name for the peer's own log.
     log_level: str = "INFO"
+    # Membership and gossip timing (peer/config.py explains each default); a [gossip]
+    # table in the TOML file overrides single fields.
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    # Raft timing (consensus/driver.py explains each default); a [raft] table overrides.
+    raft: RaftConfig = field(default_factory=RaftConfig)
+
+    def __post_init__(self) -> None:
+        if self.cpu not in ("auto", "yes", "no"):
+            raise ConfigError(f"cpu must be auto, yes or no, not {self.cpu!r}")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port must be 1-65535, not {self.port}")
 
     @property
     def advertise_addr(self) -> str:
@@ -82,6 +101,14 @@ def _coerce(name: str, value: Any) -> Any:
     if default is dataclasses.MISSING:
         default = _FIELDS[name].default_factory()  # type: ignore[misc]
     try:
+        if dataclasses.is_dataclass(default):
+            if isinstance(value, type(default)):
+                return value
+            if not isinstance(value, dict):
+                raise TypeError(f"{name} must be a table")
+            return dataclasses.replace(
+                default, **{k.replace("-", "_"): v for k, v in value.items()}
+            )
         if isinstance(default, bool):
             if isinstance(value, str):
                 if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):

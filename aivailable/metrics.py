@@ -64,5 +64,14 @@ class Metrics:
             registry=r,
         )
 
+        # Read from the gossip layer at scrape time (packets, rejections for a bad key,
+        # probes, suspicions, ...): it owns the counts.
+        self.gossip = Gauge(
+            "aivailable_gossip",
+            "Gossip and membership counters by name",
+            ["counter"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

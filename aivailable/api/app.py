@@ -40,9 +40,13 @@ def build_app(
     is_serving: Callable[[], bool],
     route_groups: Iterable[list[web.RouteDef]],
     on_scrape: Callable[[], None] = lambda: None,
+    middlewares: Iterable = (),
     client_max_size: int = 16 << 20,
 ) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=client_max_size)
+    """`middlewares` run inside the error translation (e.g. peer request signing)."""
+    app = web.Application(
+        middlewares=[error_middleware, *middlewares], client_max_size=client_max_size
+    )
 
     async def healthz(request: web.Request) -> web.Response:
         if not is_serving():

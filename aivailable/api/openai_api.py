@@ -12,7 +12,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from aiohttp import web
@@ -96,13 +96,16 @@ class OpenAIApi:
         request_timeout_s: float,
         owner: str = "aivailable",
         forwarder: Forwarding | None = None,
+        catalog: Callable[[], Iterable[str]] | None = None,
     ):
+        """`catalog`: the model names the cluster serves (default: the local instances)."""
         self._lookup = lookup
         self._metrics = metrics
         self._max_tokens_limit = max_tokens_limit
         self._timeout = request_timeout_s
         self._owner = owner
         self._forwarder = forwarder
+        self._catalog = catalog or (lambda: self._lookup().keys())
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -116,12 +119,12 @@ class OpenAIApi:
         return {"id": name, "object": "model", "created": 0, "owned_by": self._owner}
 
     async def list_models(self, request: web.Request) -> web.Response:
-        names = sorted(self._lookup())
+        names = sorted(set(self._catalog()))
         return web.json_response({"object": "list", "data": [self._model_card(n) for n in names]})
 
     async def get_model(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
-        if name not in self._lookup():
+        if name not in set(self._catalog()):
             raise not_found(f"the model '{name}' does not exist", param="model")
         return web.json_response(self._model_card(name))
 

@@ -10,7 +10,7 @@ from aivailable.config import Config, ConfigError, load_config
 def test_defaults_are_safe_for_a_single_machine():
     config = load_config(environ={})
     assert config.bind == "127.0.0.1" and config.port == 8000 and config.mdns
-    assert config.model == ("builtin:smollm2-135m",)
+    assert config.model == "builtin:smollm2-135m"
 
 
 def test_later_sources_win(tmp_path):
@@ -46,3 +46,14 @@ def test_unknown_toml_keys_and_unreadable_files_are_errors(tmp_path):
 
 def test_advertised_address_for_a_wildcard_bind():
     assert Config(bind="0.0.0.0", port=1).advertise_addr == "127.0.0.1:1"
+
+
+def test_nested_sections_override_single_fields(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("[raft]\ntick_interval_ms = 50\n[gossip]\nprobe_interval = 1.0\n")
+    config = load_config(toml_path=toml, environ={})
+    assert config.raft.tick_interval_ms == 50 and config.raft.election_ticks == 10
+    assert config.gossip.probe_interval == 1.0
+    toml.write_text("[raft]\nno_such_knob = 1\n")
+    with pytest.raises(ConfigError, match="raft"):
+        load_config(toml_path=toml, environ={})
