@@ -362,7 +362,7 @@ def run_throughput(tmp: Path, secret: bytes, quick: bool) -> tuple[dict | None, 
         if quick:
             result = asyncio.run(throughput(paths, 4, 1, 32, 1))
         else:
-            result = asyncio.run(throughput(paths, 4, 2, 64, 2))
+            result = asyncio.run(throughput(paths, 4, 1, 64, 6))
         result["model_peer"] = served_by
         return result, notes
     finally:

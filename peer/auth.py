@@ -141,16 +141,22 @@ class PeerAuth:
         secret: bytes,
         config: AuthConfig | None = None,
         clock: Callable[[], float] = time.time,
+        also_accept: tuple[bytes, ...] = (),
     ):
+        """`secret` signs and verifies; `also_accept` are secrets still verified during a
+        key rotation (install the new one everywhere, switch, then drop the old)."""
         self._key = derive_request_key(secret)
+        self._keys = (self._key, *(derive_request_key(s) for s in also_accept))
         self._config = config or AuthConfig()
         self._clock = clock
         self._skew_ms = int(self._config.max_skew_s * 1000)
         self._nonces = NonceCache(self._config.nonce_cache_size, self._skew_ms)
 
-    def _mac(self, method: str, path_qs: str, timestamp_ms: int, nonce: str, body: bytes) -> str:
+    def _mac(
+        self, method: str, path_qs: str, timestamp_ms: int, nonce: str, body: bytes, key=None
+    ) -> str:
         message = canonical_string(method, path_qs, timestamp_ms, nonce, body)
-        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+        return hmac.new(key or self._key, message, hashlib.sha256).hexdigest()
 
     def signed_headers(self, method: str, path_qs: str, body: bytes = b"") -> dict[str, str]:
         """Headers that authenticate one request (path with its query string, raw body)."""
@@ -181,8 +187,11 @@ class PeerAuth:
                 f"timestamp is {(now_ms - timestamp_ms) / 1000:+.0f}s off this peer's clock "
                 f"(limit {self._config.max_skew_s:.0f}s); check the clocks (NTP)"
             )
-        expected = self._mac(method, path_qs, timestamp_ms, nonce, body)
-        if not hmac.compare_digest(expected, signature.lower()):
+        signature = signature.lower()
+        if not any(
+            hmac.compare_digest(self._mac(method, path_qs, timestamp_ms, nonce, body, k), signature)
+            for k in self._keys
+        ):
             raise AuthError("bad signature (another cluster's key, or an altered request)")
         # Only after the signature holds, so forged requests cannot fill the cache.
         self._nonces.check_and_add(nonce, timestamp_ms, now_ms)

@@ -82,6 +82,17 @@ def test_another_clusters_key_is_refused():
         receiver.verify("POST", "/raft/append", headers, BODY)
 
 
+def test_during_a_key_rotation_both_keys_are_accepted_and_the_new_one_signs():
+    clock = Clock()
+    old_peer = PeerAuth(OTHER_SECRET, clock=clock)
+    rotating = PeerAuth(SECRET, clock=clock, also_accept=(OTHER_SECRET,))
+    new_only = PeerAuth(SECRET, clock=clock)
+    rotating.verify("GET", "/raft/x", old_peer.signed_headers("GET", "/raft/x"), b"")
+    new_only.verify("GET", "/raft/x", rotating.signed_headers("GET", "/raft/x"), b"")
+    with pytest.raises(AuthError):
+        new_only.verify("GET", "/raft/x", old_peer.signed_headers("GET", "/raft/x"), b"")
+
+
 def test_a_forged_signature_is_refused():
     sender, receiver, _ = pair()
     headers = sender.signed_headers("POST", "/raft/append", BODY)
