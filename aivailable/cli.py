@@ -114,14 +114,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    try:
-        import uvloop
+    import uvloop
 
+    failed = False
+    try:
         uvloop.run(serve(config, announce=lambda line: print(line, flush=True)))
-    except OSError as exc:
-        print(f"aivailable: cannot serve on {config.bind}:{config.port}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    except* OSError as group:  # the TaskGroup wraps a failed bind
+        failed = True
+        for exc in group.exceptions:
+            print(f"aivailable: cannot serve on {config.bind}:{config.port}: {exc}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 class ClientError(Exception):

@@ -189,12 +189,10 @@ class Proposer:
         return [web.post(PROPOSE_PATH, self._handle)]
 
     async def _handle(self, request: web.Request) -> web.Response:
-        body = bytearray()
-        async for chunk in request.content.iter_chunked(1 << 16):
-            body += chunk
-            if len(body) > MAX_COMMAND_BYTES:
-                return web.json_response({"error": "command too large"}, status=413)
-        data = bytes(body)
+        if (request.content_length or 0) > MAX_COMMAND_BYTES:
+            return web.json_response({"error": "command too large"}, status=413)
+        # read(), not the stream: the signing middleware has read (and cached) it already.
+        data = await request.read()
         try:
             cs.decode(data)
         except cs.CommandError as exc:

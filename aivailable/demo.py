@@ -22,9 +22,9 @@ from aivailable.status_view import render_status
 
 MODEL = "smollm2-135m"
 NODES = {
-    "node-a": ["fake:GTX 1080:8GiB", "fake:RX 580:8GiB"],
-    "node-b": ["fake:Tesla K80:12GiB"],
-    "node-c": [],
+    "node-a": ["--gpu", "fake:GTX 1080:8GiB", "--gpu", "fake:RX 580:8GiB"],
+    "node-b": ["--gpu", "fake:Tesla K80:12GiB"],
+    "node-c": ["--cpu", "no"],  # no GPU and no CPU offered: it only routes
 }
 
 
@@ -59,10 +59,8 @@ def run_demo(base_dir: Path | None = None, hold: bool = True, replicas: int = 2)
     seed = f"127.0.0.1:{ports['node-a']}"
     key = base / "cluster.key"
     peers = []
-    for name, gpus in NODES.items():
-        args = ["--cluster-key-file", str(key)]
-        for gpu in gpus:
-            args += ["--gpu", gpu]
+    for name, node_args in NODES.items():
+        args = ["--cluster-key-file", str(key), *node_args]
         if name != "node-a":
             args += ["--join", seed]
         peers.append(PeerProcess(base, name, *args, port=ports[name]))

@@ -157,13 +157,12 @@ class RaftDriver:
         return [web.post(MESSAGES_PATH, self._handle_messages)]
 
     async def _handle_messages(self, request: web.Request) -> web.Response:
-        body = bytearray()
-        async for chunk in request.content.iter_chunked(1 << 16):
-            body += chunk
-            if len(body) > self.config.max_body_bytes:
-                return web.json_response({"error": "raft batch too large"}, status=413)
+        if (request.content_length or 0) > self.config.max_body_bytes:
+            return web.json_response({"error": "raft batch too large"}, status=413)
+        # read(), not the stream: a signing middleware may have read (and cached) it already.
+        body = await request.read()
         try:
-            _, messages = decode_batch(bytes(body))
+            _, messages = decode_batch(body)
         except WireError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         for m in messages:

@@ -41,7 +41,7 @@ def build_app(
     route_groups: Iterable[list[web.RouteDef]],
     on_scrape: Callable[[], None] = lambda: None,
     middlewares: Iterable = (),
-    client_max_size: int = 16 << 20,
+    client_max_size: int = 64 << 20,  # Raft snapshots travel in one request
 ) -> web.Application:
     """`middlewares` run inside the error translation (e.g. peer request signing)."""
     app = web.Application(
