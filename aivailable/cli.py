@@ -122,7 +122,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     except* OSError as group:  # the TaskGroup wraps a failed bind
         failed = True
         for exc in group.exceptions:
-            print(f"aivailable: cannot serve on {config.bind}:{config.port}: {exc}", file=sys.stderr)
+            print(
+                f"aivailable: cannot serve on {config.bind}:{config.port}: {exc}", file=sys.stderr
+            )
     return 1 if failed else 0
 
 

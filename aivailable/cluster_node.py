@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -241,14 +242,25 @@ class ClusterNode:
 
     # ---- life -----------------------------------------------------------------------------------
 
+    def current_gpus(self, own: dict[str, int]) -> list[GpuInfo]:
+        """The GPUs with their free VRAM now. A simulated GPU's memory is what our own
+        instances were given on it, so the dashboard and status show its use."""
+        return [
+            dataclasses.replace(g, vram_free=max(0, g.vram_total - own.get(g.id, 0)))
+            if g.vendor == "fake"
+            else g
+            for g in self.gpus
+        ]
+
     def publish(self) -> None:
         """Refresh this node's gossip payload; wake the controller when the view changed."""
+        own = self.reconciler.own_vram()
         self.gossip.set_payload(
             node_payload(
                 self.config.advertise_addr,
                 self.state.cluster_id or self.cluster_id,
-                self.gpus,
-                self.reconciler.own_vram(),
+                self.current_gpus(own),
+                own,
                 self.reconciler.views(),
                 self.local_models.files(),
             )
