@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.peers import PeerProcess, free_port  # noqa: E402
+from aivailable.local_peers import PeerProcess, free_port  # noqa: E402
 
 FAKE_MODEL = "fake"
 REAL_MODEL = "smollm2-135m"

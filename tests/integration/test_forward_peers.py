@@ -29,7 +29,7 @@ from peer.forward import (
     Replica,
     summarize_availability,
 )
-from tests.peers import free_port
+from aivailable.local_peers import free_port
 
 SECRET = b"cluster-secret-for-tests-0123456789"
 REPLY = "alpha beta gamma delta epsilon zeta"

@@ -24,7 +24,7 @@ from peer.forward import (
     order_replicas,
     summarize_availability,
 )
-from tests.peers import free_port
+from aivailable.local_peers import free_port
 
 
 def r(node, state="ready", depth=0, local=False, addr="127.0.0.1:1"):
