@@ -28,6 +28,25 @@ from peer.secret import load_or_create_secret
 log = logging.getLogger(__name__)
 
 
+async def announce_ready(node: ClusterNode, config: Config, announce) -> None:
+    """Print the ready line, with a curl example, once a model serves in the cluster."""
+    while True:
+        ready = [
+            m["name"]
+            for m in node.status()["models"]
+            if any(p["state"] == "ready" for p in m["placements"])
+        ]
+        if ready:
+            break
+        await asyncio.sleep(0.25)
+    url = f"http://{config.advertise_addr}"
+    announce(f"ready: {', '.join(ready)} serving through {url} (dashboard: {url}/)")
+    announce(
+        f"try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+        f'-d \'{{"model": "{ready[0]}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\''
+    )
+
+
 async def serve(
     config: Config,
     build_engine: EngineBuilder | None = None,
@@ -107,13 +126,8 @@ async def serve(
                 tasks.append(tg.create_task(discovery.run(), name="mdns"))
             tasks.append(tg.create_task(node.run(), name="cluster"))
             serving = True
-            url = f"http://{config.advertise_addr}"
-            announce(f"aivailable peer {config.name} serving on {url}")
-            announce(
-                f"try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
-                f'-d \'{{"model": "smollm2-135m", "messages": '
-                f'[{{"role": "user", "content": "Hello!"}}]}}\''
-            )
+            announce(f"aivailable peer {config.name} up on http://{config.advertise_addr}")
+            tasks.append(tg.create_task(announce_ready(node, config, announce), name="ready"))
             await stop.wait()
             log.info("shutting down: leaving the cluster")
         finally:
