@@ -37,6 +37,7 @@ def _up_parser(sub) -> None:
         help="add a simulated GPU, e.g. 'fake:GTX 1080:8GiB' (repeatable)",
     )
     up.add_argument("--cluster-key-file", help="read the cluster secret here (created if absent)")
+    up.add_argument("--token", help="join token from `aivailable token` on a cluster member")
     up.add_argument(
         "--model",
         metavar="SOURCE",
@@ -56,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _up_parser(sub)
     sub.add_parser("demo", help="three peers on 127.0.0.1 with simulated mixed GPUs")
+    token = sub.add_parser("token", help="print a join token for another machine")
+    for flag in ("--config", "--data-dir", "--cluster-key-file", "--bind", "--port"):
+        token.add_argument(flag, type=int if flag == "--port" else str)
+    token.add_argument(
+        "--seed",
+        action="append",
+        metavar="HOST:PORT",
+        help="peers the new machine contacts first (default: this peer)",
+    )
     for name, text in (
         ("status", "show nodes, GPUs, leader and models"),
         ("chat", "chat with a model, streaming tokens"),
@@ -99,6 +109,53 @@ def _up_overrides(args: argparse.Namespace) -> dict:
     }
 
 
+def _token_overrides(args: argparse.Namespace) -> dict:
+    return {
+        "data_dir": args.data_dir,
+        "cluster_key_file": args.cluster_key_file,
+        "bind": args.bind,
+        "port": args.port,
+    }
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from peer.secret import SecretError, encode_join_token, read_secret
+
+    try:
+        config = load_config(_token_overrides(args), args.config)
+        secret = read_secret(config.key_file)
+    except FileNotFoundError:
+        print(
+            f"aivailable: no cluster secret at {config.key_file}: start a peer first",
+            file=sys.stderr,
+        )
+        return 1
+    except (ConfigError, SecretError) as exc:
+        print(f"aivailable: {exc}", file=sys.stderr)
+        return 2
+    print(encode_join_token(secret, args.seed or [config.advertise_addr]))
+    return 0
+
+
+def use_token(token: str, config):
+    """Store the token's secret as this peer's (refusing to replace a different one) and
+    add its seeds to the peers to join."""
+    import dataclasses
+
+    from peer.secret import SecretError, parse_join_token, read_secret, write_secret
+
+    parsed = parse_join_token(token)
+    key = config.key_file
+    if key.exists():
+        if read_secret(key) != parsed.secret:
+            raise SecretError(f"{key} holds another cluster's secret; move it away to join")
+    else:
+        key.parent.mkdir(parents=True, exist_ok=True)
+        write_secret(key, parsed.secret)
+    joins = tuple(dict.fromkeys((*config.join, *parsed.seeds)))
+    return dataclasses.replace(config, join=joins)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
 
     from aivailable.gpu import parse_fake_gpu
@@ -108,6 +165,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         config = load_config(_up_overrides(args), args.config)
         for spec in config.gpu:
             parse_fake_gpu(spec)
+        if args.token:
+            config = use_token(args.token, config)
     except (ConfigError, ValueError) as exc:
         print(f"aivailable: {exc}", file=sys.stderr)
         return 2
@@ -194,6 +253,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "demo": cmd_demo,
+    "token": cmd_token,
     "up": cmd_up,
     "status": cmd_status,
     "chat": cmd_chat,

@@ -124,3 +124,27 @@ def test_client_errors_are_one_clear_line(fake_peer, capsys):
     assert "400: 'replicas' must be an integer" in capsys.readouterr().err
     assert cli.main(["status", "--url", "http://127.0.0.1:9"]) == 1
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_a_join_token_carries_the_secret_and_seeds(tmp_path, capsys):
+    from aivailable.config import load_config
+    from peer.secret import SecretError, load_or_create_secret, read_secret
+
+    (tmp_path / "a").mkdir()
+    secret = load_or_create_secret(tmp_path / "a" / "cluster.key")
+    assert cli.main(["token", "--data-dir", str(tmp_path / "a"), "--port", "9001"]) == 0
+    token = capsys.readouterr().out.strip()
+    joiner = load_config({"data_dir": tmp_path / "b", "join": ["x:1"]}, environ={})
+    joined = cli.use_token(token, joiner)
+    assert read_secret(tmp_path / "b" / "cluster.key") == secret
+    assert joined.join == ("x:1", "127.0.0.1:9001")
+    other = load_config({"data_dir": tmp_path / "c"}, environ={})
+    (tmp_path / "c").mkdir()
+    load_or_create_secret(tmp_path / "c" / "cluster.key")
+    with pytest.raises(SecretError, match="another cluster"):
+        cli.use_token(token, other)
+
+
+def test_token_without_a_secret_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["token", "--data-dir", str(tmp_path)]) == 1
+    assert "start a peer first" in capsys.readouterr().err
