@@ -4,58 +4,39 @@ from __future__ import annotations
 
 import json
 import sys
-import urllib.error
-import urllib.request
+
+from aivailable.http_client import ClientError, open_request
 
 
 def stream_chat(
     url: str, model: str, messages: list[dict], max_tokens: int, temperature: float, out=sys.stdout
 ) -> str:
     """Send one chat request with stream=true and print tokens as they arrive."""
-    body = json.dumps(
-        {
-            "model": model,
-            "messages": messages,
-            "stream": True,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-        }
-    ).encode()
-    req = urllib.request.Request(
-        f"{url}/v1/chat/completions",
-        data=body,
-        method="POST",
-        headers={"Content-Type": "application/json"},
-    )
-    from aivailable.cli import ClientError
-
+    body = {
+        "model": model,
+        "messages": messages,
+        "stream": True,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+    }
     pieces = []
-    try:
-        with urllib.request.urlopen(req, timeout=300) as resp:
-            for raw in resp:
-                line = raw.decode().strip()
-                if not line.startswith("data: "):
-                    continue
-                data = line[len("data: ") :]
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    raise ClientError(event["error"].get("message", "stream failed"))
-                for choice in event.get("choices", []):
-                    text = choice.get("delta", {}).get("content")
-                    if text:
-                        pieces.append(text)
-                        out.write(text)
-                        out.flush()
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = exc.reason
-        raise ClientError(f"{exc.code}: {message}") from exc
-    except (urllib.error.URLError, OSError) as exc:
-        raise ClientError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from exc
+    with open_request(f"{url}/v1/chat/completions", "POST", body, timeout=300) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: ") :]
+            if data == "[DONE]":
+                break
+            event = json.loads(data)
+            if "error" in event:
+                raise ClientError(event["error"].get("message", "stream failed"))
+            for choice in event.get("choices", []):
+                text = choice.get("delta", {}).get("content")
+                if text:
+                    pieces.append(text)
+                    out.write(text)
+                    out.flush()
     out.write("\n")
     return "".join(pieces)
 

@@ -7,10 +7,9 @@ import json
 import logging
 import os
 import sys
-import urllib.error
-import urllib.request
 
 from aivailable.config import ConfigError, load_config
+from aivailable.http_client import ClientError, request_json
 
 DEFAULT_URL = os.environ.get("AIVAILABLE_URL", "http://127.0.0.1:8000")
 
@@ -185,30 +184,6 @@ def cmd_up(args: argparse.Namespace) -> int:
                 f"aivailable: cannot serve on {config.bind}:{config.port}: {exc}", file=sys.stderr
             )
     return 1 if failed else 0
-
-
-class ClientError(Exception):
-    pass
-
-
-def request_json(
-    url: str, method: str = "GET", body: dict | None = None, timeout: float = 30
-) -> dict:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = exc.reason
-        raise ClientError(f"{exc.code}: {message}") from exc
-    except (urllib.error.URLError, OSError) as exc:
-        raise ClientError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from exc
 
 
 def cmd_status(args: argparse.Namespace) -> int:

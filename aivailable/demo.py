@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from aivailable.chat_client import stream_chat
+from aivailable.http_client import request_json
 from aivailable.local_peers import PeerProcess, free_port, get_json
 from aivailable.status_view import render_status
 
@@ -85,8 +86,6 @@ def run_demo(base_dir: Path | None = None, hold: bool = True, replicas: int = 2)
             peers,
         )
         if replicas != 1:
-            from aivailable.cli import request_json
-
             request_json(
                 node_c.url + "/cluster/models",
                 "POST",
