@@ -1,0 +1,58 @@
+"""The dashboard in a real headless Chromium: it renders the cluster from /cluster/status."""
+
+import shutil
+import subprocess
+
+import pytest
+
+from aivailable.local_peers import PeerProcess
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+# Flags for a closed network: no background fetches, no sandbox as root, fresh profile.
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def rendered_dom(url: str, profile) -> str:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail(
+            "the dashboard test needs Chromium (Debian package chromium; .ci/run installs it)"
+        )
+    result = subprocess.run(
+        [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result.stdout
+
+
+def test_the_dashboard_shows_nodes_gpus_and_models(tmp_path):
+    peer = PeerProcess(tmp_path, "dash", "--no-mdns", "--gpu", "fake:GTX 1080:8GiB").start()
+    try:
+        peer.wait_healthy()
+        peer.wait_model_ready()
+        dom = rendered_dom(peer.url + "/", tmp_path / "profile")
+    finally:
+        peer.stop()
+    assert "<h3>dash" in dom  # the node card, built by the page's script
+    assert "GTX 1080 (fake)" in dom and "/ 8.0 GiB" in dom  # the GPU with its VRAM bar
+    assert "<td>smollm2-135m</td>" in dom and 'class="state ready"' in dom
+    assert "leader dash" in dom
