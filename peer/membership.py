@@ -113,6 +113,7 @@ class Membership:
         me = _Member(node_id, addr, port, incarnation, ALIVE, now, wire.normalize(payload or {}))
         self._me = me
         self._members: dict[str, _Member] = {node_id: self._me}
+        self._live: int | None = None  # cached live_count()
         self._suspicions: dict[str, Suspicion] = {}
         self._rechecks: dict[str, float] = {}  # suspected node -> when to ask it directly again
         self._relays: dict[int, _Relay] = {}
@@ -143,7 +144,9 @@ class Membership:
         return None if m is None else m.view()
 
     def live_count(self) -> int:
-        return sum(1 for m in self._members.values() if m.state in (ALIVE, SUSPECT))
+        if self._live is None:  # recounted only after a state change
+            self._live = sum(1 for m in self._members.values() if m.state in (ALIVE, SUSPECT))
+        return self._live
 
     def take_outputs(self) -> list[Output]:
         out, self._outputs = self._outputs, []
@@ -187,6 +190,7 @@ class Membership:
         self._leaving = True
         self._me.incarnation += 1
         self._me.state = LEFT
+        self._live = None
         msg = Dead(self.id, self._me.incarnation, self.id)
         self._queue(self.id, msg)
         for m in self._members.values():
@@ -254,6 +258,7 @@ class Membership:
         ]:
             if node_id != self.id:
                 del self._members[node_id]
+                self._live = None
 
     # ----- probing ---------------------------------------------------------------------
 
@@ -387,6 +392,7 @@ class Membership:
             m = _Member(msg.node, msg.addr, msg.port, msg.incarnation, ALIVE, now)
             m.payload = dict(msg.payload or {})
             self._members[msg.node] = m
+            self._live = None
             # Probe the newcomer at a random point of the current round.
             self._probe_order.insert(
                 self.rng.randint(self._probe_index, len(self._probe_order)), m.id
@@ -404,6 +410,8 @@ class Membership:
         m.incarnation, m.addr, m.port = msg.incarnation, msg.addr, msg.port
         if was != ALIVE:
             m.state, m.since = ALIVE, now
+            if was != SUSPECT:
+                self._live = None
         self._queue(m.id, msg)
         if was != ALIVE:
             self._event("alive", m)
@@ -452,6 +460,7 @@ class Membership:
         self._rechecks.pop(m.id, None)
         m.incarnation, m.since = msg.incarnation, now
         m.state = LEFT if msg.sender == msg.node else DEAD
+        self._live = None
         self._queue(m.id, msg)
         self._event(m.state, m)
 
@@ -463,7 +472,7 @@ class Membership:
         if m is None or m.state != SUSPECT or node_id not in self._suspicions:
             self._rechecks.pop(node_id, None)
             return
-        self._rechecks[node_id] = now + self.awareness.scale(self.config.probe_interval)
+        self._rechecks[node_id] = now + self.config.probe_interval  # unscaled: the safety net
         self._seq += 1
         self._send(
             m.addr, m.port, [Ping(self._seq, m.id, self.id), Suspect(m.id, m.incarnation, self.id)]
