@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--name", required=True)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--bind", default="127.0.0.1")
+    ap.add_argument("--advertise", help="address peers reach us at (needed with --bind 0.0.0.0)")
     ap.add_argument("--data-dir", required=True, type=Path)
     ap.add_argument("--gpu", action="append", default=[])
     ap.add_argument("--join", action="append", default=[])
@@ -102,7 +103,7 @@ async def serve(args) -> None:
     async with aiohttp.ClientSession() as session:
         gossip = Gossip(
             GossipConfig(), args.name, args.bind, args.port, keyring, session,
-            seeds=[*args.join, *token_seeds], payload=payload,
+            seeds=[*args.join, *token_seeds], payload=payload, advertise_host=args.advertise,
         )  # fmt: skip
 
         async def status(request: web.Request) -> web.Response:
@@ -131,7 +132,8 @@ async def serve(args) -> None:
                 tasks = [tg.create_task(gossip.run())]
                 if not args.no_mdns:
                     discovery = Discovery(args.name, keyring.cluster_id, args.bind, args.port,
-                                          gossip.peer_found, version=VERSION)  # fmt: skip
+                                          gossip.peer_found, version=VERSION,
+                                          announce_host=args.advertise)  # fmt: skip
                     tasks.append(tg.create_task(discovery.run()))
                 print(json.dumps({"ready": args.name, "port": args.port}), flush=True)
                 await stop.wait()

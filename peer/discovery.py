@@ -22,7 +22,7 @@ SERVICE_TYPE = "_aivailable._tcp.local."
 RESOLVE_TIMEOUT_MS = 1500
 # Seconds between re-offering every cached peer to gossip: a peer that restarted under the
 # same name (or whose first push-pull failed) is tried again; gossip ignores known live ones.
-REOFFER_SECONDS = 5.0
+REOFFER_SECONDS = 10.0
 
 OnFound = Callable[[str, str, int], None]  # (node_id, host, port)
 

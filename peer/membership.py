@@ -192,7 +192,7 @@ class Membership:
         self._me.state = LEFT
         self._live = None
         msg = Dead(self.id, self._me.incarnation, self.id)
-        self._queue(self.id, msg)
+        self._queue(msg)
         for m in self._members.values():
             if m is not self._me and m.state in (ALIVE, SUSPECT):
                 self._send(m.addr, m.port, [msg])
@@ -397,7 +397,7 @@ class Membership:
             self._probe_order.insert(
                 self.rng.randint(self._probe_index, len(self._probe_order)), m.id
             )
-            self._queue(m.id, msg)
+            self._queue(msg)
             self._event("joined", m)
             if msg.payload is None:
                 self.request_push_pull(msg.addr, msg.port)
@@ -412,7 +412,7 @@ class Membership:
             m.state, m.since = ALIVE, now
             if was != SUSPECT:
                 self._live = None
-        self._queue(m.id, msg)
+        self._queue(msg)
         if was != ALIVE:
             self._event("alive", m)
         if msg.payload is None:
@@ -432,7 +432,7 @@ class Membership:
         suspicion = self._suspicions.get(m.id)
         if suspicion is not None:
             if suspicion.confirm(msg.sender):
-                self._queue(m.id, msg)  # re-gossip so others learn of the confirmation
+                self._queue(msg)  # re-gossip so others learn of the confirmation
             return
         if m.state != ALIVE:
             return
@@ -445,7 +445,7 @@ class Membership:
         m.incarnation, m.state, m.since = msg.incarnation, SUSPECT, now
         self._suspicions[m.id] = Suspicion(msg.sender, needed, low, high, now)
         self._rechecks[m.id] = now + self.config.probe_interval
-        self._queue(m.id, msg)
+        self._queue(msg)
         self._event("suspect", m)
 
     def _on_dead(self, msg: Dead, now: float) -> None:
@@ -461,7 +461,7 @@ class Membership:
         m.incarnation, m.since = msg.incarnation, now
         m.state = LEFT if msg.sender == msg.node else DEAD
         self._live = None
-        self._queue(m.id, msg)
+        self._queue(msg)
         self._event(m.state, m)
 
     def _recheck_suspect(self, node_id: str, now: float) -> None:
@@ -521,13 +521,28 @@ class Membership:
 
     def _broadcast_self_alive(self) -> Alive:
         msg = self._self_alive()
-        self._queue(self.id, msg)
+        self._queue(msg)
         return msg
 
     # ----- output helpers --------------------------------------------------------------
 
-    def _queue(self, key: str, msg: Message) -> None:
+    def _queue(self, msg: Alive | Suspect | Dead) -> None:
+        """Queue news about a member. Its alive (which carries the payload) and its
+        suspicion are queued apart, so a suspicion at the same incarnation does not cut the
+        payload's spread short; a death supersedes both, a newer alive the suspicion."""
+        if isinstance(msg, Alive):
+            self.broadcasts.remove(msg.node)
+            key = _alive_key(msg.node)
+        else:
+            key = msg.node
+            if isinstance(msg, Dead):
+                self.broadcasts.remove(_alive_key(msg.node))
         self.broadcasts.enqueue(key, msg, wire.encoded_size(msg))
+
+    def queued(self, node_id: str) -> list[Message]:
+        """Broadcasts waiting to be sent about node_id (for tests and debugging)."""
+        found = (self.broadcasts.pending(_alive_key(node_id)), self.broadcasts.pending(node_id))
+        return [m for m in found if m is not None]
 
     def _budget(self) -> int:
         c = self.config
@@ -553,3 +568,7 @@ class Membership:
 
     def _event(self, kind: str, m: _Member) -> None:
         self._events.append(MemberEvent(kind, m.view()))
+
+
+def _alive_key(node_id: str) -> str:
+    return node_id + "\x00alive"
