@@ -172,3 +172,16 @@ def test_sigterm_leaves_gracefully_and_others_see_left_not_dead(agents):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 0
     assert agents.view("p")["q"]["state"] == "left"
+
+
+def test_a_join_token_carries_the_secret_and_a_seed(agents):
+    from peer.secret import encode_join_token, read_secret
+
+    agents.start("host", "--no-mdns")
+    secret = read_secret(agents.tmp / "host" / "cluster.key")
+    token = encode_join_token(secret, [f"127.0.0.1:{agents.ports['host']}"])
+    agents.start("guest", "--no-mdns", "--token", token)
+    wait_for(
+        lambda: agents.view("host").get("guest", {}).get("state") == "alive", 10, "guest joins"
+    )
+    assert agents.view("guest")["host"]["state"] == "alive"
