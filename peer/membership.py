@@ -320,7 +320,9 @@ class Membership:
             self.awareness.apply_delta(1)
             return
         self.counters.probes_failed += 1
-        self.awareness.apply_delta(max(1, p.expected_nacks - p.nacks))
+        # Lifeguard: missing nacks mean our own links are bad; if every helper nacked, the
+        # helpers hear us fine and the target is the one in trouble (memberlist's rule).
+        self.awareness.apply_delta(p.expected_nacks - p.nacks if p.expected_nacks else 1)
         self._on_suspect(Suspect(target.id, target.incarnation, self.id), now)
 
     # ----- receiving -------------------------------------------------------------------
