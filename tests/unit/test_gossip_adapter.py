@@ -74,6 +74,13 @@ async def eventually(predicate, within=5.0):
     return False
 
 
+def drain(subscription) -> list:
+    out = []
+    while not subscription._queue.empty():
+        out.append(subscription._queue.get_nowait())
+    return out
+
+
 def states(g: Gossip) -> dict[str, str]:
     return {m.id: m.state for m in g.members()}
 
@@ -92,13 +99,11 @@ async def test_nodes_join_through_seeds_and_share_payloads_and_events():
             )
 
         assert await eventually(a_sees_new_payload)
-        kinds = set()
-        while not events._queue.empty():
-            ev = await events.__anext__()
-            kinds.add((ev.kind, ev.member.id))
+        kinds = {(ev.kind, ev.member.id) for ev in drain(events)}
         assert {("joined", "b"), ("joined", "c"), ("payload", "c")} <= kinds
         await nodes["b"].leave()
-        assert await eventually(lambda: states(nodes["a"])["b"] == "left", 1.0)
+        assert await eventually(lambda: states(nodes["a"])["b"] == "left")
+        assert ("dead", "b") not in {(e.kind, e.member.id) for e in drain(events)}
         assert nodes["a"].metrics_snapshot()["transport_rejected_bad_key"] == 0
 
 
