@@ -50,6 +50,7 @@ class _Member:
     state: str
     since: float  # when the state last changed
     payload: dict[str, Any] = field(default_factory=dict)
+    payload_stale: bool = False  # incarnation known from a payload-less alive; fetch pending
 
     def view(self) -> MemberView:
         return MemberView(self.id, self.addr, self.port, self.state, self.incarnation, self.payload)
@@ -173,7 +174,9 @@ class Membership:
     def local_state(self) -> list[MemberRecord]:
         """Full state for push-pull."""
         return [
-            MemberRecord(m.id, m.addr, m.port, m.incarnation, m.state, m.payload)
+            MemberRecord(
+                m.id, m.addr, m.port, m.incarnation, m.state, None if m.payload_stale else m.payload
+            )
             for m in self._members.values()
         ]
 
@@ -393,6 +396,7 @@ class Membership:
         if m is None:
             m = _Member(msg.node, msg.addr, msg.port, msg.incarnation, ALIVE, now)
             m.payload = dict(msg.payload or {})
+            m.payload_stale = msg.payload is None
             self._members[msg.node] = m
             self._live = None
             # Probe the newcomer at a random point of the current round.
@@ -403,6 +407,12 @@ class Membership:
             self._event("joined", m)
             if msg.payload is None:
                 self.request_push_pull(msg.addr, msg.port)
+            return
+        if msg.incarnation == m.incarnation and m.payload_stale and msg.payload is not None:
+            m.payload_stale = False  # the push-pull we asked for, or the alive we missed
+            if msg.payload != m.payload:
+                m.payload = dict(msg.payload)
+                self._event("payload", m)
             return
         if msg.incarnation <= m.incarnation:
             return
@@ -417,6 +427,7 @@ class Membership:
         self._queue(msg)
         if was != ALIVE:
             self._event("alive", m)
+        m.payload_stale = msg.payload is None
         if msg.payload is None:
             self.request_push_pull(msg.addr, msg.port)
         elif msg.payload != m.payload:
@@ -444,6 +455,8 @@ class Membership:
             needed = 0  # too few members to confirm anything (memberlist does the same)
         low, high = self.config.suspicion_bounds(n)
         self.counters.suspicions += 1
+        if msg.incarnation > m.incarnation:
+            m.payload_stale = True  # that incarnation's payload has not reached us yet
         m.incarnation, m.state, m.since = msg.incarnation, SUSPECT, now
         self._suspicions[m.id] = Suspicion(msg.sender, needed, low, high, now)
         self._rechecks[m.id] = now + self.config.probe_interval
@@ -513,7 +526,7 @@ class Membership:
             self._send(accused_by.addr, accused_by.port, [msg])
 
     def _alive_of(self, m: _Member) -> Alive:
-        msg = Alive(m.id, m.incarnation, m.addr, m.port, m.payload)
+        msg = Alive(m.id, m.incarnation, m.addr, m.port, None if m.payload_stale else m.payload)
         if wire.encoded_size(msg) > self.config.max_gossip_payload:
             msg = Alive(m.id, m.incarnation, m.addr, m.port, None)
         return msg

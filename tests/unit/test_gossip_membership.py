@@ -193,6 +193,10 @@ def test_a_payload_too_big_for_a_datagram_travels_by_push_pull():
     other = with_peers(core("b"), "a")
     other.receive("x", 1, [alive], 1.0)
     assert any(isinstance(o, PushPullRequest) for o in other.take_outputs())
+    other.take_events()
+    other.merge_remote_state(me.local_state(), 1.1)  # the push-pull it asked for
+    assert other.member("a").payload == {"blob": "x" * 5000}
+    assert [e.kind for e in other.take_events()] == ["payload"]
 
 
 def test_push_pull_is_requested_periodically():
