@@ -32,6 +32,12 @@ class BroadcastQueue:
         self._order += 1
         self._items[key] = _Queued(message, size, 0, self._order)
 
+    def remove(self, key: str) -> None:
+        self._items.pop(key, None)
+
+    def clear(self) -> None:
+        self._items.clear()
+
     def pending(self, key: str) -> Any | None:
         item = self._items.get(key)
         return None if item is None else item.message

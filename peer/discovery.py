@@ -71,8 +71,11 @@ class Discovery:
         zc = AsyncZeroconf(interfaces=[self.host])  # this interface only, never all
         browser = None
         try:
-            await zc.async_register_service(self._service_info(), allow_name_change=True)
+            # Browse first, then announce without the ~1 s uniqueness probing: node ids are
+            # unique by configuration (and also carried in TXT), and a new peer must be
+            # found within 2 s.
             browser = AsyncServiceBrowser(zc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
+            await zc.async_register_service(self._service_info(), cooperating_responders=True)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._resolver(zc))
                 tg.create_task(self._reoffer())

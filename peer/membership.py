@@ -50,6 +50,7 @@ class _Member:
     state: str
     since: float  # when the state last changed
     payload: dict[str, Any] = field(default_factory=dict)
+    payload_stale: bool = False  # incarnation known from a payload-less alive; fetch pending
 
     def view(self) -> MemberView:
         return MemberView(self.id, self.addr, self.port, self.state, self.incarnation, self.payload)
@@ -113,6 +114,7 @@ class Membership:
         me = _Member(node_id, addr, port, incarnation, ALIVE, now, wire.normalize(payload or {}))
         self._me = me
         self._members: dict[str, _Member] = {node_id: self._me}
+        self._live: int | None = None  # cached live_count()
         self._suspicions: dict[str, Suspicion] = {}
         self._rechecks: dict[str, float] = {}  # suspected node -> when to ask it directly again
         self._relays: dict[int, _Relay] = {}
@@ -143,7 +145,9 @@ class Membership:
         return None if m is None else m.view()
 
     def live_count(self) -> int:
-        return sum(1 for m in self._members.values() if m.state in (ALIVE, SUSPECT))
+        if self._live is None:  # recounted only after a state change
+            self._live = sum(1 for m in self._members.values() if m.state in (ALIVE, SUSPECT))
+        return self._live
 
     def take_outputs(self) -> list[Output]:
         out, self._outputs = self._outputs, []
@@ -170,7 +174,9 @@ class Membership:
     def local_state(self) -> list[MemberRecord]:
         """Full state for push-pull."""
         return [
-            MemberRecord(m.id, m.addr, m.port, m.incarnation, m.state, m.payload)
+            MemberRecord(
+                m.id, m.addr, m.port, m.incarnation, m.state, None if m.payload_stale else m.payload
+            )
             for m in self._members.values()
         ]
 
@@ -187,8 +193,9 @@ class Membership:
         self._leaving = True
         self._me.incarnation += 1
         self._me.state = LEFT
+        self._live = None
         msg = Dead(self.id, self._me.incarnation, self.id)
-        self._queue(self.id, msg)
+        self._queue(msg)
         for m in self._members.values():
             if m is not self._me and m.state in (ALIVE, SUSPECT):
                 self._send(m.addr, m.port, [msg])
@@ -254,6 +261,7 @@ class Membership:
         ]:
             if node_id != self.id:
                 del self._members[node_id]
+                self._live = None
 
     # ----- probing ---------------------------------------------------------------------
 
@@ -315,7 +323,9 @@ class Membership:
             self.awareness.apply_delta(1)
             return
         self.counters.probes_failed += 1
-        self.awareness.apply_delta(max(1, p.expected_nacks - p.nacks))
+        # Lifeguard: missing nacks mean our own links are bad; if every helper nacked, the
+        # helpers hear us fine and the target is the one in trouble (memberlist's rule).
+        self.awareness.apply_delta(p.expected_nacks - p.nacks if p.expected_nacks else 1)
         self._on_suspect(Suspect(target.id, target.incarnation, self.id), now)
 
     # ----- receiving -------------------------------------------------------------------
@@ -386,15 +396,23 @@ class Membership:
         if m is None:
             m = _Member(msg.node, msg.addr, msg.port, msg.incarnation, ALIVE, now)
             m.payload = dict(msg.payload or {})
+            m.payload_stale = msg.payload is None
             self._members[msg.node] = m
+            self._live = None
             # Probe the newcomer at a random point of the current round.
             self._probe_order.insert(
                 self.rng.randint(self._probe_index, len(self._probe_order)), m.id
             )
-            self._queue(m.id, msg)
+            self._queue(msg)
             self._event("joined", m)
             if msg.payload is None:
                 self.request_push_pull(msg.addr, msg.port)
+            return
+        if msg.incarnation == m.incarnation and m.payload_stale and msg.payload is not None:
+            m.payload_stale = False  # the push-pull we asked for, or the alive we missed
+            if msg.payload != m.payload:
+                m.payload = dict(msg.payload)
+                self._event("payload", m)
             return
         if msg.incarnation <= m.incarnation:
             return
@@ -404,9 +422,12 @@ class Membership:
         m.incarnation, m.addr, m.port = msg.incarnation, msg.addr, msg.port
         if was != ALIVE:
             m.state, m.since = ALIVE, now
-        self._queue(m.id, msg)
+            if was != SUSPECT:
+                self._live = None
+        self._queue(msg)
         if was != ALIVE:
             self._event("alive", m)
+        m.payload_stale = msg.payload is None
         if msg.payload is None:
             self.request_push_pull(msg.addr, msg.port)
         elif msg.payload != m.payload:
@@ -424,7 +445,7 @@ class Membership:
         suspicion = self._suspicions.get(m.id)
         if suspicion is not None:
             if suspicion.confirm(msg.sender):
-                self._queue(m.id, msg)  # re-gossip so others learn of the confirmation
+                self._queue(msg)  # re-gossip so others learn of the confirmation
             return
         if m.state != ALIVE:
             return
@@ -434,10 +455,12 @@ class Membership:
             needed = 0  # too few members to confirm anything (memberlist does the same)
         low, high = self.config.suspicion_bounds(n)
         self.counters.suspicions += 1
+        if msg.incarnation > m.incarnation:
+            m.payload_stale = True  # that incarnation's payload has not reached us yet
         m.incarnation, m.state, m.since = msg.incarnation, SUSPECT, now
         self._suspicions[m.id] = Suspicion(msg.sender, needed, low, high, now)
         self._rechecks[m.id] = now + self.config.probe_interval
-        self._queue(m.id, msg)
+        self._queue(msg)
         self._event("suspect", m)
 
     def _on_dead(self, msg: Dead, now: float) -> None:
@@ -452,7 +475,8 @@ class Membership:
         self._rechecks.pop(m.id, None)
         m.incarnation, m.since = msg.incarnation, now
         m.state = LEFT if msg.sender == msg.node else DEAD
-        self._queue(m.id, msg)
+        self._live = None
+        self._queue(msg)
         self._event(m.state, m)
 
     def _recheck_suspect(self, node_id: str, now: float) -> None:
@@ -463,7 +487,7 @@ class Membership:
         if m is None or m.state != SUSPECT or node_id not in self._suspicions:
             self._rechecks.pop(node_id, None)
             return
-        self._rechecks[node_id] = now + self.awareness.scale(self.config.probe_interval)
+        self._rechecks[node_id] = now + self.config.probe_interval  # unscaled: the safety net
         self._seq += 1
         self._send(
             m.addr, m.port, [Ping(self._seq, m.id, self.id), Suspect(m.id, m.incarnation, self.id)]
@@ -502,7 +526,7 @@ class Membership:
             self._send(accused_by.addr, accused_by.port, [msg])
 
     def _alive_of(self, m: _Member) -> Alive:
-        msg = Alive(m.id, m.incarnation, m.addr, m.port, m.payload)
+        msg = Alive(m.id, m.incarnation, m.addr, m.port, None if m.payload_stale else m.payload)
         if wire.encoded_size(msg) > self.config.max_gossip_payload:
             msg = Alive(m.id, m.incarnation, m.addr, m.port, None)
         return msg
@@ -512,13 +536,28 @@ class Membership:
 
     def _broadcast_self_alive(self) -> Alive:
         msg = self._self_alive()
-        self._queue(self.id, msg)
+        self._queue(msg)
         return msg
 
     # ----- output helpers --------------------------------------------------------------
 
-    def _queue(self, key: str, msg: Message) -> None:
+    def _queue(self, msg: Alive | Suspect | Dead) -> None:
+        """Queue news about a member. Its alive (which carries the payload) and its
+        suspicion are queued apart, so a suspicion at the same incarnation does not cut the
+        payload's spread short; a death supersedes both, a newer alive the suspicion."""
+        if isinstance(msg, Alive):
+            self.broadcasts.remove(msg.node)
+            key = _alive_key(msg.node)
+        else:
+            key = msg.node
+            if isinstance(msg, Dead):
+                self.broadcasts.remove(_alive_key(msg.node))
         self.broadcasts.enqueue(key, msg, wire.encoded_size(msg))
+
+    def queued(self, node_id: str) -> list[Message]:
+        """Broadcasts waiting to be sent about node_id (for tests and debugging)."""
+        found = (self.broadcasts.pending(_alive_key(node_id)), self.broadcasts.pending(node_id))
+        return [m for m in found if m is not None]
 
     def _budget(self) -> int:
         c = self.config
@@ -544,3 +583,7 @@ class Membership:
 
     def _event(self, kind: str, m: _Member) -> None:
         self._events.append(MemberEvent(kind, m.view()))
+
+
+def _alive_key(node_id: str) -> str:
+    return node_id + "\x00alive"

@@ -63,6 +63,7 @@ class GossipSim:
                 node.core.merge_remote_state(everyone, 0.0)
                 node.core.take_outputs()
                 node.core.take_events()
+                node.core.broadcasts.clear()  # a settled cluster: the joins are old news
                 self._reschedule(node)
 
     # ----- cluster control -------------------------------------------------------------

@@ -133,7 +133,7 @@ def test_suspicion_expires_into_dead_and_is_broadcast():
     me.tick(high + 0.01)
     assert me.member("b").state == "dead"
     assert [e.kind for e in me.take_events()] == ["suspect", "dead"]
-    assert me.broadcasts.pending("b") == Dead("b", 1, "a")
+    assert me.queued("b") == [Dead("b", 1, "a")]
 
 
 def test_confirmations_shorten_the_suspicion_to_the_minimum():
@@ -181,17 +181,22 @@ def test_set_payload_bumps_the_incarnation_and_gossips_it():
     me = with_peers(core(payload={"v": 1}), "b")
     me.set_payload({"v": 2, "gpus": ("t", "u")}, 1.0)
     assert me.incarnation == 1
-    queued = me.broadcasts.pending("a")
+    [queued] = me.queued("a")
     assert queued.payload == {"v": 2, "gpus": ["t", "u"]}
 
 
 def test_a_payload_too_big_for_a_datagram_travels_by_push_pull():
     me = with_peers(core(incarnation=3), "b")
     me.set_payload({"blob": "x" * 5000}, 1.0)
-    assert me.broadcasts.pending("a").payload is None
+    [alive] = me.queued("a")
+    assert alive.payload is None
     other = with_peers(core("b"), "a")
-    other.receive("x", 1, [me.broadcasts.pending("a")], 1.0)
+    other.receive("x", 1, [alive], 1.0)
     assert any(isinstance(o, PushPullRequest) for o in other.take_outputs())
+    other.take_events()
+    other.merge_remote_state(me.local_state(), 1.1)  # the push-pull it asked for
+    assert other.member("a").payload == {"blob": "x" * 5000}
+    assert [e.kind for e in other.take_events()] == ["payload"]
 
 
 def test_push_pull_is_requested_periodically():
