@@ -187,3 +187,35 @@ def test_a_killed_worker_is_reported_restarted_and_serves_again(client, peer):
     metrics = urllib.request.urlopen(peer.url + "/metrics", timeout=10).read().decode()
     assert f'aivailable_engine_restarts{{model="{MODEL}"}} 1.0' in metrics
     assert get_json(peer.url + "/healthz")["status"] == "ok"
+
+
+def test_the_cli_chats_and_shows_status(peer):
+    import subprocess
+    import sys
+
+    chat = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aivailable",
+            "chat",
+            "--url",
+            peer.url,
+            "--max-tokens",
+            "12",
+            "Say hi.",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+    status = subprocess.run(
+        [sys.executable, "-m", "aivailable", "status", "--url", peer.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert status.returncode == 0, status.stderr
+    assert "solo" in status.stdout and "smollm2-135m" in status.stdout and "ready" in status.stdout
