@@ -23,6 +23,7 @@ import aiohttp
 from aiohttp import web
 
 from aivailable import cluster_state as cs
+from aivailable import store
 from aivailable.api.errors import ApiError, bad_request
 from aivailable.cluster_state import ClusterState
 from aivailable.controller import MemberClock, NodeStatus
@@ -281,11 +282,9 @@ class RaftClusterView:
         )
 
     async def deploy(self, name: str, source: str, replicas: int, n_ctx: int) -> dict:
-        from aivailable import store
-
         sha256 = size = None
         if source.startswith(store.BUILTIN_PREFIX):
-            builtin = store.BUILTINS.get(source[len(store.BUILTIN_PREFIX) :])
+            builtin = store.builtin(source)
             if builtin is None:
                 known = ", ".join(store.BUILTIN_PREFIX + k for k in store.BUILTINS)
                 raise bad_request(f"unknown built-in model {source!r} (known: {known})", "source")

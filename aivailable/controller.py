@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from aivailable import cluster_state as cs
+from aivailable import store
 from aivailable.cluster_state import ClusterState, ModelRecord
 from aivailable.membership_policy import ConfChange, MemberInfo, MembershipConfig, next_conf_change
 from placement import Gpu, ModelSpec, Node, Plan, solve
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 MIB = 1 << 20
 DEFAULT_MODEL_SOURCE = "builtin:smollm2-135m"
-DEFAULT_MODEL_NAME = "smollm2-135m"
+DEFAULT_MODEL_NAME = store.model_name(DEFAULT_MODEL_SOURCE)
 
 
 @dataclass(frozen=True)
@@ -119,12 +120,8 @@ def model_vram(
 
 def _known_size(source: str) -> int | None:
     """The size of a built-in model, known without fetching it."""
-    try:
-        from aivailable import store
-    except ImportError:
-        return None
-    builtin = getattr(store, "BUILTINS", {}).get(source.removeprefix("builtin:"))
-    return builtin.size if builtin is not None and source.startswith("builtin:") else None
+    known = store.builtin(source)
+    return known.size if known is not None else None
 
 
 def model_specs(
@@ -335,7 +332,7 @@ class Controller:
         if not st.default_applied and cfg.default_source:
             await self._submit(
                 cs.encode_deploy(
-                    DEFAULT_MODEL_NAME,
+                    store.model_name(cfg.default_source),
                     cfg.default_source,
                     cfg.default_replicas,
                     cfg.default_n_ctx,

@@ -40,15 +40,9 @@ class TransferError(Exception):
     """A copy from a peer failed: unreachable, refused, cut short or the wrong bytes."""
 
 
-def builtin_info(source: str) -> store.BuiltinModel | None:
-    if not source.startswith(store.BUILTIN_PREFIX):
-        return None
-    return store.BUILTINS.get(source[len(store.BUILTIN_PREFIX) :])
-
-
 def expected_sha256(record: ModelRecord) -> str | None:
     """The checksum the file must have: recorded in the cluster state, or a built-in's."""
-    builtin = builtin_info(record.source)
+    builtin = store.builtin(record.source)
     return record.sha256 or (builtin.sha256 if builtin is not None else None)
 
 
@@ -110,13 +104,13 @@ class LocalModels:
     def dest_for(self, record: ModelRecord, sha256: str) -> Path:
         """Where a copy from a peer goes: a built-in where the store keeps it (so the store
         finds it later without a download), anything else under its checksum."""
-        builtin = builtin_info(record.source)
+        builtin = store.builtin(record.source)
         name = Path(builtin.member).name if builtin is not None else f"{sha256}.gguf"
         return self.cache_dir / "models" / name
 
     def held_locally(self, source: str) -> bool:
         """Whether the store can resolve `source` without a download."""
-        builtin = builtin_info(source)
+        builtin = store.builtin(source)
         if builtin is not None:
             return (self.cache_dir / "models" / Path(builtin.member).name).is_file()
         if source.startswith(store.BUILTIN_PREFIX):

@@ -244,6 +244,13 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "aivailable"
 
 
+def builtin(source: str) -> BuiltinModel | None:
+    """The built-in model a `builtin:NAME` source names, or None (a path, or unknown)."""
+    if not source.startswith(BUILTIN_PREFIX):
+        return None
+    return BUILTINS.get(source[len(BUILTIN_PREFIX) :])
+
+
 def model_name(source: str) -> str:
     """The name clients use for a source, without fetching it: builtin:NAME -> NAME,
     a path -> the file's stem."""
