@@ -56,6 +56,12 @@ from consensus.driver import MESSAGES_PATH, RaftDriver
 from peer.forward import Forwarder, Replica, summarize_availability
 
 log = logging.getLogger(__name__)
+# Seconds between refreshes of this node's gossip payload (instance states, queue depths):
+# half a SWIM probe interval, so the forwarder's view of queues is at most ~1 s old.
+PUBLISH_INTERVAL_S = 0.5
+# Seconds between re-probes of the real GPUs' free memory: other programs come and go
+# slowly; NVML and amdsmi reads cost about a millisecond.
+PROBE_INTERVAL_S = 5.0
 # Routes that exist only once Raft runs (consensus.driver and cluster_view.Proposer).
 LATE_ROUTES = (MESSAGES_PATH, PROPOSE_PATH)
 
@@ -107,10 +113,14 @@ class ClusterNode:
         gossip: GossipLike,
         tg: asyncio.TaskGroup,
         build_engine: EngineBuilder | None = None,
+        probe: Callable[[], list[GpuInfo]] | None = None,
     ):
+        """`probe` re-reads the devices (blocking; run in a thread) so that free VRAM taken
+        by other programs since start-up is not planned for twice."""
         self.config = config
         self.me = config.name
         self.gpus = gpus
+        self._probe = probe
         self.session = session
         self.gossip = gossip
         self.state = ClusterState()
@@ -123,6 +133,7 @@ class ClusterNode:
         self._ready = asyncio.Event()  # set once Raft runs: status and deploys can be served
         self._last_view: tuple = ()
         self._late_handlers: dict[str, Callable] = {}
+        self._leaving = False
 
         build = build_engine or llama_builder(config, gpus)
         self.instances = Instances(
@@ -271,10 +282,27 @@ class ClusterNode:
             self.ctrl_wake.fire()
             self.rec_wake.fire()
 
-    async def _publish_loop(self, interval: float = 0.5) -> None:
-        while True:
+    async def _publish_loop(self) -> None:
+        while not self._leaving:
             self.publish()
-            await asyncio.sleep(interval)
+            await asyncio.sleep(PUBLISH_INTERVAL_S)
+
+    async def _probe_loop(self) -> None:
+        while self._probe is not None:
+            await asyncio.sleep(PROBE_INTERVAL_S)
+            try:
+                fresh = await asyncio.to_thread(self._probe)
+            except Exception:  # a driver hiccup: keep the last reading
+                log.exception("GPU probe failed")
+                continue
+            if [g.id for g in fresh] == [g.id for g in self.gpus]:
+                self.gpus = fresh
+            else:
+                log.warning(
+                    "the GPUs changed (%d -> %d devices); restart the peer to use them",
+                    len(self.gpus),
+                    len(fresh),
+                )
 
     async def _bootstrap(self, storage: FileStorage) -> Any:
         hard, snap, ents = storage.initial_state()
@@ -295,63 +323,83 @@ class ClusterNode:
         """Bootstrap, then serve as a cluster member until cancelled."""
         data_dir = self.config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._publish_loop(), name="gossip payload")
-            storage = await asyncio.to_thread(FileStorage, data_dir / "raft")
-            decision = await self._bootstrap(storage)
-            id_file = data_dir / "cluster_id"
-            if decision.action == RESUME:
-                self.cluster_id = id_file.read_text().strip() if id_file.exists() else None
-            else:
-                self.cluster_id = (
-                    uuid.uuid4().hex if decision.action == FOUND else decision.cluster_id
-                )
-                id_file.write_text(self.cluster_id)
-            log.info("%s: %s cluster %s", self.me, decision.action, self.cluster_id)
-            self.publish()
+        storage = await asyncio.to_thread(FileStorage, data_dir / "raft")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._publish_loop(), name="gossip payload")
+                tg.create_task(self._probe_loop(), name="gpu probe")
+                decision = await self._bootstrap(storage)
+                id_file = data_dir / "cluster_id"
+                if decision.action == RESUME:
+                    self.cluster_id = id_file.read_text().strip() if id_file.exists() else None
+                else:
+                    self.cluster_id = (
+                        uuid.uuid4().hex if decision.action == FOUND else decision.cluster_id
+                    )
+                    id_file.write_text(self.cluster_id)
+                log.info("%s: %s cluster %s", self.me, decision.action, self.cluster_id)
+                self.publish()
 
-            apply = None
-            driver = RaftDriver(
-                self.me,
-                storage,
-                self.config.raft,
-                self.session,
-                self._address_of,
-                lambda entry, term: apply(entry, term),
-                voters=(self.me,) if decision.action == FOUND else (),
-                snapshot=self.state.snapshot,
-                restore=self.state.restore,
-            )
-            proposer = Proposer(driver, self.session, self._address_of)
-            apply = apply_entry(self.state, [self.ctrl_wake, self.rec_wake], proposer)
-            default = None if self.config.model.lower() in ("", "none") else self.config.model
-            controller_config = ControllerConfig(
-                default_source=default, default_n_ctx=self.config.n_ctx
-            )
-            controller = Controller(
-                self.me,
-                self.state,
-                driver.propose,  # the leader proposes on its own log, never forwarded
-                lambda: driver.role == "leader",
-                lambda: driver.term,
-                lambda: node_statuses(self.entries()),
-                self.ctrl_wake,
-                controller_config,
-                local_path=self.local_models.local_path,
-                conf=raft_conf_hooks(driver),
-                members=lambda: member_infos(self.entries()),
-                caught_up=caught_up_learners(driver, controller_config.promote_max_lag),
-                found_cluster_id=self.cluster_id if decision.action == FOUND else None,
-            )
-            self._driver, self._proposer = driver, proposer
-            self._late_handlers = {r.path: r.handler for r in driver.routes() + proposer.routes()}
-            self._view = RaftClusterView(
-                self.me, self.state, driver, proposer, self.entries, self.local_models
-            )
-            self._ready.set()
-            tg.create_task(driver.run(), name="raft")
-            tg.create_task(controller.run(), name="controller")
-            tg.create_task(self.reconciler.run(), name="reconciler")
+                apply = None
+                driver = RaftDriver(
+                    self.me,
+                    storage,
+                    self.config.raft,
+                    self.session,
+                    self._address_of,
+                    lambda entry, term: apply(entry, term),
+                    voters=(self.me,) if decision.action == FOUND else (),
+                    snapshot=self.state.snapshot,
+                    restore=self.state.restore,
+                )
+                proposer = Proposer(driver, self.session, self._address_of)
+                apply = apply_entry(self.state, [self.ctrl_wake, self.rec_wake], proposer)
+                default = None if self.config.model.lower() in ("", "none") else self.config.model
+                controller_config = ControllerConfig(
+                    default_source=default, default_n_ctx=self.config.n_ctx
+                )
+                controller = Controller(
+                    self.me,
+                    self.state,
+                    driver.propose,  # the leader proposes on its own log, never forwarded
+                    lambda: driver.role == "leader",
+                    lambda: driver.term,
+                    lambda: node_statuses(self.entries()),
+                    self.ctrl_wake,
+                    controller_config,
+                    local_path=self.local_models.local_path,
+                    conf=raft_conf_hooks(driver),
+                    members=lambda: member_infos(self.entries()),
+                    caught_up=caught_up_learners(driver, controller_config.promote_max_lag),
+                    found_cluster_id=self.cluster_id if decision.action == FOUND else None,
+                )
+                self._driver, self._proposer = driver, proposer
+                self._late_handlers = {
+                    r.path: r.handler for r in driver.routes() + proposer.routes()
+                }
+                self._view = RaftClusterView(
+                    self.me, self.state, driver, proposer, self.entries, self.local_models
+                )
+                self._ready.set()
+                tg.create_task(driver.run(), name="raft")
+                tg.create_task(controller.run(), name="controller")
+                tg.create_task(self.reconciler.run(), name="reconciler")
+        finally:
+            storage.close()
+
+    async def prepare_to_leave(self) -> None:
+        """Stop gossiping our payload (a new payload would undo the leave) and, if this
+        node leads Raft, hand leadership to another voter so no election timeout is lost."""
+        self._leaving = True
+        driver = self._driver
+        if driver is None or driver.role != "leader":
+            return
+        alive = {e.id for e in self.entries() if e.state == "alive"}
+        others = sorted(v for v in driver.voters if v != self.me and v in alive)
+        if others:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await driver.transfer_leadership(others[0])
 
     async def stop(self) -> None:
         with contextlib.suppress(Exception):

@@ -278,7 +278,7 @@ class ModelFetcher:
             async with self._locks.setdefault(source, asyncio.Lock()):
                 try:
                     held = await asyncio.to_thread(self.local.resolve_with_store, source)
-                except store.ModelSourceError as exc:
+                except Exception as exc:  # unusable or gone meanwhile: never the peer's end
                     log.warning("local copy of %s is unusable: %s", source, exc)
                     self._unusable.add(source)
                     continue

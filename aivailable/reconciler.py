@@ -346,8 +346,9 @@ class Reconciler:
     def _retry_due(self, running: Mapping[str, Running], now: float) -> set[str]:
         due = set()
         for model, r in running.items():
-            if r.state == "ready":
-                self._attempts.pop(model, None)  # it worked: the next failure starts over
+            if r.state == "ready":  # it worked: the next failure starts over
+                self._attempts.pop(model, None)
+                self._failed.pop(model, None)
             if r.state != "failed":
                 continue
             failure = self._failed.get(model)

@@ -16,7 +16,7 @@ from aivailable.api.app import build_app
 from aivailable.api.openai_api import OpenAIApi
 from aivailable.cluster_node import ClusterNode, EngineBuilder
 from aivailable.config import Config
-from aivailable.gpu import cpu_device, probe_all
+from aivailable.gpu import GpuInfo, cpu_device, probe_all
 from aivailable.metrics import Metrics
 from peer.auth import PeerAuth, make_peer_session
 from peer.crypto import Keyring
@@ -26,6 +26,9 @@ from peer.secret import cluster_id as secret_cluster_id
 from peer.secret import load_or_create_secret
 
 log = logging.getLogger(__name__)
+# Seconds requests in flight may take to finish on shutdown: a short answer from a small
+# model; a long generation is cut rather than holding a restart up for minutes.
+DRAIN_S = 5.0
 
 
 async def announce_ready(node: ClusterNode, config: Config, announce) -> None:
@@ -63,12 +66,14 @@ async def serve(
     config.data_dir.mkdir(parents=True, exist_ok=True)
     secret = await asyncio.to_thread(load_or_create_secret, config.key_file)
     metrics = Metrics()
-    gpus = await asyncio.to_thread(probe_all, list(config.gpu))
-    if config.cpu == "yes" or (config.cpu == "auto" and not gpus):
-        gpus.append(cpu_device())
-    for gpu in gpus:
-        metrics.vram.labels(gpu.id, gpu.name, "total").set(gpu.vram_total)
-        metrics.vram.labels(gpu.id, gpu.name, "free").set(gpu.vram_free)
+
+    def probe() -> list[GpuInfo]:
+        gpus = probe_all(list(config.gpu))
+        if config.cpu == "yes" or (config.cpu == "auto" and not gpus):
+            gpus.append(cpu_device())
+        return gpus
+
+    gpus = await asyncio.to_thread(probe)
     auth = PeerAuth(secret)
     serving = False
     async with make_peer_session(auth) as session, asyncio.TaskGroup() as tg:
@@ -82,7 +87,7 @@ async def serve(
             seeds=list(config.join),
             advertise_host=config.advertise_addr.rsplit(":", 1)[0],
         )
-        node = ClusterNode(config, gpus, session, gossip, tg, build_engine)
+        node = ClusterNode(config, gpus, session, gossip, tg, build_engine, probe)
         openai_api = OpenAIApi(
             node.instances.by_model,
             metrics,
@@ -94,6 +99,10 @@ async def serve(
         )
 
         def refresh_gauges() -> None:
+            own = node.reconciler.own_vram()
+            for gpu in node.current_gpus(own):
+                metrics.vram.labels(gpu.id, gpu.name, "total").set(gpu.vram_total)
+                metrics.vram.labels(gpu.id, gpu.name, "free").set(gpu.vram_free)
             for name, inst in node.instances.by_model().items():
                 engine = inst.engine
                 metrics.queue_depth.labels(name).set(engine.queue_depth if engine else 0)
@@ -107,8 +116,12 @@ async def serve(
             [openai_api.routes(), gossip.routes(), *node.routes()],
             on_scrape=refresh_gauges,
             middlewares=[auth.middleware],
+            client_max_size=config.raft.max_body_bytes,  # snapshots travel in one request
         )
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        # shutdown_timeout: seconds in-flight requests get to finish when the peer stops.
+        runner = web.AppRunner(
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=DRAIN_S
+        )
         await runner.setup()
         tasks: list[asyncio.Task] = []
         try:
@@ -131,11 +144,15 @@ async def serve(
             await stop.wait()
             log.info("shutting down: leaving the cluster")
         finally:
+            # Leave in the order that costs the others least: hand over Raft leadership,
+            # tell gossip we leave ("left" at once, not "dead" later), let requests in
+            # flight finish, then stop the loops and the model workers.
             serving = False
+            await node.prepare_to_leave()
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):
-                    await gossip.leave()  # others see "left" at once, not "dead" later
+                    await gossip.leave()
+            await runner.cleanup()
             for task in tasks:
                 task.cancel()
             await node.stop()
-            await runner.cleanup()

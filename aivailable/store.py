@@ -290,11 +290,12 @@ def _resolve_path(path: Path, cache: Path, show: bool) -> ModelFile:
             raise ModelSourceError(f"model source {str(path)!r} is not a file")
         read_header(path)
         digest = _digest(path, cache, show)
+        size = path.stat().st_size
     except GgufFormatError as e:
         raise ModelSourceError(f"{path}: {e}") from e
     except OSError as e:
         raise ModelSourceError(f"cannot read model file {str(path)!r}: {e}") from e
-    return ModelFile(path.stem, path, digest, path.stat().st_size)
+    return ModelFile(path.stem, path, digest, size)
 
 
 def _resolve_builtin(builtin: BuiltinModel, cache: Path, show: bool) -> ModelFile:

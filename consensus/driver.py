@@ -116,6 +116,7 @@ class RaftDriver:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"raft-{node_id}")
         self.dropped_messages = 0
         self.send_errors = 0
+        self.restore_failures = 0  # snapshots the state machine could not load
 
     # ---- read-only views
 
@@ -277,9 +278,15 @@ class RaftDriver:
 
     async def _apply(self, rd: Ready) -> None:
         if rd.restore is not None and self._restore_cb is not None and rd.restore.data:
-            pending = _maybe_await(self._restore_cb(rd.restore.data))
-            if pending is not None:
-                await pending
+            try:
+                pending = _maybe_await(self._restore_cb(rd.restore.data))
+                if pending is not None:
+                    await pending
+            except Exception:  # e.g. a snapshot of a newer format: keep serving, say so
+                self.restore_failures += 1
+                log.exception(
+                    "raft %s: restoring the snapshot at %d failed", self.id, rd.restore.index
+                )
         for entry in rd.committed:
             if entry.kind == CMD:
                 try:

@@ -26,9 +26,10 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
-        message = (
-            exc.reason if exc.status != 404 else f"no route for {request.method} {request.path}"
-        )
+        if request.match_info.route.resource is None:  # the router's own 404/405
+            message = f"no route for {request.method} {request.path}"
+        else:  # a handler's own HTTP error: keep what it said
+            message = exc.text or exc.reason
         return ApiError(exc.status, message, type=kind).response()
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
@@ -60,8 +61,10 @@ def build_app(
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
 
+    page = DASHBOARD.read_text()
+
     async def dashboard(request: web.Request) -> web.Response:
-        return web.Response(text=DASHBOARD.read_text(), content_type="text/html")
+        return web.Response(text=page, content_type="text/html")
 
     app.add_routes(
         [
