@@ -19,6 +19,7 @@ def _up_parser(sub) -> None:
     up.add_argument("--config", help="TOML config file")
     up.add_argument("--name", help="node id (default: host name)")
     up.add_argument("--bind", help="listen address (default 127.0.0.1; a LAN needs 0.0.0.0)")
+    up.add_argument("--advertise", help="address peers use to reach this one (needed with 0.0.0.0)")
     up.add_argument("--port", type=int, help="HTTP (TCP) and gossip (UDP) port (default 8000)")
     up.add_argument("--data-dir", help="Raft log, cluster secret and state")
     up.add_argument("--cache-dir", help="model cache (default ~/.cache/aivailable)")
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     _up_parser(sub)
     sub.add_parser("demo", help="three peers on 127.0.0.1 with simulated mixed GPUs")
     token = sub.add_parser("token", help="print a join token for another machine")
-    for flag in ("--config", "--data-dir", "--cluster-key-file", "--bind", "--port"):
+    for flag in ("--config", "--data-dir", "--cluster-key-file", "--bind", "--advertise", "--port"):
         token.add_argument(flag, type=int if flag == "--port" else str)
     token.add_argument(
         "--seed",
@@ -94,6 +95,7 @@ def _up_overrides(args: argparse.Namespace) -> dict:
     return {
         "name": args.name,
         "bind": args.bind,
+        "advertise": args.advertise,
         "port": args.port,
         "data_dir": args.data_dir,
         "cache_dir": args.cache_dir,
@@ -113,6 +115,7 @@ def _token_overrides(args: argparse.Namespace) -> dict:
         "data_dir": args.data_dir,
         "cluster_key_file": args.cluster_key_file,
         "bind": args.bind,
+        "advertise": args.advertise,
         "port": args.port,
     }
 

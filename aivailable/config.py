@@ -8,6 +8,7 @@ Every default says its unit and why it is what it is.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 import tomllib
@@ -22,6 +23,22 @@ def _default_data_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("XDG_DATA_HOME", pathlib.Path.home() / ".local/share"))
 
 
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+@functools.cache
+def first_lan_address() -> str:
+    """The first non-loopback IPv4 address of this machine's interfaces (read locally,
+    nothing is sent), or 127.0.0.1 when there is none."""
+    import ifaddr  # zeroconf's own dependency
+
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str) and not ip.ip.startswith("127.") and ip.network_prefix < 32:
+                return ip.ip
+    return "127.0.0.1"
+
+
 @dataclass(frozen=True)
 class Config:
     # This node's id in the cluster. Default: the host name, which is unique on a LAN
@@ -30,6 +47,11 @@ class Config:
     # Address to listen on. Default loopback, so a peer started by hand never exposes
     # itself (or announces mDNS) on a LAN by surprise; a LAN needs 0.0.0.0 or an address.
     bind: str = "127.0.0.1"
+    # The address other peers and clients use to reach this one (gossip, Raft, forwarding,
+    # mDNS, join tokens). Empty: the bind address, or with a wildcard bind the machine's
+    # first non-loopback IPv4 address; give it on multi-homed hosts, where that guess may
+    # pick the wrong network.
+    advertise: str = ""
     # TCP port for HTTP (API, dashboard, peer traffic) and UDP port for gossip: one
     # number so a firewall rule and a --join address stay simple.
     port: int = 8000
@@ -82,10 +104,16 @@ class Config:
             raise ConfigError(f"port must be 1-65535, not {self.port}")
 
     @property
+    def advertise_host(self) -> str:
+        if self.advertise:
+            return self.advertise
+        return first_lan_address() if self.bind in WILDCARDS else self.bind
+
+    @property
     def advertise_addr(self) -> str:
         """The HOST:PORT other peers and clients use to reach this one."""
-        host = "127.0.0.1" if self.bind in ("0.0.0.0", "::", "") else self.bind
-        return f"{host}:{self.port}"
+        host = self.advertise_host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     @property
     def key_file(self) -> pathlib.Path:

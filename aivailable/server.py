@@ -85,7 +85,7 @@ async def serve(
             Keyring.from_secret(secret),
             session,
             seeds=list(config.join),
-            advertise_host=config.advertise_addr.rsplit(":", 1)[0],
+            advertise_host=config.advertise_host,
         )
         node = ClusterNode(config, gpus, session, gossip, tg, build_engine, probe)
         openai_api = OpenAIApi(
@@ -132,7 +132,7 @@ async def serve(
                 discovery = Discovery(
                     config.name,
                     secret_cluster_id(secret),
-                    config.advertise_addr.rsplit(":", 1)[0],
+                    config.advertise_host,
                     config.port,
                     gossip.peer_found,
                 )

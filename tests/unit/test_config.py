@@ -44,8 +44,14 @@ def test_unknown_toml_keys_and_unreadable_files_are_errors(tmp_path):
         load_config(toml_path=tmp_path / "missing.toml", environ={})
 
 
-def test_advertised_address_for_a_wildcard_bind():
-    assert Config(bind="0.0.0.0", port=1).advertise_addr == "127.0.0.1:1"
+def test_a_wildcard_bind_advertises_a_real_address():
+    from aivailable.config import first_lan_address
+
+    assert Config(bind="0.0.0.0", port=1).advertise_host == first_lan_address()
+    assert first_lan_address() not in ("0.0.0.0", "")
+    config = Config(bind="0.0.0.0", advertise="10.0.0.5", port=1)
+    assert config.advertise_addr == "10.0.0.5:1" and config.advertise_host == "10.0.0.5"
+    assert Config(bind="127.0.0.2", port=2).advertise_addr == "127.0.0.2:2"
 
 
 def test_nested_sections_override_single_fields(tmp_path):
