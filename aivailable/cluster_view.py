@@ -42,6 +42,7 @@ class PeerEntry:
     state: str  # alive | suspect | dead | left
     since: float
     payload: PeerPayload
+    incarnation: int = 0  # gossip's: a restarted node comes back with a higher one
 
 
 def peer_entries(members: Iterable[Any], clock: MemberClock, now: float) -> list[PeerEntry]:
@@ -49,7 +50,8 @@ def peer_entries(members: Iterable[Any], clock: MemberClock, now: float) -> list
     out = []
     for m in members:
         since = clock.since(m.id, m.state, now)
-        out.append(PeerEntry(m.id, m.state, since, read_payload(m.id, m.payload)))
+        payload = read_payload(m.id, m.payload)
+        out.append(PeerEntry(m.id, m.state, since, payload, getattr(m, "incarnation", 0)))
     clock.forget_except(e.id for e in out)
     return sorted(out, key=lambda e: e.id)
 
@@ -96,6 +98,7 @@ def cluster_status(
                 "id": e.id,
                 "addr": p.addr,
                 "state": e.state,
+                "incarnation": e.incarnation,
                 "gpus": [
                     {
                         "id": g.id,

@@ -109,6 +109,8 @@ async def serve(
                 metrics.engine_restarts.labels(name).set(getattr(engine, "restarts", 0))
             for counter, value in gossip.metrics_snapshot().items():
                 metrics.gossip.labels(counter).set(value)
+            for area, value in auth.refused.items():  # e.g. a stranger's push-pull
+                metrics.gossip.labels(f"peer_auth_refused_{area}").set(value)
 
         app = build_app(
             metrics,

@@ -151,6 +151,9 @@ class PeerAuth:
         self._clock = clock
         self._skew_ms = int(self._config.max_skew_s * 1000)
         self._nonces = NonceCache(self._config.nonce_cache_size, self._skew_ms)
+        # Requests refused, by area ("gossip", "raft", "internal", "forwarded"): a peer
+        # with another cluster's key shows up here (the peer exports it in /metrics).
+        self.refused: collections.Counter[str] = collections.Counter()
 
     def _mac(
         self, method: str, path_qs: str, timestamp_ms: int, nonce: str, body: bytes, key=None
@@ -205,6 +208,7 @@ class PeerAuth:
         try:
             self.verify(request.method, request.raw_path, request.headers, body)
         except AuthError as exc:
+            self.refused[_area(request.path)] += 1
             log.warning(
                 "refused peer request %s %s from %s: %s",
                 request.method,
@@ -236,6 +240,13 @@ class PeerAuth:
             )
         request.headers.update(self.signed_headers(request.method, request.url.raw_path_qs, body))
         return await handler(request)
+
+
+def _area(path: str) -> str:
+    for prefix in PEER_PATH_PREFIXES:
+        if path.startswith(prefix):
+            return prefix.strip("/")
+    return "forwarded"
 
 
 def make_peer_session(auth: PeerAuth, **kwargs) -> aiohttp.ClientSession:

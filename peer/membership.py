@@ -183,8 +183,13 @@ class Membership:
     # ----- local changes ---------------------------------------------------------------
 
     def set_payload(self, payload: dict[str, Any], now: float) -> None:
-        """Replace this node's payload; a new incarnation carries it to everyone."""
-        self._me.payload = wire.normalize(payload)
+        """Replace this node's payload; a new incarnation carries it to everyone. The same
+        payload again changes nothing: the peer republishes it periodically, and a fresh
+        incarnation each time would flood the cluster with alive broadcasts."""
+        payload = wire.normalize(payload)
+        if payload == self._me.payload:
+            return
+        self._me.payload = payload
         self._me.incarnation += 1
         self._broadcast_self_alive()
 

@@ -109,7 +109,7 @@ def test_cluster_status_shows_nodes_models_placements_and_unplaced():
     state.apply(cs.encode_plan(plan, 1), 1)
     inst = [{"model": "m", "state": "ready", "queue_depth": 2, "gpus": ["gpu0"]}]
     entries = [
-        PeerEntry("a", "alive", 0.0, read_payload("a", payload("127.0.0.1:1", inst))),
+        PeerEntry("a", "alive", 0.0, read_payload("a", payload("127.0.0.1:1", inst)), 7),
         PeerEntry("b", "dead", 0.0, read_payload("b", payload("127.0.0.1:2"))),
     ]
     status = cluster_status("a", "a", 4, state, entries, ("a", "b"), ())
@@ -120,7 +120,7 @@ def test_cluster_status_shows_nodes_models_placements_and_unplaced():
         "c1",
     )
     a = status["nodes"][0]
-    assert a["addr"] == "127.0.0.1:1" and a["state"] == "alive"
+    assert a["addr"] == "127.0.0.1:1" and a["state"] == "alive" and a["incarnation"] == 7
     assert a["gpus"][0]["vram_total"] == 8 * GIB and a["gpus"][0]["name"] == "GTX 1080"
     assert a["instances"] == inst
     models = {m["name"]: m for m in status["models"]}

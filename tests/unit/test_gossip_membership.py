@@ -185,6 +185,15 @@ def test_set_payload_bumps_the_incarnation_and_gossips_it():
     assert queued.payload == {"v": 2, "gpus": ["t", "u"]}
 
 
+def test_setting_the_same_payload_again_keeps_the_incarnation():
+    me = with_peers(core(payload={"v": 1}), "b")
+    me.set_payload({"v": 2, "gpus": ("t", "u")}, 1.0)
+    me.set_payload({"v": 2, "gpus": ["t", "u"]}, 2.0)  # equal once normalized
+    assert me.incarnation == 1
+    me.set_payload({"v": 3}, 3.0)
+    assert me.incarnation == 2
+
+
 def test_a_payload_too_big_for_a_datagram_travels_by_push_pull():
     me = with_peers(core(incarnation=3), "b")
     me.set_payload({"blob": "x" * 5000}, 1.0)
