@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestServer
 from aivailable.api.app import build_app
 from aivailable.api.openai_api import OpenAIApi
 from aivailable.backends.fake_engine import FakeEngine
+from aivailable.local_peers import free_port
 from aivailable.metrics import Metrics
 from peer.auth import FORWARDED_HEADER, PeerAuth, make_peer_session
 from peer.forward import (
@@ -29,7 +30,6 @@ from peer.forward import (
     Replica,
     summarize_availability,
 )
-from tests.peers import free_port
 
 SECRET = b"cluster-secret-for-tests-0123456789"
 REPLY = "alpha beta gamma delta epsilon zeta"

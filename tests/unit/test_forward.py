@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from aivailable.api.app import build_app
 from aivailable.api.openai_api import OpenAIApi
+from aivailable.local_peers import free_port
 from aivailable.metrics import Metrics
 from peer.auth import FORWARDED_HEADER
 from peer.forward import (
@@ -24,7 +25,6 @@ from peer.forward import (
     order_replicas,
     summarize_availability,
 )
-from tests.peers import free_port
 
 
 def r(node, state="ready", depth=0, local=False, addr="127.0.0.1:1"):
