@@ -23,6 +23,7 @@ import hmac
 import logging
 import re
 import secrets
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -249,12 +250,46 @@ def _area(path: str) -> str:
     return "forwarded"
 
 
+# A peer that vanishes from the network (cable pulled, partition) without closing its
+# connections would leave a request on a kept-alive connection waiting for an answer that
+# never comes: the kernel retransmits for ~15 minutes. These bound it to ~10 s. Unacked
+# data for PEER_TCP_USER_TIMEOUT_MS aborts the connection; an idle one (a request sent,
+# the answer not begun, e.g. while queued) is probed after PEER_KEEPALIVE_IDLE_S and aborted
+# after PEER_KEEPALIVE_COUNT unanswered probes PEER_KEEPALIVE_INTERVAL_S apart. A live peer
+# that is merely slow or stopped still ACKs and answers probes, so it is not cut off; 10 s
+# rides out a 30% packet loss (six retransmissions in a row would have to be lost).
+PEER_TCP_USER_TIMEOUT_MS = 10_000
+PEER_KEEPALIVE_IDLE_S = 5
+PEER_KEEPALIVE_INTERVAL_S = 1
+PEER_KEEPALIVE_COUNT = 5
+
+
+def peer_socket(addr_info: tuple) -> socket.socket:
+    """aiohttp's socket_factory for peer connections: TCP keepalive and a user timeout."""
+    family, type_, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", PEER_KEEPALIVE_IDLE_S),
+        ("TCP_KEEPINTVL", PEER_KEEPALIVE_INTERVAL_S),
+        ("TCP_KEEPCNT", PEER_KEEPALIVE_COUNT),
+        ("TCP_USER_TIMEOUT", PEER_TCP_USER_TIMEOUT_MS),
+    ):
+        if hasattr(socket, name):  # Linux has all four; others keep the system's keepalive
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    return sock
+
+
 def make_peer_session(auth: PeerAuth, **kwargs) -> aiohttp.ClientSession:
     """The peer's one ClientSession for talking to other peers: every request is signed.
 
     No connection cap (aiohttp's default is 100 in all), since each forwarded streaming
     request holds a connection for its whole generation; keep-alive reuse keeps the
-    forwarding hop from paying a TCP handshake per request.
+    forwarding hop from paying a TCP handshake per request. Its sockets notice a peer
+    that dropped off the network within ~10 s (see `peer_socket`).
     """
-    kwargs.setdefault("connector", aiohttp.TCPConnector(limit=0, keepalive_timeout=30))
+    kwargs.setdefault(
+        "connector",
+        aiohttp.TCPConnector(limit=0, keepalive_timeout=30, socket_factory=peer_socket),
+    )
     return aiohttp.ClientSession(middlewares=(auth.client_middleware,), **kwargs)

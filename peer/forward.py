@@ -311,6 +311,8 @@ class Forwarder:
             if response is not None:
                 return response
         log.warning("no replica of %s answered: %s", model, "; ".join(failures))
+        if self._availability_of(model).state == "absent":  # undeployed meanwhile
+            raise self._availability_of(model).error(model)
         raise ModelAvailability("unreachable", "; ".join(failures)).error(model)
 
     def _upstream_headers(self, request: web.Request) -> dict[str, str]:
@@ -354,7 +356,11 @@ class Forwarder:
                         # client did nothing wrong, so this is that replica failing.
                         failures.append(f"{replica.node_id} refused this peer's signature")
                         return None
-                    if upstream.status in self._config.retry_statuses and not is_last:
+                    # A 404 is that replica's instance gone (stopped, or the peer restarted
+                    # without it), not the model: never tell the client it does not exist.
+                    if upstream.status in self._config.retry_statuses and (
+                        not is_last or upstream.status == 404
+                    ):
                         failures.append(f"{replica.node_id} answered {upstream.status}")
                         return None
                     # Read the first chunk before answering the client: until then a

@@ -245,8 +245,11 @@ async def test_a_forwarded_request_is_not_forwarded_again(trio):
         peer.extra_replicas = [Replica(other.name, other.addr, False, "ready", 0)]
     async with aiohttp.ClientSession() as session:
         resp = await session.post(trio.front.url + "/v1/chat/completions", json=CHAT)
-    # b1 answered for itself (the model is not there) instead of sending it back.
-    assert resp.status == 404 and (await resp.json())["error"]["code"] == "model_not_found"
+    # b1 answered for itself (the model is not there: 404) instead of sending it back; the
+    # front tells the client no replica answered (503), not that the model does not exist.
+    error = (await resp.json())["error"]
+    assert resp.status == 503 and error["code"] == "model_unreachable"
+    assert "b1 answered 404" in error["message"]
     assert trio.front.hits == 1 and trio.b1.hits == 1
 
 
