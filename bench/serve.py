@@ -1,7 +1,7 @@
 """Serving throughput: tokens/s and time to first token through our API vs llama.cpp direct.
 
-Same model, same prompt, greedy decoding, same run. For k concurrent streams the direct
-side serves the k requests one after another (one llama.cpp context decodes one request
+Same model, same prompt, greedy decoding, same run, the two paths' trials alternating.
+For k concurrent streams the direct side serves the k requests one after another (one llama.cpp context decodes one request
 at a time, as our worker does), so the two sides face the same queueing.
 
     python bench/serve.py [--quick] [--max-tokens N] [--trials N]
@@ -35,29 +35,32 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
-def direct_runs(path: Path, concurrency: int, trials: int, max_tokens: int) -> dict:
-    from llama_cpp import Llama
+class Tally:
+    """Time-to-first-token samples and token/time totals of one path at one level."""
 
-    llm = Llama(str(path), n_ctx=2048, n_gpu_layers=0, verbose=False)
-    llm.create_chat_completion(PROMPT, max_tokens=8, temperature=0)  # warm-up, as for the API
-    ttfts, total_tokens, total_time = [], 0, 0.0
-    for _ in range(trials):
-        start = time.perf_counter()
-        for _ in range(concurrency):  # queued one after another
-            first = None
-            tokens = 0
-            for chunk in llm.create_chat_completion(
-                PROMPT, max_tokens=max_tokens, temperature=0, stream=True
-            ):
-                if chunk["choices"][0]["delta"].get("content"):
-                    tokens += 1
-                    if first is None:
-                        first = time.perf_counter() - start
-            ttfts.append(first or 0.0)
-            total_tokens += tokens
-        total_time += time.perf_counter() - start
-    del llm
-    return summarize(ttfts, total_tokens, total_time)
+    def __init__(self) -> None:
+        self.ttfts: list[float] = []
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def summary(self) -> dict:
+        return summarize(self.ttfts, self.tokens, self.seconds)
+
+
+def direct_trial(llm, concurrency: int, max_tokens: int, tally: Tally) -> None:
+    """k requests served one after another by one llama.cpp context, as our worker does."""
+    start = time.perf_counter()
+    for _ in range(concurrency):
+        first = None
+        for chunk in llm.create_chat_completion(
+            PROMPT, max_tokens=max_tokens, temperature=0, stream=True
+        ):
+            if chunk["choices"][0]["delta"].get("content"):
+                tally.tokens += 1
+                if first is None:
+                    first = time.perf_counter() - start
+        tally.ttfts.append(first or 0.0)
+    tally.seconds += time.perf_counter() - start
 
 
 async def api_stream(session, url: str, max_tokens: int, start: float) -> tuple[float, int]:
@@ -83,21 +86,17 @@ async def api_stream(session, url: str, max_tokens: int, start: float) -> tuple[
     return first or 0.0, tokens
 
 
-async def api_runs(url: str, concurrency: int, trials: int, max_tokens: int) -> dict:
+async def api_trial(url: str, concurrency: int, max_tokens: int, tally: Tally) -> None:
     import aiohttp
 
-    ttfts, total_tokens, total_time = [], 0, 0.0
-    timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        for _ in range(trials):
-            start = time.perf_counter()
-            results = await asyncio.gather(
-                *(api_stream(session, url, max_tokens, start) for _ in range(concurrency))
-            )
-            total_time += time.perf_counter() - start
-            ttfts += [r[0] for r in results]
-            total_tokens += sum(r[1] for r in results)
-    return summarize(ttfts, total_tokens, total_time)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        start = time.perf_counter()
+        results = await asyncio.gather(
+            *(api_stream(session, url, max_tokens, start) for _ in range(concurrency))
+        )
+        tally.seconds += time.perf_counter() - start
+    tally.ttfts += [r[0] for r in results]
+    tally.tokens += sum(r[1] for r in results)
 
 
 def summarize(ttfts: list[float], tokens: int, seconds: float) -> dict:
@@ -122,16 +121,28 @@ def main() -> int:
     path = store.resolve(f"builtin:{MODEL}").path
 
     results: dict = {"model": MODEL, "max_tokens": max_tokens, "trials": trials, "rows": []}
-    direct = {k: direct_runs(path, k, trials, max_tokens) for k in levels}
+    from llama_cpp import Llama
+
+    # Both paths are loaded side by side and their trials alternate, so a machine whose
+    # load changes during the run (2 shared cores) weighs on both alike.
+    llm = Llama(str(path), n_ctx=2048, n_gpu_layers=0, verbose=False)
+    llm.create_chat_completion(PROMPT, max_tokens=8, temperature=0)  # warm-up
+    direct = {k: Tally() for k in levels}
+    api = {k: Tally() for k in levels}
     with tempfile.TemporaryDirectory() as tmp:
         peer = PeerProcess(Path(tmp), "bench", "--no-mdns").start()
         try:
             peer.wait_healthy()
             peer.wait_model_ready()
-            asyncio.run(api_runs(peer.url, 1, 1, 8))  # warm-up
-            api = {k: asyncio.run(api_runs(peer.url, k, trials, max_tokens)) for k in levels}
+            asyncio.run(api_trial(peer.url, 1, 8, Tally()))  # warm-up
+            for k in levels:
+                for _ in range(trials):
+                    direct_trial(llm, k, max_tokens, direct[k])
+                    asyncio.run(api_trial(peer.url, k, max_tokens, api[k]))
         finally:
             peer.stop()
+    direct = {k: t.summary() for k, t in direct.items()}
+    api = {k: t.summary() for k, t in api.items()}
 
     header = (
         f"{'streams':>7} | {'path':>6} | {'tok/s':>8} | {'TTFT p50 ms':>11} | "
