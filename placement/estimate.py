@@ -19,11 +19,12 @@ What llama.cpp allocates on the GPU(s) for a fully offloaded model (its load log
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from placement.gguf_header import GgufFormatError, GgufHeader, read_header
 
 MIB = 1 << 20
 DEFAULT_OVERHEAD = 256 * MIB  # per process: GPU runtime context + BLAS workspace, not logged
@@ -40,10 +41,6 @@ CACHE_TYPES = {
 }
 
 
-class GGUFError(ValueError):
-    """The file is not a GGUF file llama.cpp could load."""
-
-
 @dataclass(frozen=True)
 class Estimate:
     weights: int  # bytes of weights on the GPU(s)
@@ -57,102 +54,6 @@ class Estimate:
     def split_overhead(self) -> int:
         """Extra bytes per additional GPU when split: each holds a compute buffer and context."""
         return self.compute + self.overhead
-
-
-@dataclass(frozen=True)
-class GGUFHeader:
-    metadata: dict  # key -> value; arrays of strings are replaced by their length
-    tensors: dict  # name -> (shape tuple, ggml type int, bytes)
-
-    @property
-    def arch(self) -> str:
-        return str(self.metadata.get("general.architecture", "llama"))
-
-    def arch_value(self, key: str, default=None):
-        return self.metadata.get(f"{self.arch}.{key}", default)
-
-
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q"}
-_SCALARS |= {11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-class _Reader:
-    """Sequential little-endian reads from a file, buffered in chunks."""
-
-    def __init__(self, f) -> None:
-        self.f, self.buf, self.pos = f, b"", 0
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.buf):
-            more = self.f.read(max(n, 1 << 20))
-            self.buf = self.buf[self.pos :] + more
-            self.pos = 0
-            if n > len(self.buf):
-                raise GGUFError("truncated GGUF header")
-        out = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def scalar(self, fmt: str):
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
-
-    def string(self) -> str:
-        return self.take(self.scalar("<Q")).decode("utf-8", errors="replace")
-
-    def value(self, vtype: int):
-        if vtype in _SCALARS:
-            return self.scalar(_SCALARS[vtype])
-        if vtype == _STRING:
-            return self.string()
-        if vtype == _ARRAY:
-            itype, count = self.scalar("<I"), self.scalar("<Q")
-            if itype == _STRING:  # token lists: keep only how many there are
-                for _ in range(count):
-                    self.take(self.scalar("<Q"))
-                return count
-            if itype in _SCALARS:
-                fmt = _SCALARS[itype]
-                size = struct.calcsize(fmt)
-                raw = self.take(size * count)
-                return list(struct.unpack(f"<{count}{fmt[1]}", raw))
-            return [self.value(itype) for _ in range(count)]
-        raise GGUFError(f"unknown GGUF value type {vtype}")
-
-
-def read_header(path: str | Path) -> GGUFHeader:
-    """Metadata and tensor table of a GGUF file (v2 or v3), without reading tensor data."""
-    with open(path, "rb") as f:
-        r = _Reader(f)
-        if r.take(4) != b"GGUF":
-            raise GGUFError(f"{path}: not a GGUF file")
-        version = r.scalar("<I")
-        if version < 2:
-            raise GGUFError(f"{path}: GGUF version {version} is too old")
-        n_tensors, n_kv = r.scalar("<Q"), r.scalar("<Q")
-        metadata = {}
-        for _ in range(n_kv):
-            key = r.string()
-            metadata[key] = r.value(r.scalar("<I"))
-        tensors = {}
-        for _ in range(n_tensors):
-            name = r.string()
-            shape = tuple(r.scalar("<Q") for _ in range(r.scalar("<I")))
-            ggml_type = r.scalar("<I")
-            r.scalar("<Q")  # data offset
-            tensors[name] = (shape, ggml_type, _tensor_bytes(shape, ggml_type))
-    return GGUFHeader(metadata, tensors)
-
-
-def _tensor_bytes(shape: tuple[int, ...], ggml_type: int) -> int:
-    try:
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-    except (ValueError, KeyError) as e:
-        raise GGUFError(f"unknown ggml type {ggml_type}") from e
-    elements = 1
-    for d in shape:
-        elements *= d
-    return elements // block * size
 
 
 def _row_bytes(ggml_type: GGMLQuantizationType, n: int) -> int:
@@ -171,7 +72,7 @@ def _pad(n: int, to: int) -> int:
 
 
 def estimate(
-    gguf_path: str | Path,
+    gguf: str | Path | GgufHeader,
     n_ctx: int,
     n_parallel: int = 1,
     *,
@@ -183,44 +84,22 @@ def estimate(
 ) -> Estimate:
     """Bytes one llama.cpp instance needs with n_parallel slots of n_ctx tokens each.
 
-    The instance is to be started with a context of n_ctx * n_parallel and n_parallel
-    sequences (llama-server `-c n_ctx*n_parallel -np n_parallel`), with `n_ubatch`,
-    `flash_attn`, `kv_unified` and K and V cache types `cache_type` (q8_0/q4_0 V caches need
-    flash attention in llama.cpp).
+    `gguf` is the model file's path, or its header if already read. The instance is to be
+    started with a context of n_ctx * n_parallel and n_parallel sequences (llama-server
+    `-c n_ctx*n_parallel -np n_parallel`), with `n_ubatch`, `flash_attn`, `kv_unified` and
+    K and V cache types `cache_type` (q8_0/q4_0 V caches need flash attention in llama.cpp).
     """
     if n_ctx <= 0 or n_parallel <= 0 or n_ubatch <= 0:
         raise ValueError("n_ctx, n_parallel and n_ubatch must be positive")
     if cache_type not in CACHE_TYPES:
         raise ValueError(f"cache_type must be one of {sorted(CACHE_TYPES)}")
-    return estimate_header(
-        read_header(gguf_path),
-        n_ctx,
-        n_parallel,
-        cache_type=cache_type,
-        n_ubatch=n_ubatch,
-        flash_attn=flash_attn,
-        kv_unified=kv_unified,
-        overhead=overhead,
-    )
-
-
-def estimate_header(
-    header: GGUFHeader,
-    n_ctx: int,
-    n_parallel: int = 1,
-    *,
-    cache_type: str = "f16",
-    n_ubatch: int = 512,
-    flash_attn: bool = False,
-    kv_unified: bool = False,
-    overhead: int = DEFAULT_OVERHEAD,
-) -> Estimate:
-    """estimate() on an already read header."""
+    # header-only files are fine here: only the header is read
+    header = gguf if isinstance(gguf, GgufHeader) else read_header(gguf, check_data=False)
     hv = header.arch_value
     n_layer = int(hv("block_count", 0))
     n_embd = int(hv("embedding_length", 0))
     if n_layer <= 0 or n_embd <= 0:
-        raise GGUFError(f"{header.arch}: block_count/embedding_length missing")
+        raise GgufFormatError(f"{header.architecture}: block_count/embedding_length missing")
     n_head = _per_layer(hv("attention.head_count", 1), n_layer)
     n_head_kv = _per_layer(hv("attention.head_count_kv", hv("attention.head_count", 1)), n_layer)
     n_ff = max(_per_layer(hv("feed_forward_length", 4 * n_embd), n_layer))
@@ -228,12 +107,15 @@ def estimate_header(
     head_v = int(hv("attention.value_length", head_k))
     n_vocab = int(hv("vocab_size", 0) or header.metadata.get("tokenizer.ggml.tokens", 0))
     if not n_vocab and "token_embd.weight" in header.tensors:
-        n_vocab = header.tensors["token_embd.weight"][0][-1]
+        n_vocab = header.tensors["token_embd.weight"].shape[-1]
 
     # weights on the GPU: all but the input embeddings, unless they double as the output layer
-    all_weights = sum(t[2] for t in header.tensors.values())
+    unknown = [name for name, t in header.tensors.items() if t.nbytes is None]
+    if unknown:
+        raise GgufFormatError(f"unknown ggml type of tensor {unknown[0]!r}")
+    all_weights = sum(t.nbytes for t in header.tensors.values())
     embd = header.tensors.get("token_embd.weight")
-    host = embd[2] if embd is not None and "output.weight" in header.tensors else 0
+    host = embd.nbytes if embd is not None and "output.weight" in header.tensors else 0
     weights = all_weights - host
 
     # KV cache: one K and one V row per cell and layer

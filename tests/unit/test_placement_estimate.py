@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 from gguf import GGMLQuantizationType as T
+from gguf import GGUFWriter
 
 from placement import Estimate, PlacementConfig, estimate, model_spec
-from placement.estimate import DEFAULT_OVERHEAD, GGUFError, read_header
+from placement.estimate import DEFAULT_OVERHEAD
+from placement.gguf_header import GgufFormatError, read_header
 from tests.unit.placement_gguf import (
     LLAMA2_7B,
     LLAMA3_8B,
@@ -100,11 +102,11 @@ def test_compute_buffer_scales_like_llama_cpps_graph(headers):
 def test_bad_files_and_arguments_are_refused(tmp_path, headers):
     not_gguf = tmp_path / "x.gguf"
     not_gguf.write_bytes(b"NOPE" + bytes(64))
-    with pytest.raises(GGUFError):
+    with pytest.raises(GgufFormatError):
         estimate(not_gguf, 4096)
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(headers["llama-2-7b"].read_bytes()[:2000])
-    with pytest.raises(GGUFError):
+    with pytest.raises(GgufFormatError):
         estimate(cut, 4096)
     with pytest.raises(ValueError):
         estimate(headers["llama-2-7b"], 0)
@@ -113,10 +115,29 @@ def test_bad_files_and_arguments_are_refused(tmp_path, headers):
 
 
 def test_header_reader_gives_the_metadata(headers):
-    h = read_header(headers["llama-3-8b"])
-    assert h.arch == "llama"
+    h = read_header(headers["llama-3-8b"], check_data=False)  # a header-only file
+    assert h.architecture == "llama"
     assert h.arch_value("block_count") == 32
-    assert h.tensors["token_embd.weight"][0] == (4096, 128256)
+    assert h.tensors["token_embd.weight"].shape == (4096, 128256)
+    assert estimate(h, 8192, 2) == estimate(headers["llama-3-8b"], 8192, 2)  # a header read once
+
+
+def test_per_layer_head_counts_shape_the_kv_cache(tmp_path):
+    """Variable-GQA models give head counts per layer; the vocabulary size comes from the
+    token list, which the header reader only counts."""
+    path = tmp_path / "per-layer.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_embedding_length(256)
+    w.add_block_count(4)
+    w.add_head_count(8)
+    w.add_head_count_kv([8, 2, 0, 4])  # 0: a layer without attention
+    w.add_token_list([f"t{i}" for i in range(40_000)])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    e = estimate(path, 1024, flash_attn=True)
+    assert e.kv_cache == 1024 * 2 * (256 // 8) * (8 + 2 + 0 + 4) * 2  # K and V rows, f16
+    assert e.compute == 4 * 512 * (40_000 + 3 * 256)  # the logits of one micro-batch
 
 
 def test_estimate_is_a_plain_value():

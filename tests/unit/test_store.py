@@ -22,6 +22,8 @@ import pytest
 
 from aivailable import store
 from aivailable.store import ModelFile, ModelSourceError, read_header, resolve
+from placement import estimate
+from placement.gguf_header import GgufFormatError
 
 
 def write_tiny_gguf(path: Path, n_floats: int = 64) -> Path:
@@ -123,6 +125,72 @@ def test_random_bytes_after_magic_never_crash(tiny: Path, cache: Path):
         tiny.write_bytes(bytes(data))
         with contextlib.suppress(ModelSourceError):
             resolve(str(tiny), cache_dir=cache)
+
+
+def crafted_gguf(path: Path, kv=b"", n_kv=0, tensors=b"", n_tensors=0, pad=64) -> Path:
+    """A GGUF v3 file from raw metadata and tensor-info bytes, followed by `pad` zeros."""
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv) + kv + tensors + bytes(pad))
+    return path
+
+
+def gguf_str(text: str) -> bytes:
+    return struct.pack("<Q", len(text)) + text.encode()
+
+
+def array_kv(key: str, item_type: int, count: int, items: bytes = b"") -> bytes:
+    return gguf_str(key) + struct.pack("<IIQ", 9, item_type, count) + items
+
+
+@pytest.mark.parametrize(
+    ("item_type", "count", "pad", "message"),
+    [
+        (0, 1 << 40, 64, "implausible array length"),  # uint8, far more than the file holds
+        (4, 4000, 8000, "ends inside the header"),  # uint32, decoded, past the end
+        (4, 100_000, 200_000, "ends inside the header"),  # uint32, too long to decode: skipped
+        (8, 50, 64, "ends inside the header"),  # strings
+    ],
+)
+def test_crafted_array_counts_are_refused_without_a_huge_read(
+    tmp_path: Path, cache: Path, item_type: int, count: int, pad: int, message: str
+):
+    kv = array_kv("x", item_type, count)
+    path = crafted_gguf(tmp_path / "crafted.gguf", kv, 1, pad=pad)
+    with pytest.raises(ModelSourceError, match=message):
+        resolve(str(path), cache_dir=cache)
+    with pytest.raises(GgufFormatError, match=message):
+        estimate(path, 512)  # the estimate reads the same header the same way
+
+
+def test_deeply_nested_arrays_and_duplicates_are_refused(tmp_path: Path, cache: Path):
+    nested = array_kv("x", 9, 1) + struct.pack("<IQ", 9, 1) * 4 + struct.pack("<IQ", 0, 0)
+    path = crafted_gguf(tmp_path / "nested.gguf", nested, 1)
+    with pytest.raises(ModelSourceError, match="nested more than 4 deep"):
+        resolve(str(path), cache_dir=cache)
+    twice = (gguf_str("k") + struct.pack("<IB", 0, 1)) * 2
+    with pytest.raises(ModelSourceError, match="duplicate metadata key 'k'"):
+        resolve(str(crafted_gguf(tmp_path / "keys.gguf", twice, 2)), cache_dir=cache)
+    tensor = gguf_str("t") + struct.pack("<IQIQ", 1, 4, 0, 0)  # 4 f32 at offset 0
+    path = crafted_gguf(tmp_path / "tensors.gguf", tensors=tensor * 2, n_tensors=2)
+    with pytest.raises(ModelSourceError, match="duplicate tensor name 't'"):
+        resolve(str(path), cache_dir=cache)
+
+
+def test_small_numeric_arrays_are_decoded_and_long_ones_counted(tmp_path: Path):
+    path = tmp_path / "arrays.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_head_count_kv([8, 2, 0, 4])
+    writer.add_token_list([f"t{i}" for i in range(5000)])
+    writer.add_token_scores([0.5] * 5000)
+    writer.add_tensor("w", np.ones((3, 5), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    header = read_header(path)
+    assert header.metadata["llama.attention.head_count_kv"] == [8, 2, 0, 4]
+    assert header.metadata["tokenizer.ggml.tokens"] == 5000
+    assert header.metadata["tokenizer.ggml.scores"] == 5000
+    assert header.tensors["w"].shape == (5, 3) and header.tensors["w"].nbytes == 60
 
 
 def test_unknown_builtin_and_empty_source(cache: Path):
