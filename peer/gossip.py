@@ -180,8 +180,12 @@ class Gossip:
             self._wake.clear()  # set again only by what happens while we wait
             delay = self.core.next_deadline() - time.monotonic()
             if delay > 0:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally
+                # when the wake-up and a cancel land together, losing the cancel, and this
+                # loop would then keep the peer from ever shutting down.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
 
     async def _join_seeds(self) -> None:
         for host, port in self._seeds:

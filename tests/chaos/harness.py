@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections import defaultdict
@@ -198,6 +199,7 @@ class Seen:
     peer: str
     term: int
     leader: str | None
+    dead: tuple[str, ...] = ()  # nodes this peer's gossip view showed dead
 
 
 class StatusWatcher:
@@ -230,7 +232,8 @@ class StatusWatcher:
                 status = get_json(peer.url + "/cluster/status", timeout=2)
                 now = time.monotonic()
                 self.latest[peer.name] = (now, status)
-                self.seen.append(Seen(now, peer.name, status["term"], status["leader"]))
+                dead = tuple(n["id"] for n in status["nodes"] if n["state"] == "dead")
+                self.seen.append(Seen(now, peer.name, status["term"], status["leader"], dead))
             self._stop.wait(self.interval_s)
 
     def leaders_by_term(self) -> dict[int, set[str]]:
@@ -239,6 +242,10 @@ class StatusWatcher:
             if s.leader:
                 by_term[s.term].add(s.leader)
         return dict(by_term)
+
+    def ever_dead(self) -> set[str]:
+        """Nodes some peer's gossip view showed dead at some point."""
+        return {n for s in list(self.seen) for n in s.dead}
 
     def assert_one_leader_per_term(self) -> None:
         split = {t: ls for t, ls in self.leaders_by_term().items() if len(ls) > 1}
@@ -329,17 +336,29 @@ class Cluster:
         peer.proc.wait(10)
         return workers
 
-    def close(self) -> None:
-        """End every peer this cluster started, all at once (a stopped one is continued
-        first), and their model workers."""
+    def stop_all(self, timeout: float = 20) -> dict[str, int | None]:
+        """SIGTERM every running peer at once (one signal each: a second one during the
+        graceful shutdown would find Python's default handler back); SIGKILL whoever is
+        still there after `timeout`. Returns each one's exit code."""
         running = self.running()
-        workers = [w for p in running for w in children(p.pid)]
         for p in running:
-            p.signal(signal.SIGCONT)
+            p.signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
             p.signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        codes: dict[str, int | None] = {}
         for p in running:
-            with contextlib.suppress(Exception):
-                p.stop(timeout=10)  # waits for the SIGTERM above; SIGKILL past 10 s
+            try:
+                codes[p.name] = p.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.signal(signal.SIGKILL)
+                codes[p.name] = p.proc.wait(5)
+        return codes
+
+    def close(self) -> None:
+        """End every peer this cluster started, and their model workers."""
+        workers = [w for p in self.running() for w in children(p.pid)]
+        with contextlib.suppress(Exception):
+            self.stop_all(timeout=10)
         wait_gone(workers, 10, kill=True)
 
 

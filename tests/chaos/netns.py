@@ -103,18 +103,24 @@ class Lab:
         for chain in ("in", "out"):
             host.nft("flush", "chain", "inet", "chaos", chain)
 
-    def partition(self, *hosts: Host) -> None:
-        """Cut these hosts off the lab network (each still talks to itself on lo)."""
+    def partition(self, *hosts: Host, watchable: bool = False) -> None:
+        """Cut these hosts off the lab network (each still talks to itself on lo).
+        `watchable`: the test process (the bridge's address) still reaches them."""
         for host in hosts:
             self.heal(host)
+            if watchable:
+                self._let_the_test_through(host)
             host.nft("add", "rule", "inet", "chaos", "in", "iifname", "eth0", "drop")
             host.nft("add", "rule", "inet", "chaos", "out", "oifname", "eth0", "drop")
 
-    def isolate_group(self, group: list[Host]) -> None:
-        """Split the network: `group` talks among itself, not with the rest (nor the test)."""
+    def isolate_group(self, group: list[Host], watchable: bool = False) -> None:
+        """Split the network: `group` talks among itself, not with the rest (nor the test,
+        unless `watchable`)."""
         allowed = ", ".join(h.addr for h in group)
         for host in group:
             self.heal(host)
+            if watchable:
+                self._let_the_test_through(host)
             host.nft(
                 "add",
                 "rule",
@@ -143,6 +149,10 @@ class Lab:
                 f"{{ {allowed}, 224.0.0.251 }}",
                 "drop",
             )
+
+    def _let_the_test_through(self, host: Host) -> None:
+        host.nft("add", "rule", "inet", "chaos", "in", "ip", "saddr", self.gateway, "accept")
+        host.nft("add", "rule", "inet", "chaos", "out", "ip", "daddr", self.gateway, "accept")
 
     def loss(self, host: Host, percent: int) -> None:
         """Drop `percent` % of packets in each direction on this host's link."""

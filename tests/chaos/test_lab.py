@@ -64,3 +64,22 @@ def test_total_loss_drops_everything_and_partial_loss_some(lab):
     assert any(results)  # 30% loss each way still lets most connections through
     lab.heal(a)
     assert can_connect(a.addr, 8123)
+
+
+def connects_from(host, addr: str, port: int) -> bool:
+    """Whether `host` (inside its namespace) reaches addr:port."""
+    code = f"import socket; socket.create_connection(({addr!r}, {port}), timeout=0.5)"
+    return subprocess.run([*host.exec_prefix(), sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_watchable_partition_still_lets_the_test_process_in(lab):
+    a, b = lab.hosts
+    assert connects_from(b, a.addr, 8123)
+    lab.partition(a, watchable=True)
+    assert can_connect(a.addr, 8123)  # the test still sees it
+    assert not connects_from(b, a.addr, 8123)  # its peers do not
+    lab.isolate_group([a], watchable=True)
+    assert can_connect(a.addr, 8123)
+    assert not connects_from(b, a.addr, 8123)
+    lab.heal(a)
+    assert connects_from(b, a.addr, 8123)
