@@ -205,7 +205,9 @@ class LlamaEngine(Engine):
             else:  # still loading: nothing worth waiting for
                 self._kill(proc)
             try:
-                await asyncio.wait_for(self._run_done.wait(), self.config.stop_timeout)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel.
+                async with asyncio.timeout(self.config.stop_timeout):
+                    await self._run_done.wait()
             except TimeoutError:
                 self._kill(proc)
         if self._runner is not None:
@@ -246,7 +248,8 @@ class LlamaEngine(Engine):
                     backoff,
                 )
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop_requested.wait(), backoff)
+                    async with asyncio.timeout(backoff):
+                        await self._stop_requested.wait()
                 backoff = min(backoff * 2, self.config.restart_backoff_max)
         finally:
             if self._proc is not None:  # cancelled mid-child
@@ -327,7 +330,8 @@ class LlamaEngine(Engine):
         """Wait for ready, then route frames until the child's stdout ends. Returns an
         error message if the child reported one before ready."""
         try:
-            first = await asyncio.wait_for(self._read_frame(proc.stdout), self.config.load_timeout)
+            async with asyncio.timeout(self.config.load_timeout):
+                first = await self._read_frame(proc.stdout)
         except TimeoutError:
             return f"the model did not load within {self.config.load_timeout:.0f}s"
         if first is None:
