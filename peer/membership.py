@@ -187,8 +187,9 @@ class Membership:
         payload again changes nothing: the peer republishes it periodically, and a fresh
         incarnation each time would flood the cluster with alive broadcasts."""
         payload = wire.normalize(payload)
-        if payload == self._me.payload:
-            return
+        if payload == self._me.payload or self._leaving:
+            return  # a leaving node must not announce itself alive again (its workers
+            # stop after the leave, and each stop changes the payload)
         self._me.payload = payload
         self._me.incarnation += 1
         self._broadcast_self_alive()

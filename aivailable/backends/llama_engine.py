@@ -303,6 +303,8 @@ class LlamaEngine(Engine):
             self._set_state("failed")
             return
         self._proc = proc
+        if self._stop_requested.is_set():  # stop() came while the child was being spawned:
+            self._kill(proc)  # it saw no process to kill and waits for this run to end
         error = ""
         try:
             async with asyncio.TaskGroup() as tg:
@@ -341,6 +343,8 @@ class LlamaEngine(Engine):
         if first.get("type") != proto.READY:
             return f"worker sent {first!r:.100} before ready"
         self.last_error = ""
+        if self._stop_requested.is_set():  # stopped while loading: never "ready" again
+            return ""
         self._set_state("ready")
         while (frame := await self._read_frame(proc.stdout)) is not None:
             self._route(frame)

@@ -160,6 +160,29 @@ def chat(peer: PeerProcess, model: str) -> tuple[int, dict]:
     )
 
 
+def stop_and_see_it_leave(peer: PeerProcess, observers: list[PeerProcess]) -> None:
+    """SIGTERM `peer`: every observer sees it go from "alive" straight to "left", never
+    suspect or dead, also once the suspicion timeout has passed."""
+    seen: dict[str, list[str]] = {o.name: [] for o in observers}
+
+    def record(o: PeerProcess) -> str:
+        state = nodes_seen(o)[peer.name]["state"]
+        if not seen[o.name] or seen[o.name][-1] != state:
+            seen[o.name].append(state)
+        return state
+
+    assert all(record(o) == "alive" for o in observers)
+    peer.signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(record(o) == "left" for o in observers):
+        time.sleep(0.05)
+    assert peer.proc.wait(20) == 0
+    time.sleep(3)  # past the suspicion minimum: a missed "left" would now show as dead
+    for o in observers:
+        record(o)
+    assert all(states == ["alive", "left"] for states in seen.values()), seen
+
+
 def test_peers_find_each_other_by_mdns_show_gpus_and_refuse_strangers(cluster, tmp_path):
     peers = cluster.start()
     names = set(GPUS)
@@ -234,25 +257,7 @@ def test_a_killed_peer_is_dead_rejoins_with_a_higher_incarnation_and_sigterm_lea
     )
     wait_all([c], all_alive({"a", "b", "c"}), "c sees everyone again")
 
-    # A graceful stop: the others see "left" straight from "alive", never suspect or dead.
-    seen: dict[str, list[str]] = {"a": [], "c": []}
-
-    def record(peer: PeerProcess) -> str:
-        state = nodes_seen(peer)["b"]["state"]
-        if not seen[peer.name] or seen[peer.name][-1] != state:
-            seen[peer.name].append(state)
-        return state
-
-    assert record(a) == record(c) == "alive"
-    b.signal(signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not all(record(p) == "left" for p in (a, c)):
-        time.sleep(0.05)
-    assert b.proc.wait(20) == 0
-    time.sleep(3)  # past the suspicion minimum: a missed "left" would now show as dead
-    for p in (a, c):
-        record(p)
-        assert seen[p.name] == ["alive", "left"], (p.name, seen[p.name])
+    stop_and_see_it_leave(b, [a, c])
 
 
 def test_deploy_through_followers_and_a_whole_cluster_restart_keeps_the_models(cluster):
@@ -282,6 +287,17 @@ def test_deploy_through_followers_and_a_whole_cluster_restart_keeps_the_models(c
     c.wait_until(lambda: ready_on(c, "keep"), 120, "'keep' ready")
     status, reply = chat(c, "keep")
     assert status == 200 and reply["choices"][0]["message"]["content"], reply
+
+    # The host stops gracefully (its model worker stops after it left): the others see it
+    # leave, the model moves to the other GPU node, and the host rejoins when started again.
+    host = cluster.peers[ready_on(c, "keep")[0]]
+    other = next(p for p in peers if p.name not in (host.name, "c"))
+    stop_and_see_it_leave(host, [p for p in peers if p is not host])
+    c.wait_until(lambda: ready_on(c, "keep") == [other.name], 120, "'keep' moved")
+    status, reply = chat(c, "keep")
+    assert status == 200 and reply["choices"][0]["message"]["content"], reply
+    host.start()
+    wait_all(peers, all_alive({"a", "b", "c"}), "the host back")
 
     cluster_id = c.status()["cluster_id"]
     for peer in peers:

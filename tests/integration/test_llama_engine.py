@@ -315,6 +315,29 @@ async def test_stop_while_loading_kills_the_worker(stand_in):
         os.kill(pid, 0)
 
 
+async def test_stop_while_the_worker_is_being_spawned_ends_it(stand_in, monkeypatch):
+    # The reconciler may stop an instance a moment after starting it (a restarted peer
+    # acts on its old plan until it has caught up): stop() then finds no child yet.
+    spawning, release = asyncio.Event(), asyncio.Event()
+    spawn = asyncio.create_subprocess_exec
+
+    async def gated_spawn(*args, **kwargs):
+        spawning.set()
+        await release.wait()
+        return await spawn(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", gated_spawn)
+    engine = stand_in("echo")
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(engine.run())  # as Instances runs it
+        await spawning.wait()
+        stopping = tg.create_task(engine.stop())
+        await eventually(lambda: engine.state == "stopping")
+        release.set()
+        await asyncio.wait_for(stopping, 10)
+    assert engine.state == "pending" and engine.pid is None
+
+
 async def test_corrupt_frame_fails_the_worker_and_restarts_it(stand_in):
     states = []
     engine = stand_in("garbage", on_state_change=states.append)

@@ -194,6 +194,15 @@ def test_setting_the_same_payload_again_keeps_the_incarnation():
     assert me.incarnation == 2
 
 
+def test_a_payload_change_after_leaving_does_not_announce_the_node_alive_again():
+    me = with_peers(core(payload={"v": 1}), "b")
+    me.leave(1.0)
+    me.set_payload({"v": 2}, 1.1)  # its model workers stop after the leave
+    other = with_peers(core("b"), "a")
+    other.receive("x", 1, [me.broadcasts.pending("a")], 1.2)
+    assert other.member("a").state == "left"
+
+
 def test_a_payload_too_big_for_a_datagram_travels_by_push_pull():
     me = with_peers(core(incarnation=3), "b")
     me.set_payload({"blob": "x" * 5000}, 1.0)
