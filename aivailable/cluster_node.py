@@ -23,6 +23,7 @@ import aiohttp
 from aiohttp import web
 
 from aivailable.api.cluster_api import ClusterApi
+from aivailable.api.errors import ApiError
 from aivailable.backends.base import Engine
 from aivailable.backends.llama_engine import LlamaEngine, n_gpu_layers_for
 from aivailable.cluster_state import ClusterState
@@ -222,7 +223,13 @@ class ClusterNode:
     async def _delegate(self, request: web.Request) -> web.StreamResponse:
         handler = self._late_handlers.get(request.path)
         if handler is None:
-            return web.json_response({"error": "this peer has not joined Raft yet"}, status=503)
+            raise ApiError(
+                503,
+                "this peer has not joined Raft yet",
+                type="service_unavailable",
+                code="not_joined",
+                retry_after=1,
+            )
         return await handler(request)
 
     async def _until_ready(self) -> None:
