@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from tempfile import TemporaryDirectory
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from aivailable.local_peers import free_port  # noqa: E402
 from peer.config import GossipConfig  # noqa: E402
 from tests.sim.gossip_sim import GossipSim  # noqa: E402
 
@@ -101,19 +101,6 @@ def false_positive_row(n: int, loss: float, seconds: float, seeds: int) -> dict:
 
 
 # ----- loopback agents -------------------------------------------------------------------
-
-
-def free_port() -> int:
-    while True:
-        with socket.socket() as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
 
 
 def view(port: int) -> dict[str, str]:

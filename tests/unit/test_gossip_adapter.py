@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 
 import aiohttp
@@ -13,6 +12,7 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aivailable.local_peers import free_port
 from peer import wire
 from peer.config import GossipConfig
 from peer.crypto import Envelope, Keyring
@@ -22,19 +22,6 @@ from peer.transport import UdpTransport, split_into_datagrams
 
 SECRET = b"s" * 32
 FAST = GossipConfig(probe_interval=0.2, probe_timeout=0.08, gossip_interval=0.05)
-
-
-def free_port() -> int:
-    while True:
-        with socket.socket() as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
 
 
 @contextlib.asynccontextmanager
