@@ -41,7 +41,6 @@ from aivailable.cluster_view import (
 from aivailable.config import Config
 from aivailable.controller import (
     Controller,
-    ControllerConfig,
     MemberClock,
     Trigger,
     caught_up_learners,
@@ -51,7 +50,7 @@ from aivailable.gpu import GpuInfo
 from aivailable.instances import Instances
 from aivailable.membership_policy import FOUND, RESUME, WAIT, bootstrap_action
 from aivailable.model_transfer import LocalModels, ModelFetcher, ModelTransferApi
-from aivailable.reconciler import Reconciler, ReconcilerConfig, node_payload
+from aivailable.reconciler import Reconciler, node_payload
 from consensus import FileStorage, HardState
 from consensus.driver import MESSAGES_PATH, RaftDriver
 from peer.forward import Forwarder, Replica, summarize_availability
@@ -102,6 +101,7 @@ def llama_builder(config: Config, gpus: list[GpuInfo]) -> EngineBuilder:
             n_gpu_layers=n_gpu_layers_for(assigned),
             queue_limit=config.queue_limit,
             env=env,
+            config=config.engine,
             tensor_split=getattr(step, "tensor_split", None) if len(real) > 1 else None,
         )
 
@@ -152,10 +152,12 @@ class ClusterNode:
             self.instances,
             self.rec_wake,
             self.fetcher.ensure,
-            ReconcilerConfig(),
+            config.reconciler,
             discover=self.fetcher.discover,
         )
-        self.forwarder = Forwarder(session, self.replicas_of, self.availability_of, self.me)
+        self.forwarder = Forwarder(
+            session, self.replicas_of, self.availability_of, self.me, config.forward
+        )
         self._address_of = address_book(
             self.state, lambda: {e.id: e.payload.addr for e in self.entries() if e.payload.addr}
         )
@@ -365,8 +367,8 @@ class ClusterNode:
                 proposer = Proposer(driver, self.session, self._address_of)
                 apply = apply_entry(self.state, [self.ctrl_wake, self.rec_wake], proposer)
                 default = None if self.config.model.lower() in ("", "none") else self.config.model
-                controller_config = ControllerConfig(
-                    default_source=default, default_n_ctx=self.config.n_ctx
+                controller_config = dataclasses.replace(
+                    self.config.controller, default_source=default, default_n_ctx=self.config.n_ctx
                 )
                 controller = Controller(
                     self.me,
@@ -382,6 +384,7 @@ class ClusterNode:
                     members=lambda: member_infos(self.entries()),
                     caught_up=caught_up_learners(driver, controller_config.promote_max_lag),
                     found_cluster_id=self.cluster_id if decision.action == FOUND else None,
+                    membership=self.config.membership,
                 )
                 self._driver, self._proposer = driver, proposer
                 self._late_handlers = {

@@ -15,8 +15,14 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from aivailable.backends.llama_engine import EngineConfig
+from aivailable.controller import ControllerConfig
+from aivailable.membership_policy import MembershipConfig
+from aivailable.reconciler import ReconcilerConfig
 from consensus.driver import RaftConfig
+from peer.auth import AuthConfig
 from peer.config import GossipConfig
+from peer.forward import ForwardConfig
 
 
 def _default_data_dir() -> pathlib.Path:
@@ -96,6 +102,19 @@ class Config:
     gossip: GossipConfig = field(default_factory=GossipConfig)
     # Raft timing (consensus/driver.py explains each default); a [raft] table overrides.
     raft: RaftConfig = field(default_factory=RaftConfig)
+    # The sections below work the same way; each module explains its defaults.
+    # [controller]: suspect grace, re-plan tick, fallback VRAM estimate (aivailable/controller.py).
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    # [membership]: how many voters, when a dead voter is removed (membership_policy.py).
+    membership: MembershipConfig = field(default_factory=MembershipConfig)
+    # [reconciler]: VRAM headroom, start retry backoff (aivailable/reconciler.py).
+    reconciler: ReconcilerConfig = field(default_factory=ReconcilerConfig)
+    # [engine]: model worker restarts, load timeout, llama.cpp threads (llama_engine.py).
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    # [forward]: connect, stall and request timeouts of the forwarding hop (peer/forward.py).
+    forward: ForwardConfig = field(default_factory=ForwardConfig)
+    # [auth]: clock skew and replay window of peer request signatures (peer/auth.py).
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     def __post_init__(self) -> None:
         if self.cpu not in ("auto", "yes", "no"):

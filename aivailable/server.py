@@ -74,7 +74,7 @@ async def serve(
         return gpus
 
     gpus = await asyncio.to_thread(probe)
-    auth = PeerAuth(secret)
+    auth = PeerAuth(secret, config.auth)
     serving = False
     async with make_peer_session(auth) as session, asyncio.TaskGroup() as tg:
         gossip = Gossip(

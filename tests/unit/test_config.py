@@ -56,10 +56,16 @@ def test_a_wildcard_bind_advertises_a_real_address():
 
 def test_nested_sections_override_single_fields(tmp_path):
     toml = tmp_path / "c.toml"
-    toml.write_text("[raft]\ntick_interval_ms = 50\n[gossip]\nprobe_interval = 1.0\n")
+    toml.write_text(
+        "[raft]\ntick_interval_ms = 50\n[gossip]\nprobe_interval = 1.0\n"
+        "[controller]\nsuspect_grace_s = 2.5\n[forward]\nstall_timeout_s = 30\n"
+        "[engine]\nn_threads = 2\n[membership]\nsmall_voters = 1\n"
+    )
     config = load_config(toml_path=toml, environ={})
     assert config.raft.tick_interval_ms == 50 and config.raft.election_ticks == 10
     assert config.gossip.probe_interval == 1.0
+    assert config.controller.suspect_grace_s == 2.5 and config.forward.stall_timeout_s == 30
+    assert config.engine.n_threads == 2 and config.membership.small_voters == 1
     toml.write_text("[raft]\nno_such_knob = 1\n")
     with pytest.raises(ConfigError, match="raft"):
         load_config(toml_path=toml, environ={})
