@@ -2,6 +2,8 @@
 
 Nothing here touches a clock, a socket or a file. Time arrives as tick(), peers' messages as
 step(), and everything the node wants done (persist, send, apply) leaves through ready().
+The leader's side of log replication (appends, heartbeats, snapshots, commit) is in
+replication.py, as plain functions on the node.
 Section numbers in comments refer to the Raft paper (Ongaro & Ousterhout, 2014) and, where
 marked, to Ongaro's dissertation (2014).
 """
@@ -10,17 +12,22 @@ from __future__ import annotations
 
 from random import Random
 
+from . import replication
 from .confchange import changed_conf
 from .log import RaftLog
-from .progress import PROBE, REPLICATE, SNAPSHOT, Progress
+from .progress import Progress
 from .types import (
     APP,
     APP_RESP,
+    CANDIDATE,
     CMD,
     CONF,
+    FOLLOWER,
     HEARTBEAT,
     HEARTBEAT_RESP,
+    LEADER,
     NOOP,
+    PRE_CANDIDATE,
     PRE_VOTE,
     PRE_VOTE_RESP,
     SNAP,
@@ -28,7 +35,6 @@ from .types import (
     VOTE,
     VOTE_RESP,
     ConfState,
-    Entry,
     HardState,
     Message,
     NotLeader,
@@ -37,11 +43,6 @@ from .types import (
     Snapshot,
     encode_conf,
 )
-
-FOLLOWER = "follower"
-PRE_CANDIDATE = "pre-candidate"
-CANDIDATE = "candidate"
-LEADER = "leader"
 
 _WON, _LOST, _PENDING = "won", "lost", "pending"
 
@@ -134,7 +135,7 @@ class RaftNode:
     def propose(self, data: bytes) -> int:
         """Append a command to the leader's log; returns its index. Raises NotLeader."""
         self._check_can_propose()
-        self._append([(CMD, bytes(data))])
+        replication.append(self, [(CMD, bytes(data))])
         return self.log.last_index()
 
     def propose_conf_change(self, op: str, node: str, voter: bool = True) -> int:
@@ -150,7 +151,7 @@ class RaftNode:
             raise ProposalRejected("another configuration change is uncommitted", True)
         # The latest configuration in the log is the committed one: none is pending.
         new = changed_conf(self.log.conf(), op, node, voter)
-        self._append([(CONF, encode_conf(new, op, node))])
+        replication.append(self, [(CONF, encode_conf(new, op, node))])
         return self.log.last_index()
 
     def transfer_leadership(self, to: str) -> None:
@@ -166,7 +167,7 @@ class RaftNode:
         if self.progress[to].match == self.log.last_index():
             self._send(TIMEOUT_NOW, to)
         else:
-            self._maybe_send_append(to)
+            replication.maybe_send_append(self, to)
 
     def campaign(self) -> None:
         """Start an election now instead of at the next timeout (tests, bootstrap)."""
@@ -207,7 +208,7 @@ class RaftNode:
         if self._needs_broadcast:
             self._needs_broadcast = False
             if self.role == LEADER:
-                self._broadcast_append()
+                replication.broadcast_append(self)
         hs = self._hard_state()
         return Ready(
             hard_state=hs if hs != self._saved_hard_state else None,
@@ -266,18 +267,7 @@ class RaftNode:
                 for peer, pr in self.progress.items():
                     pr.recent_active = peer == self.id
             self.lead_transferee = None  # a transfer that took a whole timeout has failed
-        for peer, pr in self.progress.items():
-            if pr.state == SNAPSHOT:
-                pr.snapshot_wait += 1
-                if pr.snapshot_wait >= self.election_ticks:  # the snapshot was probably lost
-                    pr.become_probe()
-                    self._maybe_send_append(peer)
-        if self.heartbeat_elapsed >= self.heartbeat_ticks:
-            self.heartbeat_elapsed = 0
-            for peer, pr in self.progress.items():
-                if peer != self.id:
-                    commit = min(pr.match, self.log.committed)
-                    self._send(HEARTBEAT, peer, commit=commit)
+        replication.tick(self)
 
     # ---- role changes
 
@@ -326,7 +316,7 @@ class RaftNode:
         self.progress[self.id].match = last
         self.progress[self.id].recent_active = True
         # A no-op of the new term lets the leader commit entries of earlier terms (5.4.2, 8).
-        self._append([(NOOP, b"")])
+        replication.append(self, [(NOOP, b"")])
 
     def _hup(self, transfer: bool) -> None:
         if self.role == LEADER:
@@ -406,7 +396,7 @@ class RaftNode:
         if m.type in (VOTE, PRE_VOTE):
             self._handle_vote_request(m)
         elif self.role == LEADER:
-            self._step_leader(m)
+            replication.step(self, m)
         elif self.role in (CANDIDATE, PRE_CANDIDATE):
             self._step_candidate(m)
         else:
@@ -495,124 +485,6 @@ class RaftNode:
             self._pending_snapshot = snap
             self._restore = snap
         self._send(APP_RESP, m.src, index=snap.index)
-
-    def _step_leader(self, m: Message) -> None:
-        pr = self.progress.get(m.src)
-        if pr is None:
-            return
-        if m.type == APP_RESP:
-            pr.recent_active = True
-            self._handle_append_response(m, pr)
-        elif m.type == HEARTBEAT_RESP:
-            pr.recent_active = True
-            pr.probe_sent = False
-            if pr.state == REPLICATE and len(pr.inflights) >= self.max_inflight:
-                pr.inflights.popleft()  # free one slot so a lost append gets retried
-            if pr.match < self.log.last_index():
-                self._maybe_send_append(m.src)
-
-    def _handle_append_response(self, m: Message, pr: Progress) -> None:
-        if m.reject:
-            next_probe = m.reject_hint
-            if m.log_term > 0:
-                next_probe, _ = self.log.find_conflict_by_term(m.reject_hint, m.log_term)
-            if pr.maybe_decrease_to(m.index, next_probe):
-                if pr.state == REPLICATE:
-                    pr.become_probe()
-                self._maybe_send_append(m.src)
-            return
-        was_paused = pr.is_paused(self.max_inflight)
-        if not pr.maybe_update(m.index):
-            return
-        if pr.state == PROBE:
-            pr.become_replicate()
-        elif pr.state == SNAPSHOT and pr.match >= pr.pending_snapshot:
-            pr.become_probe()
-            pr.become_replicate()
-        if self._maybe_commit():
-            self._broadcast_append()
-            if self.role != LEADER or m.src not in self.progress:
-                return  # stepped down, or the committed configuration dropped the sender
-        elif was_paused:
-            self._maybe_send_append(m.src)
-        while self._maybe_send_append(m.src, send_if_empty=False):
-            pass
-        if m.src == self.lead_transferee and pr.match == self.log.last_index():
-            self._send(TIMEOUT_NOW, m.src)
-
-    # ---- leader: appending and replicating
-
-    def _append(self, items: list[tuple[str, bytes]]) -> None:
-        last = self.log.last_index()
-        entries = [
-            Entry(self.term, last + 1 + i, kind, data) for i, (kind, data) in enumerate(items)
-        ]
-        self.log.append(entries)
-        self.progress[self.id].maybe_update(self.log.last_index())
-        self._maybe_commit()
-        self._needs_broadcast = True  # sent at the next ready(), so proposals batch per message
-
-    def _sync_progress_with_conf(self) -> None:
-        members = set(self.log.conf().members())
-        for member in members:
-            if member not in self.progress:
-                self.progress[member] = Progress(self.log.last_index() + 1)
-        for peer in list(self.progress):
-            if peer not in members and peer != self.id:
-                del self.progress[peer]
-
-    def _maybe_commit(self) -> bool:
-        matches = sorted(
-            (self.progress[v].match if v in self.progress else 0 for v in self.voters),
-            reverse=True,
-        )
-        if not matches:
-            return False
-        committed = self.log.maybe_commit(matches[self._quorum() - 1], self.term)
-        if committed:
-            self._sync_progress_with_conf()  # a committed conf entry takes effect now
-        # A leader removed from the configuration steps down once the change is committed
-        # (dissertation 4.2.2); until then it replicates without counting itself.
-        if (
-            self.id not in self.voters
-            and self.log.committed >= self.log.pending_conf_index()
-            and self.role == LEADER
-        ):
-            self._broadcast_append()
-            self._become_follower(self.term, None)
-        return committed
-
-    def _broadcast_append(self) -> None:
-        for peer in list(self.progress):
-            if peer != self.id:
-                self._maybe_send_append(peer)
-
-    def _maybe_send_append(self, to: str, send_if_empty: bool = True) -> bool:
-        pr = self.progress[to]
-        if pr.is_paused(self.max_inflight):
-            return False
-        prev_index = pr.next - 1
-        prev_term = self.log.term(prev_index)
-        if prev_term is None:
-            # The entries it needs are compacted: InstallSnapshot (7).
-            self._send(SNAP, to, snapshot=self.snapshot)
-            pr.become_snapshot(self.snapshot.index)
-            return True
-        entries = self.log.slice(
-            pr.next, min(self.log.last_index() + 1, pr.next + self.max_append_entries)
-        )
-        if not entries and not send_if_empty:
-            return False
-        self._send(
-            APP,
-            to,
-            index=prev_index,
-            log_term=prev_term,
-            entries=tuple(entries),
-            commit=self.log.committed,
-        )
-        pr.sent_append(entries[-1].index if entries else None)
-        return True
 
     def _send(self, kind: str, to: str, term: int | None = None, **fields) -> None:
         self.msgs.append(Message(kind, self.id, to, self.term if term is None else term, **fields))

@@ -8,6 +8,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+# A node's role. Exported from consensus.core (and the package); they live here so that the
+# core and its leader-side helper (replication.py) can both name them without a cycle.
+FOLLOWER = "follower"
+PRE_CANDIDATE = "pre-candidate"
+CANDIDATE = "candidate"
+LEADER = "leader"
+
 # Entry kinds. "cmd" carries the application's proposed bytes back unchanged; "noop" is the
 # entry a new leader appends to commit the entries of earlier terms (paper 5.4.2); "conf"
 # carries a membership change (its data is a ConfState encoded by encode_conf).

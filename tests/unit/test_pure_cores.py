@@ -8,6 +8,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PURE = [
     "consensus/core.py",
+    "consensus/replication.py",
     "peer/membership.py",
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "placement").glob("*.py")),
 ]
