@@ -302,7 +302,7 @@ async def test_run_acts_only_while_leader_and_wakes_on_the_trigger():
         assert h.proposed == []
         h.leader = True
         h.trigger.fire()
-        for _ in range(100):
+        for _ in range(500):
             if h.state.plan is not None:
                 break
             await asyncio.sleep(0.01)

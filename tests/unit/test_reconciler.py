@@ -307,7 +307,7 @@ async def test_the_file_is_fetched_first_and_a_failed_fetch_shows_and_retries():
         assert view["state"] == "failed" and "unreachable" in view["error"]
         w.clock.now = 5.0
         w.trigger.fire()
-        for _ in range(100):
+        for _ in range(500):
             if w.states().get("m", ("",))[0] == "ready":
                 break
             await asyncio.sleep(0.01)
@@ -348,7 +348,7 @@ async def test_run_follows_plan_changes_on_the_trigger():
         w.deploy("m")
         w.plan(a("m"))
         w.trigger.fire()
-        for _ in range(100):
+        for _ in range(500):
             if w.states().get("m", ("",))[0] == "ready":
                 break
             await asyncio.sleep(0.01)
