@@ -212,11 +212,11 @@ class World:
         r = self.state.apply(cs.encode_plan(Plan(tuple(assignments)), term), term)
         assert r.ok, r.error
 
-    async def settle(self, timeout: float = 5.0):
+    async def settle(self, within: float = 5.0):
         """Let loads finish: until no instance is pending or loading (model files resolve
-        in a thread, which a loaded machine may take a while to run), at most `timeout`."""
+        in a thread, which a loaded machine may take a while to run), at most `within` s."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + within
         while True:
             for _ in range(100):
                 await asyncio.sleep(0)
@@ -328,11 +328,11 @@ async def test_a_model_moved_away_during_its_fetch_is_not_started():
         w.deploy("m")
         w.plan(a("m"))
         run = tg.create_task(w.rc.run())
-        await w.settle(timeout=0.1)  # the fetch is held at the gate: it stays pending
+        await w.settle(within=0.1)  # the fetch is held at the gate: it stays pending
         assert w.states() == {"m": ("pending", ("gpu0",))}
         w.plan(a("m", node="n2"))
         w.trigger.fire()
-        await w.settle(timeout=0.1)
+        await w.settle(within=0.1)
         gate.set()
         await w.settle()
         assert w.states() == {} and w.engines == []
