@@ -44,22 +44,6 @@ from aivailable.reconciler import Reconciler, ReconcilerConfig, node_payload, re
 from consensus import MemoryStorage
 from consensus.driver import RaftConfig, RaftDriver
 
-
-class SupervisedFake(FakeEngine):
-    """FakeEngine with the run() that Instances supervises: load, then serve until stopped.
-    (Instances awaits engine.run(); LlamaEngine has it, the fake engine may not yet.)"""
-
-    async def run(self) -> None:
-        self._stopped = asyncio.Event()
-        await self.start()
-        await self._stopped.wait()
-
-    async def stop(self) -> None:
-        await super().stop()
-        if hasattr(self, "_stopped"):
-            self._stopped.set()
-
-
 FAST = RaftConfig(tick_interval_ms=20, election_ticks=10, send_timeout_ms=500)
 GIB = 1 << 30
 
@@ -138,7 +122,7 @@ class BrainPeer:
             async with asyncio.TaskGroup() as tg:
                 instances = Instances(
                     lambda source: Path("/models/fake.gguf"),
-                    lambda model, path, gpus: SupervisedFake(model, load_delay=0.05),
+                    lambda model, path, gpus: FakeEngine(model, load_delay=0.05),
                     tg,
                 )
                 self.reconciler = Reconciler(

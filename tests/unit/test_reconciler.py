@@ -24,22 +24,6 @@ from aivailable.reconciler import (
 )
 from placement import Assignment, Gpu, Plan
 
-
-class SupervisedFake(FakeEngine):
-    """FakeEngine with the run() that Instances supervises: load, then serve until stopped.
-    (Instances awaits engine.run(); LlamaEngine has it, the fake engine may not yet.)"""
-
-    async def run(self) -> None:
-        self._stopped = asyncio.Event()
-        await self.start()
-        await self._stopped.wait()
-
-    async def stop(self) -> None:
-        await super().stop()
-        if hasattr(self, "_stopped"):
-            self._stopped.set()
-
-
 MIB = 1 << 20
 GIB = 1 << 30
 
@@ -188,7 +172,7 @@ class World:
             return Path("/models") / Path(source).name
 
         def factory(model, path, gpus):
-            engine = SupervisedFake(model, load_delay=load_delay)
+            engine = FakeEngine(model, load_delay=load_delay)
             self.engines.append((model, gpus, engine))
             return engine
 
