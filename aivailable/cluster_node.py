@@ -56,6 +56,9 @@ from consensus.driver import MESSAGES_PATH, RaftDriver
 from peer.forward import Forwarder, Replica, summarize_availability
 
 log = logging.getLogger(__name__)
+# Seconds a parsed gossip view is reused: far below gossip's own propagation time, so no
+# decision sees staler news, while a burst of Raft sends or requests parses it once.
+ENTRIES_TTL_S = 0.02
 # Seconds between re-probes of the real GPUs' free memory: other programs come and go
 # slowly; NVML and amdsmi reads cost about a millisecond.
 PROBE_INTERVAL_S = 5.0
@@ -138,6 +141,8 @@ class ClusterNode:
         self._last_view: tuple = ()
         self._late_handlers: dict[str, Callable] = {}
         self._leaving = False
+        self._entries: list = []
+        self._entries_at = float("-inf")
 
         build = build_engine or llama_builder(config, gpus)
         self.instances = Instances(
@@ -165,7 +170,13 @@ class ClusterNode:
     # ---- views the other parts read ---------------------------------------------------------
 
     def entries(self):
-        return peer_entries(self.gossip.members(), self.member_clock, time.monotonic())
+        """The gossip view with parsed payloads. Raft sends, forwarded requests and status
+        all read it, so it is parsed at most once per ENTRIES_TTL_S, not once per call."""
+        now = time.monotonic()
+        if now - self._entries_at >= ENTRIES_TTL_S:
+            self._entries = peer_entries(self.gossip.members(), self.member_clock, now)
+            self._entries_at = now
+        return self._entries
 
     def _peer_files(self):
         return [
