@@ -36,7 +36,6 @@ from aivailable.backends.llama_engine import (
     n_gpu_layers_for,
 )
 from aivailable.gpu import GpuInfo, cpu_device, parse_fake_gpu
-from aivailable.store import resolve
 
 # Restart quickly: the test waits for it.
 FAST = EngineConfig(restart_backoff_initial=0.1, stop_timeout=10.0)
@@ -51,8 +50,8 @@ slow = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory) -> Path:
-    return resolve("builtin:smollm2-135m", cache_dir=tmp_path_factory.mktemp("cache")).path
+def smollm2(embedded_model) -> Path:
+    return embedded_model
 
 
 @pytest.fixture

