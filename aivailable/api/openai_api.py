@@ -17,6 +17,7 @@ from typing import Protocol
 
 from aiohttp import web
 
+from aivailable.api import openai_render as render
 from aivailable.api.errors import ApiError, bad_request, not_found
 from aivailable.api.validate import Parsed, parse_chat, parse_completion
 from aivailable.backends.base import (
@@ -31,6 +32,10 @@ from aivailable.backends.base import (
     TextDelta,
 )
 from aivailable.metrics import Metrics
+
+# Bytes of a /v1 request body: a 128k-token context is about 0.5 MB of text, and JSON
+# escaping may make that a few MB; an 8 MiB body is never a prompt a model could take.
+MAX_BODY = 4 << 20
 
 
 class Servable(Protocol):
@@ -97,8 +102,11 @@ class OpenAIApi:
         owner: str = "aivailable",
         forwarder: Forwarding | None = None,
         catalog: Callable[[], Iterable[str]] | None = None,
+        max_body: int = MAX_BODY,
     ):
-        """`catalog`: the model names the cluster serves (default: the local instances)."""
+        """`catalog`: the model names the cluster serves (default: the local instances).
+        `max_body`: bytes of a request body at most (413 beyond)."""
+        self._max_body = max_body
         self._lookup = lookup
         self._metrics = metrics
         self._max_tokens_limit = max_tokens_limit
@@ -134,8 +142,26 @@ class OpenAIApi:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, "completions", parse_completion)
 
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The body, refused with 413 before it is read when it is over the limit: a
+        prompt beyond any context must not cost the peer its memory or the model a slot."""
+        limit = self._max_body
+        too_big = ApiError(
+            413,
+            f"the request body is over {limit} bytes, more than any model's context needs",
+            code="request_too_large",
+        )
+        if request.content_length is not None and request.content_length > limit:
+            raise too_big
+        data = bytearray()
+        async for piece in request.content.iter_chunked(1 << 16):
+            data += piece
+            if len(data) > limit:
+                raise too_big
+        return bytes(data)
+
     async def _serve(self, request: web.Request, endpoint: str, parse) -> web.StreamResponse:
-        raw = await request.read()
+        raw = await self._read_body(request)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -183,18 +209,21 @@ class OpenAIApi:
         self._metrics.tokens.labels(model, "completion").inc(finished.completion_tokens)
 
     async def _complete(self, engine: Engine, parsed: Parsed, started: float) -> web.Response:
-        pieces: list[str] = []
+        n = parsed.request.params.n
+        texts: list[list[str]] = [[] for _ in range(n)]
+        logprobs: list[list[dict]] = [[] for _ in range(n)]
         finished: Finished | None = None
         try:
             async with asyncio.timeout(self._timeout):
                 async with contextlib.aclosing(engine.generate(parsed.request)) as events:
                     async for event in events:
                         if isinstance(event, TextDelta):
-                            if not pieces:
+                            if not any(texts):
                                 self._metrics.ttft.labels(parsed.model).observe(
                                     time.monotonic() - started
                                 )
-                            pieces.append(event.text)
+                            texts[event.index].append(event.text)
+                            logprobs[event.index].extend(event.logprobs)
                         elif isinstance(event, Finished):
                             finished = event
         except EngineError as exc:
@@ -206,34 +235,27 @@ class OpenAIApi:
         if finished is None:
             raise ApiError(500, "the engine ended without finishing", type="server_error")
         self._count(parsed.model, finished)
-        text = "".join(pieces)
         is_chat = isinstance(parsed.request, ChatRequest)
-        if is_chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finished.finish_reason,
-            }
-        else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "logprobs": None,
-                "finish_reason": finished.finish_reason,
-            }
+        reasons = finished.finish_reasons or (finished.finish_reason,)
+        choices = []
+        for i in range(n):
+            text, reason = "".join(texts[i]), reasons[min(i, len(reasons) - 1)]
+            if is_chat:
+                message, reason = render.chat_message(text, reason, parsed)
+                lp = render.chat_logprobs(logprobs[i], parsed.request.params)
+                choice = {"index": i, "message": message, "logprobs": lp, "finish_reason": reason}
+            else:
+                lp = render.completion_logprobs(logprobs[i], parsed.request.params)
+                choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
+            choices.append(choice)
         return web.json_response(
             {
                 "id": ("chatcmpl-" if is_chat else "cmpl-") + uuid.uuid4().hex,
                 "object": "chat.completion" if is_chat else "text_completion",
                 "created": int(time.time()),
                 "model": parsed.model,
-                "choices": [choice],
-                "usage": {
-                    "prompt_tokens": finished.prompt_tokens,
-                    "completion_tokens": finished.completion_tokens,
-                    "total_tokens": finished.prompt_tokens + finished.completion_tokens,
-                },
+                "choices": choices,
+                "usage": render.usage(finished),
             }
         )
 
@@ -241,24 +263,24 @@ class OpenAIApi:
         self, request: web.Request, engine: Engine, parsed: Parsed, started: float
     ) -> web.StreamResponse:
         is_chat = isinstance(parsed.request, ChatRequest)
+        params = parsed.request.params
         base = {
             "id": ("chatcmpl-" if is_chat else "cmpl-") + uuid.uuid4().hex,
             "object": "chat.completion.chunk" if is_chat else "text_completion",
             "created": int(time.time()),
             "model": parsed.model,
         }
+        # With tools, a choice's text may turn out to be a call: it is sent whole at the end.
+        held: list[list[str]] | None = [[] for _ in range(params.n)] if parsed.functions else None
 
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> dict:
+        def chunk(index: int, delta: dict | None, text: str | None, finish, lps=()) -> dict:
             if is_chat:
-                delta = (
-                    {"role": "assistant", "content": ""}
-                    if first
-                    else ({"content": text} if text is not None else {})
-                )
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                lp = render.chat_logprobs(list(lps), params)
+                choice = {"index": index, "delta": delta or {}, "logprobs": lp}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            return {**base, "choices": [choice]}
+                lp = render.completion_logprobs(list(lps), params)
+                choice = {"index": index, "text": text or "", "logprobs": lp}
+            return {**base, "choices": [{**choice, "finish_reason": finish}]}
 
         events = engine.generate(parsed.request)
         response: web.StreamResponse | None = None
@@ -275,7 +297,9 @@ class OpenAIApi:
                 )
                 await response.prepare(request)
                 if is_chat:
-                    await response.write(_sse(chunk(None, None, first=True)))
+                    for i in range(params.n):
+                        role = {"role": "assistant", "content": ""}
+                        await response.write(_sse(chunk(i, role, None, None)))
                 seen_text = False
                 event = first
                 while True:
@@ -285,16 +309,26 @@ class OpenAIApi:
                             self._metrics.ttft.labels(parsed.model).observe(
                                 time.monotonic() - started
                             )
-                        await response.write(_sse(chunk(event.text, None)))
+                        if held is not None:
+                            held[event.index].append(event.text)
+                        else:
+                            delta = {"content": event.text}
+                            out = chunk(event.index, delta, event.text, None, event.logprobs)
+                            await response.write(_sse(out))
                     else:
                         self._count(parsed.model, event)
-                        await response.write(_sse(chunk(None, event.finish_reason)))
+                        reasons = event.finish_reasons or (event.finish_reason,)
+                        for i in range(params.n):
+                            reason = reasons[min(i, len(reasons) - 1)]
+                            delta = None
+                            if held is not None:
+                                message, reason = render.chat_message(
+                                    "".join(held[i]), reason, parsed
+                                )
+                                delta = render.stream_delta(message)
+                            await response.write(_sse(chunk(i, delta, None, reason)))
                         if parsed.include_usage:
-                            usage = {
-                                "prompt_tokens": event.prompt_tokens,
-                                "completion_tokens": event.completion_tokens,
-                                "total_tokens": event.prompt_tokens + event.completion_tokens,
-                            }
+                            usage = render.usage(event)
                             await response.write(_sse({**base, "choices": [], "usage": usage}))
                         break
                     event = await anext(events)

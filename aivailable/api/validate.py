@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from aivailable.api import structured
 from aivailable.api.errors import bad_request
 from aivailable.backends.base import ChatRequest, CompletionRequest, SamplingParams
 
@@ -21,6 +22,8 @@ class Parsed:
     request: ChatRequest | CompletionRequest
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk carries usage
+    functions: tuple[dict, ...] = ()  # tools the model may call (chat)
+    tool_mode: str | None = None  # None (text or a call), "required", or a function name
 
 
 def _is_number(value: Any) -> bool:
@@ -74,15 +77,56 @@ def _seed(body: dict) -> int | None:
     return value & 0xFFFFFFFF  # llama.cpp takes a 32-bit seed
 
 
-def _common(body: Any, max_tokens_limit: int) -> tuple[str, SamplingParams, bool, bool]:
+def _int(body: dict, name: str, default: int, low: int, high: int) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise bad_request(f"'{name}' must be an integer from {low} to {high}", param=name)
+    return value
+
+
+def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+    value = body.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or len(value) > 1024:
+        raise bad_request("'logit_bias' must map at most 1024 token ids to numbers", "logit_bias")
+    out = []
+    for token, bias in value.items():
+        if not str(token).isdigit() or not _is_number(bias) or not -100 <= bias <= 100:
+            raise bad_request(
+                "'logit_bias' maps token ids to numbers from -100 to 100", param="logit_bias"
+            )
+        out.append((int(token), -1e30 if bias == -100 else float(bias)))
+    return tuple(out)
+
+
+def _logprobs(body: dict, chat: bool) -> tuple[bool, int]:
+    """Chat: logprobs (bool) + top_logprobs (0-20); completions: logprobs (int 0-5)."""
+    value = body.get("logprobs")
+    if chat:
+        if value is not None and not isinstance(value, bool):
+            raise bad_request("'logprobs' must be a boolean", param="logprobs")
+        top = _int(body, "top_logprobs", 0, 0, 20)
+        if top and not value:
+            raise bad_request("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        return bool(value), top
+    if value is None:
+        return False, 0
+    return True, _int(body, "logprobs", 0, 0, 5)
+
+
+def _common(
+    body: Any, max_tokens_limit: int, chat: bool, grammar: str | None = None
+) -> tuple[str, SamplingParams, bool, bool]:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("'model' is required and must be a non-empty string", param="model")
-    n = body.get("n", 1)
-    if n != 1:
-        raise bad_request("only n=1 is supported", param="n")
+    n = _int(body, "n", 1, 1, 8)
+    logprobs, top_logprobs = _logprobs(body, chat)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise bad_request("'stream' must be a boolean", param="stream")
@@ -95,6 +139,16 @@ def _common(body: Any, max_tokens_limit: int) -> tuple[str, SamplingParams, bool
         top_p=_number(body, "top_p", 0.95, 0.0, 1.0),
         stop=_stop(body),
         seed=_seed(body),
+        top_k=_int(body, "top_k", 0, 0, 1000),
+        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        repeat_penalty=_number(body, "repeat_penalty", 1.0, 0.0, 2.0) or 1.0,
+        logit_bias=_logit_bias(body),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        n=n,
+        grammar=grammar or structured.response_format_grammar(body.get("response_format")),
     )
     return model, params, stream, bool(stream and options.get("include_usage"))
 
@@ -122,7 +176,11 @@ def _content_text(content: Any, index: int) -> str:
 
 
 def parse_chat(body: Any, max_tokens_limit: int) -> Parsed:
-    model, params, stream, include_usage = _common(body, max_tokens_limit)
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    functions, tool_mode = structured.parse_tools(body.get("tools"), body.get("tool_choice"))
+    grammar = structured.tool_call_grammar(functions, tool_mode) if tool_mode else None
+    model, params, stream, include_usage = _common(body, max_tokens_limit, True, grammar)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' is required and must be a non-empty list", param="messages")
@@ -136,12 +194,16 @@ def parse_chat(body: Any, max_tokens_limit: int) -> Parsed:
                 f"'role' must be one of {', '.join(ROLES)}", param=f"messages[{i}].role"
             )
         role = "system" if role == "developer" else role
-        clean.append({"role": role, "content": _content_text(message.get("content"), i)})
-    return Parsed(model, ChatRequest(tuple(clean), params), stream, include_usage)
+        content = _content_text(message.get("content"), i)
+        clean.append(structured.history_message({**message, "role": role}, content))
+    if functions:
+        clean.insert(0, structured.tools_system_message(functions))
+    request = ChatRequest(tuple(clean), params)
+    return Parsed(model, request, stream, include_usage, tuple(functions), tool_mode)
 
 
 def parse_completion(body: Any, max_tokens_limit: int) -> Parsed:
-    model, params, stream, include_usage = _common(body, max_tokens_limit)
+    model, params, stream, include_usage = _common(body, max_tokens_limit, False)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]

@@ -18,17 +18,35 @@ InstanceState = Literal["pending", "loading", "ready", "failed", "stopping"]
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """Per request, applied by llama.cpp's sampler chain in the worker."""
+
     max_tokens: int | None = None  # None: until EOS or the context is full
-    temperature: float = 0.8
+    temperature: float = 0.8  # 0: greedy
     top_p: float = 0.95
     stop: tuple[str, ...] = ()
-    seed: int | None = None
+    seed: int | None = None  # None: a fresh one per request
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0  # 1: off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
+    logprobs: bool = False  # each token's log-probability in the output
+    top_logprobs: int = 0  # and this many most likely alternatives
+    n: int = 1  # choices; the prompt is evaluated once
+    grammar: str | None = None  # GBNF the output must match (JSON, a schema, tool calls)
+
+    def wire(self) -> dict:
+        """The map the worker protocol carries."""
+        out = {k: v for k, v in self.__dict__.items() if k not in ("stop", "logit_bias")}
+        return {**out, "stop": list(self.stop), "logit_bias": [list(b) for b in self.logit_bias]}
 
 
 @dataclass(frozen=True)
 class ChatRequest:
     messages: tuple[dict, ...]  # OpenAI-style {"role", "content"} maps, already validated
     params: SamplingParams = field(default_factory=SamplingParams)
+    tools: tuple[dict, ...] = ()  # OpenAI function tools, for templates that render them
 
 
 @dataclass(frozen=True)
@@ -39,18 +57,23 @@ class CompletionRequest:
 
 @dataclass(frozen=True)
 class TextDelta:
-    """A piece of generated text."""
+    """A piece of generated text of choice `index`; `logprobs`: one OpenAI-shaped entry
+    per token in it, when asked for."""
 
     text: str
+    index: int = 0
+    logprobs: tuple[dict, ...] = ()
 
 
 @dataclass(frozen=True)
 class Finished:
     """Always the last item of a generation."""
 
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length"]  # of choice 0
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # of all choices together
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache, not evaluated
+    finish_reasons: tuple[str, ...] = ()  # per choice, when n > 1
 
 
 Event = TextDelta | Finished
@@ -95,6 +118,7 @@ class Engine(abc.ABC):
 
     name: str  # the model name clients use
     state: InstanceState
+    n_parallel: int = 1  # sequences generated at once
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -122,3 +146,8 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def queue_depth(self) -> int:
         """Requests waiting or running."""
+
+    @property
+    def free_slots(self) -> int:
+        """Requests that would start at once (gossip and forwarding prefer more)."""
+        return max(0, self.n_parallel - self.queue_depth)

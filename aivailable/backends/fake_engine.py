@@ -45,7 +45,7 @@ class FakeEngine(Engine):
         token_delay: float = 0.0,  # seconds between tokens; >0 lets tests catch it mid-stream
         load_delay: float = 0.0,  # seconds start() spends "loading"
         queue_limit: int = 8,  # requests waiting or running before QueueFull
-        parallel: int = 1,  # generations at once (llama.cpp runs one per worker)
+        parallel: int = 1,  # generations at once (the real engine's n_parallel slots)
         n_ctx: int = 2048,  # prompt tokens above this raise ContextOverflow
         retry_after: float = 1.0,  # seconds suggested with QueueFull
         on_state_change: Callable[[InstanceState], None] | None = None,
@@ -59,6 +59,7 @@ class FakeEngine(Engine):
         self.n_ctx = n_ctx
         self.retry_after = retry_after
         self.on_state_change = on_state_change
+        self.n_parallel = parallel
         self._slots = asyncio.Semaphore(parallel)
         self._depth = 0
         self._epoch = 0  # bumped by crash(); generations of an older epoch fail

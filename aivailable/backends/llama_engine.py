@@ -45,6 +45,7 @@ from aivailable.backends.base import (
     QueueFull,
     TextDelta,
 )
+from aivailable.backends.scheduler import Admission
 from aivailable.gpu.info import GpuInfo
 
 log = logging.getLogger(__name__)
@@ -81,10 +82,23 @@ class EngineConfig:
     # Seconds stop() waits for a clean exit before SIGKILL: freeing a GPU context takes
     # well under a second; a wedged child must not hold the reconciler.
     stop_timeout: float = 5.0
-    # llama.cpp CPU threads; None lets llama.cpp choose (half the cores).
+    # Sequences one worker decodes together (slots), unless a deploy says otherwise. None:
+    # 4 on a CPU node (2 cores gave ~2x the single-stream throughput at 4, and more slots
+    # only split the same cores thinner), 8 on a GPU node (llama-server's -np 8: a GPU's
+    # batched decode is nearly free up to there). Placement plans the KV cache for it.
+    n_parallel: int | None = None
+    # llama.cpp threads for decoding; None: the physical cores on a CPU node (hyperthreads
+    # add nothing to its matmuls; llama.cpp's own default of half the cores left one of
+    # two idle: 2 threads gave up to 1.3x at 4 clients), 4 on a GPU node (the GPU does the
+    # work; more threads only spin).
     n_threads: int | None = None
-    # Prompt tokens evaluated per batch; llama.cpp's default.
+    # Tokens per llama_decode (llama.cpp's n_batch): also the chunk of a long prompt
+    # evaluated per step, so others' next token waits for at most one such chunk.
     n_batch: int = 512
+    # Seconds a request may wait for a slot: beyond this, estimated from the slots and the
+    # measured time a request holds one, it gets 429 with Retry-After at once instead of
+    # joining a queue where it would wait (40 clients on one CPU host waited a median 22 s).
+    max_queue_wait: float = 5.0
     # All of llama.cpp's logging (per-request timings included) instead of warnings only.
     verbose: bool = False
 
@@ -102,6 +116,7 @@ class LlamaEngine(Engine):
         main_gpu: int | None = None,
         tensor_split: Sequence[float] | None = None,
         config: EngineConfig | None = None,
+        n_parallel: int | None = None,
         on_state_change: Callable[[InstanceState], None] | None = None,
         worker_argv: Sequence[str] | None = None,
     ):
@@ -109,7 +124,7 @@ class LlamaEngine(Engine):
         CPU. `queue_limit`: requests waiting or running before QueueFull. `env`: added to
         the child's environment (CUDA_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES, ...).
         `worker_argv`: the command that starts a worker (the model arguments follow);
-        tests put stand-in workers here."""
+        tests put stand-in workers here. `n_parallel`: slots (default from config)."""
         self.name = name
         self.model_path = Path(model_path)
         self.n_ctx = n_ctx
@@ -122,6 +137,9 @@ class LlamaEngine(Engine):
         self.on_state_change = on_state_change
         self.worker_argv = list(worker_argv or WORKER_ARGV)
         self.state: InstanceState = "pending"
+        self.n_parallel = n_parallel or self.config.n_parallel or (8 if n_gpu_layers else 4)
+        self.n_threads = self.config.n_threads or (4 if n_gpu_layers else None)
+        self._admission = Admission(self.n_parallel, self.config.max_queue_wait)
         self.restarts = 0  # children started after the first one
         self.last_error = ""  # why the last child failed, for status pages and logs
         self.last_exit_code: int | None = None
@@ -266,12 +284,13 @@ class LlamaEngine(Engine):
         cmd = list(self.worker_argv)
         cmd += ["--model", str(self.model_path), "--n-ctx", str(self.n_ctx)]
         cmd += ["--n-gpu-layers", str(self.n_gpu_layers), "--n-batch", str(self.config.n_batch)]
+        cmd += ["--n-parallel", str(self.n_parallel)]
         if self.main_gpu is not None:
             cmd += ["--main-gpu", str(self.main_gpu)]
         if self.tensor_split:
             cmd += ["--tensor-split", ",".join(str(x) for x in self.tensor_split)]
-        if self.config.n_threads:
-            cmd += ["--n-threads", str(self.config.n_threads)]
+        if self.n_threads:
+            cmd += ["--n-threads", str(self.n_threads)]
         if self.config.verbose:
             cmd.append("--verbose")
         return cmd
@@ -381,17 +400,24 @@ class LlamaEngine(Engine):
         kind = frame.get("type")
         if kind == proto.CANCELLED:
             self.cancelled += 1  # the worker stopped a generation we gave up on
+        if kind == proto.DELTAS:
+            for request_id, index, text, logprobs in frame.get("items", ()):
+                events = self._pending.get(request_id)
+                if events is not None:  # else cancelled or failed already: dropped
+                    events.put_nowait(TextDelta(text, index, (logprobs,) if logprobs else ()))
+            return
         events = self._pending.get(frame.get("id"))
         if events is None:  # cancelled or failed already: late frames are dropped
-            return
-        if kind == proto.DELTA:
-            events.put_nowait(TextDelta(frame.get("text", "")))
             return
         del self._pending[frame["id"]]
         if kind == proto.DONE:
             finish = "stop" if frame.get("finish_reason") == "stop" else "length"
             prompt, completion = frame.get("prompt_tokens", 0), frame.get("completion_tokens", 0)
-            events.put_nowait(Finished(finish, prompt, completion))
+            reasons = tuple(frame.get("finish_reasons") or (finish,))
+            cached = frame.get("cached_tokens", 0)
+            events.put_nowait(Finished(finish, prompt, completion, cached, reasons))
+        elif kind == proto.ERROR and frame.get("kind") == proto.QUEUE_FULL:
+            events.put_nowait(QueueFull(self._admission.hold_estimate))
         elif kind == proto.ERROR and frame.get("kind") == proto.CONTEXT_OVERFLOW:
             events.put_nowait(ContextOverflow(frame.get("message", "prompt too long")))
         elif kind == proto.ERROR and frame.get("kind") == proto.BAD_REQUEST:
@@ -407,11 +433,14 @@ class LlamaEngine(Engine):
             events.put_nowait(error)
 
     def _send(self, proc: asyncio.subprocess.Process, message: dict) -> None:
+        self._write(proc, proto.encode_frame(message))
+
+    def _write(self, proc: asyncio.subprocess.Process, frame: bytes) -> None:
         if proc.stdin is None or proc.stdin.is_closing() or proc.returncode is not None:
             raise EngineUnavailable(
                 "failed", "the worker is gone", self.config.unavailable_retry_after
             )
-        proc.stdin.write(proto.encode_frame(message))
+        proc.stdin.write(frame)
 
     def _send_quietly(self, proc: asyncio.subprocess.Process, message: dict) -> None:
         with contextlib.suppress(EngineError, OSError, RuntimeError):
@@ -435,18 +464,26 @@ class LlamaEngine(Engine):
             raise EngineUnavailable(self.state, detail, self.config.unavailable_retry_after)
         if self._depth >= self.queue_limit:
             raise QueueFull(self.config.queue_retry_after)
+        retry_after = self._admission.retry_after(self._depth)
+        if retry_after is not None:  # it would wait longer than max_queue_wait for a slot
+            raise QueueFull(retry_after)
         request_id = next(self._ids)
+        frame = proto.encode_frame(_generate_message(request_id, request))
+        if len(frame) > proto.MAX_FRAME:
+            raise InvalidRequest(f"the request is too large ({len(frame)} bytes)")
         events: asyncio.Queue = asyncio.Queue()
-        self._send(proc, _generate_message(request_id, request))
+        self._write(proc, frame)
         self._pending[request_id] = events
         self._depth += 1
+        started = asyncio.get_running_loop().time()
         try:
             while True:
-                event = await events.get()
+                event = _coalesce(await events.get(), events)
                 if isinstance(event, BaseException):
                     raise event
                 yield event
                 if isinstance(event, Finished):
+                    self._admission.record(asyncio.get_running_loop().time() - started)
                     return
         finally:
             self._depth -= 1
@@ -455,22 +492,27 @@ class LlamaEngine(Engine):
                 self._send_quietly(proc, {"type": proto.CANCEL, "id": request_id})
 
 
+def _coalesce(event, events: asyncio.Queue):
+    """Join text deltas of one choice that are already queued: a client far behind the
+    decode loop (or a relaying peer) gets them in one chunk, one write, one frame."""
+    while isinstance(event, TextDelta) and not events.empty():
+        following = events._queue[0]  # peek: asyncio.Queue has no public peek
+        if not isinstance(following, TextDelta) or following.index != event.index:
+            break
+        events.get_nowait()
+        event = TextDelta(
+            event.text + following.text, event.index, event.logprobs + following.logprobs
+        )
+    return event
+
+
 def _generate_message(request_id: int, request: ChatRequest | CompletionRequest) -> dict:
-    p = request.params
-    message = {
-        "type": proto.GENERATE,
-        "id": request_id,
-        "params": {
-            "max_tokens": p.max_tokens,
-            "temperature": p.temperature,
-            "top_p": p.top_p,
-            "stop": list(p.stop),
-            "seed": p.seed,
-        },
-    }
+    message = {"type": proto.GENERATE, "id": request_id, "params": request.params.wire()}
     if isinstance(request, ChatRequest):
         message["kind"] = "chat"
         message["messages"] = [dict(m) for m in request.messages]
+        if request.tools:
+            message["tools"] = [dict(t) for t in request.tools]
     else:
         message["kind"] = "completion"
         message["prompt"] = request.prompt

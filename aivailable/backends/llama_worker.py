@@ -1,13 +1,18 @@
-"""The model worker: one llama.cpp model in a child process, driven over stdin/stdout.
+"""The model worker: one llama.cpp model in a child process, many sequences at once.
 
-    python -m aivailable.backends.llama_worker --model PATH [--n-ctx 2048] [--n-gpu-layers -1]
+    python -m aivailable.backends.llama_worker --model PATH [--n-ctx 2048] [--n-parallel 4]
 
 A crash here (llama.cpp aborts, out of GPU memory) ends only this process, and its exit
 frees the GPU memory. The parent (`llama_engine.LlamaEngine`) talks to it with
-length-prefixed msgpack frames (see `protocol` below). Requests are multiplexed by id
-and run one at a time, since a Llama object is not concurrent; a thread reads the pipe
-so that a cancel arrives mid-generation and stops it between tokens. llama.cpp's own
-logging goes to stderr, which the parent forwards to its log; stdout carries only frames.
+length-prefixed msgpack frames (see `protocol` below).
+
+Continuous batching, as llama.cpp's server does it: one loop asks the scheduler core
+(`scheduler.py`) for each step's batch (the next token of every decoding sequence, then
+chunks of waiting prompts), decodes it in one `llama_decode`, samples every sequence
+through its own sampler chain and sends all of the step's text in one frame. Requests
+join at the next step and leave as soon as they finish or are cancelled. A reader thread
+renders chat templates and tokenizes, so a huge prompt never stalls the decode loop;
+llama.cpp's logging goes to stderr, which the parent forwards to its log.
 """
 
 from __future__ import annotations
@@ -19,29 +24,33 @@ import queue
 import struct
 import sys
 import threading
-from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import msgpack
 
 # --- protocol: shared with the parent ---------------------------------------------------
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct(">I")  # frame length, big-endian
-MAX_FRAME = 16 << 20  # bytes; a bigger length means a corrupt stream
+# Bytes; a bigger length means a corrupt stream. The HTTP API refuses bodies far below
+# this (413), and the parent refuses to send a bigger frame, so any admitted request fits.
+MAX_FRAME = 64 << 20
 # Message types (append-only). Parent -> worker:
 GENERATE = 1  # id, kind "chat"|"completion", messages | prompt, params
 CANCEL = 2  # id
 SHUTDOWN = 3
 # Worker -> parent:
-READY = 10  # pid, n_ctx, n_gpu_layers
-DELTA = 11  # id, text
-DONE = 12  # id, finish_reason, prompt_tokens, completion_tokens
+READY = 10  # pid, n_ctx, n_gpu_layers, n_parallel
+DELTA = 11  # (protocol 1) id, text
+DONE = 12  # id, finish_reason, finish_reasons, prompt_tokens, completion_tokens, cached_tokens
 ERROR = 13  # id (absent for load errors), kind, message
 CANCELLED = 14  # id: the request was stopped (or dropped before it started)
+DELTAS = 15  # items: [[id, choice, text, logprobs | None], ...]: one step's output
 # ERROR kinds
 LOAD_FAILED = "load_failed"
 CONTEXT_OVERFLOW = "context_overflow"
 BAD_REQUEST = "bad_request"
+QUEUE_FULL = "queue_full"
 INTERNAL = "internal"
 
 
@@ -74,168 +83,250 @@ def read_frame(stream: BinaryIO) -> dict | None:
 # --- the worker -------------------------------------------------------------------------
 
 
-class _Inbox:
-    """Frames from the parent, read by a thread so cancels arrive during a generation."""
+@dataclass
+class _Choice:
+    stream: object  # TextStream
+    sampler: int | None
+    tokens: int = 0
+    finish: str | None = None
 
-    def __init__(self, stream: BinaryIO):
-        self._stream = stream
-        self.requests: queue.Queue[dict | None] = queue.Queue()  # None: shut down
-        self._cancelled: set[int] = set()
-        self._lock = threading.Lock()
-        self.closed = threading.Event()
 
-    def cancel(self, request_id: int) -> None:
-        with self._lock:
-            self._cancelled.add(request_id)
+@dataclass
+class _Live:
+    """A request in the worker: its prompt, parameters and per-choice output state."""
 
-    def is_cancelled(self, request_id: int) -> bool:
-        if self.closed.is_set():
-            return True  # parent gone: stop whatever runs
-        with self._lock:
-            return request_id in self._cancelled
+    id: int
+    prompt: list[int]
+    params: dict
+    choices: list[_Choice] = field(default_factory=list)
+    cached: int = 0
 
-    def forget(self, request_id: int) -> None:
-        with self._lock:
-            self._cancelled.discard(request_id)
 
-    def read_forever(self) -> None:
+class Worker:
+    def __init__(self, runtime, out: BinaryIO, n_ctx: int, n_parallel: int, n_batch: int):
+        from aivailable.backends.scheduler import Scheduler
+
+        self.rt = runtime
+        self._out = out
+        self._out_lock = threading.Lock()  # the reader thread answers bad requests too
+        self.sched = Scheduler(n_parallel, n_ctx, n_batch, max_waiting=256)
+        self.inbox: queue.Queue = queue.Queue()  # _Live, ("cancel", id) or None
+        self.live: dict[int, _Live] = {}
+
+    def send(self, message: dict) -> None:
+        frame = encode_frame(message)
+        with self._out_lock:
+            self._out.write(frame)
+            self._out.flush()
+
+    def error(self, request_id, kind: str, message: str) -> None:
+        self.send({"type": ERROR, "id": request_id, "kind": kind, "message": message})
+
+    # --- the reader thread: frames in, prompts rendered and tokenized -------------------
+
+    def read_forever(self, stream: BinaryIO) -> None:
         try:
-            while (message := read_frame(self._stream)) is not None:
+            while (message := read_frame(stream)) is not None:
                 kind = message.get("type")
                 if kind == GENERATE:
-                    self.requests.put(message)
+                    self._prepare(message)
                 elif kind == CANCEL:
-                    self.cancel(message.get("id"))
+                    self.inbox.put(("cancel", message.get("id")))
                 elif kind == SHUTDOWN:
                     break
         except (OSError, ValueError) as e:
             print(f"worker: bad input from the parent: {e}", file=sys.stderr)
         finally:
-            self.closed.set()
-            self.requests.put(None)
+            self.inbox.put(None)
 
+    def _prepare(self, message: dict) -> None:
+        from aivailable.backends.scheduler import SeqRequest
 
-def _make_llama_class():
-    import llama_cpp
+        request_id = message.get("id")
+        try:
+            params = dict(message.get("params") or {})
+            if message.get("kind") == "chat":
+                text = self.rt.chat_prompt(list(message["messages"]), message.get("tools"))
+                prompt = self.rt.tokenize(text, special=True)
+            else:
+                prompt = self.rt.tokenize(str(message["prompt"]), special=False)
+            n = max(1, int(params.get("n") or 1))
+            max_tokens = params.get("max_tokens")
+            limit = self.sched.n_ctx if max_tokens is None else max(1, int(max_tokens))
+            why = self.sched.check(SeqRequest(request_id, tuple(prompt), limit, n))
+        except (ValueError, TypeError, KeyError) as e:
+            self.error(request_id, BAD_REQUEST, str(e))
+            return
+        if why is not None:
+            kind = CONTEXT_OVERFLOW if "context" in why else BAD_REQUEST
+            self.error(request_id, kind, why)
+            return
+        live = _Live(request_id, prompt, {**params, "n": n, "max_tokens": limit})
+        self.inbox.put(live)
 
-    class CountingLlama(llama_cpp.Llama):
-        """Llama that records prompt and completion token counts of the last generation,
-        which llama-cpp-python's streaming chunks do not carry."""
-
-        prompt_tokens = 0
-        completion_tokens = 0
-
-        def generate(self, tokens, *args, **kwargs):
-            self.prompt_tokens = len(tokens)
-            self.completion_tokens = 0
-            for token in super().generate(tokens, *args, **kwargs):
-                if not llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
-                    self.completion_tokens += 1
-                yield token
-
-    return CountingLlama
-
-
-class Worker:
-    def __init__(self, llm, out: BinaryIO, inbox: _Inbox):
-        self.llm = llm
-        self._out = out
-        self.inbox = inbox
-
-    def send(self, message: dict) -> None:
-        self._out.write(encode_frame(message))
-        self._out.flush()
+    # --- the decode loop ----------------------------------------------------------------
 
     def serve(self) -> None:
-        while (request := self.inbox.requests.get()) is not None:
-            request_id = request.get("id")
+        while True:
             try:
-                self.handle(request_id, request)
-            except BrokenPipeError:
-                return  # the parent is gone
-            finally:
-                self.inbox.forget(request_id)
-
-    def handle(self, request_id: int, request: dict) -> None:
-        if self.inbox.is_cancelled(request_id):
-            self.send({"type": CANCELLED, "id": request_id})
-            return
-        try:
-            chunks = self._stream(request)
-            finish = "length"
-            for text, finish_reason in self._texts(chunks, request):
-                if self.inbox.is_cancelled(request_id):
-                    chunks.close()  # stops llama.cpp between tokens
-                    self.send({"type": CANCELLED, "id": request_id})
+                if not self._take_inbox(block=not self.sched.busy):
                     return
-                if text:
-                    self.send({"type": DELTA, "id": request_id, "text": text})
-                if finish_reason:
-                    finish = finish_reason
-        except ValueError as e:
-            kind = CONTEXT_OVERFLOW if "exceed context window" in str(e) else BAD_REQUEST
-            self.send({"type": ERROR, "id": request_id, "kind": kind, "message": str(e)})
-            return
-        except (TypeError, KeyError) as e:
-            self.send({"type": ERROR, "id": request_id, "kind": BAD_REQUEST, "message": str(e)})
-            return
-        except Exception as e:  # a bug or a llama.cpp failure: report it, keep serving
-            message = f"{type(e).__name__}: {e}"
-            self.send({"type": ERROR, "id": request_id, "kind": INTERNAL, "message": message})
-            return
-        self.send(
-            {
-                "type": DONE,
-                "id": request_id,
-                "finish_reason": "stop" if finish == "stop" else "length",
-                "prompt_tokens": self.llm.prompt_tokens,
-                "completion_tokens": self.llm.completion_tokens,
-            }
-        )
-
-    def _stream(self, request: dict) -> Iterator[dict]:
-        params = request.get("params") or {}
-        max_tokens = params.get("max_tokens")
-        sampling = {
-            "temperature": float(params.get("temperature", 0.8)),
-            "top_p": float(params.get("top_p", 0.95)),
-            "stop": list(params.get("stop") or []),
-            "seed": params.get("seed"),
-            # llama-cpp-python reads 0 as "unlimited"; 0 is handled in _texts
-            "max_tokens": None if max_tokens is None else max(1, int(max_tokens)),
-            "stream": True,
-        }
-        if sampling["seed"] is not None:
-            # Reusing a cached prompt prefix changes the logits in the last bits, and so
-            # what a seed samples: evaluate the whole prompt afresh so a seed repeats.
-            self.llm.reset()
-        if request.get("kind") == "chat":
-            return self.llm.create_chat_completion(messages=request["messages"], **sampling)
-        return self.llm.create_completion(prompt=request["prompt"], **sampling)
-
-    def _texts(self, chunks: Iterator[dict], request: dict) -> Iterator[tuple[str, str | None]]:
-        """(text, finish_reason) per chunk, for chat and completion chunks alike."""
-        zero = (request.get("params") or {}).get("max_tokens") == 0
-        for chunk in chunks:
-            choice = chunk["choices"][0]
-            text = choice["delta"].get("content") if "delta" in choice else choice.get("text")
-            if zero:  # the prompt was evaluated (so it fits): report no tokens
-                chunks.close()
-                self.llm.completion_tokens = 0
-                yield "", "length"
+            except BrokenPipeError:
                 return
-            yield text or "", choice.get("finish_reason")
+            if not self.sched.busy:
+                continue
+            try:
+                self._step()
+            except BrokenPipeError:
+                return
+            except Exception as e:  # a decode failed: fail what ran, keep serving
+                message = f"{type(e).__name__}: {e}"
+                for request_id in list(self.live):
+                    self._drop(request_id)
+                    self.error(request_id, INTERNAL, message)
+
+    def _take_inbox(self, block: bool) -> bool:
+        """Apply what arrived; False on shutdown."""
+        from aivailable.backends.scheduler import SeqRequest
+
+        while True:
+            try:
+                item = self.inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if item is None:  # the parent is gone or asked us to stop: end what runs
+                for request_id in list(self.live):
+                    self._drop(request_id)
+                    self.send({"type": CANCELLED, "id": request_id})
+                return False
+            if isinstance(item, tuple):  # a cancel
+                if self._drop(item[1]):
+                    self.send({"type": CANCELLED, "id": item[1]})
+                continue
+            p = item.params
+            request = SeqRequest(item.id, tuple(item.prompt), p["max_tokens"], p["n"])
+            if not self.sched.submit(request):
+                self.error(item.id, QUEUE_FULL, "the model's queue is full")
+                continue
+            self.live[item.id] = item
+
+    def _drop(self, request_id) -> bool:
+        live = self.live.pop(request_id, None)
+        self.sched.cancel(request_id)
+        if live is None:
+            return False
+        for choice in live.choices:
+            self._free(choice)
+        return True
+
+    def _free(self, choice: _Choice) -> None:
+        if choice.sampler is not None:
+            self.rt.free_sampler(choice.sampler)
+            choice.sampler = None
+
+    def _start(self, live: _Live, reused: int) -> None:
+        from aivailable.backends.text_stream import TextStream
+
+        live.cached = reused
+        seed = live.params.get("seed")
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little")
+        stop = tuple(live.params.get("stop") or ())
+        for i in range(live.params["n"]):
+            sampler = self.rt.sampler(live.params, seed + i)
+            live.choices.append(_Choice(TextStream(stop), sampler))
+
+    def _step(self) -> None:
+        step = self.sched.next_step()
+        for started in step.started:
+            live = self.live[started.request_id]
+            try:
+                self._start(live, started.reused)
+            except ValueError as e:  # a grammar llama.cpp refused
+                self._drop(live.id)
+                self.error(live.id, BAD_REQUEST, str(e))
+        for src, dst, _ in step.copies:
+            self.rt.copy_cells(src, dst)
+        for seq, p0 in step.trims:
+            self.rt.trim(seq, p0)
+        tokens = [t for t in step.tokens if self.sched.request_of(t.seq) is not None]
+        if not tokens:
+            return
+        rows = self.rt.decode(tokens)
+        items, finished = [], []
+        for slot in sorted(rows):
+            request = self.sched.request_of(slot)
+            live = self.live.get(request.id) if request is not None else None
+            if live is None:
+                continue
+            index = self.sched.choice_of(slot)
+            choice = live.choices[index]
+            token = self.rt.sample(choice.sampler, rows[slot])
+            eog = self.rt.is_eog(token)
+            logprobs = self._logprobs(live, rows[slot], token) if not eog else None
+            reason = self.sched.accept(slot, token, eog)
+            text = "" if eog else choice.stream.feed(self.rt.piece(token))
+            if not eog:
+                choice.tokens += 1
+            if choice.stream.stopped and reason is None:
+                self.sched.finish(slot)
+                reason = "stop"
+            if reason is not None:
+                text += choice.stream.finish()
+                choice.finish = reason
+                self._free(choice)
+            if text or logprobs:
+                items.append([live.id, index, text, logprobs])
+            if all(c.finish for c in live.choices):
+                finished.append(live)
+        if items:
+            self.send({"type": DELTAS, "items": items})
+        for live in finished:
+            del self.live[live.id]
+            reasons = [c.finish for c in live.choices]
+            self.send(
+                {
+                    "type": DONE,
+                    "id": live.id,
+                    "finish_reason": reasons[0],
+                    "finish_reasons": reasons,
+                    "prompt_tokens": len(live.prompt),
+                    "completion_tokens": sum(c.tokens for c in live.choices),
+                    "cached_tokens": live.cached,
+                }
+            )
+
+    def _logprobs(self, live: _Live, row: int, token: int) -> dict | None:
+        """OpenAI's shape for one token: its log-probability and the top alternatives."""
+        if not live.params.get("logprobs"):
+            return None
+        import numpy as np
+
+        lp = self.rt.log_probs(row)
+        top_n = int(live.params.get("top_logprobs") or 0)
+        top = np.argpartition(lp, -top_n)[-top_n:] if top_n else []
+        top = sorted(top, key=lambda t: -lp[t])
+
+        def entry(t: int) -> dict:
+            raw = self.rt.piece(int(t))
+            text = raw.decode("utf-8", errors="replace")
+            return {"token": text, "logprob": float(lp[t]), "bytes": list(raw)}
+
+        return {**entry(token), "top_logprobs": [entry(t) for t in top]}
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m aivailable.backends.llama_worker")
     p.add_argument("--model", required=True, help="path of a GGUF file")
-    p.add_argument("--n-ctx", type=int, default=2048, help="context window, tokens")
+    p.add_argument("--n-ctx", type=int, default=2048, help="context window per sequence")
+    p.add_argument("--n-parallel", type=int, default=1, help="sequences decoded together")
     p.add_argument("--n-gpu-layers", type=int, default=0, help="-1: all layers on the GPU")
     p.add_argument("--main-gpu", type=int, default=None)
     p.add_argument("--tensor-split", default=None, help="comma-separated GPU shares")
-    p.add_argument("--n-threads", type=int, default=None)
-    p.add_argument("--n-batch", type=int, default=512)
+    p.add_argument("--n-threads", type=int, default=None, help="default: physical cores")
+    p.add_argument("--n-threads-batch", type=int, default=None, help="default: n-threads")
+    p.add_argument("--n-batch", type=int, default=512, help="tokens per decode at most")
     p.add_argument("--verbose", action="store_true", help="all of llama.cpp's logging")
     return p.parse_args(argv)
 
@@ -247,44 +338,71 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     args = _parse_args(argv)
-    inbox = _Inbox(sys.stdin.buffer)
     try:
-        llama_class = _make_llama_class()
-        kwargs = {}
-        if args.main_gpu is not None:
-            kwargs["main_gpu"] = args.main_gpu
-        if args.tensor_split:
-            kwargs["tensor_split"] = [float(x) for x in args.tensor_split.split(",")]
-        if args.n_threads:
-            kwargs["n_threads"] = args.n_threads
-        llm = llama_class(
+        import llama_cpp
+
+        from aivailable.backends.llama_runtime import LlamaRuntime, RuntimeConfig, physical_cores
+
+        if not args.verbose:  # llama.cpp's load chatter: warnings and errors only
+            llama_cpp.llama_log_set(_quiet_log(), None)
+        threads = args.n_threads or physical_cores()
+        config = RuntimeConfig(
             model_path=args.model,
             n_ctx=args.n_ctx,
-            n_gpu_layers=args.n_gpu_layers,
+            n_parallel=args.n_parallel,
             n_batch=args.n_batch,
-            verbose=args.verbose,
-            **kwargs,
+            n_threads=threads,
+            n_threads_batch=args.n_threads_batch or threads,
+            n_gpu_layers=args.n_gpu_layers,
+            main_gpu=args.main_gpu,
+            tensor_split=tuple(float(x) for x in args.tensor_split.split(","))
+            if args.tensor_split
+            else None,
         )
+        runtime = LlamaRuntime(config)
     except Exception as e:  # bad file, out of memory, no GPU backend: say so and exit
         out.write(encode_frame({"type": ERROR, "kind": LOAD_FAILED, "message": str(e)}))
         out.flush()
         return 2
-    if not args.verbose:  # after loading, warnings too (load chatter stays quiet)
-        logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)
-    worker = Worker(llm, out, inbox)
-    reader = threading.Thread(target=inbox.read_forever, name="inbox", daemon=True)
+    worker = Worker(runtime, out, args.n_ctx, args.n_parallel, args.n_batch)
+    reader = threading.Thread(
+        target=worker.read_forever, args=(sys.stdin.buffer,), name="inbox", daemon=True
+    )
     reader.start()
     worker.send(
         {
             "type": READY,
             "pid": os.getpid(),
-            "n_ctx": llm.n_ctx(),
+            "n_ctx": args.n_ctx,
+            "n_parallel": args.n_parallel,
             "n_gpu_layers": args.n_gpu_layers,
+            "n_threads": threads,
         }
     )
     worker.serve()
     return 0
 
 
+_log_callback = None  # kept alive: llama.cpp calls it for as long as the process runs
+
+
+def _quiet_log():
+    """A llama.cpp log callback that passes on warnings and errors only."""
+    global _log_callback
+    if _log_callback is None:
+        import ctypes
+
+        import llama_cpp
+
+        @llama_cpp.llama_log_callback
+        def quiet(level, text, user_data):
+            if level in (2, 3):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
+                sys.stderr.write(ctypes.string_at(text).decode("utf-8", errors="replace"))
+
+        _log_callback = quiet
+    return _log_callback
+
+
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
     sys.exit(main())

@@ -63,6 +63,7 @@ async def engine(smollm2):
         n_ctx=512,
         queue_limit=2,
         config=FAST,
+        n_parallel=1,  # one slot: the queue tests below need a request to wait
         on_state_change=states.append,
     )
     eng.states = states
@@ -108,8 +109,10 @@ async def test_completion_respects_max_tokens_and_seed(engine):
     request = CompletionRequest("The sky is", SamplingParams(max_tokens=6, seed=42))
     first = await collect(engine, request)
     second = await collect(engine, request)
-    assert first[-1] == Finished("length", first[-1].prompt_tokens, 6)
-    assert first == second  # same seed, same text
+    assert first[-1] == Finished("length", first[-1].prompt_tokens, 6, 0, ("length",))
+    text = lambda events: "".join(e.text for e in events[:-1])  # noqa: E731
+    assert text(first) == text(second)  # same seed, same text
+    assert second[-1].cached_tokens == first[-1].prompt_tokens - 1  # and from the prefix cache
 
 
 @slow
@@ -142,7 +145,7 @@ async def test_queue_full(engine):
 
 @slow
 async def test_context_overflow(engine):
-    with pytest.raises(ContextOverflow, match="exceed context window"):
+    with pytest.raises(ContextOverflow, match="context holds 512"):
         await collect(engine, CompletionRequest("word " * 600, SamplingParams(max_tokens=4)))
     assert (await collect(engine, HI))[-1].completion_tokens > 0  # still serving
 
@@ -212,7 +215,7 @@ def test_worker_exits_when_its_parent_goes_away(smollm2):
         generate |= {"prompt": "Once upon a time", "params": {"max_tokens": 400}}
         worker.stdin.write(proto.encode_frame(generate))
         worker.stdin.flush()
-        assert proto.read_frame(worker.stdout)["type"] == proto.DELTA
+        assert proto.read_frame(worker.stdout)["type"] == proto.DELTAS
         worker.stdin.close()
         assert worker.wait(timeout=60) == 0
         frames = []
@@ -255,7 +258,7 @@ STAND_IN_WORKER = textwrap.dedent(
             send({"type": p.ERROR, "id": m["id"], "kind": prompt, "message": prompt + "!"})
             continue
         for word in prompt.split():
-            send({"type": p.DELTA, "id": m["id"], "text": word})
+            send({"type": p.DELTAS, "items": [[m["id"], 0, word, None]]})
         send({"type": p.DONE, "id": m["id"], "finish_reason": "stop",
               "prompt_tokens": len(prompt.split()), "completion_tokens": len(prompt.split())})
     """
@@ -284,7 +287,9 @@ async def test_stand_in_protocol_round_trip(stand_in):
     engine = stand_in("echo")
     await engine.start()
     events = await collect(engine, CompletionRequest("a b c"))
-    assert events == [TextDelta("a"), TextDelta("b"), TextDelta("c"), Finished("stop", 3, 3)]
+    *deltas, finished = events
+    assert "".join(d.text for d in deltas) == "abc"  # deltas already queued may be joined
+    assert finished == Finished("stop", 3, 3, 0, ("stop",))
     with pytest.raises(ContextOverflow, match="context_overflow!"):
         await collect(engine, CompletionRequest("context_overflow"))
     with pytest.raises(EngineError, match="internal!"):

@@ -1,0 +1,249 @@
+"""The llama.cpp calls of the batching worker, through llama-cpp-python's low-level API.
+
+llama-cpp-python's high-level `Llama` class decodes one sequence at a time; its C API
+does not: one context holds `n_parallel` sequences over a unified KV cache of
+`n_ctx x n_parallel` cells, `llama_decode` takes one `llama_batch` with a `seq_id` per
+token, and each sequence samples through its own `llama_sampler` chain. The decisions
+(which tokens go into a batch) live in `scheduler.py`; this module only moves them into
+ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from aivailable.backends.scheduler import Token
+
+# The ChatML template, for models whose GGUF carries none.
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class LlamaCallError(Exception):
+    """llama.cpp refused: the model did not load, a decode failed, a grammar is invalid."""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    model_path: str
+    n_ctx: int  # positions per sequence
+    n_parallel: int  # sequences decoded together
+    n_batch: int  # tokens per llama_decode at most
+    n_threads: int
+    n_threads_batch: int
+    n_gpu_layers: int = 0
+    main_gpu: int | None = None
+    tensor_split: tuple[float, ...] | None = None
+
+
+def physical_cores() -> int:
+    """Cores, not hyperthreads: llama.cpp's matmuls gain nothing from a sibling thread."""
+    cores = set()
+    for cpu in Path("/sys/devices/system/cpu").glob("cpu[0-9]*"):
+        try:
+            package = (cpu / "topology/physical_package_id").read_text().strip()
+            core = (cpu / "topology/core_id").read_text().strip()
+        except OSError:
+            continue
+        cores.add((package, core))
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    found = len(cores) or os.cpu_count() or 1
+    return max(1, min(found, usable or found))
+
+
+_backend_ready = False
+
+
+class LlamaRuntime:
+    """One model, one context of n_parallel sequences, and the ctypes around them."""
+
+    def __init__(self, config: RuntimeConfig):
+        global _backend_ready
+        if not _backend_ready:
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+        self.config = config
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = config.n_gpu_layers
+        if config.main_gpu is not None:
+            mparams.main_gpu = config.main_gpu
+        self._split = None
+        if config.tensor_split:
+            self._split = (ctypes.c_float * len(config.tensor_split))(*config.tensor_split)
+            mparams.tensor_split = self._split
+        self.model = llama_cpp.llama_model_load_from_file(config.model_path.encode(), mparams)
+        if not self.model:
+            raise LlamaCallError(f"llama.cpp could not load {Path(config.model_path).name}")
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = config.n_ctx * config.n_parallel
+        cparams.n_seq_max = config.n_parallel
+        cparams.n_batch = config.n_batch
+        cparams.n_ubatch = config.n_batch
+        cparams.n_threads = config.n_threads
+        cparams.n_threads_batch = config.n_threads_batch
+        # n_ctx x n_parallel cells, each sequence in a stream of its own. A unified stream
+        # computes each sequence's attention over every sequence's cells (masked), and that
+        # changed greedy answers with what ran beside them: 3 of 4 differed on SmolLM2,
+        # against 0 of 4 with separate streams (docs/backend.md).
+        cparams.kv_unified = False
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise LlamaCallError("llama.cpp could not create a context (out of memory?)")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
+        self.add_bos = llama_cpp.llama_vocab_get_add_bos(self.vocab)
+        self._chat = self._chat_formatter()
+
+    def close(self) -> None:
+        if self.ctx:
+            llama_cpp.llama_batch_free(self.batch)
+            llama_cpp.llama_free(self.ctx)
+            llama_cpp.llama_model_free(self.model)
+            self.ctx = None
+
+    # --- text <-> tokens ----------------------------------------------------------------
+
+    def _meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    def _token_text(self, token: int) -> str:
+        return self.piece(token, special=True).decode("utf-8", errors="replace")
+
+    def _chat_formatter(self) -> Jinja2ChatFormatter:
+        template = self._meta("tokenizer.chat_template") or CHATML
+        eos = self._token_text(llama_cpp.llama_vocab_eos(self.vocab))
+        bos = self._token_text(llama_cpp.llama_vocab_bos(self.vocab))
+        return Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The model's own chat template applied to the messages (ValueError if it
+        refuses them, e.g. roles in an order it does not allow)."""
+        try:
+            return self._chat(messages=messages, tools=tools).prompt
+        except ValueError:
+            raise
+        except Exception as e:  # a template error is the request's, never the worker's
+            raise ValueError(f"the chat template rejected the messages: {e}") from e
+
+    def tokenize(self, text: str, special: bool) -> list[int]:
+        """`special`: parse control tokens in the text (a rendered chat template has them;
+        a client's raw completion prompt must not)."""
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        buf = (llama_cpp.llama_token * size)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, size, self.add_bos, special)
+        if n < 0:  # never with size >= bytes + 2, but say so rather than cut
+            raise ValueError(f"the prompt needs {-n} tokens")
+        return list(buf[:n])
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    # --- the KV cache and decoding ------------------------------------------------------
+
+    def copy_cells(self, src: int, dst: int) -> None:
+        """All of src's cells to dst. Each sequence has its own stream of cells, and
+        llama.cpp copies across streams only whole; the scheduler copies a source that
+        holds exactly the prompt."""
+        llama_cpp.llama_memory_seq_rm(self.memory, dst, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+
+    def trim(self, seq: int, p0: int) -> None:
+        llama_cpp.llama_memory_seq_rm(self.memory, seq, p0, -1)
+
+    def decode(self, tokens: list[Token]) -> dict[int, int]:
+        """Decode one batch; returns slot -> the batch row whose logits it samples."""
+        batch = self.batch
+        rows: dict[int, int] = {}
+        for i, t in enumerate(tokens):
+            batch.token[i] = t.token
+            batch.pos[i] = t.pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = t.seq
+            batch.logits[i] = 1 if t.sample_for else 0
+            for slot in t.sample_for:
+                rows[slot] = i
+        batch.n_tokens = len(tokens)
+        code = llama_cpp.llama_decode(self.ctx, batch)
+        if code != 0:
+            raise LlamaCallError(f"llama_decode returned {code}")
+        return rows
+
+    def log_probs(self, row: int) -> np.ndarray:
+        """Log-probabilities of every token after this row (the model's, before sampling)."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, row)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        peak = logits.max()
+        return logits - (peak + math.log(np.exp(logits - peak).sum()))
+
+    # --- sampling -----------------------------------------------------------------------
+
+    def sampler(self, params: dict, seed: int) -> int:
+        """A sampler chain for one sequence, as llama.cpp's server builds it: logit bias,
+        penalties, grammar, then top-k, top-p, min-p, temperature and the draw (greedy
+        at temperature 0). Returns the chain's pointer; free it with free_sampler."""
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
+        bias = params.get("logit_bias") or []
+        if bias:
+            arr = (llama_cpp.llama_logit_bias * len(bias))()
+            for i, (token, value) in enumerate(bias):
+                arr[i].token, arr[i].bias = int(token), float(value)
+            add(llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(bias), arr))
+        repeat = float(params.get("repeat_penalty", 1.0))
+        freq = float(params.get("frequency_penalty", 0.0))
+        present = float(params.get("presence_penalty", 0.0))
+        if repeat != 1.0 or freq or present:
+            add(llama_cpp.llama_sampler_init_penalties(self.n_vocab, 64, repeat, freq, present))
+        grammar = params.get("grammar")
+        if grammar:
+            g = llama_cpp.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+            if not g:
+                llama_cpp.llama_sampler_free(chain)
+                raise ValueError("the output grammar is not valid GBNF")
+            add(g)
+        temperature = float(params.get("temperature", 0.8))
+        if temperature <= 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+            return chain
+        top_k = int(params.get("top_k") or 0)
+        if top_k > 0:
+            add(llama_cpp.llama_sampler_init_top_k(top_k))
+        add(llama_cpp.llama_sampler_init_top_p(float(params.get("top_p", 0.95)), 1))
+        min_p = float(params.get("min_p") or 0.0)
+        if min_p > 0:
+            add(llama_cpp.llama_sampler_init_min_p(min_p, 1))
+        add(llama_cpp.llama_sampler_init_temp(temperature))
+        add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    def sample(self, chain: int, row: int) -> int:
+        return llama_cpp.llama_sampler_sample(chain, self.ctx, row)
+
+    @staticmethod
+    def free_sampler(chain: int) -> None:
+        llama_cpp.llama_sampler_free(chain)
