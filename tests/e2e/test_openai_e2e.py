@@ -66,7 +66,8 @@ def test_chat_streams_tokens(client):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
     assert text.strip() and len(content_chunks) > 3
-    assert chunks[-1].usage.completion_tokens == len(content_chunks)
+    # One chunk per token, or fewer: tokens ready together travel in one chunk.
+    assert len(content_chunks) <= chunks[-1].usage.completion_tokens <= 24
 
 
 def test_completions_with_and_without_streaming(client):
