@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint bench clean
+.PHONY: setup run test test-fast lint bench bench-anchor clean
 
 setup: $(STAMP) model
 
@@ -34,6 +34,10 @@ test: setup lint
 # Everything but the slow tests, for the edit-test loop.
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# llama.cpp's llama-server from the same vendored sources: bench/serve.py's anchor.
+bench-anchor: setup
+	bash bench/build_anchor.sh
 
 bench: setup
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

@@ -1,10 +1,20 @@
-"""Serving throughput: tokens/s and time to first token through our API vs llama.cpp direct.
+"""Serving throughput of the batching engine against llama.cpp's own llama-server.
 
-Same model, same prompt, greedy decoding, same run, the two paths' trials alternating.
-For k concurrent streams the direct side serves the k requests one after another (one llama.cpp context decodes one request
-at a time, as our worker does), so the two sides face the same queueing.
+Same model (SmolLM2-135M), same prompt, greedy, 128 tokens, in one run with the paths'
+trials alternating, so the shared machine's changing load weighs on all alike:
 
-    python bench/serve.py [--quick] [--max-tokens N] [--trials N]
+- ceiling: raw batched llama_decode of k sequences in this process, argmax only;
+- llama-server: llama.cpp's C++ server built by `make bench-anchor` from the sources
+  vendored in our llama-cpp-python (skipped, and said so, when absent), same slots and
+  threads;
+- api: our OpenAI API over LlamaEngine (the serving stack of `aivailable up`);
+- routed: the same through a routing-only peer (a Forwarder, signed peer requests).
+
+At 1, 4, 8 and 16 concurrent streams: aggregate and per-stream tok/s, TTFT p50/p99. And a
+multi-turn case: a ~1,500-token history, then the same history with one more turn: the
+second turn's TTFT against the first (the prefix cache at work).
+
+    python bench/serve.py [--quick] [--max-tokens N] [--trials N] [--levels 1,4,8,16]
 
 Prints a table and writes bench/results/serve.json. Asserts nothing about time.
 """
@@ -14,9 +24,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import secrets
 import statistics
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -24,10 +36,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aivailable import store  # noqa: E402
-from aivailable.local_peers import PeerProcess  # noqa: E402
+from aivailable.local_peers import free_port  # noqa: E402
+from bench.forward import Child, start_role, wait_port  # noqa: E402
 
 MODEL = "smollm2-135m"
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
+ANCHOR = Path(os.environ.get("AIVAILABLE_CACHE_DIR", Path.home() / ".cache/aivailable"))
+ANCHOR = ANCHOR / "anchor" / "bin" / "llama-server"
+N_CTX = 2048  # per slot: the multi-turn history and its answer fit
 
 
 def pct(values: list[float], p: float) -> float:
@@ -35,43 +51,45 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
-class Tally:
-    """Time-to-first-token samples and token/time totals of one path at one level."""
+async def serve_model(port: int, slots: int, threads: int, secret: bytes) -> None:
+    """`aivailable up`'s serving stack for one model, in its own process."""
+    from types import SimpleNamespace
 
-    def __init__(self) -> None:
-        self.ttfts: list[float] = []
-        self.tokens = 0
-        self.seconds = 0.0
+    from aiohttp import web
 
-    def summary(self) -> dict:
-        return summarize(self.ttfts, self.tokens, self.seconds)
+    from aivailable.api.app import build_app
+    from aivailable.api.openai_api import OpenAIApi
+    from aivailable.backends.llama_engine import EngineConfig, LlamaEngine
+    from aivailable.metrics import Metrics
+    from peer.auth import PeerAuth
+
+    path = store.resolve(f"builtin:{MODEL}").path
+    config = EngineConfig(n_threads=threads, max_queue_wait=600)
+    engine = LlamaEngine(MODEL, path, N_CTX, 0, 256, n_parallel=slots, config=config)
+    await engine.start()
+    instances = {MODEL: SimpleNamespace(engine=engine, error="", state="ready")}
+    metrics = Metrics()
+    app = build_app(
+        metrics, lambda: True, [OpenAIApi(lambda: instances, metrics, 4096, 600).routes()]
+    )
+    app.middlewares.append(PeerAuth(secret).middleware)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
 
 
-def direct_trial(llm, concurrency: int, max_tokens: int, tally: Tally) -> None:
-    """k requests served one after another by one llama.cpp context, as our worker does."""
-    start = time.perf_counter()
-    for _ in range(concurrency):
-        first = None
-        for chunk in llm.create_chat_completion(
-            PROMPT, max_tokens=max_tokens, temperature=0, stream=True
-        ):
-            if chunk["choices"][0]["delta"].get("content"):
-                tally.tokens += 1
-                if first is None:
-                    first = time.perf_counter() - start
-        tally.ttfts.append(first or 0.0)
-    tally.seconds += time.perf_counter() - start
-
-
-async def api_stream(session, url: str, max_tokens: int, start: float) -> tuple[float, int]:
+async def one_stream(session, url: str, messages: list[dict], max_tokens: int, start: float):
     body = {
         "model": MODEL,
-        "messages": PROMPT,
+        "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
-    first, tokens = None, 0
+    first, chunks, usage = None, 0, None
     async with session.post(url + "/v1/chat/completions", json=body) as resp:
         resp.raise_for_status()
         async for raw in resp.content:
@@ -79,93 +97,216 @@ async def api_stream(session, url: str, max_tokens: int, start: float) -> tuple[
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                tokens += 1
+            if chunk.get("usage"):
+                usage = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                chunks += 1
                 if first is None:
                     first = time.perf_counter() - start
-    return first or 0.0, tokens
+    elapsed = time.perf_counter() - start
+    return first or elapsed, usage if usage is not None else chunks, elapsed
 
 
-async def api_trial(url: str, concurrency: int, max_tokens: int, tally: Tally) -> None:
+async def api_trial(url: str, k: int, max_tokens: int) -> dict:
     import aiohttp
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
         start = time.perf_counter()
         results = await asyncio.gather(
-            *(api_stream(session, url, max_tokens, start) for _ in range(concurrency))
+            *(one_stream(session, url, PROMPT, max_tokens, start) for _ in range(k))
         )
-        tally.seconds += time.perf_counter() - start
-    tally.ttfts += [r[0] for r in results]
-    tally.tokens += sum(r[1] for r in results)
+        seconds = time.perf_counter() - start
+    return {
+        "ttfts": [r[0] for r in results],
+        "tokens": sum(r[1] for r in results),
+        "seconds": seconds,
+        "per_stream": [r[1] / (r[2] - r[0]) for r in results if r[2] > r[0] and r[1] > 1],
+    }
 
 
-def summarize(ttfts: list[float], tokens: int, seconds: float) -> dict:
+def ceiling_trial(k: int, max_tokens: int, threads: int) -> dict:
+    """Raw batched decode of k greedy sequences: no HTTP, no frames, no Python per token
+    beyond the scheduler (the fastest this process could serve k streams)."""
+    from aivailable.backends.llama_runtime import LlamaRuntime, RuntimeConfig
+    from aivailable.backends.scheduler import Scheduler, SeqRequest
+
+    path = store.resolve(f"builtin:{MODEL}").path
+    rt = LlamaRuntime(RuntimeConfig(str(path), N_CTX, k, 512, threads, threads))
+    try:
+        prompt = rt.tokenize(rt.chat_prompt(PROMPT), special=True)
+        sched = Scheduler(k, N_CTX, 512)
+        for i in range(k):
+            sched.submit(SeqRequest(i, tuple(prompt), max_tokens))
+        samplers = {s: rt.sampler({"temperature": 0}, 0) for s in range(k)}
+        tokens, start = 0, time.perf_counter()
+        while sched.busy:
+            step = sched.next_step()
+            for seq, p0 in step.trims:
+                rt.trim(seq, p0)
+            for slot, row in rt.decode(step.tokens).items():
+                tokens += 1
+                sched.accept(slot, rt.sample(samplers[slot], row), False)
+        seconds = time.perf_counter() - start
+        for s in samplers.values():
+            rt.free_sampler(s)
+    finally:
+        rt.close()
+    return {"ttfts": [], "tokens": tokens, "seconds": seconds, "per_stream": []}
+
+
+def drained(child: Child) -> Child:
+    """Read a child's output away, so a chatty one never blocks on a full pipe."""
+    threading.Thread(target=lambda: child.proc.stdout.read(), daemon=True).start()
+    return child
+
+
+def start_anchor(port: int, slots: int, threads: int) -> Child | None:
+    if not ANCHOR.exists():
+        return None
+    path = store.resolve(f"builtin:{MODEL}").path
+    argv = [str(ANCHOR), "-m", str(path), "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["-np", str(slots), "-c", str(N_CTX * slots), "-t", str(threads), "-tb", str(threads)]
+    argv += ["--no-webui", "-lv", "1"]
+    env_path = f"{ANCHOR.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}"
+    os.environ["LD_LIBRARY_PATH"] = env_path
+    child = drained(Child(argv, ready_line=None))
+    wait_port(port, within=120)
+    import urllib.request
+
+    for _ in range(600):  # the port opens before the model has loaded
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return child
+        except OSError:
+            time.sleep(0.2)
+    child.stop()
+    return None
+
+
+def history(topic: str, turns: int = 24) -> list[dict]:
+    """A conversation of about 1,500 tokens, as a chat UI resends it each turn; its own
+    topic per path, so that no path finds another's history cached."""
+    out = [{"role": "system", "content": f"You are an expert on {topic}."}]
+    for i in range(turns):
+        out.append({"role": "user", "content": f"Tell me fact number {i} about the ocean."})
+        out.append(
+            {"role": "assistant", "content": f"Fact {i}: " + "the ocean is deep and wide, " * 5}
+        )
+    return out
+
+
+async def multi_turn(url: str, topic: str) -> dict:
+    import aiohttp
+
+    past = history(topic)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
+        first = [*past, {"role": "user", "content": "Summarise."}]
+        t1, _, _ = await one_stream(session, url, first, 16, time.perf_counter())
+        second = [*first, {"role": "assistant", "content": "The ocean is deep."}]
+        second.append({"role": "user", "content": "And the sky?"})
+        t2, _, _ = await one_stream(session, url, second, 16, time.perf_counter())
+    return {"first_ttft_ms": round(t1 * 1000, 1), "second_ttft_ms": round(t2 * 1000, 1),
+            "second_over_first": round(t2 / t1, 3)}  # fmt: skip
+
+
+def summarize(trials: list[dict], k: int) -> dict:
+    ttfts = [t for trial in trials for t in trial["ttfts"]]
+    tokens = sum(t["tokens"] for t in trials)
+    seconds = sum(t["seconds"] for t in trials)
+    per_stream = [x for t in trials for x in t["per_stream"]]
     return {
         "tokens": tokens,
-        "seconds": round(seconds, 3),
-        "tokens_per_s": round(tokens / seconds, 2) if seconds else 0.0,
-        "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1),
-        "ttft_p99_ms": round(pct(ttfts, 99) * 1000, 1),
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+        "per_stream_tokens_per_s": round(statistics.median(per_stream), 1) if per_stream else None,
+        "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1) if ttfts else None,
+        "ttft_p99_ms": round(pct(ttfts, 99) * 1000, 1) if ttfts else None,
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer trials, shorter answers")
+    parser.add_argument("--quick", action="store_true", help="one trial, 32 tokens, levels 1,4")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--levels", default="1,4,8,16")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--role", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--slots", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--secret-hex", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    trials = 1 if args.quick else args.trials
-    max_tokens = 32 if args.quick else args.max_tokens
-    levels = (1, 4, 8)
-    path = store.resolve(f"builtin:{MODEL}").path
-
-    results: dict = {"model": MODEL, "max_tokens": max_tokens, "trials": trials, "rows": []}
-    from llama_cpp import Llama
-
-    # Both paths are loaded side by side and their trials alternate, so a machine whose
-    # load changes during the run (2 shared cores) weighs on both alike.
-    llm = Llama(str(path), n_ctx=2048, n_gpu_layers=0, verbose=False)
-    llm.create_chat_completion(PROMPT, max_tokens=8, temperature=0)  # warm-up
-    direct = {k: Tally() for k in levels}
-    api = {k: Tally() for k in levels}
-    with tempfile.TemporaryDirectory() as tmp:
-        peer = PeerProcess(Path(tmp), "bench", "--no-mdns").start()
-        try:
-            peer.wait_healthy()
-            peer.wait_model_ready()
-            asyncio.run(api_trial(peer.url, 1, 8, Tally()))  # warm-up
-            for k in levels:
-                for _ in range(trials):
-                    direct_trial(llm, k, max_tokens, direct[k])
-                    asyncio.run(api_trial(peer.url, k, max_tokens, api[k]))
-        finally:
-            peer.stop()
-    direct = {k: t.summary() for k, t in direct.items()}
-    api = {k: t.summary() for k, t in api.items()}
-
-    header = (
-        f"{'streams':>7} | {'path':>6} | {'tok/s':>8} | {'TTFT p50 ms':>11} | "
-        f"{'TTFT p99 ms':>11} | {'API/direct':>10}"
-    )
-    print(header)
-    print("-" * len(header))
-    for k in levels:
-        ratio = api[k]["tokens_per_s"] / direct[k]["tokens_per_s"]
-        for label, row in (("direct", direct[k]), ("api", api[k])):
-            print(
-                f"{k:>7} | {label:>6} | {row['tokens_per_s']:>8.1f} | "
-                f"{row['ttft_p50_ms']:>11.1f} | {row['ttft_p99_ms']:>11.1f} | "
-                f"{(f'{ratio:.3f}' if label == 'api' else ''):>10}"
-            )
-        results["rows"].append(
-            {"streams": k, "direct": direct[k], "api": api[k], "api_over_direct": round(ratio, 3)}
+    if args.role == "model":
+        asyncio.run(
+            serve_model(args.port, args.slots, args.threads, bytes.fromhex(args.secret_hex))
         )
+        return 0
+    levels = [1, 4] if args.quick else [int(x) for x in args.levels.split(",")]
+    trials, max_tokens = (1, 32) if args.quick else (args.trials, args.max_tokens)
+    slots = max(levels)
+    secret = secrets.token_bytes(32)
+    model_port, front_port, anchor_port = free_port(), free_port(), free_port()
+    argv = [sys.executable, __file__, "--role", "model", "--port", str(model_port)]
+    argv += ["--slots", str(slots), "--threads", str(args.threads), "--secret-hex", secret.hex()]
+    children = [drained(Child(argv))]
+    notes = []
+    try:
+        children.append(drained(start_role("front", front_port, secret, f"127.0.0.1:{model_port}")))
+        anchor = start_anchor(anchor_port, slots, args.threads)
+        paths = {
+            "api": f"http://127.0.0.1:{model_port}",
+            "routed": f"http://127.0.0.1:{front_port}",
+        }
+        if anchor is None:
+            notes.append(f"llama-server not measured: {ANCHOR} is absent (run make bench-anchor)")
+        else:
+            children.append(anchor)
+            paths = {"llama-server": f"http://127.0.0.1:{anchor_port}", **paths}
+        for url in paths.values():  # warm-up: load, first allocations, prompt cache
+            asyncio.run(api_trial(url, 1, 8))
+        runs: dict = {name: {k: [] for k in levels} for name in ["ceiling", *paths]}
+        for k in levels:
+            for trial in range(trials):
+                order = list(paths.items())
+                order = order[trial % len(order) :] + order[: trial % len(order)]  # rotate
+                runs["ceiling"][k].append(ceiling_trial(k, max_tokens, args.threads))
+                for name, url in order:
+                    runs[name][k].append(asyncio.run(api_trial(url, k, max_tokens)))
+        turns = {name: asyncio.run(multi_turn(url, name)) for name, url in paths.items()}
+    finally:
+        for child in reversed(children):
+            child.stop()
+    table = {name: {k: summarize(runs[name][k], k) for k in levels} for name in runs}
+    print_table(table, levels, turns, notes)
     out = ROOT / "bench" / "results" / "serve.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    meta = {"model": MODEL, "max_tokens": max_tokens, "trials": trials, "slots": slots,
+            "threads": args.threads, "notes": notes}  # fmt: skip
+    out.write_text(json.dumps({**meta, "levels": table, "multi_turn": turns}, indent=2))
     print(f"wrote {out.relative_to(ROOT)}")
     return 0
+
+
+def print_table(table: dict, levels: list[int], turns: dict, notes: list[str]) -> None:
+    anchor = table.get("llama-server")
+    head = f"{'streams':>7} | {'path':>12} | {'tok/s':>7} | {'per stream':>10} | {'TTFT p50':>8} | {'TTFT p99':>8} | {'vs anchor':>9}"
+    print(head)
+    print("-" * len(head))
+    for k in levels:
+        for name, rows in table.items():
+            r = rows[k]
+            ratio = f"{r['tokens_per_s'] / anchor[k]['tokens_per_s']:.2f}x" if anchor else ""
+            print(
+                f"{k:>7} | {name:>12} | {r['tokens_per_s']:>7.1f} | "
+                f"{r['per_stream_tokens_per_s'] or '':>10} | {r['ttft_p50_ms'] or '':>8} | "
+                f"{r['ttft_p99_ms'] or '':>8} | {ratio:>9}"
+            )
+    print("\nmulti-turn (~1,500-token history resent): TTFT ms")
+    for name, t in turns.items():
+        print(
+            f"  {name:>12}: first {t['first_ttft_ms']}, second {t['second_ttft_ms']} ({t['second_over_first']}x)"
+        )
+    for note in notes:
+        print("note:", note)
 
 
 if __name__ == "__main__":

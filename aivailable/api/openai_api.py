@@ -153,12 +153,13 @@ class OpenAIApi:
         )
         if request.content_length is not None and request.content_length > limit:
             raise too_big
-        data = bytearray()
-        async for piece in request.content.iter_chunked(1 << 16):
-            data += piece
-            if len(data) > limit:
-                raise too_big
-        return bytes(data)
+        try:  # cached: the peer-signature middleware may have read it already
+            data = await request.read()
+        except web.HTTPRequestEntityTooLarge:  # chunked, past the app's own limit
+            raise too_big from None
+        if len(data) > limit:
+            raise too_big
+        return data
 
     async def _serve(self, request: web.Request, endpoint: str, parse) -> web.StreamResponse:
         raw = await self._read_body(request)
