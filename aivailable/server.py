@@ -13,6 +13,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from aivailable.api.app import build_app
+from aivailable.api.ollama_api import OllamaApi
 from aivailable.api.openai_api import OpenAIApi
 from aivailable.cluster_node import ClusterNode, EngineBuilder
 from aivailable.config import Config
@@ -98,6 +99,14 @@ async def serve(
             catalog=node.catalog,
         )
 
+        def model_info(name: str) -> dict:
+            record = node.state.models.get(name)
+            if record is None:
+                return {}
+            return {"size": record.size, "sha256": record.sha256, "n_ctx": record.n_ctx}
+
+        ollama_api = OllamaApi(openai_api, model_info)
+
         def refresh_gauges() -> None:
             own = node.reconciler.own_vram()
             for gpu in node.current_gpus(own):
@@ -115,7 +124,7 @@ async def serve(
         app = build_app(
             metrics,
             lambda: serving,
-            [openai_api.routes(), gossip.routes(), *node.routes()],
+            [openai_api.routes(), ollama_api.routes(), gossip.routes(), *node.routes()],
             on_scrape=refresh_gauges,
             middlewares=[auth.middleware],
             client_max_size=config.raft.max_body_bytes,  # snapshots travel in one request

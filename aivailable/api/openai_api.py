@@ -142,7 +142,7 @@ class OpenAIApi:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, "completions", parse_completion)
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def read_body(self, request: web.Request) -> bytes:
         """The body, refused with 413 before it is read when it is over the limit: a
         prompt beyond any context must not cost the peer its memory or the model a slot."""
         limit = self._max_body
@@ -161,15 +161,12 @@ class OpenAIApi:
             raise too_big
         return data
 
-    async def _serve(self, request: web.Request, endpoint: str, parse) -> web.StreamResponse:
-        raw = await self._read_body(request)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise bad_request(f"the request body is not valid JSON: {exc}") from exc
-        parsed: Parsed = parse(body, self._max_tokens_limit)
+    async def engine_or_forward(
+        self, request: web.Request, raw: bytes, model: str
+    ) -> Engine | web.StreamResponse:
+        """The local engine serving `model`, or the answer of a peer that serves it."""
         instances = self._lookup()
-        instance = instances.get(parsed.model)
+        instance = instances.get(model)
         # --- forwarding hook (peer/forward.py): no ready instance here, so another peer's
         # replica serves it; a request already forwarded to us is never forwarded again.
         if (
@@ -177,17 +174,36 @@ class OpenAIApi:
             and (instance is None or instance.state != "ready" or instance.engine is None)
             and self._forwarder.forwardable(request)
         ):
-            return await self._forwarder.forward(request, raw, parsed.model)
+            return await self._forwarder.forward(request, raw, model)
         # --- end of forwarding hook
         if instance is None:
             available = ", ".join(sorted(instances)) or "none"
             raise not_found(
-                f"the model '{parsed.model}' does not exist (available: {available})",
-                param="model",
+                f"the model '{model}' does not exist (available: {available})", param="model"
             )
         engine = instance.engine
         if engine is None or instance.error:
             raise engine_error(EngineUnavailable(instance.state, instance.error))
+        return engine
+
+    def model_names(self) -> set[str]:
+        """Every model the cluster serves."""
+        return set(self._catalog())
+
+    def local_models(self) -> list[str]:
+        """The models this peer runs itself, ready or not."""
+        return sorted(self._lookup())
+
+    async def _serve(self, request: web.Request, endpoint: str, parse) -> web.StreamResponse:
+        raw = await self.read_body(request)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise bad_request(f"the request body is not valid JSON: {exc}") from exc
+        parsed: Parsed = parse(body, self._max_tokens_limit)
+        engine = await self.engine_or_forward(request, raw, parsed.model)
+        if isinstance(engine, web.StreamResponse):
+            return engine
         started = time.monotonic()
         status = "200"
         try:

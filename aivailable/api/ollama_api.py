@@ -1,0 +1,290 @@
+"""The Ollama API on every peer, mapped onto the same engines and forwarding as /v1.
+
+`/api/chat` and `/api/generate` (NDJSON streams, or one object with `"stream": false`),
+`/api/tags`, `/api/ps`, `/api/show`, `/api/version`. A request is turned into the
+OpenAI-style body that `validate.py` checks (Ollama's `options` become our sampling,
+`format` becomes `response_format`), so both APIs share every rule and the grammar
+sampler. Models keep their cluster names; an Ollama-style `name:tag` resolves to them.
+Errors leave in Ollama's shape, `{"error": "..."}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from aivailable.api.errors import ApiError, bad_request, not_found
+from aivailable.api.openai_api import OpenAIApi, engine_error
+from aivailable.api.validate import Parsed, parse_chat, parse_completion
+from aivailable.backends.base import EngineError, Finished, TextDelta
+
+OLLAMA_VERSION = "0.6.0"  # the Ollama API level this speaks; clients check only its form
+# Ollama option -> our request field (num_predict is handled apart: -1 means no limit).
+OPTIONS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "seed": "seed",
+    "stop": "stop",
+    "repeat_penalty": "repeat_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _ollama_error(exc: ApiError) -> web.Response:
+    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else {}
+    return web.json_response({"error": exc.message}, status=exc.status, headers=headers)
+
+
+class OllamaApi:
+    def __init__(self, openai: OpenAIApi, model_info: Callable[[str], dict] | None = None):
+        """`model_info(name)`: what the cluster knows of a model (size, sha256, n_ctx)."""
+        self._openai = openai
+        self._info = model_info or (lambda name: {})
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/api/version", self.version),
+            web.get("/api/tags", self.tags),
+            web.get("/api/ps", self.ps),
+            web.post("/api/show", self._guarded(self.show)),
+            web.post("/api/chat", self._guarded(self.chat)),
+            web.post("/api/generate", self._guarded(self.generate)),
+        ]
+
+    @staticmethod
+    def _guarded(handler):
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            try:
+                return await handler(request)
+            except ApiError as exc:
+                return _ollama_error(exc)
+
+        return guarded
+
+    # --- models -------------------------------------------------------------------------
+
+    def resolve(self, name: Any) -> str:
+        """An Ollama-style `name[:tag]` to the cluster's model name."""
+        if not isinstance(name, str) or not name:
+            raise bad_request("'model' is required", param="model")
+        names = self._openai.model_names()
+        if name in names:
+            return name
+        base = name.rsplit(":", 1)[0]
+        if base in names:
+            return base
+        raise not_found(f"model '{name}' not found")
+
+    def _card(self, name: str) -> dict:
+        info = self._info(name)
+        return {
+            "name": f"{name}:latest",
+            "model": f"{name}:latest",
+            "modified_at": _now(),
+            "size": int(info.get("size") or 0),
+            "digest": info.get("sha256") or "",
+            "details": {
+                "format": "gguf",
+                "family": "",
+                "parameter_size": "",
+                "quantization_level": "",
+            },
+        }
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": OLLAMA_VERSION})
+
+    async def tags(self, request: web.Request) -> web.Response:
+        names = sorted(self._openai.model_names())
+        return web.json_response({"models": [self._card(n) for n in names]})
+
+    async def ps(self, request: web.Request) -> web.Response:
+        local = self._openai.local_models()
+        models = [
+            {**self._card(n), "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0} for n in local
+        ]
+        return web.json_response({"models": models})
+
+    async def show(self, request: web.Request) -> web.Response:
+        body, _ = await self._body(request)
+        name = self.resolve(body.get("model") or body.get("name"))
+        info = self._info(name)
+        return web.json_response(
+            {
+                "modelfile": f"FROM {name}",
+                "parameters": f"num_ctx {info.get('n_ctx', 2048)}",
+                "template": "",
+                "details": self._card(name)["details"],
+                "model_info": {"context_length": info.get("n_ctx", 2048)},
+                "capabilities": ["completion", "tools"],
+            }
+        )
+
+    # --- generation ---------------------------------------------------------------------
+
+    async def _body(self, request: web.Request) -> tuple[dict, bytes]:
+        raw = await self._openai.read_body(request)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise bad_request("the request body is not valid JSON") from exc
+        if not isinstance(body, dict):
+            raise bad_request("the request body must be a JSON object")
+        return body, raw
+
+    def _openai_body(self, body: dict, model: str) -> dict:
+        options = body.get("options") or {}
+        if not isinstance(options, dict):
+            raise bad_request("'options' must be an object", param="options")
+        out: dict[str, Any] = {"model": model, "stream": False}
+        for ours, theirs in OPTIONS.items():
+            if options.get(ours) is not None:
+                out[theirs] = options[ours]
+        predict = options.get("num_predict")
+        if isinstance(predict, int) and not isinstance(predict, bool) and predict > 0:
+            out["max_tokens"] = predict
+        fmt = body.get("format")
+        if fmt == "json":
+            out["response_format"] = {"type": "json_object"}
+        elif isinstance(fmt, dict):
+            out["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "format", "schema": fmt},
+            }
+        elif fmt not in (None, ""):
+            raise bad_request("'format' must be \"json\" or a JSON schema", param="format")
+        if body.get("tools"):  # Ollama's clients send [] for none
+            out["tools"] = body["tools"]
+        return out
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body, raw = await self._body(request)
+        model = self.resolve(body.get("model"))
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise bad_request("'messages' must be a non-empty list", param="messages")
+        clean = [
+            {k: m.get(k) for k in ("role", "content", "tool_calls") if k in m}
+            for m in messages
+            if isinstance(m, dict)
+        ]
+        for m in clean:  # Ollama's tool calls carry arguments as objects
+            for call in m.get("tool_calls") or []:
+                fn = call.get("function", {}) if isinstance(call, dict) else {}
+                if isinstance(fn.get("arguments"), dict):
+                    fn["arguments"] = json.dumps(fn["arguments"])
+        parsed = parse_chat({**self._openai_body(body, model), "messages": clean}, 1 << 20)
+        return await self._run(request, body, raw, parsed, chat=True)
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body, raw = await self._body(request)
+        model = self.resolve(body.get("model"))
+        prompt = body.get("prompt") or ""
+        if not isinstance(prompt, str):
+            raise bad_request("'prompt' must be a string", param="prompt")
+        base = self._openai_body(body, model)
+        if body.get("raw"):
+            parsed = parse_completion({**base, "prompt": prompt or " "}, 1 << 20)
+        else:
+            messages = [{"role": "system", "content": body["system"]}] if body.get("system") else []
+            messages.append({"role": "user", "content": prompt})
+            parsed = parse_chat({**base, "messages": messages}, 1 << 20)
+        return await self._run(request, body, raw, parsed, chat=False)
+
+    async def _run(
+        self, request: web.Request, body: dict, raw: bytes, parsed: Parsed, chat: bool
+    ) -> web.StreamResponse:
+        target = await self._openai.engine_or_forward(request, raw, parsed.model)
+        if isinstance(target, web.StreamResponse):
+            return target
+        stream = body.get("stream", True) is not False
+        started = time.monotonic()
+        name = body.get("model")
+
+        def piece(text: str) -> dict:
+            if chat:
+                return {
+                    "model": name,
+                    "created_at": _now(),
+                    "message": {"role": "assistant", "content": text},
+                    "done": False,
+                }
+            return {"model": name, "created_at": _now(), "response": text, "done": False}
+
+        def final(text: str, done: Finished) -> dict:
+            out = piece(text)
+            if chat and parsed.functions:
+                from aivailable.api import openai_render
+
+                message, _ = openai_render.chat_message(text, done.finish_reason, parsed)
+                if message.get("tool_calls"):
+                    calls = [
+                        {
+                            "function": {
+                                "name": c["function"]["name"],
+                                "arguments": json.loads(c["function"]["arguments"]),
+                            }
+                        }
+                        for c in message["tool_calls"]
+                    ]
+                    out["message"] = {"role": "assistant", "content": "", "tool_calls": calls}
+            elapsed = int((time.monotonic() - started) * 1e9)
+            return {
+                **out,
+                "done": True,
+                "done_reason": "length" if done.finish_reason == "length" else "stop",
+                "total_duration": elapsed,
+                "prompt_eval_count": done.prompt_tokens,
+                "eval_count": done.completion_tokens,
+            }
+
+        response: web.StreamResponse | None = None
+        pieces: list[str] = []
+        try:
+            async with contextlib.aclosing(target.generate(parsed.request)) as events:
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        pieces.append(event.text)
+                        if stream and not parsed.functions:
+                            if response is None:
+                                response = web.StreamResponse(
+                                    headers={"Content-Type": "application/x-ndjson"}
+                                )
+                                await response.prepare(request)
+                            await response.write(json.dumps(piece(event.text)).encode() + b"\n")
+                    elif isinstance(event, Finished):
+                        text = "" if stream and not parsed.functions else "".join(pieces)
+                        last = final(text, event)
+                        if not stream:
+                            return web.json_response(last)
+                        if response is None:
+                            response = web.StreamResponse(
+                                headers={"Content-Type": "application/x-ndjson"}
+                            )
+                            await response.prepare(request)
+                        await response.write(json.dumps(last).encode() + b"\n")
+        except EngineError as exc:
+            error = engine_error(exc)
+            if response is None:
+                raise error from exc
+            await response.write(json.dumps({"error": error.message}).encode() + b"\n")
+        except asyncio.CancelledError:
+            raise
+        if response is None:
+            raise ApiError(500, "the engine ended without finishing", type="server_error")
+        await response.write_eof()
+        return response
