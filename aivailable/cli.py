@@ -1,4 +1,4 @@
-"""The `aivailable` command: up, status, chat, deploy, undeploy."""
+"""The `aivailable` command: up, status, chat, deploy, undeploy, pull."""
 
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ def _up_parser(sub) -> None:
         help="offer the CPU as a model device: auto (only without GPUs), yes, no (routing only)",
     )
     up.add_argument("--n-ctx", type=int, help="context window per instance, tokens")
+    up.add_argument("--offline", action="store_true", help="use only the model cache; no downloads")
     up.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
 
 
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="peers the new machine contacts first (default: this peer)",
     )
+    pull = sub.add_parser("pull", help="download a model into the cache ahead of a deploy")
+    pull.add_argument("source", help="hf://ORG/REPO:QUANT, hf://ORG/REPO/FILE.gguf, a URL, ...")
+    pull.add_argument("--cache-dir", help="default: $AIVAILABLE_CACHE_DIR or ~/.cache/aivailable")
     for name, text in (
         ("status", "show nodes, GPUs, leader and models"),
         ("chat", "chat with a model, streaming tokens"),
@@ -106,6 +110,7 @@ def _up_overrides(args: argparse.Namespace) -> dict:
         "model": args.model,
         "cpu": args.cpu,
         "n_ctx": args.n_ctx,
+        "offline": True if args.offline else None,
         "log_level": args.log_level,
     }
 
@@ -223,6 +228,18 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    from aivailable import store
+
+    try:
+        model = store.resolve(args.source, args.cache_dir, progress=True)
+    except store.ModelSourceError as exc:
+        print(f"aivailable: {exc}", file=sys.stderr)
+        return 1
+    print(model.path)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from aivailable.demo import main as demo_main
 
@@ -237,6 +254,7 @@ COMMANDS = {
     "chat": cmd_chat,
     "deploy": cmd_deploy,
     "undeploy": cmd_undeploy,
+    "pull": cmd_pull,
 }
 
 

@@ -66,6 +66,10 @@ class Config:
     # Where downloaded models are cached (the model store). None: ~/.cache/aivailable
     # or $AIVAILABLE_CACHE_DIR, shared by every peer on the machine.
     cache_dir: pathlib.Path | None = None
+    # Use only the model cache: never download a model (as HF_HUB_OFFLINE=1 does). Off by
+    # default so a deploy of hf://... just works; on for air-gapped labs, where a download
+    # attempt would only wait for a timeout.
+    offline: bool = False
     # Static seeds HOST:PORT, for networks without multicast. Default none: mDNS finds peers.
     join: tuple[str, ...] = ()
     # Announce and browse with mDNS. On by default: plug in and it joins.

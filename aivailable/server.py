@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from aivailable import hub
 from aivailable.api.app import build_app
 from aivailable.api.openai_api import OpenAIApi
 from aivailable.cluster_node import ClusterNode, EngineBuilder
@@ -64,6 +65,8 @@ async def serve(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    if config.offline:
+        hub.force_offline()  # the store reads it for every model this process resolves
     secret = await asyncio.to_thread(load_or_create_secret, config.key_file)
     metrics = Metrics()
 

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from aiohttp import web
 
+from aivailable import sources
 from aivailable.api.errors import ApiError, bad_request, not_found
 from aivailable.store import model_name
 
@@ -32,7 +33,16 @@ def parse_deploy(body: object, max_ctx: int = 131072) -> tuple[str, str, int, in
         raise bad_request("the request body must be a JSON object")
     source = body.get("source")
     if not isinstance(source, str) or not source:
-        raise bad_request("'source' is required: builtin:NAME or a GGUF path", param="source")
+        raise bad_request(
+            "'source' is required: builtin:NAME, hf://ORG/REPO:QUANT, hf://ORG/REPO/FILE.gguf, "
+            "https://.../FILE.gguf or a GGUF path",
+            param="source",
+        )
+    if sources.is_remote(source):
+        try:
+            sources.parse_remote(source)
+        except sources.ModelSourceError as exc:
+            raise bad_request(str(exc), param="source") from None
     name = body.get("name")
     if name is None:
         name = model_name(source)
