@@ -50,6 +50,12 @@ def _up_parser(sub) -> None:
     )
     up.add_argument("--n-ctx", type=int, help="context window per instance, tokens")
     up.add_argument("--offline", action="store_true", help="use only the model cache; no downloads")
+    up.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="a browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable)",
+    )
     up.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
 
 
@@ -111,6 +117,7 @@ def _up_overrides(args: argparse.Namespace) -> dict:
         "cpu": args.cpu,
         "n_ctx": args.n_ctx,
         "offline": True if args.offline else None,
+        "cors_origins": args.cors_origin,
         "log_level": args.log_level,
     }
 

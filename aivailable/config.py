@@ -99,6 +99,10 @@ class Config:
     # Upper bound on max_tokens a client may ask for; also the default when it asks for
     # none, so a request without max_tokens cannot run for the whole context by accident.
     max_tokens_limit: int = 4096
+    # Browser origins (e.g. "http://localhost:3000", or "*" for any) whose pages may call
+    # this peer's API (CORS). Empty by default: otherwise any web page a user visits could
+    # drive the peer on their machine or LAN through their browser.
+    cors_origins: tuple[str, ...] = ()
     # Logging level name for the peer's own log.
     log_level: str = "INFO"
     # Membership and gossip timing (peer/config.py explains each default); a [gossip]

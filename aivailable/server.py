@@ -122,6 +122,7 @@ async def serve(
             on_scrape=refresh_gauges,
             middlewares=[auth.middleware],
             client_max_size=config.raft.max_body_bytes,  # snapshots travel in one request
+            cors_origins=config.cors_origins,
         )
         # shutdown_timeout: seconds in-flight requests get to finish when the peer stops.
         runner = web.AppRunner(
