@@ -1,4 +1,4 @@
-"""The `aivailable` command: up, status, chat, deploy, undeploy, pull."""
+"""The `aivailable` command: up, status, models, ps, chat, deploy, undeploy, pull."""
 
 from __future__ import annotations
 
@@ -78,13 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--cache-dir", help="default: $AIVAILABLE_CACHE_DIR or ~/.cache/aivailable")
     for name, text in (
         ("status", "show nodes, GPUs, leader and models"),
+        ("models", "show the deployed models, their replicas and states"),
+        ("ps", "show the model instances on each node, and downloads"),
         ("chat", "chat with a model, streaming tokens"),
         ("deploy", "deploy a model to the cluster"),
         ("undeploy", "remove a model from the cluster"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--url", default=DEFAULT_URL, help=f"a peer's URL (default {DEFAULT_URL})")
-        if name == "status":
+        if name in ("status", "models", "ps"):
             p.add_argument("--json", action="store_true", help="print the raw JSON")
         if name == "chat":
             p.add_argument("message", nargs="*", help="message (default: read lines from stdin)")
@@ -212,6 +214,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from aivailable.status_view import render_models
+
+    status = request_json(args.url.rstrip("/") + "/cluster/status")
+    if args.json:
+        print(json.dumps(status.get("models", []), indent=2))
+    else:
+        render_models(status)
+    return 0
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    from aivailable.status_view import render_ps
+
+    status = request_json(args.url.rstrip("/") + "/cluster/status")
+    if args.json:
+        keys = ("node_id", "nodes", "downloads")
+        print(json.dumps({k: status.get(k) for k in keys}, indent=2))
+    else:
+        render_ps(status)
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from aivailable.chat_client import chat_loop
 
@@ -258,6 +283,8 @@ COMMANDS = {
     "token": cmd_token,
     "up": cmd_up,
     "status": cmd_status,
+    "models": cmd_models,
+    "ps": cmd_ps,
     "chat": cmd_chat,
     "deploy": cmd_deploy,
     "undeploy": cmd_undeploy,
