@@ -262,32 +262,59 @@ def hf_list(settings: HubSettings, repo: str, revision: str) -> list[dict]:
 # ---------------------------------------------------------------- downloads
 
 
+class Cancelled(ModelSourceError):
+    """The download was stopped (the peer shuts down); its part file stays for a resume."""
+
+
+class _Tracked:
+    """One download in the registry: its progress, and whether it was cancelled."""
+
+    def __init__(self, registry: Downloads, label: str, file: str):
+        self._registry = registry
+        self.entry = {"source": label, "file": file, "done": 0, "total": None}
+
+    def update(self, done: int, total: int | None) -> None:
+        self.entry["done"], self.entry["total"] = done, total
+
+    def check(self) -> None:
+        if self._registry.cancelled(self):
+            label, done = self.entry["source"], self.entry["done"]
+            raise Cancelled(f"the download of {label} was stopped at byte {done}")
+
+
 class Downloads:
     """The downloads in progress in this process, for /cluster/status. Thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._active: dict[int, dict] = {}
+        self._cancelled: set[int] = set()
 
     @contextlib.contextmanager
-    def track(self, label: str, file: str) -> Iterator[Progress]:
-        key = id(object())
-        entry = {"source": label, "file": file, "done": 0, "total": None}
+    def track(self, label: str, file: str) -> Iterator[_Tracked]:
+        tracked = _Tracked(self, label, file)
         with self._lock:
-            self._active[key] = entry
-
-        def update(done: int, total: int | None) -> None:
-            entry["done"], entry["total"] = done, total
-
+            self._active[id(tracked)] = tracked.entry
         try:
-            yield update
+            yield tracked
         finally:
             with self._lock:
-                self._active.pop(key, None)
+                self._active.pop(id(tracked), None)
+                self._cancelled.discard(id(tracked))
+
+    def cancelled(self, tracked: _Tracked) -> bool:
+        with self._lock:
+            return id(tracked) in self._cancelled
 
     def snapshot(self) -> list[dict]:
         with self._lock:
             return [dict(e) for e in self._active.values()]
+
+    def cancel_all(self) -> None:
+        """Stop the downloads in progress at their next chunk, so a peer that shuts down
+        does not wait for them in a worker thread (later ones are not affected)."""
+        with self._lock:
+            self._cancelled.update(self._active)
 
 
 DOWNLOADS = Downloads()
@@ -313,9 +340,10 @@ def download(
         with DOWNLOADS.track(remote.label, target.name) as tracked:
 
             def report(done: int, total: int | None) -> None:
-                tracked(done, total)
+                tracked.update(done, total)
                 if on_progress is not None:
                     on_progress(done, total)
+                tracked.check()  # a cancel that came meanwhile stops before the next chunk
 
             digest, size = _fetch(settings, remote, part, report)
         _check_and_place(remote, part, target, digest, size)

@@ -161,4 +161,5 @@ async def serve(
             await runner.cleanup()
             for task in tasks:
                 task.cancel()
+            hub.DOWNLOADS.cancel_all()  # their threads would hold the process's exit up
             await node.stop()

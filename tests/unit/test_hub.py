@@ -231,3 +231,22 @@ def test_the_offline_setting_reaches_the_store(monkeypatch):
     assert not HubSettings.from_env({"HF_TOKEN_PATH": "-"}).offline
     hub.force_offline()  # what the peer does with `offline` on
     assert HubSettings.from_env({"HF_TOKEN_PATH": "-"}).offline
+
+
+async def test_a_cancelled_download_stops_and_the_next_call_resumes_it(hf, tmp_path):
+    hf.cut_next = [4000]  # a first chunk, then the cancel lands on the resumed request
+    cancelled = []
+
+    def cancel_once(done, total):
+        if not cancelled:
+            cancelled.append(done)
+            hub.DOWNLOADS.cancel_all()  # what a peer does when it shuts down
+
+    source = "hf://org/Tiny-GGUF/Tiny-Q4_K_M.gguf"
+    with pytest.raises(hub.Cancelled, match="stopped at byte 4000"):
+        await fetch(source, tmp_path / "c", settings(hf), on_progress=cancel_once)
+    assert hub.DOWNLOADS.snapshot() == []
+    hf.requests.clear()
+    model = await fetch(source, tmp_path / "c", settings(hf))  # not cancelled: a new download
+    assert model.path.read_bytes() == file_of(hf, "org/Tiny-GGUF", "Tiny-Q4_K_M.gguf")
+    assert [r.range for r in hf.served("/cdn/")] == ["bytes=4000-"]
