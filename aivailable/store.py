@@ -201,6 +201,58 @@ def _fetch_builtin(builtin: BuiltinModel, target: Path, cache: Path, show: bool)
 # ---------------------------------------------------------------- remote sources
 
 
+def describe(
+    source: str,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    settings: hub.HubSettings | None = None,
+) -> tuple[str, int | None] | None:
+    """(sha256, size or None) of the file `source` names, without downloading it: a
+    built-in's, what Hugging Face publishes (the quant picked now), a URL's pinned checksum,
+    or in offline mode the cached copy's. None when only the file itself could tell (a path,
+    a URL without #sha256). Raises ModelSourceError (hub.Unreachable when offline by accident).
+
+    A deploy records it, so every replica runs these very bytes and peers can copy the
+    file from each other instead of each downloading it."""
+    known = builtin(source)
+    if known is not None:
+        return known.sha256, known.size
+    if not sources.is_remote(source):
+        return None
+    spec = sources.parse_remote(source)
+    if isinstance(spec, UrlFile):
+        return (spec.sha256, None) if spec.sha256 else None
+    settings = settings or hub.HubSettings.from_env()
+    if settings.offline:
+        cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        path = cached(source, cache)
+        if path is None:
+            raise ModelSourceError(f"{source} is not in the model cache and offline mode is on")
+        model = _cached_model(model_name(source), path, cache, False)
+        return model.sha256, model.size
+    _, remote = _hf_remote(settings, spec)
+    return remote.sha256, remote.size
+
+
+def cached(source: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """The cached file of a remote or built-in source, found without the network (not
+    verified: resolve() does that), or None."""
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    known = builtin(source)
+    if known is not None:
+        path = cache / "models" / Path(known.member).name
+        return path if path.is_file() else None
+    if not sources.is_remote(source):
+        return None
+    try:
+        spec = sources.parse_remote(source)
+    except ModelSourceError:
+        return None
+    folder = _remote_dir(cache, spec)
+    file = _cached_file(spec, folder)
+    return folder / file if file is not None else None
+
+
 def _remote_dir(cache: Path, spec: HfFile | HfQuant | UrlFile) -> Path:
     """Where a remote source's files live: per repo and revision, or per URL."""
     if isinstance(spec, UrlFile):
