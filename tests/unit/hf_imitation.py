@@ -13,6 +13,7 @@ Everything it received is in `requests`, so a test can check what was asked and 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 
@@ -25,6 +26,12 @@ class Repo:
     files: dict[str, bytes]
     gated: bool = False
     lie_sha256: dict[str, str] = field(default_factory=dict)  # path -> a wrong checksum
+
+
+@functools.lru_cache(maxsize=64)
+def sha256_of(data: bytes) -> str:
+    """Remembered: a real model's bytes are hashed once, not on every request."""
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -98,7 +105,7 @@ class ImitationHub:
         if path not in repo.files:
             raise web.HTTPNotFound(headers={"X-Error-Code": "EntryNotFound"})
         data = repo.files[path]
-        sha = hashlib.sha256(data).hexdigest()
+        sha = sha256_of(data)
         claimed = repo.lie_sha256.get(path, sha)
         raise web.HTTPFound(
             f"http://localhost:{self.server.port}/cdn/{sha}",
@@ -114,7 +121,7 @@ class ImitationHub:
         repo = self._repo(request)
         entries = []
         for path, data in sorted(repo.files.items()):
-            sha = repo.lie_sha256.get(path, hashlib.sha256(data).hexdigest())
+            sha = repo.lie_sha256.get(path, sha256_of(data))
             entries.append(
                 {
                     "type": "file",
@@ -139,7 +146,7 @@ class ImitationHub:
                 d
                 for repo in self.repos.values()
                 for d in repo.files.values()
-                if hashlib.sha256(d).hexdigest() == request.match_info["sha"]
+                if sha256_of(d) == request.match_info["sha"]
             ),
             None,
         )
