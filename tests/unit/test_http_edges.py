@@ -287,3 +287,19 @@ async def test_deploy_takes_remote_sources_and_refuses_malformed_ones(cluster):
     resp = await cluster.client.post("/cluster/models", data=b"[" * 100_000)
     assert resp.status == 400
     assert len(cluster.view.deployed) == 1
+
+
+def test_cors_origins_come_from_flags_environment_and_toml(tmp_path):
+    from aivailable import cli
+    from aivailable.config import load_config
+
+    args = cli.build_parser().parse_args(
+        ["up", "--cors-origin", "http://a:1", "--cors-origin", "*"]
+    )
+    assert load_config(cli._up_overrides(args), environ={}).cors_origins == ("http://a:1", "*")
+    env = {"AIVAILABLE_CORS_ORIGINS": "http://a:1, http://b"}
+    assert load_config(environ=env).cors_origins == ("http://a:1", "http://b")
+    toml = tmp_path / "p.toml"
+    toml.write_text('cors-origins = ["http://c"]\n')
+    assert load_config(toml_path=toml, environ={}).cors_origins == ("http://c",)
+    assert load_config(environ={}).cors_origins == ()  # off by default
