@@ -374,6 +374,7 @@ def _fetch(settings: HubSettings, remote: Remote, part: Path, report: Progress) 
     done = _rehash(part, sha)
     total = remote.size
     stalled, last_error = 0, ""
+    best = done  # the most bytes ever held: a server that restarts us each time is no progress
     while total is None or done < total:
         if stalled > settings.retries:
             raise Unreachable(
@@ -407,7 +408,6 @@ def _fetch(settings: HubSettings, remote: Remote, part: Path, report: Progress) 
                 stalled, last_error = stalled + 1, "a Content-Range not where we asked"
                 continue
             total = total if total is not None else _total_of(resp, done)
-            before = done
             try:
                 done = _copy(resp, part, sha, done, total, report)
             except _NETWORK_ERRORS as exc:  # cut or stalled: resume from what arrived
@@ -416,7 +416,7 @@ def _fetch(settings: HubSettings, remote: Remote, part: Path, report: Progress) 
                 if total is None:
                     break  # no length given: the end of the body is the end of the file
                 last_error = f"connection closed at byte {done} of {total}"
-            stalled = 0 if done > before else stalled + 1
+            stalled, best = (0, done) if done > best else (stalled + 1, best)
     return sha.hexdigest(), done
 
 

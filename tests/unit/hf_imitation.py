@@ -49,6 +49,7 @@ class ImitationHub:
         self.token = token
         self.page_size = page_size
         self.cut_next: list[int] = []  # byte counts: each CDN answer takes the first one
+        self.ignore_range = False  # answer 200 with the whole file, as some servers do
         self.requests: list[Seen] = []
         self.server: TestServer | None = None
 
@@ -153,7 +154,7 @@ class ImitationHub:
         if data is None:
             raise web.HTTPNotFound()
         start, status, headers = 0, 200, {}
-        if request.http_range.start is not None:
+        if request.http_range.start is not None and not self.ignore_range:
             start = request.http_range.start
             if start >= len(data):
                 raise web.HTTPRequestRangeNotSatisfiable(

@@ -250,3 +250,16 @@ async def test_a_cancelled_download_stops_and_the_next_call_resumes_it(hf, tmp_p
     model = await fetch(source, tmp_path / "c", settings(hf))  # not cancelled: a new download
     assert model.path.read_bytes() == file_of(hf, "org/Tiny-GGUF", "Tiny-Q4_K_M.gguf")
     assert [r.range for r in hf.served("/cdn/")] == ["bytes=4000-"]
+
+
+async def test_a_server_that_ignores_range_gets_the_whole_file_again(hf, tmp_path):
+    hf.ignore_range, hf.cut_next = True, [3000]
+    source = "hf://org/Tiny-GGUF/Tiny-Q4_K_M.gguf"
+    model = await fetch(source, tmp_path / "c", settings(hf))
+    assert model.path.read_bytes() == file_of(hf, "org/Tiny-GGUF", "Tiny-Q4_K_M.gguf")
+    assert [r.range for r in hf.served("/cdn/")] == [None, "bytes=3000-"]
+    # Cut at the same byte every time and never resumed: that is no progress, so it ends.
+    hf.cut_next = [3000] * 10
+    with pytest.raises(hub.Unreachable, match="failed 3 times in a row"):
+        await fetch(source, tmp_path / "c2", settings(hf, retries=2))
+    assert len(hf.served("/cdn/")) == 2 + 4
