@@ -210,7 +210,8 @@ def describe(
     """(sha256, size or None) of the file `source` names, without downloading it: a
     built-in's, what Hugging Face publishes (the quant picked now), a URL's pinned checksum,
     or in offline mode the cached copy's. None when only the file itself could tell (a path,
-    a URL without #sha256). Raises ModelSourceError (hub.Unreachable when offline by accident).
+    a URL without #sha256). Raises ModelSourceError; hub.Unreachable when the metadata is out
+    of reach (no network, or offline mode and no cached copy).
 
     A deploy records it, so every replica runs these very bytes and peers can copy the
     file from each other instead of each downloading it."""
@@ -226,8 +227,8 @@ def describe(
     if settings.offline:
         cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         path = cached(source, cache)
-        if path is None:
-            raise ModelSourceError(f"{source} is not in the model cache and offline mode is on")
+        if path is None:  # another peer may hold it: a deploy goes on without the checksum
+            raise hub.Unreachable(f"{source} is not in the model cache and offline mode is on")
         model = _cached_model(model_name(source), path, cache, False)
         return model.sha256, model.size
     _, remote = _hf_remote(settings, spec)

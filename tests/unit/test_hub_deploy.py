@@ -56,8 +56,11 @@ async def test_describe_gives_the_published_checksum_without_downloading(hf, tmp
     assert store.describe("https://h.example/m.gguf#sha256=" + "a" * 64) == ("a" * 64, None)
     assert store.describe("builtin:smollm2-135m")[1] == store.BUILTINS["smollm2-135m"].size
     offline = hub.HubSettings(offline=True)
-    with pytest.raises(store.ModelSourceError, match="offline"):
+    with pytest.raises(hub.Unreachable, match="offline"):
         store.describe("hf://org/Tiny-GGUF:Q8_0", cache, settings=offline)
+    await asyncio.to_thread(store.resolve, "hf://org/Tiny-GGUF:Q8_0", cache)
+    got = store.describe("hf://org/Tiny-GGUF:Q8_0", cache, settings=offline)
+    assert got == sha_of(hf, "org/Tiny-GGUF", "Tiny-Q8_0.gguf")
 
 
 async def test_a_peer_finds_a_remote_model_it_downloaded_before(hf, tmp_path):
