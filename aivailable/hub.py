@@ -334,6 +334,9 @@ def download(
     part = target.with_name(f"{target.name}.{key[:16]}.part")
     with open(target.with_name(target.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        done_meanwhile = _finished_by_another(remote, target)
+        if done_meanwhile is not None:
+            return done_meanwhile
         for stale in target.parent.glob(f"{target.name}.*.part"):
             if stale != part:  # an older version's bytes: never resumed into this one
                 stale.unlink(missing_ok=True)
@@ -348,6 +351,18 @@ def download(
             digest, size = _fetch(settings, remote, part, report)
         _check_and_place(remote, part, target, digest, size)
     return digest
+
+
+def _finished_by_another(remote: Remote, target: Path) -> str | None:
+    """The checksum of `target` if another process or thread completed this very file while
+    we waited for the lock (only a file with a known checksum can be recognised)."""
+    if remote.sha256 is None or not target.is_file():
+        return None
+    if remote.size is not None and target.stat().st_size != remote.size:
+        return None
+    sha = hashlib.sha256()
+    _rehash(target, sha)
+    return remote.sha256 if sha.hexdigest() == remote.sha256 else None
 
 
 def _check_and_place(remote: Remote, part: Path, target: Path, digest: str, size: int) -> None:

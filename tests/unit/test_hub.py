@@ -263,3 +263,13 @@ async def test_a_server_that_ignores_range_gets_the_whole_file_again(hf, tmp_pat
     with pytest.raises(hub.Unreachable, match="failed 3 times in a row"):
         await fetch(source, tmp_path / "c2", settings(hf, retries=2))
     assert len(hf.served("/cdn/")) == 2 + 4
+
+
+async def test_two_resolves_at_once_download_the_file_once(hf, tmp_path):
+    source = "hf://org/Tiny-GGUF/Tiny-Q4_K_M.gguf"
+    a, b = await asyncio.gather(
+        fetch(source, tmp_path / "c", settings(hf)), fetch(source, tmp_path / "c", settings(hf))
+    )
+    assert a.path == b.path and a.sha256 == b.sha256
+    assert a.path.read_bytes() == file_of(hf, "org/Tiny-GGUF", "Tiny-Q4_K_M.gguf")
+    assert [r.range for r in hf.served("/cdn/")].count(None) == 1
