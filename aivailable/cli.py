@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-tokens", type=int, default=256)
             p.add_argument("--temperature", type=float, default=0.7)
         if name == "deploy":
-            p.add_argument("source", help="builtin:NAME or a GGUF path")
+            p.add_argument(
+                "source", help="builtin:NAME, hf://ORG/REPO:QUANT, hf://ORG/REPO/FILE.gguf, a URL"
+            )
             p.add_argument("--name", help="model name (default from the source)")
             p.add_argument("--replicas", type=int, default=1)
             p.add_argument("--n-ctx", type=int, default=2048)

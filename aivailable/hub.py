@@ -42,6 +42,7 @@ CHUNK = 1 << 20  # bytes per read: bounds the buffer whatever the file's size
 MAX_LISTING_BYTES = 16 << 20  # one page of a repo listing; real pages are far smaller
 MAX_LISTING_PAGES = 50  # 1000 files a page: more than any model repo holds
 MAX_REDIRECTS = 5
+LOG_EVERY_S = 10.0  # a progress line in the peer's log this often during a download
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _FORCED_OFFLINE = False
 
@@ -340,17 +341,27 @@ def download(
         for stale in target.parent.glob(f"{target.name}.*.part"):
             if stale != part:  # an older version's bytes: never resumed into this one
                 stale.unlink(missing_ok=True)
+        log.info("downloading %s (%s bytes)", remote.label, remote.size or "unknown")
+        last_log = [time.monotonic()]
         with DOWNLOADS.track(remote.label, target.name) as tracked:
 
             def report(done: int, total: int | None) -> None:
                 tracked.update(done, total)
                 if on_progress is not None:
                     on_progress(done, total)
+                if time.monotonic() - last_log[0] >= LOG_EVERY_S:
+                    last_log[0] = time.monotonic()
+                    log.info("downloading %s: %d/%s MiB", remote.label, done >> 20, _mib(total))
                 tracked.check()  # a cancel that came meanwhile stops before the next chunk
 
             digest, size = _fetch(settings, remote, part, report)
         _check_and_place(remote, part, target, digest, size)
+    log.info("downloaded %s (%d MiB, sha256 %s)", remote.label, size >> 20, digest[:12])
     return digest
+
+
+def _mib(total: int | None) -> str:
+    return str(total >> 20) if total is not None else "?"
 
 
 def _finished_by_another(remote: Remote, target: Path) -> str | None:
