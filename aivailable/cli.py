@@ -1,4 +1,4 @@
-"""The `aivailable` command: up, status, chat, deploy, undeploy."""
+"""The `aivailable` command: up, status, models, ps, chat, deploy, undeploy, pull."""
 
 from __future__ import annotations
 
@@ -49,6 +49,13 @@ def _up_parser(sub) -> None:
         help="offer the CPU as a model device: auto (only without GPUs), yes, no (routing only)",
     )
     up.add_argument("--n-ctx", type=int, help="context window per instance, tokens")
+    up.add_argument("--offline", action="store_true", help="use only the model cache; no downloads")
+    up.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="a browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable)",
+    )
     up.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
 
 
@@ -66,15 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="peers the new machine contacts first (default: this peer)",
     )
+    pull = sub.add_parser("pull", help="download a model into the cache ahead of a deploy")
+    pull.add_argument("source", help="hf://ORG/REPO:QUANT, hf://ORG/REPO/FILE.gguf, a URL, ...")
+    pull.add_argument("--cache-dir", help="default: $AIVAILABLE_CACHE_DIR or ~/.cache/aivailable")
     for name, text in (
         ("status", "show nodes, GPUs, leader and models"),
+        ("models", "show the deployed models, their replicas and states"),
+        ("ps", "show the model instances on each node, and downloads"),
         ("chat", "chat with a model, streaming tokens"),
         ("deploy", "deploy a model to the cluster"),
         ("undeploy", "remove a model from the cluster"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--url", default=DEFAULT_URL, help=f"a peer's URL (default {DEFAULT_URL})")
-        if name == "status":
+        if name in ("status", "models", "ps"):
             p.add_argument("--json", action="store_true", help="print the raw JSON")
         if name == "chat":
             p.add_argument("message", nargs="*", help="message (default: read lines from stdin)")
@@ -82,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-tokens", type=int, default=256)
             p.add_argument("--temperature", type=float, default=0.7)
         if name == "deploy":
-            p.add_argument("source", help="builtin:NAME or a GGUF path")
+            p.add_argument(
+                "source", help="builtin:NAME, hf://ORG/REPO:QUANT, hf://ORG/REPO/FILE.gguf, a URL"
+            )
             p.add_argument("--name", help="model name (default from the source)")
             p.add_argument("--replicas", type=int, default=1)
             p.add_argument("--n-ctx", type=int, default=2048)
@@ -106,6 +120,8 @@ def _up_overrides(args: argparse.Namespace) -> dict:
         "model": args.model,
         "cpu": args.cpu,
         "n_ctx": args.n_ctx,
+        "offline": True if args.offline else None,
+        "cors_origins": args.cors_origin,
         "log_level": args.log_level,
     }
 
@@ -200,6 +216,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from aivailable.status_view import render_models
+
+    status = request_json(args.url.rstrip("/") + "/cluster/status")
+    if args.json:
+        print(json.dumps(status.get("models", []), indent=2))
+    else:
+        render_models(status)
+    return 0
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    from aivailable.status_view import render_ps
+
+    status = request_json(args.url.rstrip("/") + "/cluster/status")
+    if args.json:
+        keys = ("node_id", "nodes", "downloads")
+        print(json.dumps({k: status.get(k) for k in keys}, indent=2))
+    else:
+        render_ps(status)
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from aivailable.chat_client import chat_loop
 
@@ -223,6 +262,18 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    from aivailable import store
+
+    try:
+        model = store.resolve(args.source, args.cache_dir, progress=True)
+    except store.ModelSourceError as exc:
+        print(f"aivailable: {exc}", file=sys.stderr)
+        return 1
+    print(model.path)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from aivailable.demo import main as demo_main
 
@@ -234,9 +285,12 @@ COMMANDS = {
     "token": cmd_token,
     "up": cmd_up,
     "status": cmd_status,
+    "models": cmd_models,
+    "ps": cmd_ps,
     "chat": cmd_chat,
     "deploy": cmd_deploy,
     "undeploy": cmd_undeploy,
+    "pull": cmd_pull,
 }
 
 

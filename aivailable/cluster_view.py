@@ -23,7 +23,7 @@ import aiohttp
 from aiohttp import web
 
 from aivailable import cluster_state as cs
-from aivailable import store
+from aivailable import hub, sources, store
 from aivailable.api.errors import ApiError, bad_request
 from aivailable.cluster_state import ClusterState
 from aivailable.controller import MemberClock, NodeStatus
@@ -292,6 +292,17 @@ class RaftClusterView:
                 known = ", ".join(store.BUILTIN_PREFIX + k for k in store.BUILTINS)
                 raise bad_request(f"unknown built-in model {source!r} (known: {known})", "source")
             sha256, size = builtin.sha256, builtin.size
+        elif sources.is_remote(source):
+            # Hugging Face's published checksum: every replica runs these bytes, and peers
+            # copy the file from each other instead of each downloading it.
+            cache = self._local.cache_dir if self._local is not None else None
+            try:
+                described = await asyncio.to_thread(store.describe, source, cache)
+                sha256, size = described or (None, None)
+            except hub.Unreachable as exc:  # the nodes may reach it later: deploy anyway
+                log.warning("deploying %s without its checksum: %s", source, exc)
+            except store.ModelSourceError as exc:  # gated, missing, no such quant, ...
+                raise bad_request(str(exc), "source") from exc
         elif self._local is not None and self._local.held_locally(source):
             # The file is here: check it and record its checksum, so peers can copy it from us.
             try:

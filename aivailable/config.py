@@ -66,6 +66,10 @@ class Config:
     # Where downloaded models are cached (the model store). None: ~/.cache/aivailable
     # or $AIVAILABLE_CACHE_DIR, shared by every peer on the machine.
     cache_dir: pathlib.Path | None = None
+    # Use only the model cache: never download a model (as HF_HUB_OFFLINE=1 does). Off by
+    # default so a deploy of hf://... just works; on for air-gapped labs, where a download
+    # attempt would only wait for a timeout.
+    offline: bool = False
     # Static seeds HOST:PORT, for networks without multicast. Default none: mDNS finds peers.
     join: tuple[str, ...] = ()
     # Announce and browse with mDNS. On by default: plug in and it joins.
@@ -95,6 +99,10 @@ class Config:
     # Upper bound on max_tokens a client may ask for; also the default when it asks for
     # none, so a request without max_tokens cannot run for the whole context by accident.
     max_tokens_limit: int = 4096
+    # Browser origins (e.g. "http://localhost:3000", or "*" for any) whose pages may call
+    # this peer's API (CORS). Empty by default: otherwise any web page a user visits could
+    # drive the peer on their machine or LAN through their browser.
+    cors_origins: tuple[str, ...] = ()
     # Logging level name for the peer's own log.
     log_level: str = "INFO"
     # Membership and gossip timing (peer/config.py explains each default); a [gossip]

@@ -26,7 +26,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from aivailable import store
+from aivailable import sources, store
 from aivailable.cluster_state import ModelRecord
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,8 @@ class LocalModels:
             return (self.cache_dir / "models" / Path(builtin.member).name).is_file()
         if source.startswith(store.BUILTIN_PREFIX):
             return False
+        if sources.is_remote(source):  # downloaded before, into the cache
+            return store.cached(source, self.cache_dir) is not None
         return Path(source).expanduser().is_file()
 
     def resolve(self, source: str) -> Path:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from aivailable import hub
 from aivailable.api.app import build_app
 from aivailable.api.ollama_api import OllamaApi
 from aivailable.api.openai_api import OpenAIApi
@@ -65,6 +66,8 @@ async def serve(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    if config.offline:
+        hub.force_offline()  # the store reads it for every model this process resolves
     secret = await asyncio.to_thread(load_or_create_secret, config.key_file)
     metrics = Metrics()
 
@@ -128,6 +131,7 @@ async def serve(
             on_scrape=refresh_gauges,
             middlewares=[auth.middleware],
             client_max_size=config.raft.max_body_bytes,  # snapshots travel in one request
+            cors_origins=config.cors_origins,
         )
         # shutdown_timeout: seconds in-flight requests get to finish when the peer stops.
         runner = web.AppRunner(
@@ -166,4 +170,5 @@ async def serve(
             await runner.cleanup()
             for task in tasks:
                 task.cancel()
+            hub.DOWNLOADS.cancel_all()  # their threads would hold the process's exit up
             await node.stop()

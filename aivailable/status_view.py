@@ -69,3 +69,63 @@ def render_status(status: dict, console: Console | None = None) -> None:
         ) or model.get("unplaced", "unplaced")
         models.add_row(model["name"], str(model.get("replicas", "")), placements)
     console.print(models)
+
+
+def _counts(states: list[str]) -> str:
+    order = [s for s in STATE_STYLE if s in states] + sorted(set(states) - set(STATE_STYLE))
+    return ", ".join(f"{_styled(s)} {states.count(s)}" for s in order) or "-"
+
+
+def render_models(status: dict, console: Console | None = None) -> None:
+    """`aivailable models`: each deployed model, its replicas ready of wanted, their states."""
+    console = console or Console()
+    table = Table(title="Models")
+    for col in ("model", "source", "ready", "n_ctx", "instances", "note"):
+        table.add_column(col)
+    for model in status.get("models", []):
+        states = [p.get("state", "?") for p in model.get("placements", [])]
+        table.add_row(
+            escape(str(model.get("name", "?"))),
+            escape(str(model.get("source", ""))),
+            f"{states.count('ready')}/{model.get('replicas', '?')}",
+            str(model.get("n_ctx", "")),
+            _counts(states),
+            escape(model.get("unplaced", "")),
+        )
+    console.print(table)
+
+
+def _percent(done: int, total: int | None) -> str:
+    return f"{100 * done / total:.0f}%" if total else f"{done / (1 << 20):.0f} MiB"
+
+
+def render_ps(status: dict, console: Console | None = None) -> None:
+    """`aivailable ps`: the model instances on each node, and this peer's downloads."""
+    console = console or Console()
+    table = Table(title="Instances")
+    for col in ("node", "node state", "model", "state", "GPUs", "queue"):
+        table.add_column(col)
+    for node in status.get("nodes", []):
+        instances = node.get("instances") or [None]
+        for i, inst in enumerate(instances):
+            table.add_row(
+                escape(node.get("id", "?")) if i == 0 else "",
+                _styled(node.get("state", "?")) if i == 0 else "",
+                escape(inst["model"]) if inst else "-",
+                _styled(inst.get("state", "?")) if inst else "",
+                escape(", ".join(inst.get("gpus", []))) if inst else "",
+                str(inst.get("queue_depth", 0)) if inst else "",
+            )
+    console.print(table)
+    downloads = status.get("downloads") or []
+    if downloads:
+        table = Table(title=f"Downloads on {escape(str(status.get('node_id')))}")
+        for col in ("source", "file", "progress"):
+            table.add_column(col)
+        for d in downloads:
+            table.add_row(
+                escape(str(d.get("source"))),
+                escape(str(d.get("file"))),
+                _percent(d.get("done", 0), d.get("total")),
+            )
+        console.print(table)

@@ -8,7 +8,9 @@ from collections.abc import Callable, Iterable
 
 from aiohttp import web
 
+from aivailable.api.cors import add_cors_headers, cors_middleware
 from aivailable.api.errors import ApiError
+from aivailable.api.request_id import add_request_id_header, request_id_middleware
 from aivailable.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -43,11 +45,18 @@ def build_app(
     on_scrape: Callable[[], None] = lambda: None,
     middlewares: Iterable = (),
     client_max_size: int = 64 << 20,  # Raft snapshots travel in one request
+    cors_origins: Iterable[str] = (),
 ) -> web.Application:
-    """`middlewares` run inside the error translation (e.g. peer request signing)."""
+    """`middlewares` run inside the error translation (e.g. peer request signing); request
+    ids and CORS (for `cors_origins` only) wrap everything, errors included."""
+    cors = [cors_middleware(cors_origins)] if cors_origins else []
     app = web.Application(
-        middlewares=[error_middleware, *middlewares], client_max_size=client_max_size
+        middlewares=[request_id_middleware, *cors, error_middleware, *middlewares],
+        client_max_size=client_max_size,
     )
+    app.on_response_prepare.append(add_request_id_header)  # streamed responses too
+    if cors:
+        app.on_response_prepare.append(add_cors_headers)
 
     async def healthz(request: web.Request) -> web.Response:
         if not is_serving():

@@ -6,12 +6,14 @@ this node alone; in a cluster it is the gossip view and the committed plan.
 
 from __future__ import annotations
 
-import json
 import re
+from collections.abc import Callable
 from typing import Protocol
 
 from aiohttp import web
 
+from aivailable import hub, sources
+from aivailable.api.body import read_json
 from aivailable.api.errors import ApiError, bad_request, not_found
 from aivailable.store import model_name
 
@@ -32,7 +34,16 @@ def parse_deploy(body: object, max_ctx: int = 131072) -> tuple[str, str, int, in
         raise bad_request("the request body must be a JSON object")
     source = body.get("source")
     if not isinstance(source, str) or not source:
-        raise bad_request("'source' is required: builtin:NAME or a GGUF path", param="source")
+        raise bad_request(
+            "'source' is required: builtin:NAME, hf://ORG/REPO:QUANT, hf://ORG/REPO/FILE.gguf, "
+            "https://.../FILE.gguf or a GGUF path",
+            param="source",
+        )
+    if sources.is_remote(source):
+        try:
+            sources.parse_remote(source)
+        except sources.ModelSourceError as exc:
+            raise bad_request(str(exc), param="source") from None
     name = body.get("name")
     if name is None:
         name = model_name(source)
@@ -50,8 +61,11 @@ def parse_deploy(body: object, max_ctx: int = 131072) -> tuple[str, str, int, in
 
 
 class ClusterApi:
-    def __init__(self, view: ClusterView):
+    def __init__(
+        self, view: ClusterView, downloads: Callable[[], list[dict]] = hub.DOWNLOADS.snapshot
+    ):
         self._view = view
+        self._downloads = downloads  # this process's model downloads in progress
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -61,14 +75,10 @@ class ClusterApi:
         ]
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(self._view.status())
+        return web.json_response({**self._view.status(), "downloads": self._downloads()})
 
     async def deploy(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise bad_request(f"the request body is not valid JSON: {exc}") from exc
-        name, source, replicas, n_ctx = parse_deploy(body)
+        name, source, replicas, n_ctx = parse_deploy(await read_json(request))
         result = await self._view.deploy(name, source, replicas, n_ctx)
         return web.json_response(result, status=202)
 
