@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from aivailable.api.body import parse_json
 from aivailable.api.errors import ApiError, bad_request, not_found
 from aivailable.api.openai_api import OpenAIApi, engine_error
 from aivailable.api.validate import Parsed, parse_chat, parse_completion
@@ -138,10 +139,7 @@ class OllamaApi:
 
     async def _body(self, request: web.Request) -> tuple[dict, bytes]:
         raw = await self._openai.read_body(request)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise bad_request("the request body is not valid JSON") from exc
+        body = parse_json(raw)
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object")
         return body, raw

@@ -17,8 +17,9 @@ from typing import Protocol
 
 from aiohttp import web
 
+from aivailable.api import body as body_reader
 from aivailable.api import openai_render as render
-from aivailable.api.errors import ApiError, bad_request, not_found
+from aivailable.api.errors import ApiError, not_found
 from aivailable.api.validate import Parsed, parse_chat, parse_completion
 from aivailable.backends.base import (
     ChatRequest,
@@ -145,21 +146,7 @@ class OpenAIApi:
     async def read_body(self, request: web.Request) -> bytes:
         """The body, refused with 413 before it is read when it is over the limit: a
         prompt beyond any context must not cost the peer its memory or the model a slot."""
-        limit = self._max_body
-        too_big = ApiError(
-            413,
-            f"the request body is over {limit} bytes, more than any model's context needs",
-            code="request_too_large",
-        )
-        if request.content_length is not None and request.content_length > limit:
-            raise too_big
-        try:  # cached: the peer-signature middleware may have read it already
-            data = await request.read()
-        except web.HTTPRequestEntityTooLarge:  # chunked, past the app's own limit
-            raise too_big from None
-        if len(data) > limit:
-            raise too_big
-        return data
+        return await body_reader.read_body(request, self._max_body)
 
     async def engine_or_forward(
         self, request: web.Request, raw: bytes, model: str
@@ -196,10 +183,7 @@ class OpenAIApi:
 
     async def _serve(self, request: web.Request, endpoint: str, parse) -> web.StreamResponse:
         raw = await self.read_body(request)
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise bad_request(f"the request body is not valid JSON: {exc}") from exc
+        body = body_reader.parse_json(raw)  # deep or odd JSON: a 400, never a 500
         parsed: Parsed = parse(body, self._max_tokens_limit)
         engine = await self.engine_or_forward(request, raw, parsed.model)
         if isinstance(engine, web.StreamResponse):

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from aivailable.api.app import build_app
 from aivailable.api.cluster_api import ClusterApi
+from aivailable.api.ollama_api import OllamaApi
 from aivailable.api.openai_api import OpenAIApi
 from aivailable.api.request_id import REQUEST_ID_HEADER
 from aivailable.backends.fake_engine import FakeEngine
@@ -46,10 +47,11 @@ def peer():
         metrics = Metrics()
         openai = OpenAIApi(lambda: instances, metrics, max_tokens_limit=64, request_timeout_s=5)
         cluster = ClusterApi(FakeView(), downloads=list)
+        ollama = OllamaApi(openai)
         app = build_app(
             metrics,
             lambda: True,
-            [openai.routes(), cluster.routes()],
+            [openai.routes(), ollama.routes(), cluster.routes()],
             cors_origins=("http://lab.example",),
         )
         server = TestServer(app, host="127.0.0.1")
@@ -151,13 +153,18 @@ bodies = st.one_of(
     st.sampled_from([b"NaN", b'{"model": Infinity}', b"\xff\xfe", b""]),
 )
 # Bodies that make json.loads itself fail (RecursionError, ValueError past 4300 digits) go
-# only to routes that read through aivailable/api/body.py. The OpenAI routes still parse
-# their own way; when they switch to body.py, add them to SAFE_READER_ROUTES.
+# only to routes that read through aivailable/api/body.py: the cluster and OpenAI routes.
 hostile_bodies = st.one_of(
     st.builds(nested, st.integers(30, 200_000), st.sampled_from([b"[", b"{"])),
     st.integers(4301, 20_000).map(lambda n: b"7" * n),
 )
-SAFE_READER_ROUTES = [("POST", "/cluster/models")]
+SAFE_READER_ROUTES = [
+    ("POST", "/cluster/models"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
+    ("POST", "/api/chat"),
+    ("POST", "/api/generate"),
+]
 ROUTES = [
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
@@ -166,6 +173,10 @@ ROUTES = [
     ("POST", "/cluster/models"),
     ("DELETE", "/cluster/models/fake"),
     ("GET", "/cluster/status"),
+    ("POST", "/api/chat"),
+    ("POST", "/api/generate"),
+    ("POST", "/api/show"),
+    ("GET", "/api/tags"),
     ("GET", "/healthz"),
     ("GET", "/metrics"),
 ]
