@@ -172,7 +172,12 @@ async def serve(
                 first_key = bootstrap_admin_key(
                     config.admin_key_path,
                     lambda: node.state.access,
-                    lambda: node.state.cluster_id is not None,
+                    # The leader makes it (the founder, on a new cluster): one key, in
+                    # the data dir of the peer the operator started first.
+                    lambda: (
+                        node.state.cluster_id is not None
+                        and node.status().get("leader") == config.name
+                    ),
                     node.propose,
                     announce,
                 )

@@ -154,9 +154,9 @@ async def bootstrap_admin_key(
     announce: Callable[[str], None],
     clock: Callable[[], float] = time.time,
 ) -> None:
-    """Once the cluster exists (`founded()`), make sure it has a first admin key: the one in
-    `path`, created there (0600) if absent. Several peers may try at once; the first commit
-    wins and the others remove the file they made."""
+    """Once the cluster exists and this peer leads it (`founded()`), make sure it has a first
+    admin key: the one in `path`, created there (0600) if absent. Should two peers try (a
+    leader change meanwhile), the first commit wins and the other removes the file it made."""
     while not founded():  # noqa: ASYNC110 - the state is applied by Raft, no event to await
         await asyncio.sleep(0.2)
     if access().bootstrapped:
