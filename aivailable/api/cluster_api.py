@@ -6,12 +6,15 @@ this node alone; in a cluster it is the gossip view and the committed plan.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Protocol
 
 from aiohttp import web
 
+from aivailable.access.guard import KEY_RECORD
+from aivailable.access.sources import refuse_reason
 from aivailable.api.errors import ApiError, bad_request, not_found
 from aivailable.store import model_name
 
@@ -69,6 +72,11 @@ class ClusterApi:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise bad_request(f"the request body is not valid JSON: {exc}") from exc
         name, source, replicas, n_ctx = parse_deploy(body)
+        why = await asyncio.to_thread(refuse_reason, source)
+        if why is not None:  # the reason may name a local path: admins (and loopback) only
+            key = request.get(KEY_RECORD)
+            shown = why if key is None or key.role == "admin" else "this model source is refused"
+            raise bad_request(shown, param="source", code="bad_source")
         result = await self._view.deploy(name, source, replicas, n_ctx)
         return web.json_response(result, status=202)
 
