@@ -131,7 +131,8 @@ def machine_identity(port: int, *hosts: str) -> Identity:
     this machine, read locally (interfaces, host name; no DNS lookup)."""
     import ifaddr  # zeroconf's own dependency
 
-    names = {"127.0.0.1", "localhost", "::1", socket.gethostname().lower()}
+    host = socket.gethostname().lower()
+    names = {"127.0.0.1", "localhost", "::1", host, f"{host}.local", socket.getfqdn().lower()}
     names |= {h.strip("[]").lower() for h in hosts if h and h not in ("0.0.0.0", "::")}
     for adapter in ifaddr.get_adapters():
         for ip in adapter.ips:

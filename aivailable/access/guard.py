@@ -138,6 +138,9 @@ class AccessGuard:
             model = asked.get("model") if isinstance(asked, dict) else None
             if isinstance(model, str) and not record.may_use(model):
                 raise forbidden(f"this key may not use the model '{model}'", "model_not_allowed")
+        card = request.path.removeprefix("/v1/models/")
+        if card != request.path and not record.may_use(card):
+            raise forbidden(f"this key may not use the model '{card}'", "model_not_allowed")
         wait = self.limiter.admit(record, self._clock())
         if wait is not None:
             raise ApiError(

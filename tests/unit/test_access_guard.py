@@ -152,6 +152,8 @@ async def test_roles_and_model_scopes(serve):
     # x-api-key works as well as Bearer.
     status, listing, _ = await call("GET", base + "/v1/models", {"x-api-key": user})
     assert status == 200 and [m["id"] for m in listing["data"]] == ["a"]
+    status, body, _ = await call("GET", base + "/v1/models/b", bearer(user))
+    assert status == 403 and body["error"]["code"] == "model_not_allowed"
     status, body, _ = await call("GET", base + "/cluster/status", bearer(user))
     assert status == 403 and body["error"]["type"] == "permission_error"
     status, body, _ = await call(
@@ -344,3 +346,16 @@ async def test_a_peer_that_loses_the_bootstrap_race_removes_its_file(tmp_path):
     )
     assert not path.exists() and lines == []
     assert peer.state.access.bootstrapped and len(peer.state.access.keys) == 2
+
+
+def test_this_machine_is_known_by_its_names_at_its_port():
+    import socket
+
+    from peer.auth import machine_identity
+
+    me = machine_identity(8000, "0.0.0.0", "10.0.0.5")
+    for target in ("127.0.0.1:8000", "localhost:8000", "10.0.0.5:8000"):
+        assert me.is_me(target), target
+    assert me.is_me(f"{socket.gethostname().lower()}:8000")
+    assert not me.is_me("127.0.0.1:8001") and not me.is_me("192.0.2.7:8000")
+    assert not me.is_me("0.0.0.0:8000") and not me.is_me("")
