@@ -27,6 +27,7 @@ from peer.discovery import Discovery
 from peer.gossip import Gossip
 from peer.secret import cluster_id as secret_cluster_id
 from peer.secret import load_or_create_secret
+from peer.tls import DualSite, peer_contexts, write_credentials
 
 log = logging.getLogger(__name__)
 # Seconds requests in flight may take to finish on shutdown: a short answer from a small
@@ -82,8 +83,12 @@ async def serve(
     identity = machine_identity(config.port, config.bind, config.advertise_host)
     auth = PeerAuth(secret, config.auth, identity=identity)
     limiter = RateLimiter()  # per-key use, shared with the other peers through gossip
+    tls_server = tls_client = None
+    if config.access.peer_tls:
+        cert, key = await asyncio.to_thread(write_credentials, secret, config.data_dir / "tls")
+        tls_server, tls_client = peer_contexts(cert, key)
     serving = False
-    async with make_peer_session(auth) as session, asyncio.TaskGroup() as tg:
+    async with make_peer_session(auth, tls_client) as session, asyncio.TaskGroup() as tg:
         gossip = Gossip(
             config.gossip,
             config.name,
@@ -129,6 +134,8 @@ async def serve(
                 metrics.gossip.labels(counter).set(value)
             for area, value in auth.refused.items():  # e.g. a stranger's push-pull
                 metrics.gossip.labels(f"peer_auth_refused_{area}").set(value)
+            if isinstance(site, DualSite):  # a stranger's TLS handshakes
+                metrics.gossip.labels("peer_auth_refused_tls").set(site.refused_tls)
             refresh_key_gauges()
 
         app = build_app(
@@ -155,8 +162,15 @@ async def serve(
         await runner.setup()
         tasks: list[asyncio.Task] = []
         try:
-            site = web.TCPSite(runner, config.bind, config.port, reuse_address=True)
-            await site.start()
+            if tls_server is not None:  # plain HTTP for clients, TLS for peers, one port
+                site = DualSite(
+                    runner, config.bind, config.port, tls_server, config.access.idle_timeout_s
+                )
+                await site.start()
+                tasks.append(tg.create_task(site.serve(), name="http accept"))
+            else:
+                site = web.TCPSite(runner, config.bind, config.port, reuse_address=True)
+                await site.start()
             tasks.append(tg.create_task(gossip.run(), name="gossip"))
             if config.mdns:
                 discovery = Discovery(

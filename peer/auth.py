@@ -369,18 +369,27 @@ def peer_socket(addr_info: tuple) -> socket.socket:
     return sock
 
 
-def make_peer_session(auth: PeerAuth, **kwargs) -> aiohttp.ClientSession:
+def make_peer_session(auth: PeerAuth, tls=None, **kwargs) -> aiohttp.ClientSession:
     """The peer's one ClientSession for talking to other peers: every request is signed.
 
     No connection cap (aiohttp's default is 100 in all), since each forwarded streaming
     request holds a connection for its whole generation; keep-alive reuse keeps the
     forwarding hop from paying a TCP handshake per request. Its sockets notice a peer
-    that dropped off the network within ~10 s (see `peer_socket`).
+    that dropped off the network within ~10 s (see `peer_socket`). With `tls` (the client
+    context of peer/tls.py) every request goes over TLS to the same host and port.
     """
     kwargs.setdefault(
         "connector",
         aiohttp.TCPConnector(
-            limit=0, keepalive_timeout=PEER_KEEPALIVE_S, socket_factory=peer_socket
+            limit=0,
+            keepalive_timeout=PEER_KEEPALIVE_S,
+            socket_factory=peer_socket,
+            ssl=tls if tls is not None else True,
         ),
     )
-    return aiohttp.ClientSession(middlewares=(auth.client_middleware,), **kwargs)
+    middlewares: tuple = (auth.client_middleware,)
+    if tls is not None:
+        from peer.tls import https_middleware
+
+        middlewares += (https_middleware,)
+    return aiohttp.ClientSession(middlewares=middlewares, **kwargs)

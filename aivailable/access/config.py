@@ -22,3 +22,7 @@ class AccessConfig:
     # reuse connections within a burst. Peers keep idle connections for less (peer/auth.py
     # PEER_KEEPALIVE_S), so they never reuse one this side is closing.
     idle_timeout_s: float = 10.0
+    # Peers talk to each other over TLS, both sides proving the cluster secret (peer/tls.py),
+    # so a sniffer between them reads no prompt, answer or model name. Off only to debug
+    # peer traffic with a packet capture.
+    peer_tls: bool = True
