@@ -204,9 +204,10 @@ def test_peers_find_each_other_by_mdns_show_gpus_and_refuse_strangers(cluster, t
     stranger = cluster.add("stranger", "--join", f"127.0.0.1:{a.port}", key=other_key)
     stranger.start()
     a.wait_until(  # at the TLS handshake (peer/tls.py), or by the request HMAC without TLS
-        lambda: gossip_metric(a, "peer_auth_refused_gossip")
-        + gossip_metric(a, "peer_auth_refused_tls")
-        >= 2,
+        lambda: (
+            gossip_metric(a, "peer_auth_refused_gossip") + gossip_metric(a, "peer_auth_refused_tls")
+            >= 2
+        ),
         30,
         "the stranger's push-pulls refused",
     )
