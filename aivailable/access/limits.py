@@ -15,7 +15,9 @@ from collections.abc import Iterable, Mapping
 from aivailable.access.keys import KeyRecord
 
 WINDOW_S = 60  # the limits are per minute
-MAX_PUBLISHED = 256  # keys in one gossip payload: bounds the payload under any load
+# Keys in one gossip payload (about 25 bytes each): bounds the payload under any load; the
+# keys in use at once on one peer beyond this are counted locally only.
+MAX_PUBLISHED = 64
 
 
 class _Window:
@@ -90,7 +92,7 @@ class RateLimiter:
             if not req and not tok:
                 del self._local[key_id]
             elif len(out) < MAX_PUBLISHED:
-                out[key_id] = [req, tok, wait]
+                out[key_id] = [req, tok, int(wait)]  # whole seconds: fewer payload changes
         return out
 
     def set_remote(self, peers: Iterable[tuple[str, Mapping]]) -> None:
