@@ -55,6 +55,8 @@ def _up_parser(sub) -> None:
         help="require API keys (default: on when binding a non-loopback address; "
         "off is refused there)",
     )
+    up.add_argument("--tls-cert", help="PEM certificate: serve clients https:// too")
+    up.add_argument("--tls-key", help="PEM private key of --tls-cert")
     up.add_argument(
         "--admin-key-file",
         help="the first admin key of a new cluster (created here if absent; "
@@ -153,6 +155,8 @@ def _up_overrides(args: argparse.Namespace) -> dict:
         "log_level": args.log_level,
         "auth_mode": args.auth,
         "admin_key_file": args.admin_key_file,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
     }
 
 

@@ -125,6 +125,11 @@ class Config:
     # The first admin key of a new cluster with auth on: read from here, created (0600)
     # if absent. None: data_dir/admin.key.
     admin_key_file: pathlib.Path | None = None
+    # TLS for clients too (`--tls-cert`, `--tls-key`, PEM files): the API and dashboard on
+    # the same port answer https:// as well as http://. None: plain HTTP for clients (peer
+    # traffic is TLS regardless, [access] peer_tls); a lab may front peers with its own proxy.
+    tls_cert: pathlib.Path | None = None
+    tls_key: pathlib.Path | None = None
     # [access]: body limits and connection timeouts at the edge (aivailable/access/config.py).
     access: AccessConfig = field(default_factory=AccessConfig)
 
@@ -133,6 +138,10 @@ class Config:
             raise ConfigError(f"cpu must be auto, yes or no, not {self.cpu!r}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be 1-65535, not {self.port}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        if self.tls_cert is not None and not self.access.peer_tls:
+            raise ConfigError("TLS for clients needs [access] peer_tls (the TLS port sorts them)")
         try:
             auth_enabled(self.auth_mode, self.bind)
         except AuthModeError as exc:
@@ -195,7 +204,14 @@ def _coerce(name: str, value: Any) -> Any:
             return int(value)
         if isinstance(default, float):
             return float(value)
-        if name in ("data_dir", "cache_dir", "cluster_key_file", "admin_key_file"):
+        if name in (
+            "data_dir",
+            "cache_dir",
+            "cluster_key_file",
+            "admin_key_file",
+            "tls_cert",
+            "tls_key",
+        ):
             return pathlib.Path(value).expanduser()
         return str(value)
     except (TypeError, ValueError) as exc:

@@ -27,7 +27,7 @@ from peer.discovery import Discovery
 from peer.gossip import Gossip
 from peer.secret import cluster_id as secret_cluster_id
 from peer.secret import load_or_create_secret
-from peer.tls import DualSite, peer_contexts, write_credentials
+from peer.tls import DualSite, client_tls_context, peer_contexts, write_credentials
 
 log = logging.getLogger(__name__)
 # Seconds requests in flight may take to finish on shutdown: a short answer from a small
@@ -46,7 +46,7 @@ async def announce_ready(node: ClusterNode, config: Config, announce) -> None:
         if ready:
             break
         await asyncio.sleep(0.25)
-    url = f"http://{config.advertise_addr}"
+    url = f"{'https' if config.tls_cert else 'http'}://{config.advertise_addr}"
     announce(f"ready: {', '.join(ready)} serving through {url} (dashboard: {url}/)")
     key = ' -H "Authorization: Bearer $AIVAILABLE_API_KEY"' if config.auth_on else ""
     announce(
@@ -87,6 +87,8 @@ async def serve(
     if config.access.peer_tls:
         cert, key = await asyncio.to_thread(write_credentials, secret, config.data_dir / "tls")
         tls_server, tls_client = peer_contexts(cert, key)
+        if config.tls_cert is not None:  # clients may use TLS too; peers name PEER_SNI
+            tls_server = client_tls_context(config.tls_cert, config.tls_key, tls_server)
     serving = False
     async with make_peer_session(auth, tls_client) as session, asyncio.TaskGroup() as tg:
         gossip = Gossip(
@@ -197,7 +199,8 @@ async def serve(
                 )
                 tasks.append(tg.create_task(first_key, name="admin key"))
             serving = True
-            announce(f"aivailable peer {config.name} up on http://{config.advertise_addr}")
+            scheme = "https" if config.tls_cert else "http"
+            announce(f"aivailable peer {config.name} up on {scheme}://{config.advertise_addr}")
             tasks.append(tg.create_task(announce_ready(node, config, announce), name="ready"))
             await stop.wait()
             log.info("shutting down: leaving the cluster")

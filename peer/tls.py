@@ -7,7 +7,10 @@ anchor: a peer without the secret cannot present it, so it cannot complete a han
 a peer, and a peer never talks TLS to anything that lacks it. No CA, no files to copy.
 
 One port serves both: `DualSite` looks at a connection's first byte; 0x16 opens a TLS
-handshake (a peer), anything else is plain HTTP (clients, health checks). Peers reach each
+handshake (a peer), anything else is plain HTTP (clients, health checks). With TLS for
+clients too (`--tls-cert`, `--tls-key`), a TLS handshake is a client's unless it names
+PEER_SNI, which peers always send; then the cluster certificate answers. Peer requests
+are HMAC-signed either way (peer/auth.py), so a client posing as a peer gains nothing. Peers reach each
 other with `http://host:port` URLs everywhere; `make_peer_session(..., tls=...)` turns them
 into TLS connections, kept alive and reused like before.
 """
@@ -38,6 +41,9 @@ log = logging.getLogger(__name__)
 # HKDF label of the TLS key: the gossip cipher and request HMAC use other labels.
 TLS_KEY_LABEL = b"aivailable v1 peer-tls ed25519"
 TLS_HANDSHAKE = 0x16  # first byte of a TLS record carrying a ClientHello
+# The server name peers send, so a port with TLS for clients still answers them with the
+# cluster certificate (.invalid: a name that can never be a real host).
+PEER_SNI = "aivailable-peer.invalid"
 # Connections waiting for their first byte at once; more are closed at once. Each real
 # client sends its first byte within milliseconds, so only a flood fills this.
 MAX_UNSORTED = 1024
@@ -101,12 +107,28 @@ def peer_contexts(cert: Path, key: Path) -> tuple[ssl.SSLContext, ssl.SSLContext
     return server, client
 
 
+def client_tls_context(cert: Path, key: Path, peers: ssl.SSLContext) -> ssl.SSLContext:
+    """The server context with TLS for clients: the operator's certificate, and the peers'
+    context for handshakes that name PEER_SNI."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # what browsers and curl all speak
+    ctx.load_cert_chain(cert, key)
+
+    def pick(sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        if server_name == PEER_SNI:
+            sslobj.context = peers
+
+    ctx.sni_callback = pick
+    return ctx
+
+
 async def https_middleware(
     request: aiohttp.ClientRequest, handler: ClientHandlerType
 ) -> aiohttp.ClientResponse:
     """Client side: a peer URL `http://host:port/...` goes over TLS to the same port."""
     if request.url.scheme == "http":
         request.url = request.url.with_scheme("https")
+        request.server_hostname = PEER_SNI
     return await handler(request)
 
 

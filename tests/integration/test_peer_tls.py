@@ -1,6 +1,8 @@
 """Peer traffic is TLS: a sniffer on loopback between two in-process peers (the FakeEngine
 behind the real peer process code) reads neither the prompt nor the answer of a forwarded
-chat, and a TLS client without the cluster secret cannot complete a handshake."""
+chat, and a TLS client without the cluster secret cannot complete a handshake. With TLS for
+clients too (--tls-cert/--tls-key), clients get https on the same port and peers still
+reach each other with the cluster certificate."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from aivailable.local_peers import free_port
 from aivailable.server import serve
 from peer.forward import REPLICA_HEADER
 from peer.secret import load_or_create_secret
-from peer.tls import peer_contexts, write_credentials
+from peer.tls import PEER_SNI, peer_contexts, write_credentials
 
 pytestmark = pytest.mark.slow
 
@@ -71,11 +73,56 @@ def fake_engines(model, path, gpu_ids, step):
     return FakeEngine(model, reply=lambda request: f"{ANSWER} (you said: {PROMPT})")
 
 
-async def test_a_sniffer_between_peers_reads_no_prompt_or_answer(tmp_path):
+def self_signed(tmp_path) -> tuple[str, str]:
+    """A certificate for 127.0.0.1, as an operator's own CA would issue (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lab peer")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "client-tls.crt", tmp_path / "client-tls.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+@pytest.mark.parametrize("client_tls", [False, True], ids=["http-clients", "https-clients"])
+async def test_a_sniffer_between_peers_reads_no_prompt_or_answer(tmp_path, client_tls):
     secret_file = tmp_path / "cluster.key"
     secret = load_or_create_secret(secret_file)
     ports = {"front": free_port(), "back": free_port()}
     common = {"cluster_key_file": str(secret_file), "mdns": False, "bind": "127.0.0.1"}
+    client_ssl: ssl.SSLContext | bool = True
+    if client_tls:
+        cert, key = self_signed(tmp_path)
+        common |= {"tls_cert": cert, "tls_key": key}
+        client_ssl = ssl.create_default_context(cafile=cert)
     front = load_config(
         {**common, "name": "front", "port": ports["front"], "cpu": "no",
          "data_dir": str(tmp_path / "front")},
@@ -87,13 +134,14 @@ async def test_a_sniffer_between_peers_reads_no_prompt_or_answer(tmp_path):
         environ={},
     )  # fmt: skip
     stops = [asyncio.Event(), asyncio.Event()]
-    url = f"http://127.0.0.1:{ports['front']}"
+    url = f"{'https' if client_tls else 'http'}://127.0.0.1:{ports['front']}"
 
     async with asyncio.TaskGroup() as tg:
         for config, stop in zip((front, back), stops, strict=True):
             tg.create_task(serve(config, fake_engines, announce=lambda _: None, stop=stop))
         try:
-            async with aiohttp.ClientSession() as client:
+            connector = aiohttp.TCPConnector(ssl=client_ssl)
+            async with aiohttp.ClientSession(connector=connector) as client:
 
                 async def status() -> dict:
                     async with client.get(url + "/cluster/status") as resp:
@@ -122,7 +170,7 @@ async def test_a_sniffer_between_peers_reads_no_prompt_or_answer(tmp_path):
                         answer = await resp.json()
                     await asyncio.sleep(0.3)  # the last packets reach the capture
                 assert ANSWER in answer["choices"][0]["message"]["content"]
-                await check_handshakes(secret, ports["back"], tmp_path)
+                await check_handshakes(secret, ports["back"], tmp_path, client_tls)
         finally:
             for stop in stops:
                 stop.set()
@@ -132,11 +180,20 @@ async def test_a_sniffer_between_peers_reads_no_prompt_or_answer(tmp_path):
     assert PROMPT.encode() not in between_peers  # ...but not in the clear
     assert ANSWER.encode() not in between_peers
     assert b"smollm2-135m" not in between_peers
-    assert PROMPT.encode() in bytes(capture.payload[ports["front"]])  # the capture sees text
+    with_client = bytes(capture.payload[ports["front"]])
+    if client_tls:
+        assert len(with_client) > 1000 and PROMPT.encode() not in with_client
+    else:
+        assert PROMPT.encode() in with_client  # the capture does see text in the clear
 
 
 async def healthz_over_tls(port: int, ctx: ssl.SSLContext) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1",
+        port,
+        ssl=ctx,
+        server_hostname=PEER_SNI,  # as peers send it
+    )
     try:
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         await writer.drain()
@@ -145,13 +202,14 @@ async def healthz_over_tls(port: int, ctx: ssl.SSLContext) -> bytes:
         writer.close()
 
 
-async def check_handshakes(secret: bytes, port: int, tmp_path) -> None:
-    """The cluster's credentials get through; another cluster's, or none, do not."""
+async def check_handshakes(secret: bytes, port: int, tmp_path, client_tls: bool) -> None:
+    """The cluster's credentials get through; another cluster's do not, and without TLS for
+    clients, neither does a TLS client without any (with it, such a client is a client)."""
     right = peer_contexts(*write_credentials(secret, tmp_path / "right"))[1]
     assert b" 200 " in await healthz_over_tls(port, right)
     stranger = peer_contexts(*write_credentials(b"another cluster's secret!", tmp_path / "x"))[1]
     anonymous = ssl.create_default_context()
     anonymous.check_hostname, anonymous.verify_mode = False, ssl.CERT_NONE
-    for ctx in (stranger, anonymous):
+    for ctx in (stranger,) if client_tls else (stranger, anonymous):
         with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
             await healthz_over_tls(port, ctx)

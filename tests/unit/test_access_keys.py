@@ -243,3 +243,12 @@ def test_malformed_remote_use_is_ignored_and_revoked_keys_forgotten():
     assert limiter.admit(record, 0.0) is None
     limiter.forget([])
     assert limiter.requests == {} and limiter.local_use(0.0) == {}
+
+
+def test_client_tls_needs_both_files_and_peer_tls(tmp_path):
+    with pytest.raises(ConfigError, match="go together"):
+        load_config({"tls_cert": str(tmp_path / "c.pem")}, environ={})
+    with pytest.raises(ConfigError, match="peer_tls"):
+        load_config({"tls_cert": "c", "tls_key": "k", "access": {"peer_tls": False}}, environ={})
+    config = load_config({"tls_cert": "c.pem", "tls_key": "k.pem"}, environ={})
+    assert str(config.tls_cert) == "c.pem" and config.access.peer_tls
