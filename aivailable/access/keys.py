@@ -222,14 +222,17 @@ class AccessState:
         """Apply a key command; True when the keys changed. AccessCommandError when malformed."""
         if cmd["t"] == KEY_CREATE:
             record = record_from_wire(cmd.get("key"))
-            if cmd.get("bootstrap") is True:
-                if self.bootstrapped:
-                    return False
+            bootstrap = cmd.get("bootstrap") is True
+            if bootstrap and self.bootstrapped:
+                return False
+            if bootstrap and record.hash in self.by_hash:  # that key was added by hand before
                 self.bootstrapped = True
+                return True
             if record.id in self.keys or record.hash in self.by_hash:
                 raise AccessCommandError(f"key {record.id} exists already")
             if len(self.keys) >= MAX_KEYS:
                 raise AccessCommandError(f"too many keys ({MAX_KEYS}); revoke some first")
+            self.bootstrapped = self.bootstrapped or bootstrap
             self._put(record)
             return True
         key_id = cmd.get("id")

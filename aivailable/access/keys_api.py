@@ -172,6 +172,7 @@ async def bootstrap_admin_key(
     while not access().bootstrapped:
         try:
             await propose(encode_key_create(record, bootstrap=True))
+            break  # applied: ours, or another peer's first key came first
         except ApiError as exc:  # no leader yet: keep trying
             log.info("first admin key not committed yet: %s", exc.message)
             await asyncio.sleep(1)

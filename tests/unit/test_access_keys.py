@@ -75,6 +75,15 @@ def test_only_the_first_bootstrap_admin_key_applies():
     assert set(state.access.keys) == {first.id}
 
 
+def test_a_bootstrap_of_a_key_added_by_hand_just_marks_it_done():
+    state = ClusterState()
+    _, record = make_key("admin")
+    state.apply(k.encode_key_create(record))
+    again = k.KeyRecord(k.new_key_id(), record.hash, "admin")
+    assert state.apply(k.encode_key_create(again, bootstrap=True)).ok
+    assert state.access.bootstrapped and list(state.access.keys) == [record.id]
+
+
 def test_a_replayed_proposal_is_applied_once():
     """A captured deploy replayed after an undeploy does not bring the model back."""
     state = ClusterState()
