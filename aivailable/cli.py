@@ -1,4 +1,4 @@
-"""The `aivailable` command: up, status, models, ps, chat, deploy, undeploy, pull."""
+"""The `aivailable` command: up, status, models, ps, chat, deploy, undeploy, pull, keys."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import sys
 
 from aivailable.config import ConfigError, load_config
-from aivailable.http_client import ClientError, request_json
+from aivailable.http_client import ClientError, request_json, set_api_key
 
 DEFAULT_URL = os.environ.get("AIVAILABLE_URL", "http://127.0.0.1:8000")
 
@@ -56,6 +56,19 @@ def _up_parser(sub) -> None:
         metavar="ORIGIN",
         help="a browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable)",
     )
+    up.add_argument(
+        "--auth",
+        choices=("on", "off"),
+        help="require API keys (default: on when binding a non-loopback address; "
+        "off is refused there)",
+    )
+    up.add_argument("--tls-cert", help="PEM certificate: serve clients https:// too")
+    up.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    up.add_argument(
+        "--admin-key-file",
+        help="the first admin key of a new cluster (created here if absent; "
+        "default DATA_DIR/admin.key)",
+    )
     up.add_argument("--log-level", help="DEBUG, INFO, WARNING, ...")
 
 
@@ -76,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="download a model into the cache ahead of a deploy")
     pull.add_argument("source", help="hf://ORG/REPO:QUANT, hf://ORG/REPO/FILE.gguf, a URL, ...")
     pull.add_argument("--cache-dir", help="default: $AIVAILABLE_CACHE_DIR or ~/.cache/aivailable")
+    keys = sub.add_parser("keys", help="create, list and revoke API keys (admin)")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="make a key; its secret is shown once")
+    create.add_argument("--role", choices=("user", "admin", "metrics"), default="user")
+    create.add_argument("--models", help="comma-separated models a user key may use (default all)")
+    create.add_argument("--rpm", type=int, help="requests per minute, cluster-wide")
+    create.add_argument("--tpm", type=int, help="tokens per minute, cluster-wide")
+    create.add_argument("--expires", help="a date (2027-01-31) or a duration (30d, 12h)")
+    create.add_argument("--name", help="what the key is for")
+    actions.add_parser("list", help="the keys, their limits and use in the last minute")
+    revoke = actions.add_parser("revoke", help="revoke a key on every peer")
+    revoke.add_argument("id")
+    clients = [(a, None) for a in actions.choices.values()]
     for name, text in (
         ("status", "show nodes, GPUs, leader and models"),
         ("models", "show the deployed models, their replicas and states"),
@@ -85,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("undeploy", "remove a model from the cluster"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--url", default=DEFAULT_URL, help=f"a peer's URL (default {DEFAULT_URL})")
+        clients.append((p, name))
         if name in ("status", "models", "ps"):
             p.add_argument("--json", action="store_true", help="print the raw JSON")
         if name == "chat":
@@ -102,7 +128,27 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--n-ctx", type=int, default=2048)
         if name == "undeploy":
             p.add_argument("name")
+    for p, _ in clients:
+        p.add_argument("--url", default=DEFAULT_URL, help=f"a peer's URL (default {DEFAULT_URL})")
+        p.add_argument(
+            "--api-key",
+            help="API key (default: $AIVAILABLE_API_KEY, else the data dir's admin.key)",
+        )
+        p.add_argument("--data-dir", help="where to look for admin.key")
     return parser
+
+
+def client_key(args: argparse.Namespace, environ=os.environ) -> str | None:
+    """--api-key, else $AIVAILABLE_API_KEY, else the admin key in the data dir (if readable)."""
+    if getattr(args, "api_key", None):
+        return args.api_key
+    if environ.get("AIVAILABLE_API_KEY"):
+        return environ["AIVAILABLE_API_KEY"]
+    try:
+        path = load_config({"data_dir": getattr(args, "data_dir", None)}, environ=environ)
+        return path.admin_key_path.read_text().strip() or None
+    except (OSError, ConfigError):
+        return None
 
 
 def _up_overrides(args: argparse.Namespace) -> dict:
@@ -123,6 +169,10 @@ def _up_overrides(args: argparse.Namespace) -> dict:
         "offline": True if args.offline else None,
         "cors_origins": args.cors_origin,
         "log_level": args.log_level,
+        "auth_mode": args.auth,
+        "admin_key_file": args.admin_key_file,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
     }
 
 
@@ -274,6 +324,37 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    base = args.url.rstrip("/") + "/cluster/keys"
+    if args.action == "create":
+        body = {"role": args.role, "name": args.name or ""}
+        for field in ("models", "rpm", "tpm", "expires"):
+            if getattr(args, field):
+                body[field] = getattr(args, field)
+        key = request_json(base, "POST", body)
+        print(key["key"])
+        print(
+            f"created {key['role']} key {key['id']}: the line above is its secret, shown this "
+            "once; the cluster keeps only its hash",
+            file=sys.stderr,
+        )
+    elif args.action == "list":
+        rows = request_json(base)["data"]
+        print(f"{'ID':12}  {'ROLE':7}  {'NAME':20}  {'MODELS':20}  {'RPM':>6}  {'TPM':>8}  "
+              f"{'EXPIRES':25}  {'REQ/1M':>6}  {'TOK/1M':>8}")  # fmt: skip
+        for k in rows:
+            print(
+                f"{k['id']:12}  {k['role']:7}  {k['name'][:20]:20}  "
+                f"{','.join(k['models'])[:20] or '*':20}  {k['rpm'] or '-':>6}  "
+                f"{k['tpm'] or '-':>8}  {k['expires'] or 'never':25}  "
+                f"{k['requests_1m']:>6}  {k['tokens_1m']:>8}"
+            )
+    else:
+        request_json(f"{base}/{args.id}", "DELETE")
+        print(f"revoked {args.id}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from aivailable.demo import main as demo_main
 
@@ -291,11 +372,14 @@ COMMANDS = {
     "deploy": cmd_deploy,
     "undeploy": cmd_undeploy,
     "pull": cmd_pull,
+    "keys": cmd_keys,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command not in ("up", "demo", "token"):
+        set_api_key(client_key(args))
     try:
         return COMMANDS[args.command](args)
     except ClientError as exc:

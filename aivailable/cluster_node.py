@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
+from aivailable.access.keys import stamp
 from aivailable.api.cluster_api import ClusterApi
 from aivailable.api.errors import ApiError
 from aivailable.backends.base import Engine
@@ -274,6 +275,12 @@ class ClusterNode:
         await self._until_ready()
         return await self._view.undeploy(name)
 
+    async def propose(self, data: bytes) -> int:
+        """Commit a command from any peer (the API keys' create and revoke use it)."""
+        await self._until_ready()
+        assert self._proposer is not None
+        return await self._proposer.propose(data)
+
     # ---- life -----------------------------------------------------------------------------------
 
     def current_gpus(self, own: dict[str, int]) -> list[GpuInfo]:
@@ -384,7 +391,8 @@ class ClusterNode:
                 controller = Controller(
                     self.me,
                     self.state,
-                    driver.propose,  # the leader proposes on its own log, never forwarded
+                    # The leader proposes on its own log, never forwarded; ids stop replays.
+                    lambda data: driver.propose(stamp(data)),
                     lambda: driver.role == "leader",
                     lambda: driver.term,
                     lambda: node_statuses(self.entries()),

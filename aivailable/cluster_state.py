@@ -19,6 +19,7 @@ from typing import Any
 
 import msgpack
 
+from aivailable.access import keys as access_keys
 from placement import Assignment, Plan, Unplaced
 
 PROTOCOL = 1
@@ -39,6 +40,7 @@ TYPE_NAMES = {
     SET_MODEL_FILE: "set_model_file",
     NODE_ADDR: "node_addr",
     NODE_FORGET: "node_forget",
+    **access_keys.TYPE_NAMES,  # 32-47: API keys (aivailable/access/keys.py)
 }
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -263,6 +265,7 @@ class ClusterState:
         self.models_version = 0  # bumps on every change to the desired models
         self.default_applied = False  # the embedded model was deployed once (undeploy sticks)
         self.nodes: dict[str, str] = {}  # node id -> HTTP address "host:port"
+        self.access = access_keys.AccessState()  # API keys and applied proposal ids
 
     # -- reading
 
@@ -281,10 +284,14 @@ class ClusterState:
         except (CommandError, TypeError) as exc:
             return ApplyResult(False, "unknown", error=str(exc))
         kind = TYPE_NAMES[cmd["t"]]
-        handler = getattr(self, f"_apply_{kind}")
         try:
-            changed = handler(cmd, term)
-        except CommandError as exc:
+            if not self.access.first_time(cmd):  # each proposal id applies once
+                return ApplyResult(False, kind, error="replayed proposal (id applied before)")
+            if cmd["t"] in access_keys.TYPE_NAMES:
+                changed = self.access.apply(cmd)
+            else:
+                changed = getattr(self, f"_apply_{kind}")(cmd, term)
+        except (CommandError, access_keys.AccessCommandError) as exc:
             return ApplyResult(False, kind, error=str(exc))
         except Exception as exc:  # a malformed field deep inside: reject, never wedge the log
             return ApplyResult(False, kind, error=f"malformed {kind}: {exc!r}")
@@ -406,6 +413,7 @@ class ClusterState:
             "models_version": self.models_version,
             "default_applied": self.default_applied,
             "nodes": [[k, self.nodes[k]] for k in sorted(self.nodes)],
+            "access": self.access.to_wire(),
         }
 
     def snapshot(self) -> bytes:
@@ -442,6 +450,7 @@ class ClusterState:
             fresh.default_applied = wire.get("default_applied") is True
             for node, addr in _list(wire.get("nodes", []), "nodes"):
                 fresh.nodes[_text(node, "node")] = _text(addr, "addr")
+            fresh.access = access_keys.AccessState.from_wire(wire.get("access"))
         except Exception as exc:
             raise SnapshotError(f"cannot restore cluster state: {exc}") from exc
         self.__dict__.update(fresh.__dict__)

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from aivailable import cluster_state as cs
 from aivailable import hub, sources, store
+from aivailable.access.keys import stamp
 from aivailable.api.errors import ApiError, bad_request
 from aivailable.cluster_state import ClusterState
 from aivailable.controller import MemberClock, NodeStatus
@@ -216,6 +217,7 @@ class Proposer:
         """The log index once committed (and applied here). Retries through leader changes
         until `timeout_s`; then a 503 ApiError."""
         last = "no leader elected"
+        data = stamp(data)  # a unique id: the state applies it once, however often it arrives
         try:
             async with asyncio.timeout(self.timeout_s):
                 while True:

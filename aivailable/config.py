@@ -15,6 +15,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from aivailable.access.config import AccessConfig
+from aivailable.access.policy import AuthModeError, auth_enabled
 from aivailable.backends.llama_engine import EngineConfig
 from aivailable.controller import ControllerConfig
 from aivailable.membership_policy import MembershipConfig
@@ -123,12 +125,35 @@ class Config:
     forward: ForwardConfig = field(default_factory=ForwardConfig)
     # [auth]: clock skew and replay window of peer request signatures (peer/auth.py).
     auth: AuthConfig = field(default_factory=AuthConfig)
+    # API keys for clients (`--auth`): "auto" turns them on when the peer binds a
+    # non-loopback address, since anyone on a LAN could otherwise deploy and read prompts,
+    # and leaves a loopback peer (only this machine's users) as easy as before; "on"
+    # anywhere; "off" only on loopback (refused on a LAN bind).
+    auth_mode: str = "auto"
+    # The first admin key of a new cluster with auth on: read from here, created (0600)
+    # if absent. None: data_dir/admin.key.
+    admin_key_file: pathlib.Path | None = None
+    # TLS for clients too (`--tls-cert`, `--tls-key`, PEM files): the API and dashboard on
+    # the same port answer https:// as well as http://. None: plain HTTP for clients (peer
+    # traffic is TLS regardless, [access] peer_tls); a lab may front peers with its own proxy.
+    tls_cert: pathlib.Path | None = None
+    tls_key: pathlib.Path | None = None
+    # [access]: body limits and connection timeouts at the edge (aivailable/access/config.py).
+    access: AccessConfig = field(default_factory=AccessConfig)
 
     def __post_init__(self) -> None:
         if self.cpu not in ("auto", "yes", "no"):
             raise ConfigError(f"cpu must be auto, yes or no, not {self.cpu!r}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be 1-65535, not {self.port}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        if self.tls_cert is not None and not self.access.peer_tls:
+            raise ConfigError("TLS for clients needs [access] peer_tls (the TLS port sorts them)")
+        try:
+            auth_enabled(self.auth_mode, self.bind)
+        except AuthModeError as exc:
+            raise ConfigError(str(exc)) from exc
 
     @property
     def advertise_host(self) -> str:
@@ -145,6 +170,15 @@ class Config:
     @property
     def key_file(self) -> pathlib.Path:
         return self.cluster_key_file or self.data_dir / "cluster.key"
+
+    @property
+    def auth_on(self) -> bool:
+        """Whether clients need an API key (see auth_mode)."""
+        return auth_enabled(self.auth_mode, self.bind)
+
+    @property
+    def admin_key_path(self) -> pathlib.Path:
+        return self.admin_key_file or self.data_dir / "admin.key"
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -178,7 +212,14 @@ def _coerce(name: str, value: Any) -> Any:
             return int(value)
         if isinstance(default, float):
             return float(value)
-        if name in ("data_dir", "cache_dir", "cluster_key_file"):
+        if name in (
+            "data_dir",
+            "cache_dir",
+            "cluster_key_file",
+            "admin_key_file",
+            "tls_cert",
+            "tls_key",
+        ):
             return pathlib.Path(value).expanduser()
         return str(value)
     except (TypeError, ValueError) as exc:

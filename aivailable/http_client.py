@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -13,6 +14,21 @@ class ClientError(Exception):
     """A peer could not be reached or refused the request; the message is for the user."""
 
 
+# The API key every request of this process sends (the CLI sets it from --api-key, the
+# environment or the data dir's admin.key); None: $AIVAILABLE_API_KEY if set, else none.
+_api_key: str | None = None
+
+
+def set_api_key(key: str | None) -> None:
+    global _api_key
+    _api_key = key
+
+
+def auth_headers() -> dict[str, str]:
+    key = _api_key or os.environ.get("AIVAILABLE_API_KEY")
+    return {"Authorization": f"Bearer {key.strip()}"} if key else {}
+
+
 @contextlib.contextmanager
 def open_request(
     url: str, method: str = "GET", body: dict | None = None, timeout: float = 30
@@ -20,7 +36,10 @@ def open_request(
     """urlopen with a JSON body; HTTP and network errors become ClientError."""
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
+        url,
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json", **auth_headers()},
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:

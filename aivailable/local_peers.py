@@ -34,7 +34,11 @@ def free_port() -> int:
 
 
 def get_json(url: str, timeout: float = 5) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
+    """GET with the process's API key (aivailable.http_client), if it has one."""
+    from aivailable.http_client import auth_headers
+
+    request = urllib.request.Request(url, headers=auth_headers())
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
         return json.loads(resp.read())
 
 

@@ -13,6 +13,9 @@ from collections.abc import Callable
 from aiohttp import web
 
 from aivailable import hub
+from aivailable.access.guard import AccessGuard, UsageGossip, body_limits, usage_metrics
+from aivailable.access.keys_api import KeysApi, bootstrap_admin_key
+from aivailable.access.limits import RateLimiter
 from aivailable.api.app import build_app
 from aivailable.api.ollama_api import OllamaApi
 from aivailable.api.openai_api import OpenAIApi
@@ -20,12 +23,13 @@ from aivailable.cluster_node import ClusterNode, EngineBuilder
 from aivailable.config import Config
 from aivailable.gpu import GpuInfo, cpu_device, probe_all
 from aivailable.metrics import Metrics
-from peer.auth import PeerAuth, make_peer_session
+from peer.auth import PeerAuth, machine_identity, make_peer_session
 from peer.crypto import Keyring
 from peer.discovery import Discovery
 from peer.gossip import Gossip
 from peer.secret import cluster_id as secret_cluster_id
 from peer.secret import load_or_create_secret
+from peer.tls import DualSite, client_tls_context, peer_contexts, write_credentials
 
 log = logging.getLogger(__name__)
 # Seconds requests in flight may take to finish on shutdown: a short answer from a small
@@ -44,10 +48,11 @@ async def announce_ready(node: ClusterNode, config: Config, announce) -> None:
         if ready:
             break
         await asyncio.sleep(0.25)
-    url = f"http://{config.advertise_addr}"
+    url = f"{'https' if config.tls_cert else 'http'}://{config.advertise_addr}"
     announce(f"ready: {', '.join(ready)} serving through {url} (dashboard: {url}/)")
+    key = ' -H "Authorization: Bearer $AIVAILABLE_API_KEY"' if config.auth_on else ""
     announce(
-        f"try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+        f"try: curl {url}/v1/chat/completions{key} -H 'Content-Type: application/json' "
         f'-d \'{{"model": "{ready[0]}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\''
     )
 
@@ -78,9 +83,18 @@ async def serve(
         return gpus
 
     gpus = await asyncio.to_thread(probe)
-    auth = PeerAuth(secret, config.auth)
+    # Signed peer requests name the peer they are for: this machine at this port.
+    identity = machine_identity(config.port, config.bind, config.advertise_host)
+    auth = PeerAuth(secret, config.auth, identity=identity)
+    limiter = RateLimiter()  # per-key use, shared with the other peers through gossip
+    tls_server = tls_client = None
+    if config.access.peer_tls:
+        cert, key = await asyncio.to_thread(write_credentials, secret, config.data_dir / "tls")
+        tls_server, tls_client = peer_contexts(cert, key)
+        if config.tls_cert is not None:  # clients may use TLS too; peers name PEER_SNI
+            tls_server = client_tls_context(config.tls_cert, config.tls_key, tls_server)
     serving = False
-    async with make_peer_session(auth) as session, asyncio.TaskGroup() as tg:
+    async with make_peer_session(auth, tls_client) as session, asyncio.TaskGroup() as tg:
         gossip = Gossip(
             config.gossip,
             config.name,
@@ -91,7 +105,18 @@ async def serve(
             seeds=list(config.join),
             advertise_host=config.advertise_host,
         )
-        node = ClusterNode(config, gpus, session, gossip, tg, build_engine, probe)
+        node = ClusterNode(
+            config,
+            gpus,
+            session,
+            UsageGossip(gossip, limiter, config.name),
+            tg,
+            build_engine,
+            probe,
+        )
+        guard = AccessGuard(config.auth_on, lambda: node.state.access, limiter)
+        keys_api = KeysApi(lambda: node.state.access, node.propose, limiter)
+        refresh_key_gauges = usage_metrics(metrics.registry, limiter, lambda: node.state.access)
         openai_api = OpenAIApi(
             node.instances.by_model,
             metrics,
@@ -123,25 +148,50 @@ async def serve(
                 metrics.gossip.labels(counter).set(value)
             for area, value in auth.refused.items():  # e.g. a stranger's push-pull
                 metrics.gossip.labels(f"peer_auth_refused_{area}").set(value)
+            if isinstance(site, DualSite):  # a stranger's TLS handshakes
+                metrics.gossip.labels("peer_auth_refused_tls").set(site.refused_tls)
+            refresh_key_gauges()
 
         app = build_app(
             metrics,
             lambda: serving,
-            [openai_api.routes(), ollama_api.routes(), gossip.routes(), *node.routes()],
+            [
+                openai_api.routes(),
+                ollama_api.routes(),
+                gossip.routes(),
+                *node.routes(),
+                keys_api.routes(),
+            ],
             on_scrape=refresh_gauges,
-            middlewares=[auth.middleware],
+            # Cheapest refusals first, all before a body is read: size, signature, key.
+            middlewares=[
+                body_limits(config.access, config.raft.max_body_bytes),
+                auth.middleware,
+                guard.middleware,
+            ],
             client_max_size=config.raft.max_body_bytes,  # snapshots travel in one request
             cors_origins=config.cors_origins,
         )
         # shutdown_timeout: seconds in-flight requests get to finish when the peer stops.
         runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=DRAIN_S
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=DRAIN_S,
+            keepalive_timeout=config.access.idle_timeout_s,  # also bounds the header read
         )
         await runner.setup()
         tasks: list[asyncio.Task] = []
         try:
-            site = web.TCPSite(runner, config.bind, config.port, reuse_address=True)
-            await site.start()
+            if tls_server is not None:  # plain HTTP for clients, TLS for peers, one port
+                site = DualSite(
+                    runner, config.bind, config.port, tls_server, config.access.idle_timeout_s
+                )
+                await site.start()
+                tasks.append(tg.create_task(site.serve(), name="http accept"))
+            else:
+                site = web.TCPSite(runner, config.bind, config.port, reuse_address=True)
+                await site.start()
             tasks.append(tg.create_task(gossip.run(), name="gossip"))
             if config.mdns:
                 discovery = Discovery(
@@ -153,8 +203,23 @@ async def serve(
                 )
                 tasks.append(tg.create_task(discovery.run(), name="mdns"))
             tasks.append(tg.create_task(node.run(), name="cluster"))
+            if config.auth_on:
+                first_key = bootstrap_admin_key(
+                    config.admin_key_path,
+                    lambda: node.state.access,
+                    # The leader makes it (the founder, on a new cluster): one key, in
+                    # the data dir of the peer the operator started first.
+                    lambda: (
+                        node.state.cluster_id is not None
+                        and node.status().get("leader") == config.name
+                    ),
+                    node.propose,
+                    announce,
+                )
+                tasks.append(tg.create_task(first_key, name="admin key"))
             serving = True
-            announce(f"aivailable peer {config.name} up on http://{config.advertise_addr}")
+            scheme = "https" if config.tls_cert else "http"
+            announce(f"aivailable peer {config.name} up on {scheme}://{config.advertise_addr}")
             tasks.append(tg.create_task(announce_ready(node, config, announce), name="ready"))
             await stop.wait()
             log.info("shutting down: leaving the cluster")

@@ -2,9 +2,10 @@
 serving peer directly and against HAProxy as the hop, in the same run.
 
 Latency: a backend peer process serving the FakeEngine (no model, so only HTTP is
-measured) is called sequentially, streaming, three ways in rotation: directly, through a
-front peer process (OpenAIApi + Forwarder + peer-request HMAC, as in a cluster), and
-through HAProxy (Debian's package, `mode http`). Time to first byte of the body and
+measured) is called sequentially, streaming, four ways in rotation: directly, through a
+front peer process (OpenAIApi + Forwarder + peer-request HMAC, as in a cluster) over plain
+HTTP ("forwarder") and over the peers' TLS ("fwd-tls", peer/tls.py, as `aivailable up`
+runs), and through HAProxy (Debian's package, `mode http`). Time to first byte of the body and
 total time, p50 and p99; "added" is each hop's figure minus the direct one.
 
 Throughput: a real peer (`python -m aivailable up`, SmolLM2-135M through the model
@@ -56,8 +57,11 @@ async def serve_role(role: str, port: int, upstream: str, secret: bytes) -> None
     from aivailable.metrics import Metrics
     from peer.auth import PeerAuth, make_peer_session
     from peer.forward import Forwarder, ModelAvailability, Replica
+    from peer.tls import DualSite, peer_contexts, write_credentials
 
     auth = PeerAuth(secret)
+    credentials = write_credentials(secret, Path(tempfile.mkdtemp(prefix="aivailable-bench-")))
+    tls_server, tls_client = peer_contexts(*credentials)
     metrics = Metrics()
     session = None
     if role == "model":  # the serving stack of `aivailable up`, the real model, one process
@@ -81,7 +85,7 @@ async def serve_role(role: str, port: int, upstream: str, secret: bytes) -> None
         instances = {FAKE_MODEL: SimpleNamespace(engine=engine, error="", state="ready")}
         api = OpenAIApi(lambda: instances, metrics, 4096, 300, owner="backend")
     else:
-        session = make_peer_session(auth)
+        session = make_peer_session(auth, tls_client if role == "front-tls" else None)
         replica = Replica("upstream", upstream, False, "ready", 0)
         forwarder = Forwarder(
             session, lambda m: [replica], lambda m: ModelAvailability("unknown"), "front"
@@ -91,11 +95,20 @@ async def serve_role(role: str, port: int, upstream: str, secret: bytes) -> None
     app.middlewares.append(auth.middleware)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
-    print("ready", flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
+    async with asyncio.TaskGroup() as tg:
+        if role == "backend":  # plain HTTP for the direct path, TLS for fwd-tls: one port
+            site = DualSite(runner, "127.0.0.1", port, tls_server, 10.0)
+            await site.start()
+            accept = tg.create_task(site.serve())
+        else:
+            await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
+            accept = None
+        print("ready", flush=True)
+        await stop.wait()
+        if accept is not None:
+            accept.cancel()
     if session is not None:
         await session.close()
     await runner.cleanup()
@@ -311,8 +324,15 @@ def run_latency(tmp: Path, secret: bytes, requests: int) -> tuple[dict, list[str
         backend = f"127.0.0.1:{backend_port}"
         front = start_role("front", front_port, secret, backend)
         children.append(front)
-        paths = {"direct": f"http://{backend}", "forwarder": f"http://127.0.0.1:{front_port}"}
-        pids = {"forwarder": front.proc.pid}
+        tls_port = free_port()
+        front_tls = start_role("front-tls", tls_port, secret, backend)
+        children.append(front_tls)
+        paths = {
+            "direct": f"http://{backend}",
+            "forwarder": f"http://127.0.0.1:{front_port}",
+            "fwd-tls": f"http://127.0.0.1:{tls_port}",
+        }
+        pids = {"forwarder": front.proc.pid, "fwd-tls": front_tls.proc.pid}
         haproxy = start_haproxy(haproxy_port, backend, tmp)
         if haproxy is None:
             notes.append("haproxy is not installed (apt-get install -y haproxy): not measured")
@@ -423,7 +443,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a short run")
     parser.add_argument("--requests", type=int, help="latency requests per path (default 500)")
     parser.add_argument("--no-model", action="store_true", help="skip the real-model throughput")
-    parser.add_argument("--role", choices=["backend", "front", "model"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--role", choices=["backend", "front", "front-tls", "model"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", default="", help=argparse.SUPPRESS)
     parser.add_argument("--secret-hex", help=argparse.SUPPRESS)

@@ -6,6 +6,7 @@ this node alone; in a cluster it is the gossip view and the committed plan.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable
 from typing import Protocol
@@ -13,6 +14,8 @@ from typing import Protocol
 from aiohttp import web
 
 from aivailable import hub, sources
+from aivailable.access.guard import KEY_RECORD
+from aivailable.access.sources import refuse_reason
 from aivailable.api.body import read_json
 from aivailable.api.errors import ApiError, bad_request, not_found
 from aivailable.store import model_name
@@ -79,6 +82,11 @@ class ClusterApi:
 
     async def deploy(self, request: web.Request) -> web.Response:
         name, source, replicas, n_ctx = parse_deploy(await read_json(request))
+        why = await asyncio.to_thread(refuse_reason, source)
+        if why is not None:  # the reason may name a local path: admins (and loopback) only
+            key = request.get(KEY_RECORD)
+            shown = why if key is None or key.role == "admin" else "this model source is refused"
+            raise bad_request(shown, param="source", code="bad_source")
         result = await self._view.deploy(name, source, replicas, n_ctx)
         return web.json_response(result, status=202)
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import openai
 
+from aivailable.access.keys import new_secret
+from aivailable.access.keys_api import write_key_file
 from aivailable.local_peers import PeerProcess, free_port, get_json
 
 MODEL = "smollm2-135m"
@@ -63,7 +65,7 @@ def chat_once(url: str, name: str, max_tokens: int = 8) -> Outcome:
     """One streaming chat through the peer at `url`; never raises."""
     client = openai.OpenAI(
         base_url=url + "/v1",
-        api_key="chaos",
+        api_key=os.environ.get("AIVAILABLE_API_KEY", "chaos"),  # see Cluster.__post_init__
         max_retries=0,
         timeout=REQUEST_TIMEOUT_S,
     )
@@ -269,7 +271,16 @@ class Cluster:
 
     def __post_init__(self) -> None:
         key = self.base / "cluster.key"
+        # Peers in namespaces bind LAN addresses, so auth is on there: one admin key, made
+        # here for the founder to commit, which this process's calls send (get_json and
+        # chat_once read $AIVAILABLE_API_KEY; close() restores it). Loopback peers ignore it.
+        admin = self.base / "admin.key"
+        if not admin.exists():
+            write_key_file(admin, new_secret())
+        self._saved_key = os.environ.get("AIVAILABLE_API_KEY")
+        os.environ["AIVAILABLE_API_KEY"] = admin.read_text().strip()
         extra: list[str] = ["--cluster-key-file", str(key), "--n-ctx", "512"]
+        extra += ["--admin-key-file", str(admin)]
         if self.config:
             path = self.base / "chaos.toml"
             path.write_text(self.config)
@@ -360,6 +371,10 @@ class Cluster:
         with contextlib.suppress(Exception):
             self.stop_all(timeout=10)
         wait_gone(workers, 10, kill=True)
+        if self._saved_key is None:
+            os.environ.pop("AIVAILABLE_API_KEY", None)
+        else:
+            os.environ["AIVAILABLE_API_KEY"] = self._saved_key
 
 
 def children(pid: int) -> list[int]:

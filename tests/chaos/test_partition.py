@@ -15,6 +15,7 @@ import urllib.request
 
 import pytest
 
+from aivailable.http_client import auth_headers
 from tests.chaos.harness import (
     MODEL,
     ClientLoad,
@@ -56,7 +57,7 @@ def deploy(peer, name: str, timeout: float = 20) -> tuple[int, dict]:
         peer.url + "/cluster/models",
         data=body,
         method="POST",
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **auth_headers()},  # auth is on in netns
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:

@@ -44,14 +44,23 @@ def rendered_dom(url: str, profile) -> str:
     return result.stdout
 
 
-def test_the_dashboard_shows_nodes_gpus_and_models(tmp_path):
-    peer = PeerProcess(tmp_path, "dash", "--no-mdns", "--gpu", "fake:GTX 1080:8GiB").start()
+def test_the_dashboard_shows_nodes_gpus_and_models(tmp_path, monkeypatch):
+    """With auth on: the page gets the admin key from its #key= link (kept in sessionStorage)."""
+    peer = PeerProcess(
+        tmp_path, "dash", "--no-mdns", "--auth", "on", "--gpu", "fake:GTX 1080:8GiB"
+    ).start()
     try:
         peer.wait_healthy()
+        key_file = peer.data_dir / "admin.key"
+        peer.wait_until(key_file.exists, 60, "the admin key")
+        admin = key_file.read_text().strip()
+        monkeypatch.setenv("AIVAILABLE_API_KEY", admin)  # for wait_model_ready's status calls
         peer.wait_model_ready()
-        dom = rendered_dom(peer.url + "/", tmp_path / "profile")
+        locked = rendered_dom(peer.url + "/", tmp_path / "profile-nokey")
+        dom = rendered_dom(peer.url + "/#key=" + admin, tmp_path / "profile")
     finally:
         peer.stop()
+    assert "needs an API key" in locked and "<h3>dash" not in locked
     assert "<h3>dash" in dom  # the node card, built by the page's script
     assert "GTX 1080 (fake)" in dom and "/ 8.0 GiB" in dom  # the GPU with its VRAM bar
     assert "<td>smollm2-135m</td>" in dom and 'class="state ready"' in dom

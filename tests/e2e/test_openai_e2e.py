@@ -1,4 +1,8 @@
-"""A real peer process serving the real SmolLM2 model, driven by the official openai client."""
+"""A real peer process serving the real SmolLM2 model, driven by the official openai client.
+
+The peer runs with auth on: the client uses a user key made with the admin key the peer
+wrote to its data dir; status and metrics calls use the admin key ($AIVAILABLE_API_KEY).
+"""
 
 import asyncio
 import json
@@ -21,18 +25,52 @@ HELLO = [{"role": "user", "content": "Say hello in one short sentence."}]
 
 @pytest.fixture(scope="module")
 def peer(tmp_path_factory):
-    peer = PeerProcess(tmp_path_factory.mktemp("e2e"), "solo", "--no-mdns").start()
+    peer = PeerProcess(tmp_path_factory.mktemp("e2e"), "solo", "--no-mdns", "--auth", "on").start()
+    saved = os.environ.get("AIVAILABLE_API_KEY")
     try:
         peer.wait_healthy()
+        key_file = peer.data_dir / "admin.key"
+        peer.wait_until(key_file.exists, 60, "the admin key")
+        os.environ["AIVAILABLE_API_KEY"] = key_file.read_text().strip()  # get_json, the CLI
         peer.wait_model_ready()
         yield peer
     finally:
         peer.stop()
+        if saved is None:
+            os.environ.pop("AIVAILABLE_API_KEY", None)
+        else:
+            os.environ["AIVAILABLE_API_KEY"] = saved
+
+
+def admin_get(url: str) -> str:
+    headers = {"Authorization": "Bearer " + os.environ["AIVAILABLE_API_KEY"]}
+    request = urllib.request.Request(url, headers=headers)
+    return urllib.request.urlopen(request, timeout=10).read().decode()
+
+
+@pytest.fixture(scope="module")
+def user_key(peer) -> str:
+    request = urllib.request.Request(
+        peer.url + "/cluster/keys",
+        data=json.dumps({"role": "user", "name": "e2e"}).encode(),
+        headers={
+            "Content-Type": "application/json",
+            "Authorization": "Bearer " + os.environ["AIVAILABLE_API_KEY"],
+        },
+    )
+    return json.loads(urllib.request.urlopen(request, timeout=30).read())["key"]
 
 
 @pytest.fixture
-def client(peer):
-    return openai.OpenAI(base_url=peer.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+def client(peer, user_key):
+    return openai.OpenAI(base_url=peer.url + "/v1", api_key=user_key, max_retries=0, timeout=120)
+
+
+def test_a_wrong_key_is_refused_the_way_openai_refuses_it(peer):
+    wrong = openai.OpenAI(base_url=peer.url + "/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        wrong.models.list()
+    assert info.value.code == "invalid_api_key"
 
 
 def instance(peer) -> dict:
@@ -124,7 +162,7 @@ def test_error_cases_get_openai_errors_and_the_peer_keeps_serving(client, peer):
     request = urllib.request.Request(
         peer.url + "/v1/chat/completions",
         data=b"{oops",
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", "Authorization": "Bearer " + client.api_key},
     )
     with pytest.raises(urllib.error.HTTPError) as raw:
         urllib.request.urlopen(request, timeout=10)
@@ -132,7 +170,7 @@ def test_error_cases_get_openai_errors_and_the_peer_keeps_serving(client, peer):
     assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4).choices
 
 
-def test_eight_parallel_streaming_clients_all_complete(peer):
+def test_eight_parallel_streaming_clients_all_complete(peer, user_key):
     async def one(client, i):
         stream = await client.chat.completions.create(
             model=MODEL,
@@ -145,7 +183,7 @@ def test_eight_parallel_streaming_clients_all_complete(peer):
 
     async def main():
         async with openai.AsyncOpenAI(
-            base_url=peer.url + "/v1", api_key="unused", max_retries=0, timeout=300
+            base_url=peer.url + "/v1", api_key=user_key, max_retries=0, timeout=300
         ) as client:
             return await asyncio.gather(*(one(client, i) for i in range(8)))
 
@@ -168,7 +206,7 @@ def test_a_client_that_disconnects_frees_its_slot(client, peer):
     while instance(peer)["queue_depth"] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert instance(peer)["queue_depth"] == 0
-    metrics = urllib.request.urlopen(peer.url + "/metrics", timeout=10).read().decode()
+    metrics = admin_get(peer.url + "/metrics")
     assert f'aivailable_client_disconnects_total{{model="{MODEL}"}}' in metrics
 
 
@@ -185,7 +223,7 @@ def test_a_killed_worker_is_reported_restarted_and_serves_again(client, peer):
     assert after["pid"] != before["pid"]
     reply = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8)
     assert reply.choices[0].message.content
-    metrics = urllib.request.urlopen(peer.url + "/metrics", timeout=10).read().decode()
+    metrics = admin_get(peer.url + "/metrics")
     assert f'aivailable_engine_restarts{{model="{MODEL}"}} 1.0' in metrics
     assert get_json(peer.url + "/healthz")["status"] == "ok"
 
