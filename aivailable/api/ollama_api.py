@@ -23,7 +23,7 @@ from aiohttp import web
 from aivailable.api.body import parse_json
 from aivailable.api.errors import ApiError, bad_request, not_found
 from aivailable.api.openai_api import OpenAIApi, engine_error
-from aivailable.api.validate import Parsed, parse_chat, parse_completion
+from aivailable.api.validate import Parsed, parse_chat, parse_completion, parse_embeddings
 from aivailable.backends.base import EngineError, Finished, TextDelta
 
 OLLAMA_VERSION = "0.6.0"  # the Ollama API level this speaks; clients check only its form
@@ -64,6 +64,8 @@ class OllamaApi:
             web.post("/api/show", self._guarded(self.show)),
             web.post("/api/chat", self._guarded(self.chat)),
             web.post("/api/generate", self._guarded(self.generate)),
+            web.post("/api/embed", self._guarded(self.embed)),
+            web.post("/api/embeddings", self._guarded(self.embeddings_legacy)),
         ]
 
     @staticmethod
@@ -202,6 +204,34 @@ class OllamaApi:
             messages.append({"role": "user", "content": prompt})
             parsed = parse_chat({**base, "messages": messages}, 1 << 20)
         return await self._run(request, body, raw, parsed, chat=False)
+
+    async def embed(self, request: web.Request) -> web.StreamResponse:
+        body, raw = await self._body(request)
+        model = self.resolve(body.get("model"))
+        _, inputs, _, _ = parse_embeddings({"model": model, "input": body.get("input")})
+        target = await self._openai.engine_or_forward(request, raw, model)
+        if isinstance(target, web.StreamResponse):
+            return target
+        result = await self._openai.embed(target, model, inputs)
+        vectors = [list(v) for v in result.vectors]
+        return web.json_response(
+            {
+                "model": body.get("model"),
+                "embeddings": vectors,
+                "prompt_eval_count": result.prompt_tokens,
+            }
+        )
+
+    async def embeddings_legacy(self, request: web.Request) -> web.StreamResponse:
+        """The older /api/embeddings: one `prompt`, one `embedding`."""
+        body, raw = await self._body(request)
+        model = self.resolve(body.get("model"))
+        _, inputs, _, _ = parse_embeddings({"model": model, "input": body.get("prompt")})
+        target = await self._openai.engine_or_forward(request, raw, model)
+        if isinstance(target, web.StreamResponse):
+            return target
+        result = await self._openai.embed(target, model, inputs)
+        return web.json_response({"embedding": list(result.vectors[0])})
 
     async def _run(
         self, request: web.Request, body: dict, raw: bytes, parsed: Parsed, chat: bool

@@ -19,8 +19,8 @@ from aiohttp import web
 
 from aivailable.api import body as body_reader
 from aivailable.api import openai_render as render
-from aivailable.api.errors import ApiError, not_found
-from aivailable.api.validate import Parsed, parse_chat, parse_completion
+from aivailable.api.errors import ApiError, bad_request, not_found
+from aivailable.api.validate import Parsed, parse_chat, parse_completion, parse_embeddings
 from aivailable.backends.base import (
     ChatRequest,
     ContextOverflow,
@@ -122,6 +122,7 @@ class OpenAIApi:
             web.get("/v1/models/{model}", self.get_model),
             web.post("/v1/chat/completions", self.chat_completions),
             web.post("/v1/completions", self.completions),
+            web.post("/v1/embeddings", self.embeddings),
         ]
 
     def _model_card(self, name: str) -> dict:
@@ -147,6 +148,42 @@ class OpenAIApi:
         """The body, refused with 413 before it is read when it is over the limit: a
         prompt beyond any context must not cost the peer its memory or the model a slot."""
         return await body_reader.read_body(request, self._max_body)
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        raw = await self.read_body(request)
+        model, inputs, encoding, dimensions = parse_embeddings(body_reader.parse_json(raw))
+        engine = await self.engine_or_forward(request, raw, model)
+        if isinstance(engine, web.StreamResponse):
+            return engine
+        result = await self.embed(engine, model, inputs)
+        width = len(result.vectors[0]) if result.vectors else 0
+        if dimensions is not None and dimensions != width:
+            raise bad_request(
+                f"the model '{model}' gives {width} dimensions, not {dimensions}", "dimensions"
+            )
+        data = [
+            {"object": "embedding", "index": i, "embedding": render.embedding(v, encoding)}
+            for i, v in enumerate(result.vectors)
+        ]
+        usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+        return web.json_response({"object": "list", "data": data, "model": model, "usage": usage})
+
+    async def embed(self, engine: Engine, model: str, inputs: list[str]):
+        """An engine's embeddings, its errors as HTTP errors, counted in the metrics."""
+        status = "200"
+        try:
+            async with asyncio.timeout(self._timeout):
+                result = await engine.embed(inputs)
+        except EngineError as exc:
+            status = str(engine_error(exc).status)
+            raise engine_error(exc) from exc
+        except TimeoutError as exc:
+            status = "504"
+            raise ApiError(504, "embedding took too long", type="timeout") from exc
+        finally:
+            self._metrics.requests.labels("embeddings", model, status).inc()
+        self._metrics.tokens.labels(model, "prompt").inc(result.prompt_tokens)
+        return result
 
     async def engine_or_forward(
         self, request: web.Request, raw: bytes, model: str

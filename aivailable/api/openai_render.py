@@ -3,6 +3,8 @@ usage. Pure functions, shared by the whole and the streamed answers."""
 
 from __future__ import annotations
 
+import base64
+import struct
 from typing import TYPE_CHECKING
 
 from aivailable.api import structured
@@ -74,3 +76,10 @@ def usage(finished: Finished) -> dict:
         # its new tokens (OpenAI reports its own prompt caching the same way).
         "prompt_tokens_details": {"cached_tokens": finished.cached_tokens},
     }
+
+
+def embedding(vector: tuple[float, ...], encoding: str) -> list[float] | str:
+    """A vector as JSON floats, or as OpenAI's base64 of little-endian float32."""
+    if encoding == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return list(vector)

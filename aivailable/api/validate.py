@@ -210,3 +210,37 @@ def parse_completion(body: Any, max_tokens_limit: int) -> Parsed:
     if not isinstance(prompt, str):
         raise bad_request("'prompt' is required and must be a string", param="prompt")
     return Parsed(model, CompletionRequest(prompt, params), stream, include_usage)
+
+
+MAX_EMBEDDING_INPUTS = 256  # inputs per request; each is one decode in the worker
+
+
+def parse_embeddings(body: Any) -> tuple[str, list[str], str, int | None]:
+    """model, inputs, encoding_format, dimensions of a /v1/embeddings body."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("'model' is required and must be a non-empty string", param="model")
+    value = body.get("input")
+    inputs = [value] if isinstance(value, str) else value
+    if (
+        not isinstance(inputs, list)
+        or not inputs
+        or len(inputs) > MAX_EMBEDDING_INPUTS
+        or not all(isinstance(x, str) and x for x in inputs)
+    ):
+        raise bad_request(
+            f"'input' must be a non-empty string or a list of 1 to {MAX_EMBEDDING_INPUTS} "
+            "non-empty strings (token arrays are not supported)",
+            param="input",
+        )
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise bad_request("'encoding_format' must be 'float' or 'base64'", "encoding_format")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (
+        not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 1
+    ):
+        raise bad_request("'dimensions' must be a positive integer", param="dimensions")
+    return model, inputs, encoding, dimensions

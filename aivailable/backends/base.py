@@ -79,6 +79,14 @@ class Finished:
 Event = TextDelta | Finished
 
 
+@dataclass(frozen=True)
+class Embeddings:
+    """The answer of an embedding instance: one unit vector per input."""
+
+    vectors: tuple[tuple[float, ...], ...]
+    prompt_tokens: int
+
+
 class EngineError(Exception):
     """Base of what an engine raises; the API layer maps each to a status."""
 
@@ -146,6 +154,12 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def queue_depth(self) -> int:
         """Requests waiting or running."""
+
+    kind: str = "chat"  # "chat" | "embedding": what the instance was started for
+
+    async def embed(self, inputs: list[str]) -> Embeddings:
+        """Embeddings of the inputs; only instances started as "embedding" have them."""
+        raise InvalidRequest(f"the model '{self.name}' is not deployed for embeddings")
 
     @property
     def free_slots(self) -> int:

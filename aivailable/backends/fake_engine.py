@@ -9,6 +9,8 @@ and stop strings behave as in the real engine. `crash()` simulates the worker dy
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import math
 import re
 from collections.abc import AsyncIterator, Callable
 
@@ -16,11 +18,13 @@ from aivailable.backends.base import (
     ChatRequest,
     CompletionRequest,
     ContextOverflow,
+    Embeddings,
     Engine,
     EngineUnavailable,
     Event,
     Finished,
     InstanceState,
+    InvalidRequest,
     QueueFull,
     TextDelta,
 )
@@ -49,8 +53,10 @@ class FakeEngine(Engine):
         n_ctx: int = 2048,  # prompt tokens above this raise ContextOverflow
         retry_after: float = 1.0,  # seconds suggested with QueueFull
         on_state_change: Callable[[InstanceState], None] | None = None,
+        kind: str = "chat",  # "embedding": embed() gives fake vectors, generate() refuses
     ):
         self.name = name
+        self.kind = kind
         self.state: InstanceState = "pending"
         self.reply = reply
         self.token_delay = token_delay
@@ -114,7 +120,24 @@ class FakeEngine(Engine):
             tokens, finish = tokens[:limit], "length"
         return tokens, finish
 
+    async def embed(self, inputs: list[str]) -> Embeddings:
+        """Fake vectors: 8 numbers from each input's hash, unit length; equal inputs give
+        equal vectors, as a real model's do."""
+        if self.kind != "embedding":
+            return await super().embed(inputs)
+        if self.state != "ready":
+            raise EngineUnavailable(self.state)
+        vectors = []
+        for text in inputs:
+            digest = hashlib.sha256(text.encode()).digest()[:8]
+            raw = [b - 127.5 for b in digest]
+            norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+            vectors.append(tuple(x / norm for x in raw))
+        return Embeddings(tuple(vectors), sum(len(t.split()) for t in inputs))
+
     async def generate(self, request: ChatRequest | CompletionRequest) -> AsyncIterator[Event]:
+        if self.kind == "embedding":
+            raise InvalidRequest(f"the model '{self.name}' is deployed for embeddings only")
         if self.state != "ready":
             raise EngineUnavailable(self.state)
         if self._depth >= self.queue_limit:

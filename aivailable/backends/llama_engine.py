@@ -35,6 +35,7 @@ from aivailable.backends.base import (
     ChatRequest,
     CompletionRequest,
     ContextOverflow,
+    Embeddings,
     Engine,
     EngineError,
     EngineUnavailable,
@@ -117,6 +118,7 @@ class LlamaEngine(Engine):
         tensor_split: Sequence[float] | None = None,
         config: EngineConfig | None = None,
         n_parallel: int | None = None,
+        kind: str = "chat",
         on_state_change: Callable[[InstanceState], None] | None = None,
         worker_argv: Sequence[str] | None = None,
     ):
@@ -124,7 +126,8 @@ class LlamaEngine(Engine):
         CPU. `queue_limit`: requests waiting or running before QueueFull. `env`: added to
         the child's environment (CUDA_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES, ...).
         `worker_argv`: the command that starts a worker (the model arguments follow);
-        tests put stand-in workers here. `n_parallel`: slots (default from config)."""
+        tests put stand-in workers here. `n_parallel`: slots (default from config).
+        `kind`: "chat" generates text, "embedding" serves pooled embeddings."""
         self.name = name
         self.model_path = Path(model_path)
         self.n_ctx = n_ctx
@@ -137,6 +140,7 @@ class LlamaEngine(Engine):
         self.on_state_change = on_state_change
         self.worker_argv = list(worker_argv or WORKER_ARGV)
         self.state: InstanceState = "pending"
+        self.kind = kind
         self.n_parallel = n_parallel or self.config.n_parallel or (8 if n_gpu_layers else 4)
         self.n_threads = self.config.n_threads or (4 if n_gpu_layers else None)
         self._admission = Admission(self.n_parallel, self.config.max_queue_wait)
@@ -285,6 +289,8 @@ class LlamaEngine(Engine):
         cmd += ["--model", str(self.model_path), "--n-ctx", str(self.n_ctx)]
         cmd += ["--n-gpu-layers", str(self.n_gpu_layers), "--n-batch", str(self.config.n_batch)]
         cmd += ["--n-parallel", str(self.n_parallel)]
+        if self.kind == "embedding":
+            cmd.append("--embedding")
         if self.main_gpu is not None:
             cmd += ["--main-gpu", str(self.main_gpu)]
         if self.tensor_split:
@@ -416,6 +422,9 @@ class LlamaEngine(Engine):
             reasons = tuple(frame.get("finish_reasons") or (finish,))
             cached = frame.get("cached_tokens", 0)
             events.put_nowait(Finished(finish, prompt, completion, cached, reasons))
+        elif kind == proto.EMBEDDINGS:
+            vectors = tuple(tuple(v) for v in frame.get("vectors", ()))
+            events.put_nowait(Embeddings(vectors, frame.get("prompt_tokens", 0)))
         elif kind == proto.ERROR and frame.get("kind") == proto.QUEUE_FULL:
             events.put_nowait(QueueFull(self._admission.hold_estimate))
         elif kind == proto.ERROR and frame.get("kind") == proto.CONTEXT_OVERFLOW:
@@ -457,7 +466,37 @@ class LlamaEngine(Engine):
 
     # --- requests ----------------------------------------------------------------------
 
+    async def embed(self, inputs: list[str]) -> Embeddings:
+        if self.kind != "embedding":
+            return await super().embed(inputs)
+        proc = self._ready_proc()
+        request_id = next(self._ids)
+        frame = proto.encode_frame({"type": proto.EMBED, "id": request_id, "inputs": inputs})
+        if len(frame) > proto.MAX_FRAME:
+            raise InvalidRequest(f"the request is too large ({len(frame)} bytes)")
+        events: asyncio.Queue = asyncio.Queue()
+        self._write(proc, frame)
+        self._pending[request_id] = events
+        self._depth += 1
+        try:
+            result = await events.get()
+        finally:
+            self._depth -= 1
+            self._pending.pop(request_id, None)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _ready_proc(self) -> asyncio.subprocess.Process:
+        proc = self._proc
+        if self.state != "ready" or proc is None:
+            detail = self.last_error if self.state == "failed" else ""
+            raise EngineUnavailable(self.state, detail, self.config.unavailable_retry_after)
+        return proc
+
     async def generate(self, request: ChatRequest | CompletionRequest) -> AsyncIterator[Event]:
+        if self.kind == "embedding":
+            raise InvalidRequest(f"the model '{self.name}' is deployed for embeddings only")
         proc = self._proc
         if self.state != "ready" or proc is None:
             detail = self.last_error if self.state == "failed" else ""

@@ -45,6 +45,7 @@ class RuntimeConfig:
     n_gpu_layers: int = 0
     main_gpu: int | None = None
     tensor_split: tuple[float, ...] | None = None
+    embedding: bool = False  # an embedding instance: pooled vectors, no sampling
 
 
 def physical_cores() -> int:
@@ -97,6 +98,12 @@ class LlamaRuntime:
         # changed greedy answers with what ran beside them: 3 of 4 differed on SmolLM2,
         # against 0 of 4 with separate streams (docs/backend.md).
         cparams.kv_unified = False
+        if config.embedding:
+            cparams.embeddings = True
+            # The model's own pooling when its GGUF names one (embedding models do); a
+            # generative model has none, and the mean of its last hidden states is the
+            # usual choice for it.
+            cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
@@ -107,6 +114,12 @@ class LlamaRuntime:
         self.batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
         self.add_bos = llama_cpp.llama_vocab_get_add_bos(self.vocab)
         self._chat = self._chat_formatter()
+        if config.embedding and llama_cpp.llama_pooling_type(self.ctx) == 0:  # NONE
+            llama_cpp.llama_free(self.ctx)
+            cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+            self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+            self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.n_embd = llama_cpp.llama_model_n_embd(self.model)
 
     def close(self) -> None:
         if self.ctx:
@@ -192,6 +205,26 @@ class LlamaRuntime:
         if code != 0:
             raise LlamaCallError(f"llama_decode returned {code}")
         return rows
+
+    def embed(self, tokens: list[int]) -> list[float]:
+        """The pooled, L2-normalised embedding of one input (sequence 0, cells cleared)."""
+        llama_cpp.llama_memory_clear(self.memory, True)
+        if not 0 < len(tokens) <= self.config.n_batch:  # pooling needs one batch
+            raise ValueError(f"an input must have 1 to {self.config.n_batch} tokens")
+        batch = self.batch
+        for i, token in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, i, 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1  # every token's state feeds the pooling
+        batch.n_tokens = len(tokens)
+        if llama_cpp.llama_decode(self.ctx, batch) != 0:
+            raise LlamaCallError("llama_decode failed on an embedding input")
+        ptr = llama_cpp.llama_get_embeddings_seq(self.ctx, 0)
+        if not ptr:
+            raise LlamaCallError("llama.cpp gave no pooled embedding")
+        vector = np.ctypeslib.as_array(ptr, shape=(self.n_embd,)).astype(np.float64)
+        norm = float(np.linalg.norm(vector)) or 1.0
+        return (vector / norm).tolist()
 
     def log_probs(self, row: int) -> np.ndarray:
         """Log-probabilities of every token after this row (the model's, before sampling)."""

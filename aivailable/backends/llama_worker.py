@@ -39,6 +39,7 @@ MAX_FRAME = 64 << 20
 GENERATE = 1  # id, kind "chat"|"completion", messages | prompt, params
 CANCEL = 2  # id
 SHUTDOWN = 3
+EMBED = 4  # id, inputs: [str]  (embedding instances)
 # Worker -> parent:
 READY = 10  # pid, n_ctx, n_gpu_layers, n_parallel
 DELTA = 11  # (protocol 1) id, text
@@ -46,6 +47,7 @@ DONE = 12  # id, finish_reason, finish_reasons, prompt_tokens, completion_tokens
 ERROR = 13  # id (absent for load errors), kind, message
 CANCELLED = 14  # id: the request was stopped (or dropped before it started)
 DELTAS = 15  # items: [[id, choice, text, logprobs | None], ...]: one step's output
+EMBEDDINGS = 16  # id, vectors: [[float]], prompt_tokens
 # ERROR kinds
 LOAD_FAILED = "load_failed"
 CONTEXT_OVERFLOW = "context_overflow"
@@ -130,6 +132,8 @@ class Worker:
                 kind = message.get("type")
                 if kind == GENERATE:
                     self._prepare(message)
+                elif kind == EMBED:
+                    self._prepare_embed(message)
                 elif kind == CANCEL:
                     self.inbox.put(("cancel", message.get("id")))
                 elif kind == SHUTDOWN:
@@ -163,6 +167,26 @@ class Worker:
             return
         live = _Live(request_id, prompt, {**params, "n": n, "max_tokens": limit})
         self.inbox.put(live)
+
+    def _prepare_embed(self, message: dict) -> None:
+        request_id = message.get("id")
+        try:
+            inputs = [self.rt.tokenize(str(text), special=False) for text in message["inputs"]]
+        except (ValueError, TypeError, KeyError) as e:
+            self.error(request_id, BAD_REQUEST, str(e))
+            return
+        self.inbox.put(("embed", request_id, inputs))
+
+    def _embed(self, request_id, inputs: list[list[int]]) -> None:
+        try:
+            vectors = [self.rt.embed(tokens) for tokens in inputs]
+        except ValueError as e:
+            self.error(request_id, BAD_REQUEST, str(e))
+            return
+        total = sum(len(t) for t in inputs)
+        self.send(
+            {"type": EMBEDDINGS, "id": request_id, "vectors": vectors, "prompt_tokens": total}
+        )
 
     # --- the decode loop ----------------------------------------------------------------
 
@@ -200,6 +224,9 @@ class Worker:
                     self._drop(request_id)
                     self.send({"type": CANCELLED, "id": request_id})
                 return False
+            if isinstance(item, tuple) and item[0] == "embed":
+                self._embed(item[1], item[2])
+                continue
             if isinstance(item, tuple):  # a cancel
                 if self._drop(item[1]):
                     self.send({"type": CANCELLED, "id": item[1]})
@@ -327,6 +354,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n-threads", type=int, default=None, help="default: physical cores")
     p.add_argument("--n-threads-batch", type=int, default=None, help="default: n-threads")
     p.add_argument("--n-batch", type=int, default=512, help="tokens per decode at most")
+    p.add_argument("--embedding", action="store_true", help="serve embeddings, not text")
     p.add_argument("--verbose", action="store_true", help="all of llama.cpp's logging")
     return p.parse_args(argv)
 
@@ -354,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             n_threads=threads,
             n_threads_batch=args.n_threads_batch or threads,
             n_gpu_layers=args.n_gpu_layers,
+            embedding=args.embedding,
             main_gpu=args.main_gpu,
             tensor_split=tuple(float(x) for x in args.tensor_split.split(","))
             if args.tensor_split

@@ -106,3 +106,72 @@ async def test_errors_come_in_ollamas_shape(served):
         json={"model": "fake", "messages": [{"role": "user", "content": "x"}], "format": 5},
     )
     assert resp.status == 400 and "format" in (await resp.json())["error"]
+
+
+@pytest.fixture
+async def embedder():
+    engine = FakeEngine("emb", kind="embedding")
+    await engine.start()
+    chat = FakeEngine("fake")
+    await chat.start()
+    instances = {
+        "emb": SimpleNamespace(engine=engine, error="", state="ready"),
+        "fake": SimpleNamespace(engine=chat, error="", state="ready"),
+    }
+    metrics = Metrics()
+    openai = OpenAIApi(lambda: instances, metrics, max_tokens_limit=64, request_timeout_s=5)
+    app = build_app(metrics, lambda: True, [openai.routes(), OllamaApi(openai).routes()])
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    yield client
+    await client.close()
+
+
+async def test_openai_embeddings_in_float_and_base64(embedder):
+    import base64
+    import struct
+
+    resp = await embedder.post(
+        "/v1/embeddings", json={"model": "emb", "input": ["a b", "c", "a b"]}
+    )
+    body = await resp.json()
+    vectors = [d["embedding"] for d in body["data"]]
+    assert [d["index"] for d in body["data"]] == [0, 1, 2] and vectors[0] == vectors[2] != vectors[
+        1
+    ]
+    assert body["usage"] == {"prompt_tokens": 5, "total_tokens": 5}  # the fake counts words
+    resp = await embedder.post(
+        "/v1/embeddings", json={"model": "emb", "input": "c", "encoding_format": "base64"}
+    )
+    packed = base64.b64decode((await resp.json())["data"][0]["embedding"])
+    assert struct.unpack("<8f", packed) == pytest.approx(vectors[1], abs=1e-6)
+
+
+async def test_embedding_errors(embedder):
+    for body, param in (
+        ({"model": "emb", "input": []}, "input"),
+        ({"model": "emb", "input": [1, 2]}, "input"),
+        ({"model": "emb", "input": "x", "encoding_format": "hex"}, "encoding_format"),
+        ({"model": "emb", "input": "x", "dimensions": 3}, "dimensions"),
+    ):
+        resp = await embedder.post("/v1/embeddings", json=body)
+        assert resp.status == 400 and (await resp.json())["error"]["param"] == param
+    # The kinds do not mix: a chat model has no embeddings, an embedding model no chat.
+    resp = await embedder.post("/v1/embeddings", json={"model": "fake", "input": "x"})
+    assert resp.status == 400 and "embeddings" in (await resp.json())["error"]["message"]
+    resp = await embedder.post(
+        "/v1/chat/completions",
+        json={"model": "emb", "messages": [{"role": "user", "content": "x"}]},
+    )
+    assert resp.status == 400
+
+
+async def test_ollama_embed_and_embeddings(embedder):
+    body = await (
+        await embedder.post("/api/embed", json={"model": "emb:latest", "input": ["x", "y"]})
+    ).json()
+    assert len(body["embeddings"]) == 2 and len(body["embeddings"][0]) == 8
+    legacy = await (
+        await embedder.post("/api/embeddings", json={"model": "emb", "prompt": "x"})
+    ).json()
+    assert legacy["embedding"] == body["embeddings"][0]
