@@ -97,13 +97,14 @@ def test_chat_streams_tokens(client):
             model=MODEL,
             messages=HELLO,
             max_tokens=24,
+            temperature=0,  # a sampled answer may be two words long
             stream=True,
             stream_options={"include_usage": True},
         )
     )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
-    assert text.strip() and len(content_chunks) > 3
+    assert text.strip() and len(content_chunks) > 1
     # One chunk per token, or fewer: tokens ready together travel in one chunk.
     assert len(content_chunks) <= chunks[-1].usage.completion_tokens <= 24
 
