@@ -185,6 +185,9 @@ class LlamaRuntime:
         llama_cpp.llama_memory_seq_rm(self.memory, dst, -1, -1)
         llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
 
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self.memory, True)
+
     def trim(self, seq: int, p0: int) -> None:
         llama_cpp.llama_memory_seq_rm(self.memory, seq, p0, -1)
 
@@ -208,7 +211,7 @@ class LlamaRuntime:
 
     def embed(self, tokens: list[int]) -> list[float]:
         """The pooled, L2-normalised embedding of one input (sequence 0, cells cleared)."""
-        llama_cpp.llama_memory_clear(self.memory, True)
+        self.clear()
         if not 0 < len(tokens) <= self.config.n_batch:  # pooling needs one batch
             raise ValueError(f"an input must have 1 to {self.config.n_batch} tokens")
         batch = self.batch

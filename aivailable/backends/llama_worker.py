@@ -165,6 +165,12 @@ class Worker:
             kind = CONTEXT_OVERFLOW if "context" in why else BAD_REQUEST
             self.error(request_id, kind, why)
             return
+        if params.get("grammar"):  # refused here, before it takes a slot
+            try:
+                self.rt.free_sampler(self.rt.sampler(params, 0))
+            except ValueError as e:
+                self.error(request_id, BAD_REQUEST, str(e))
+                return
         live = _Live(request_id, prompt, {**params, "n": n, "max_tokens": limit})
         self.inbox.put(live)
 
@@ -208,6 +214,8 @@ class Worker:
                 for request_id in list(self.live):
                     self._drop(request_id)
                     self.error(request_id, INTERNAL, message)
+                self.rt.clear()  # what the cells hold is unknown now: start afresh
+                self.sched.forget_cache()
 
     def _take_inbox(self, block: bool) -> bool:
         """Apply what arrived; False on shutdown."""
@@ -277,10 +285,11 @@ class Worker:
             self.rt.copy_cells(src, dst)
         for seq, p0 in step.trims:
             self.rt.trim(seq, p0)
-        tokens = [t for t in step.tokens if self.sched.request_of(t.seq) is not None]
-        if not tokens:
+        if not step.tokens:
             return
-        rows = self.rt.decode(tokens)
+        # Every token is decoded, a dropped request's too: the scheduler counts its cells
+        # as cached, so they must really be there.
+        rows = self.rt.decode(step.tokens)
         items, finished = [], []
         for slot in sorted(rows):
             request = self.sched.request_of(slot)

@@ -142,6 +142,11 @@ class Scheduler:
         """This choice is done (a stop string, EOS, a limit): the slot frees at once."""
         self._release(self.slots[slot_index])
 
+    def forget_cache(self) -> None:
+        """The KV cells were cleared: no slot's prefix can be reused any more."""
+        for slot in self.slots:
+            slot.cached = []
+
     def _release(self, slot: _Slot) -> None:
         slot.request = None
         slot.pending.clear()

@@ -146,3 +146,13 @@ async def test_penalties_change_a_greedy_answer(engine):
         engine, chat(prompt, max_tokens=16, frequency_penalty=2.0, repeat_penalty=1.5)
     )
     assert base[0] != penalised[0]
+
+
+async def test_a_bad_grammar_is_refused_and_others_are_not_disturbed(engine):
+    from aivailable.backends.base import InvalidRequest
+
+    beside = asyncio.ensure_future(run(engine, chat(PROMPTS[0])))
+    with pytest.raises(InvalidRequest, match="grammar"):
+        await run(engine, chat("x", grammar="root ::= ("))
+    texts, done, _ = await beside
+    assert texts[0] and done.finish_reason in ("stop", "length")

@@ -247,3 +247,13 @@ def test_admission_by_expected_wait_and_retry_after():
     for _ in range(50):
         adm.record(0.5)  # requests got faster: more are admitted
     assert adm.expected_wait(8) < 1.1 and adm.retry_after(12) is None
+
+
+def test_after_the_cells_are_cleared_nothing_is_reused():
+    sched = Scheduler(n_parallel=1, n_ctx=64, batch_tokens=64)
+    sched.submit(SeqRequest(1, (1, 2, 3), max_tokens=1))
+    run_all(sched, FakeDecoder(1))
+    sched.forget_cache()
+    sched.submit(SeqRequest(2, (1, 2, 3), max_tokens=1))
+    step = sched.next_step()
+    assert step.started[0].reused == 0 and [t.token for t in step.tokens] == [1, 2, 3]
