@@ -434,7 +434,7 @@ def _quiet_log():
 
         @llama_cpp.llama_log_callback
         def quiet(level, text, user_data):
-            if level in (2, 3):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
+            if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
                 sys.stderr.write(ctypes.string_at(text).decode("utf-8", errors="replace"))
 
         _log_callback = quiet
