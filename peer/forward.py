@@ -10,6 +10,12 @@ Two halves, as everywhere in this project:
 
 A forwarded request carries `X-Aivailable-Forwarded: <origin node>`; the receiving peer
 serves it locally or answers 503/404, never forwards it again, so there are no loops.
+
+A host that dies is left quickly: a replica gossip declares dead (or suspect, while another
+can take the request) is abandoned while waiting for its first byte, as is one silent past
+`first_byte_timeout_s`; a refused or reset connection is reported to membership as a
+suspicion at once. Errors are this module's own (`ForwardError`); aivailable/api turns them
+into HTTP responses.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from aivailable.api.errors import ApiError
+from peer import resume
 from peer.auth import FORWARDED_HEADER
 
 log = logging.getLogger(__name__)
@@ -82,6 +88,7 @@ class Replica:
     local: bool  # hosted by this very peer
     state: str  # instance state: pending, loading, ready, failed, stopping
     queue_depth: int = 0  # requests waiting or running there, as last gossiped
+    member_state: str = "alive"  # the host as gossip sees it: alive or suspect
 
 
 def order_replicas(
@@ -98,6 +105,38 @@ def order_replicas(
     return sorted(
         ready, key=lambda r: (not r.local, r.queue_depth + inflight.get(r.node_id, 0), r.node_id)
     )
+
+
+class ForwardError(Exception):
+    """A request that cannot be forwarded: an HTTP status and an OpenAI-style error body,
+    which aivailable/api sends (peer/ knows nothing of the API's error types)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "server_error",
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.retry_after = retry_after
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 # What the client should wait before asking again, by model state, in seconds: a model
@@ -130,12 +169,13 @@ class ModelAvailability:
     reason: str = ""
     retry_after: float | None = None  # seconds; None: the state's default above
 
-    def error(self, model: str) -> ApiError:
+    def error(self, model: str) -> ForwardError:
         if self.state == "absent":
-            return ApiError(
+            return ForwardError(
                 404,
                 f"the model '{model}' does not exist"
                 + (f" (deployed: {self.reason})" if self.reason else ""),
+                type="invalid_request_error",
                 param="model",
                 code="model_not_found",
             )
@@ -151,7 +191,7 @@ class ModelAvailability:
         return NoReadyReplica(model, self.state, self.reason, message, retry or 2.0)
 
 
-class NoReadyReplica(ApiError):
+class NoReadyReplica(ForwardError):
     """503 whose error body also names the model's state and the reason, as data."""
 
     def __init__(self, model: str, state: str, reason: str, message: str, retry_after: float):
@@ -196,34 +236,66 @@ def summarize_availability(
 # ---------------------------------------------------------------- the asyncio adapter
 
 
-class _Watchdog:
-    """Closes a streaming upstream response that stalls or passes its deadline.
+class _Watch:
+    """One timer per attempt that re-arms itself (an `asyncio.timeout` around every chunk
+    read would cost a timer per token). It ends the wait for a replica by firing `cm` (the
+    attempt's asyncio.timeout) before the first byte, or by closing the upstream response
+    once streaming, when: the replica stalls past its limit, the deadline passes, or gossip
+    declares its host dead (or suspect, when `leave_suspect`: another replica can serve).
+    `why` says which."""
 
-    One timer per stream that re-arms itself, rather than a timeout around every chunk
-    read: an `asyncio.timeout` costs a timer each time, several microseconds per token.
-    Closing the response makes the pending read raise, and `fired` says why.
-    """
-
-    def __init__(self, upstream: aiohttp.ClientResponse, stall_s: float, deadline: float):
-        self._upstream = upstream
-        self._stall_s = stall_s
+    def __init__(
+        self,
+        member_state: Callable[[str], str],
+        node_id: str,
+        limit_s: float,
+        deadline: float,
+        leave_suspect: bool,
+        check_s: float,
+    ):
+        self._member_state = member_state
+        self._node_id = node_id
+        self._limit_s = limit_s
         self._deadline = deadline
+        self._check_s = check_s
+        self.leave_suspect = leave_suspect
         self._loop = asyncio.get_running_loop()
         self._last = self._loop.time()
-        self.fired = False
-        self._handle = self._loop.call_at(min(self._last + stall_s, deadline), self._check)
+        self._cm: asyncio.Timeout | None = None
+        self._upstream: aiohttp.ClientResponse | None = None
+        self.why = ""
+        self._handle = self._loop.call_at(self._next(), self._check)
+
+    def waiting(self, cm: asyncio.Timeout) -> None:
+        self._cm = cm
+
+    def streaming(self, upstream: aiohttp.ClientResponse, stall_s: float) -> None:
+        self._cm, self._upstream = None, upstream
+        self._limit_s, self.leave_suspect = stall_s, False
+        self.progress()
 
     def progress(self) -> None:
         self._last = self._loop.time()
 
+    def _next(self) -> float:
+        return min(self._last + self._limit_s, self._deadline, self._loop.time() + self._check_s)
+
     def _check(self) -> None:
         now = self._loop.time()
-        due = min(self._last + self._stall_s, self._deadline)
-        if now >= due:
-            self.fired = True
-            self._upstream.close()
+        state = self._member_state(self._node_id)
+        if state in ("dead", "left") or (state == "suspect" and self.leave_suspect):
+            self.why = f"gossip declared it {state}"
+        elif now >= self._deadline:
+            self.why = "timed out: past the request's deadline"
+        elif now >= self._last + self._limit_s:
+            self.why = f"timed out: silent for {self._limit_s:g}s"
         else:
-            self._handle = self._loop.call_at(due, self._check)
+            self._handle = self._loop.call_at(self._next(), self._check)
+            return
+        if self._cm is not None:
+            self._cm.reschedule(now)  # the awaited request or first read raises TimeoutError
+        elif self._upstream is not None:
+            self._upstream.close()  # the pending chunk read raises
 
     def cancel(self) -> None:
         self._handle.cancel()
@@ -245,10 +317,20 @@ class ForwardConfig:
     # Seconds for the whole forwarded request, queueing included. A little above the
     # serving peer's own request_timeout_s (300 s), so its clearer 504 arrives first.
     request_timeout_s: float = 310.0
+    # Seconds to wait for a replica's first byte while another replica could take the
+    # request instead. A stopped (SIGSTOP) or cut-off host sends nothing and gossip may
+    # take seconds to call it suspect; a live one starts answering (headers, or the first
+    # token) within a prompt's processing time, which is well under this on a LAN GPU. The
+    # last replica tried waits up to request_timeout_s, as nothing else could serve.
+    first_byte_timeout_s: float = 10.0
     # Seconds of silence tolerated once the answer is streaming. A token takes well under
     # a second even on old GPUs; 60 s rides out a replica stopped (SIGSTOP) for a while
-    # without leaving a client hanging behind a dead one until request_timeout_s.
+    # without leaving a client hanging behind a dead one until request_timeout_s. A host
+    # gossip declares dead is left at once.
     stall_timeout_s: float = 60.0
+    # Seconds between checks of gossip's view of the host being waited on: a host declared
+    # dead is abandoned within this time. A dict lookup per in-flight request.
+    member_check_s: float = 0.1
     # Replicas tried per request: the best, then one more (the issue's "retry once").
     # More would multiply load during an overload for little gain.
     max_attempts: int = 2
@@ -257,10 +339,29 @@ class ForwardConfig:
     # full, which is exactly when another replica should take the request) and 404 (the
     # model has just left that node; gossip had not said so yet).
     retry_statuses: tuple[int, ...] = (404, 429, 503)
+    # Times a streaming answer whose replica died mid-way is resumed on another replica
+    # from the text already sent (peer/resume.py). 0 ends such a stream with an error.
+    max_resumes: int = 2
 
 
 ReplicasOf = Callable[[str], list[Replica]]
 AvailabilityOf = Callable[[str], ModelAvailability]
+# A refused or reset connection to a node: direct evidence for membership (gossip.Gossip).
+ReportUnreachable = Callable[[str], None]
+_CONNECTION_LOST = (
+    aiohttp.ClientConnectorError,
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientOSError,
+)
+
+
+class _Attempt:
+    """What one try at one replica came to."""
+
+    def __init__(self) -> None:
+        self.upstream: aiohttp.ClientResponse | None = None
+        self.first = b""
+        self.failure = ""
 
 
 class Forwarder:
@@ -273,12 +374,16 @@ class Forwarder:
         availability_of: AvailabilityOf,
         node_id: str,
         config: ForwardConfig | None = None,
+        member_state: Callable[[str], str] = lambda node: "alive",
+        report_unreachable: ReportUnreachable = lambda node: None,
     ):
         self._session = session
         self._replicas_of = replicas_of
         self._availability_of = availability_of
         self._node_id = node_id
         self._config = config or ForwardConfig()
+        self._member_state = member_state
+        self._report_unreachable = report_unreachable
         self._inflight: dict[str, int] = {}  # node id -> requests this peer has there now
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self._config.connect_timeout_s, sock_read=None
@@ -292,11 +397,13 @@ class Forwarder:
     def inflight(self) -> dict[str, int]:
         return {node: n for node, n in self._inflight.items() if n}
 
+    def _candidates(self, model: str, exclude: set[str]) -> list[Replica]:
+        ordered = order_replicas(self._replicas_of(model), self._inflight)
+        return [r for r in ordered if not r.local and r.node_id not in exclude]
+
     async def forward(self, request: web.Request, body: bytes, model: str) -> web.StreamResponse:
         """Send the request to the best remote replica and stream its answer back."""
-        candidates = [
-            r for r in order_replicas(self._replicas_of(model), self._inflight) if not r.local
-        ]
+        candidates = self._candidates(model, set())
         if not candidates:
             raise self._availability_of(model).error(model)
         headers = self._upstream_headers(request)
@@ -304,12 +411,12 @@ class Forwarder:
         deadline = asyncio.get_running_loop().time() + self._config.request_timeout_s
         failures: list[str] = []
         for i, replica in enumerate(tries):
-            is_last = i == len(tries) - 1
-            response = await self._attempt(
-                request, replica, headers, body, is_last, deadline, failures
-            )
-            if response is not None:
-                return response
+            has_next = i < len(tries) - 1
+            attempt = await self._attempt(request, replica, headers, body, has_next, deadline)
+            if attempt.upstream is None:
+                failures.append(attempt.failure)
+                continue
+            return await self._relay(request, replica, attempt, deadline, body, model, headers)
         log.warning("no replica of %s answered: %s", model, "; ".join(failures))
         if self._availability_of(model).state == "absent":  # undeployed meanwhile
             raise self._availability_of(model).error(model)
@@ -331,117 +438,232 @@ class Forwarder:
         replica: Replica,
         headers: dict[str, str],
         body: bytes,
-        is_last: bool,
+        has_next: bool,
         deadline: float,
-        failures: list[str],
-    ) -> web.StreamResponse | None:
-        """One replica. Returns None to move on to the next (nothing reached the client)."""
-        url = URL(f"http://{replica.addr}{request.raw_path}", encoded=True)
+        path: str | None = None,
+    ) -> _Attempt:
+        """Send to one replica and read its first chunk. `upstream` is None when the next
+        replica should be tried (nothing reached the client); raises ForwardError 504 when
+        the last one ran out of time."""
+        out = _Attempt()
+        url = URL(f"http://{replica.addr}{path or request.raw_path}", encoded=True)
+        limit = self._config.first_byte_timeout_s if has_next else self._config.request_timeout_s
+        watch = _Watch(
+            self._member_state,
+            replica.node_id,
+            limit,
+            deadline,
+            has_next,
+            self._config.member_check_s,
+        )
         self._inflight[replica.node_id] = self._inflight.get(replica.node_id, 0) + 1
         upstream: aiohttp.ClientResponse | None = None
         try:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    upstream = await self._session.request(
-                        request.method,
-                        url,
-                        data=body,
-                        headers=headers,
-                        timeout=self._timeout,
-                        auto_decompress=False,
-                        allow_redirects=False,
-                    )
-                    if upstream.status == 401:
-                        # That peer refused our signature: its cluster key differs. The
-                        # client did nothing wrong, so this is that replica failing.
-                        failures.append(f"{replica.node_id} refused this peer's signature")
-                        return None
-                    # A 404 is that replica's instance gone (stopped, or the peer restarted
-                    # without it), not the model: never tell the client it does not exist.
-                    if upstream.status in self._config.retry_statuses and (
-                        not is_last or upstream.status == 404
-                    ):
-                        failures.append(f"{replica.node_id} answered {upstream.status}")
-                        return None
-                    # Read the first chunk before answering the client: until then a
-                    # broken replica can still be swapped for another one.
-                    first = await upstream.content.readany()
-            except aiohttp.ClientError as exc:  # refused, reset, timed out connecting
-                failures.append(f"{replica.node_id} at {replica.addr}: {exc!r}")
-                return None
-            except TimeoutError as exc:
-                raise ApiError(
-                    504,
-                    f"the replica {replica.node_id} did not answer within "
-                    f"{self._config.request_timeout_s:.0f}s",
-                    type="timeout",
-                ) from exc
-            return await self._relay(request, replica, upstream, first, deadline)
+            async with asyncio.timeout(None) as cm:
+                watch.waiting(cm)
+                upstream = await self._session.request(
+                    request.method,
+                    url,
+                    data=body,
+                    headers=headers,
+                    timeout=self._timeout,
+                    auto_decompress=False,
+                    allow_redirects=False,
+                )
+                if upstream.status == 401:
+                    # That peer refused our signature: its cluster key differs. The
+                    # client did nothing wrong, so this is that replica failing.
+                    out.failure = f"{replica.node_id} refused this peer's signature"
+                    return out
+                # A 404 is that replica's instance gone (stopped, or the peer restarted
+                # without it), not the model: never tell the client it does not exist.
+                if upstream.status in self._config.retry_statuses and (
+                    has_next or upstream.status == 404
+                ):
+                    out.failure = f"{replica.node_id} answered {upstream.status}"
+                    return out
+                # Read the first chunk before answering the client: until then a
+                # broken replica can still be swapped for another one.
+                out.first = await upstream.content.readany()
+                out.upstream, upstream = upstream, None
+                return out
+        except _CONNECTION_LOST as exc:  # refused or reset: direct evidence it is down
+            self._report_unreachable(replica.node_id)
+            out.failure = f"{replica.node_id} at {replica.addr}: {exc!r}"
+            return out
+        except aiohttp.ClientError as exc:  # timed out connecting, a broken answer
+            out.failure = f"{replica.node_id} at {replica.addr}: {exc!r}"
+            return out
+        except TimeoutError as exc:
+            if has_next or watch.why.startswith("gossip"):
+                out.failure = f"{replica.node_id} abandoned: {watch.why}"
+                return out
+            raise ForwardError(
+                504,
+                f"the replica {replica.node_id} did not answer within "
+                f"{self._config.request_timeout_s:.0f}s",
+                type="timeout",
+            ) from exc
         finally:
-            # Runs on success, on retry, on timeout and on the client's disconnect (the
-            # handler is cancelled): closing the upstream connection makes the replica
-            # cancel its handler too, which frees the model's slot there.
+            watch.cancel()
+            # On retry, timeout and the client's disconnect (the handler is cancelled):
+            # closing the upstream connection makes the replica cancel its handler too,
+            # which frees the model's slot there.
             if upstream is not None:
                 upstream.close()
-            self._inflight[replica.node_id] -= 1
+            if out.upstream is None:
+                self._inflight[replica.node_id] -= 1  # else: once the relay is over
 
     async def _relay(
         self,
         request: web.Request,
         replica: Replica,
-        upstream: aiohttp.ClientResponse,
-        first: bytes,
+        attempt: _Attempt,
         deadline: float,
+        body: bytes,
+        model: str,
+        headers: dict[str, str],
     ) -> web.StreamResponse:
+        """Stream the answer to the client. A streamed chat or completion whose replica dies
+        mid-way is resumed on another replica from the text sent so far (peer/resume.py)."""
+        upstream = attempt.upstream
+        assert upstream is not None
         response = _RelayResponse(status=upstream.status, reason=upstream.reason)
         for key, value in upstream.headers.items():
             if key.lower() not in _NOT_PASSED_DOWNSTREAM:
                 response.headers.add(key, value)
         response.headers[REPLICA_HEADER] = replica.node_id
         is_sse = upstream.content_type == "text/event-stream"
+        # Whole SSE events only reach the client, so an error or a resumed answer never
+        # lands in the middle of one.
+        sse = resume.SseText(request.path == resume.CHAT_PATH) if is_sse else None
+        can_resume = (
+            sse is not None
+            and upstream.status == 200
+            and request.path in resume.RESUMABLE_PATHS
+            and self._config.max_resumes > 0
+        )
         await response.prepare(request)
-        if first:
-            await response.write(first)
-        tail = first[-2:]
-        watchdog = _Watchdog(upstream, self._config.stall_timeout_s, deadline)
+        chunk, resumes, tried = attempt.first, 0, {replica.node_id}
         try:
             while True:
+                reason = await self._pump(response, upstream, replica, chunk, sse, deadline)
+                if reason is None:
+                    break
+                log.warning("replica %s %s mid-stream", replica.node_id, reason)
+                nxt = None
+                if can_resume and not sse.done and resumes < self._config.max_resumes:
+                    nxt = await self._resume(request, body, model, headers, sse, tried, deadline)
+                if nxt is None:
+                    await self._end_broken(request, response, is_sse, replica, reason)
+                    return response
+                self._release(replica.node_id, upstream)
+                resumes += 1
+                replica, attempt = nxt
+                upstream, chunk = attempt.upstream, attempt.first
+                tried.add(replica.node_id)
+                assert upstream is not None
+                log.info("resumed a stream of %s on %s", model, replica.node_id)
+            if sse is not None and (rest := sse.leftover()):
+                await response.write(rest)
+            await response.write_eof()
+            return response
+        finally:
+            self._release(replica.node_id, upstream)
+
+    def _release(self, node_id: str, upstream: aiohttp.ClientResponse | None) -> None:
+        if upstream is not None:
+            upstream.close()
+            self._inflight[node_id] -= 1
+
+    async def _pump(
+        self,
+        response: web.StreamResponse,
+        upstream: aiohttp.ClientResponse,
+        replica: Replica,
+        chunk: bytes,
+        sse: resume.SseText | None,
+        deadline: float,
+    ) -> str | None:
+        """Copy upstream to the client until it ends (None) or breaks (the reason)."""
+        watch = _Watch(
+            self._member_state,
+            replica.node_id,
+            self._config.stall_timeout_s,
+            deadline,
+            False,
+            self._config.member_check_s,
+        )
+        watch.streaming(upstream, self._config.stall_timeout_s)
+        try:
+            while True:
+                if chunk:
+                    out = sse.feed(chunk) if sse is not None else chunk
+                    if out:
+                        await response.write(out)  # client gone: raises; caller closes
                 try:
                     chunk = await upstream.content.readany()
                 except aiohttp.ClientError as exc:
-                    # The replica died, stalled or ran out of time mid-answer: nothing to
-                    # retry, since the client already has part of it. End it so it knows.
-                    reason = "timed out" if watchdog.fired else f"failed: {exc!r}"
-                    log.warning("replica %s %s mid-stream", replica.node_id, reason)
-                    await self._end_broken(request, response, is_sse, tail, replica, reason)
-                    return response
+                    # A connection cut mid-answer (kill -9 resets it) is evidence too.
+                    lost = (*_CONNECTION_LOST, aiohttp.ClientPayloadError)
+                    if isinstance(exc, lost) and not watch.why:
+                        self._report_unreachable(replica.node_id)
+                    return watch.why or f"failed: {exc!r}"
                 if not chunk:
-                    break
-                watchdog.progress()
-                await response.write(chunk)  # client gone: raises; finally closes upstream
-                tail = (tail + chunk)[-2:]
+                    if watch.why:
+                        return watch.why
+                    return None
+                watch.progress()
         finally:
-            watchdog.cancel()
-        await response.write_eof()
-        return response
+            watch.cancel()
+
+    async def _resume(
+        self,
+        request: web.Request,
+        body: bytes,
+        model: str,
+        headers: dict[str, str],
+        sse: resume.SseText,
+        tried: set[str],
+        deadline: float,
+    ) -> tuple[Replica, _Attempt] | None:
+        """Ask another replica for the rest of the answer; None when none can give it."""
+        try:
+            original = json.loads(body)
+        except ValueError:
+            return None
+        rest = resume.continuation(request.path, original, sse.text, sse.tokens)
+        if rest is None:
+            return None
+        data = json.dumps(rest).encode()
+        for replica in self._candidates(model, tried)[:1]:
+            attempt = await self._attempt(
+                request, replica, headers, data, True, deadline, path=request.path
+            )
+            if attempt.upstream is None:
+                continue
+            if attempt.upstream.status != 200:
+                self._release(replica.node_id, attempt.upstream)
+                continue
+            sse.leftover()  # the broken event's first half is never sent
+            return replica, attempt
+        return None
 
     async def _end_broken(
         self,
         request: web.Request,
         response: web.StreamResponse,
         is_sse: bool,
-        tail: bytes,
         replica: Replica,
         reason: str,
     ) -> None:
         if is_sse:
             # As the serving peer does when its engine dies mid-stream: an error event,
             # then [DONE], so OpenAI clients raise instead of waiting.
-            error = ApiError(502, f"replica {replica.node_id} {reason}", type="server_error")
-            sep = b"" if tail == b"\n\n" else b"\n\n"
+            error = ForwardError(502, f"replica {replica.node_id} {reason}")
             payload = json.dumps(error.body(), separators=(",", ":"))
             with contextlib.suppress(ConnectionError):
-                await response.write(sep + f"data: {payload}\n\ndata: [DONE]\n\n".encode())
+                await response.write(f"data: {payload}\n\ndata: [DONE]\n\n".encode())
                 await response.write_eof()
             return
         # A plain body cut short: drop the connection so the client sees the truncation
