@@ -14,7 +14,7 @@ from aiohttp import web
 
 from aivailable.api.app import build_app
 from aivailable.api.openai_api import OpenAIApi
-from aivailable.cluster_node import ClusterNode, EngineBuilder
+from aivailable.cluster.node import ClusterNode, EngineBuilder
 from aivailable.config import Config
 from aivailable.gpu import GpuInfo, cpu_device, probe_all
 from aivailable.metrics import Metrics
