@@ -157,16 +157,17 @@ def keep_until_ready(
     plan: Plan,
     current: Plan | None,
     nodes: Sequence[NodeView],
-    usable: Iterable[Node],
     models: Mapping[str, ModelRecord],
 ) -> Plan:
-    """Make-before-break: add back the ready replicas `plan` moves away from usable nodes,
-    while the model has fewer ready replicas in `plan` than it has now, if their GPUs still
-    have room. The next step drops them once the successors are ready."""
+    """Make-before-break: add back the ready replicas `plan` moves away from nodes gossip
+    still reaches (alive, or suspect: a slow node past the grace still serves), while the
+    model has fewer ready replicas in `plan` than it has now, if their GPUs still have room.
+    The next step drops them once the successors are ready (or the host is declared dead)."""
     if current is None:
         return plan
-    ready = {(n.id, i.model) for n in nodes for i in n.payload.instances if i.state == "ready"}
-    capacity = {g.id: g.capacity for n in usable for g in n.gpus}
+    reachable = [n for n in nodes if n.state in ("alive", "suspect")]
+    ready = {(n.id, i.model) for n in reachable for i in n.payload.instances if i.state == "ready"}
+    capacity = {g.id: g.capacity for n in reachable for g in n.gpus}
     used: dict[str, int] = {}
     for a in plan.assignments:
         for gpu, vram in zip(a.gpus, a.vram, strict=True):
@@ -179,18 +180,15 @@ def keep_until_ready(
         ready_now = sum((a.node, model) in ready for a in current.for_model(model))
         want = min(models[model].replicas, ready_now)
         for old in current.for_model(model):
-            if ready_new + len([k for k in kept if k.model == model]) >= want:
+            if ready_new + sum(k.model == model for k in kept) >= want:
                 break
             if old.node in on or (old.node, model) not in ready:
                 continue
-            fits = all(
-                g in capacity and used.get(g, 0) + v <= capacity[g]
-                for g, v in zip(old.gpus, old.vram, strict=True)
-            )
-            if fits:
+            pairs = list(zip(old.gpus, old.vram, strict=True))
+            if all(g in capacity and used.get(g, 0) + v <= capacity[g] for g, v in pairs):
                 kept.append(old)
                 on.add(old.node)
-                for g, v in zip(old.gpus, old.vram, strict=True):
+                for g, v in pairs:
                     used[g] = used.get(g, 0) + v
     if not kept:
         return plan
@@ -216,7 +214,7 @@ def decide(
     plan = solve(
         usable, model_specs(models, local or {}, config), current=base, policy=config.policy
     )
-    plan = keep_until_ready(plan, current, nodes, usable, {m.name: m for m in models})
+    plan = keep_until_ready(plan, current, nodes, {m.name: m for m in models})
     return None if plan == current else plan
 
 

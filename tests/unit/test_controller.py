@@ -272,18 +272,25 @@ def test_a_voluntary_move_never_leaves_a_model_without_a_ready_replica():
     # is ready, so it does.
     nodes = [node("a", 8, ready=["m"]), node("b", 8)]
     forced = Plan((Assignment("m", "b", ("b/gpu0",), (2 * GIB,)),))
-    kept = keep_until_ready(forced, old, nodes, usable_nodes(nodes, 0.0, 5.0), {"m": models[0]})
+    kept = keep_until_ready(forced, old, nodes, {"m": models[0]})
     assert sorted(a.node for a in kept.assignments) == ["a", "b"]
     # Once b's replica is ready the extra one goes.
     nodes = [node("a", 8, ready=["m"]), node("b", 8, ready=["m"])]
-    done = keep_until_ready(forced, kept, nodes, usable_nodes(nodes, 0.0, 5.0), {"m": models[0]})
+    done = keep_until_ready(forced, kept, nodes, {"m": models[0]})
     assert [a.node for a in done.assignments] == ["b"]
     # No room left on a (another model took its GPU): the move goes ahead.
     full = Plan((*forced.assignments, Assignment("x", "a", ("a/gpu0",), (7 * GIB,))))
     nodes = [node("a", 8, ready=["m"]), node("b", 8)]
     models = {"m": models[0], "x": model("x", 7)}
-    tight = keep_until_ready(full, old, nodes, usable_nodes(nodes, 0.0, 5.0), models)
+    tight = keep_until_ready(full, old, nodes, models)
     assert tight == full
+    # A suspect host past the grace loses its place in the plan, but keeps serving (and
+    # its assignment) until the successor is ready; a dead one does not.
+    nodes = [node("a", 8, ready=["m"], state="suspect", since=0.0), node("b", 8)]
+    plan = decide([models["m"]], nodes, old, 100.0, CFG)
+    assert sorted(a.node for a in plan.assignments) == ["a", "b"]
+    nodes = [node("a", 8, ready=["m"], state="dead"), node("b", 8)]
+    assert [a.node for a in decide([models["m"]], nodes, old, 100.0, CFG).assignments] == ["b"]
 
 
 class Harness:
