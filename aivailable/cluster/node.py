@@ -21,12 +21,13 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
+from aivailable import store
 from aivailable.api.cluster_api import ClusterApi
 from aivailable.api.errors import ApiError
 from aivailable.backends.base import Engine
 from aivailable.backends.llama_engine import LlamaEngine, n_gpu_layers_for
 from aivailable.cluster.instances import Instances
-from aivailable.cluster.membership_policy import FOUND, RESUME, WAIT, bootstrap_action
+from aivailable.cluster.membership_policy import FOUND, JOIN, RESUME, WAIT, bootstrap_action
 from aivailable.cluster.payload import node_payload, read_payload
 from aivailable.cluster.raft import (
     PROPOSE_PATH,
@@ -188,8 +189,10 @@ class ClusterNode:
         return node.state if node is not None else "dead"
 
     def catalog(self) -> list[str]:
-        """Model names clients may ask for: what the cluster deploys."""
-        return sorted(self.state.models)
+        """Model names clients may ask for: what the cluster deploys, and what this peer
+        serves itself (a preloaded default model before the cluster's first plan)."""
+        ready = {m for m, i in self.instances.by_model().items() if i.state == "ready"}
+        return sorted(set(self.state.models) | ready)
 
     # ---- HTTP ---------------------------------------------------------------------------------
 
@@ -337,9 +340,25 @@ class ClusterNode:
                     len(fresh),
                 )
 
-    async def _bootstrap(self, storage: FileStorage) -> Any:
-        hard, snap, ents = storage.initial_state()
-        has_state = snap is not None or bool(ents) or hard != HardState()
+    def _preload(self) -> str | None:
+        """Cold start: a brand-new peer starts loading the default model while it listens for
+        a cluster, if the file is already here, so a lone peer answers about when its
+        worker is up rather than after the discovery window, the election and the first
+        plan one after another. The reconciler owns it once this peer has caught up: kept
+        if the plan puts the model here, stopped otherwise; a peer that finds a cluster to
+        join stops it at once."""
+        source = self.config.model
+        if source.lower() in ("", "none") or not self.local_models.held_locally(source):
+            return None
+        devices = sorted(self.gpus, key=lambda g: (-g.vram_free, g.id))
+        if not devices:
+            return None  # no device at all: this peer only routes
+        name = store.model_name(source)
+        self.instances.start(name, source, (devices[0].id,))
+        log.info("preloading %s while listening for a cluster", name)
+        return name
+
+    async def _bootstrap(self, has_state: bool) -> Any:
         started = time.monotonic()
         while True:
             others = {
@@ -362,7 +381,12 @@ class ClusterNode:
                 tg.create_task(self._publish_loop(), name="gossip payload")
                 tg.create_task(self._event_loop(), name="gossip events")
                 tg.create_task(self._probe_loop(), name="gpu probe")
-                decision = await self._bootstrap(storage)
+                hard, snap, ents = storage.initial_state()
+                has_state = snap is not None or bool(ents) or hard != HardState()
+                preloaded = None if has_state else self._preload()
+                decision = await self._bootstrap(has_state)
+                if preloaded is not None and decision.action == JOIN:
+                    await self.instances.stop(preloaded)  # the cluster's plan decides
                 id_file = data_dir / "cluster_id"
                 if decision.action == RESUME:
                     self.cluster_id = id_file.read_text().strip() if id_file.exists() else None
@@ -386,6 +410,8 @@ class ClusterNode:
                     snapshot=self.state.snapshot,
                     restore=self.state.restore,
                 )
+                if tuple(driver.voters) == (self.me,):
+                    driver.node.campaign()  # the only voter: no election timeout to wait
                 proposer = Proposer(driver, self.session, self._address_of)
                 apply = apply_entry(self.state, [self.ctrl_wake, self.rec_wake], proposer)
                 default = None if self.config.model.lower() in ("", "none") else self.config.model

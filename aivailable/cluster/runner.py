@@ -349,12 +349,18 @@ class Reconciler:
                 return []
         now = self._clock()
         running = self._running()
-        steps = plan_steps(
-            self.node_id,
-            self.state.assignments_for(self.node_id),
-            self.state.models,
-            running,
-            self._retry_due(running, now),
+        # No plan yet (a new cluster): nothing to match, and a preloaded default model
+        # stays up for the first plan to adopt.
+        steps = (
+            plan_steps(
+                self.node_id,
+                self.state.assignments_for(self.node_id),
+                self.state.models,
+                running,
+                self._retry_due(running, now),
+            )
+            if self.state.plan is not None
+            else []
         )
         for step in steps:
             if step.action == "stop":

@@ -260,6 +260,22 @@ async def test_reconcile_starts_stops_and_is_idempotent():
         await w.instances.stop_all()
 
 
+async def test_a_preloaded_model_waits_for_the_first_plan_which_adopts_or_stops_it():
+    async with asyncio.TaskGroup() as tg:
+        w = World(tg)
+        for model in ("m", "other"):  # started before any plan, as ClusterNode._preload does
+            w.instances.start(model, f"/m/{model}.gguf", ("gpu0",))
+        await w.settle()
+        w.deploy("m")
+        assert await w.rc.reconcile() == []  # no plan yet: left alone
+        w.plan(a("m"))
+        steps = await w.rc.reconcile()
+        assert [(s.action, s.model) for s in steps] == [("stop", "other")]  # m adopted
+        assert w.states() == {"m": ("ready", ("gpu0",))}
+        assert [m for m, _, _ in w.engines].count("m") == 1  # never reloaded
+        await w.instances.stop_all()
+
+
 async def test_a_failed_instance_is_retried_with_growing_backoff():
     async with asyncio.TaskGroup() as tg:
         w = World(tg, fail_sources={"/m/m.gguf"})
