@@ -94,7 +94,8 @@ class Replica:
 def order_replicas(
     replicas: Iterable[Replica], inflight: Mapping[str, int] | None = None
 ) -> list[Replica]:
-    """The ready replicas, best first: this node's own, then the least loaded, then by node id.
+    """The ready replicas, best first: this node's own, then hosts gossip calls alive before
+    suspect ones, then the least loaded, then by node id.
 
     `inflight` adds the requests this peer has sent to each node since gossip last
     reported its queue depth, so a burst between two gossip rounds still spreads out
@@ -103,7 +104,13 @@ def order_replicas(
     inflight = inflight or {}
     ready = [r for r in replicas if r.state == "ready"]
     return sorted(
-        ready, key=lambda r: (not r.local, r.queue_depth + inflight.get(r.node_id, 0), r.node_id)
+        ready,
+        key=lambda r: (
+            not r.local,
+            r.member_state != "alive",  # a host under suspicion only when nothing else is
+            r.queue_depth + inflight.get(r.node_id, 0),
+            r.node_id,
+        ),
     )
 
 
@@ -636,9 +643,13 @@ class Forwarder:
         if rest is None:
             return None
         data = json.dumps(rest).encode()
-        for replica in self._candidates(model, tried)[:1]:
+        candidates = self._candidates(model, tried)[: max(1, self._config.max_attempts)]
+        for i, replica in enumerate(candidates):
+            # The last one left waits as long as the request may (a busy replica queues
+            # the rest of the answer behind its other requests).
+            has_next = i < len(candidates) - 1
             attempt = await self._attempt(
-                request, replica, headers, data, True, deadline, path=request.path
+                request, replica, headers, data, has_next, deadline, path=request.path
             )
             if attempt.upstream is None:
                 continue

@@ -45,6 +45,14 @@ def test_own_replica_first_then_least_queue_depth_then_node_id():
     assert [x.node_id for x in order_replicas(replicas)] == ["z", "b", "c", "a"]
 
 
+def test_a_suspect_host_comes_after_every_alive_one():
+    replicas = [
+        Replica("a", "x:1", False, "ready", 0, member_state="suspect"),
+        Replica("b", "x:2", False, "ready", 9),
+    ]
+    assert [x.node_id for x in order_replicas(replicas)] == ["b", "a"]
+
+
 def test_requests_in_flight_from_here_count_on_top_of_gossiped_depth():
     replicas = [r("a", depth=1), r("b", depth=2)]
     assert order_replicas(replicas, {"a": 2})[0].node_id == "b"
