@@ -272,9 +272,11 @@ def registry_updates(
     nodes: Iterable[NodeView], registry: Mapping[str, str], members: Iterable[str] | None = None
 ) -> list[bytes]:
     """NODE_ADDR commands for alive nodes (of `members`, when given) whose gossiped address
-    differs from the one in the Raft state, so a restarted cluster finds them without mDNS."""
+    differs from the one in the Raft state, so a restarted cluster finds them without mDNS;
+    and, given `members` (the Raft configuration), NODE_FORGET for registered nodes no
+    longer in it (the membership policy removed them, dead past the timeout, or they left)."""
     keep = set(members) if members is not None else None
-    return [
+    out = [
         cs.encode_node_addr(n.id, n.addr)
         for n in sorted(nodes, key=lambda n: n.id)
         if n.state == "alive"
@@ -282,6 +284,9 @@ def registry_updates(
         and registry.get(n.id) != n.addr
         and (keep is None or n.id in keep)
     ]
+    if keep is not None:
+        out += [cs.encode_node_forget(node) for node in sorted(registry) if node not in keep]
+    return out
 
 
 def step(

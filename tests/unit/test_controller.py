@@ -429,6 +429,11 @@ def test_registry_updates_record_changed_addresses_of_alive_members():
     ]
     cmds = registry_updates(nodes, {"a": "10.0.0.1:8000", "b": "old:1"}, members=("a", "b", "c"))
     assert [cs.decode(c)["node"] for c in cmds] == ["b"]
+    # A registered node the configuration no longer has is forgotten.
+    cmds = registry_updates(nodes, {"a": "10.0.0.1:8000", "gone": "10.0.0.7:8000"}, ("a",))
+    assert [(cs.TYPE_NAMES[cs.decode(c)["t"]], cs.decode(c)["node"]) for c in cmds] == [
+        ("node_forget", "gone")
+    ]
     assert len(registry_updates(nodes, {})) == 3
 
 
