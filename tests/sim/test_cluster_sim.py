@@ -109,6 +109,7 @@ def test_faults_never_break_a_plan_and_the_cluster_heals(seed, schedule):
     assert waited is not None, f"seed {seed}: not settled: {sim.settled()}"
 
 
+@pytest.mark.slow
 @settings(max_examples=max(20, EXAMPLES // 5), deadline=None, derandomize=True)
 @given(st.integers(0, 1 << 32), st.lists(st.sampled_from(sorted(MODELS)), max_size=6))
 def test_without_faults_a_served_model_is_never_left_without_a_ready_replica(seed, names):
