@@ -31,7 +31,9 @@ def cluster_status(
     cid = state.cluster_id
     instance_state = view.instance_states(cid)
     nodes = []
-    for e in view.members(cid):
+    # Nodes of this cluster, and those of none yet (a peer still listening, a payload this
+    # version cannot read): shown, though never placed on. Other clusters are listed apart.
+    for e in (n for n in view.nodes() if n.cluster_id in (None, cid) or cid is None):
         p = e.payload
         nodes.append(
             {

@@ -144,6 +144,7 @@ def test_cluster_status_shows_nodes_models_placements_and_unplaced():
             member("a", "alive", payload("127.0.0.1:1", inst), incarnation=7),
             member("b", "dead", payload("127.0.0.1:2")),
             member("z", "alive", payload("127.0.0.1:3", inst, cluster="c2")),
+            member("new", "alive", payload("127.0.0.1:4", cluster=None)),
         ],
         0.0,
     )
@@ -165,7 +166,8 @@ def test_cluster_status_shows_nodes_models_placements_and_unplaced():
     ]
     assert "larger than any node" in models["big"]["unplaced"]
     assert models["new"]["placements"] == [] and models["new"]["unplaced"]
-    assert [n["id"] for n in status["nodes"]] == ["a", "b"]  # z is of another cluster
+    # z is of another cluster; "new" has none yet (still listening): shown, never placed on.
+    assert [n["id"] for n in status["nodes"]] == ["a", "b", "new"]
     other = status["other_clusters"]
     assert other[0]["cluster_id"] == "c2" and other[0]["nodes"] == ["z"] and other[0]["hint"]
 
