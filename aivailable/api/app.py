@@ -10,7 +10,7 @@ from aiohttp import web
 
 from aivailable.api.errors import ApiError, error_response
 from aivailable.metrics import Metrics
-from peer.forward import ForwardError
+from peer.availability import ForwardError
 
 log = logging.getLogger(__name__)
 DASHBOARD = importlib.resources.files("aivailable.api") / "dashboard.html"

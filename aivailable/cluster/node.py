@@ -50,7 +50,8 @@ from aivailable.gpu import GpuInfo
 from aivailable.model_transfer import LocalModels, ModelFetcher, ModelTransferApi
 from consensus import FileStorage, HardState
 from consensus.driver import MESSAGES_PATH, RaftDriver
-from peer.forward import Forwarder, Replica
+from peer.availability import Replica
+from peer.forward import Forwarder
 
 log = logging.getLogger(__name__)
 # Seconds between re-probes of the real GPUs' free memory: other programs come and go

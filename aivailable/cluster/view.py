@@ -15,7 +15,7 @@ from typing import Any
 
 from aivailable.cluster.payload import PeerPayload, read_payload
 from aivailable.cluster.state import ClusterState
-from peer.forward import ModelAvailability, Replica, summarize_availability
+from peer.availability import ModelAvailability, Replica, summarize_availability
 from placement import Gpu
 
 ALIVE, SUSPECT, DEAD, LEFT = "alive", "suspect", "dead", "left"

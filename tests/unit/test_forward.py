@@ -17,15 +17,8 @@ from aivailable.api.openai_api import OpenAIApi
 from aivailable.local_peers import free_port
 from aivailable.metrics import Metrics
 from peer.auth import FORWARDED_HEADER
-from peer.forward import (
-    REPLICA_HEADER,
-    ForwardConfig,
-    Forwarder,
-    ModelAvailability,
-    Replica,
-    order_replicas,
-    summarize_availability,
-)
+from peer.availability import ModelAvailability, Replica, order_replicas, summarize_availability
+from peer.forward import REPLICA_HEADER, ForwardConfig, Forwarder
 
 
 def r(node, state="ready", depth=0, local=False, addr="127.0.0.1:1"):

@@ -10,6 +10,7 @@ PURE = [
     "consensus/core.py",
     "consensus/replication.py",
     "peer/membership.py",
+    "peer/availability.py",
     "peer/resume.py",
     # The cluster floor's read model and pure steps (their runner does the I/O).
     "aivailable/cluster/controller.py",
