@@ -331,7 +331,9 @@ def step(
             ctx.me,
             ctx.voters,
             ctx.learners,
-            {n.id: n for n in members},
+            # Every node not of another cluster: a voter whose payload this peer has not
+            # read yet (just restarted) must not look absent, or it would be removed.
+            {n.id: n for n in view if n.cluster_id is None or member_of(n, state.cluster_id)},
             now,
             cluster_id=state.cluster_id,
             caught_up=ctx.caught_up,

@@ -254,6 +254,19 @@ def test_the_step_founds_then_deploys_the_default_then_plans_and_adds_a_learner(
     assert third[-1] == ChangeConf(third[-1].change) and third[-1].change.node == "b"
 
 
+def test_a_voter_whose_payload_is_not_read_yet_is_not_removed():
+    state = ClusterState()
+    state.apply(cs.encode_init("c"), 1)
+    state.apply(cs.encode_deploy("m", "/m/m.gguf"), 1)
+    # "b" is a voter alive in gossip whose payload this fresh view has not read yet.
+    nodes = [node("a", 8), NodeView("b", "alive", 0.0), node("c", 8)]
+    actions = step(
+        nodes, state, 1000.0, ctx(voters=("a", "b", "c")), replace(CFG, default_source=None)
+    )
+    changes = [a.change for a in actions if isinstance(a, ChangeConf)]
+    assert all(c.node != "b" for c in changes)
+
+
 def test_a_node_of_another_cluster_is_never_placed_on_nor_added():
     state = ClusterState()
     state.apply(cs.encode_init("c"), 1)
