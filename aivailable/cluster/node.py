@@ -54,6 +54,10 @@ from peer.availability import Replica
 from peer.forward import Forwarder
 
 log = logging.getLogger(__name__)
+# Seconds a brand-new peer listens before it preloads its cached default model: a peer
+# joining with --join has heard the cluster by then (a push-pull on a LAN takes
+# milliseconds), so only a peer likely to be alone pays for the load.
+PRELOAD_AFTER_S = 0.3
 # Seconds between re-probes of the real GPUs' free memory: other programs come and go
 # slowly; NVML and amdsmi reads cost about a millisecond.
 PROBE_INTERVAL_S = 5.0
@@ -359,18 +363,24 @@ class ClusterNode:
         log.info("preloading %s while listening for a cluster", name)
         return name
 
-    async def _bootstrap(self, has_state: bool) -> Any:
+    async def _bootstrap(self, has_state: bool) -> tuple[Any, str | None]:
+        """The bootstrap decision, and the model preloaded meanwhile (a brand-new peer that
+        has seen no cluster for PRELOAD_AFTER_S: a joiner with --join sees it sooner)."""
         started = time.monotonic()
+        preloaded, tried = None, has_state
         while True:
             others = {
                 n.id: n.cluster_id
                 for n in self.view.nodes()
                 if n.id != self.me and n.state == "alive"
             }
-            decision = bootstrap_action(self.me, has_state, others, time.monotonic() - started)
+            waited = time.monotonic() - started
+            decision = bootstrap_action(self.me, has_state, others, waited)
             if decision.action != WAIT:
-                return decision
-            await asyncio.sleep(0.2)
+                return decision, preloaded
+            if not tried and waited >= PRELOAD_AFTER_S:
+                tried, preloaded = True, self._preload()
+            await asyncio.sleep(0.1)
 
     async def run(self) -> None:
         """Bootstrap, then serve as a cluster member until cancelled."""
@@ -384,8 +394,7 @@ class ClusterNode:
                 tg.create_task(self._probe_loop(), name="gpu probe")
                 hard, snap, ents = storage.initial_state()
                 has_state = snap is not None or bool(ents) or hard != HardState()
-                preloaded = None if has_state else self._preload()
-                decision = await self._bootstrap(has_state)
+                decision, preloaded = await self._bootstrap(has_state)
                 if preloaded is not None and decision.action == JOIN:
                     await self.instances.stop(preloaded)  # the cluster's plan decides
                 id_file = data_dir / "cluster_id"
