@@ -18,9 +18,9 @@ from typing import Any
 from aivailable.access.config import AccessConfig
 from aivailable.access.policy import AuthModeError, auth_enabled
 from aivailable.backends.llama_engine import EngineConfig
-from aivailable.controller import ControllerConfig
-from aivailable.membership_policy import MembershipConfig
-from aivailable.reconciler import ReconcilerConfig
+from aivailable.cluster.controller import ControllerConfig
+from aivailable.cluster.membership_policy import MembershipConfig
+from aivailable.cluster.reconciler import ReconcilerConfig
 from consensus.driver import RaftConfig
 from peer.auth import AuthConfig
 from peer.config import GossipConfig
@@ -113,11 +113,11 @@ class Config:
     # Raft timing (consensus/driver.py explains each default); a [raft] table overrides.
     raft: RaftConfig = field(default_factory=RaftConfig)
     # The sections below work the same way; each module explains its defaults.
-    # [controller]: suspect grace, re-plan tick, fallback VRAM estimate (aivailable/controller.py).
+    # [controller]: suspect grace, re-plan tick, fallback VRAM estimate (aivailable/cluster/controller.py).
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     # [membership]: how many voters, when a dead voter is removed (membership_policy.py).
     membership: MembershipConfig = field(default_factory=MembershipConfig)
-    # [reconciler]: VRAM headroom, start retry backoff (aivailable/reconciler.py).
+    # [reconciler]: VRAM headroom, start retry backoff (aivailable/cluster/reconciler.py).
     reconciler: ReconcilerConfig = field(default_factory=ReconcilerConfig)
     # [engine]: model worker restarts, load timeout, llama.cpp threads (llama_engine.py).
     engine: EngineConfig = field(default_factory=EngineConfig)

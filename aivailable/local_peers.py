@@ -122,12 +122,23 @@ class PeerProcess:
         )
 
     def wait_model_ready(self, model: str = "smollm2-135m", timeout: float = 180) -> None:
+        """Until this peer's instance of `model` is ready and the cluster's plan has it
+        here (a preloaded default model is ready before the first plan)."""
+
         def ready() -> bool:
-            node = self.status()["nodes"][0]
+            status = self.status()
+            node = next(n for n in status["nodes"] if n["id"] == self.name)
             states = {i["model"]: i["state"] for i in node["instances"]}
             if states.get(model) == "failed":
-                raise AssertionError(f"{model} failed on {self.name}: {self.status()}")
-            return states.get(model) == "ready"
+                raise AssertionError(f"{model} failed on {self.name}: {status}")
+            placed = [
+                p["node"]
+                for m in status["models"]
+                if m["name"] == model
+                for p in m["placements"]
+                if p["state"] == "ready"
+            ]
+            return states.get(model) == "ready" and self.name in placed
 
         self.wait_until(ready, timeout, f"{model} ready")
 

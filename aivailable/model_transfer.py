@@ -27,7 +27,7 @@ import aiohttp
 from aiohttp import web
 
 from aivailable import sources, store
-from aivailable.cluster_state import ModelRecord
+from aivailable.cluster.state import ModelRecord
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from aivailable.access.limits import RateLimiter
 from aivailable.api.app import build_app
 from aivailable.api.ollama_api import OllamaApi
 from aivailable.api.openai_api import OpenAIApi
-from aivailable.cluster_node import ClusterNode, EngineBuilder
+from aivailable.cluster.node import ClusterNode, EngineBuilder
 from aivailable.config import Config
 from aivailable.gpu import GpuInfo, cpu_device, probe_all
 from aivailable.metrics import Metrics

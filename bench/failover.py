@@ -21,7 +21,10 @@ Times run from the signal (or Popen) to the first poll that shows the event, so 
 figure includes up to one poll interval. The machine is shared: read the figures as
 upper bounds of the system's own latency.
 
-    python bench/failover.py [--quick] [--trials N]
+  d-f. what clients see (kill -9 / SIGSTOP of one of two hosts under streaming clients) and
+     a lone peer's cold start: bench/failover_streams.py.
+
+    python bench/failover.py [--quick] [--trials N] [--only model|leader|join|streams|cold]
 
 Prints a table and writes bench/results/failover.json. Asserts nothing about time.
 """
@@ -45,10 +48,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aivailable.local_peers import PeerProcess, free_port, get_json  # noqa: E402
+from bench.failover_streams import cold_start_trial, streams_trial  # noqa: E402
 
 MODEL = "smollm2-135m"
 SOURCE = f"builtin:{MODEL}"
-TARGETS_S = {"model_failover": 5.0, "leader_failover": 1.5, "join_to_placement": 3.0}
+TARGETS_S = {
+    "model_failover": 3.0,
+    "leader_failover": 1.5,
+    "join_to_placement": 3.0,
+    "cold_start": 2.0,
+}
 # The probe: the smallest request the model can serve (a one-token prompt, one token out),
 # so that the figure is the failover and not this shared CPU's prompt processing. Its own
 # latency is reported apart ("that request's own latency").
@@ -197,6 +206,17 @@ class Cluster:
 
     def leader(self) -> str:
         return status(self.route)["leader"]
+
+    def wait_alive_and_two(self, wait_for) -> None:
+        """Every peer alive, one leader, and two ready replicas (sections d and e)."""
+        wait_for("all peers alive, one leader", self.all_alive, 120, self.peers, 0.2)
+        wait_for(
+            "two ready replicas",
+            lambda: sorted(placements(status(self.route)).values()) == ["ready", "ready"],
+            180,
+            self.peers,
+            0.2,
+        )
 
     def stop(self) -> None:
         everyone = self.peers + self.extra
@@ -365,6 +385,12 @@ def print_table(results: dict) -> None:
         ("     that request's own latency", "model_failover", "first_request_s"),
         ("     the next request's latency (warm)", "model_failover", "warm_request_s"),
         ("b. kill -9 leader -> new leader seen", "leader_failover", "new_leader_s"),
+        ("d. kill -9 1 of 2 hosts: failed requests", "streams_kill", "failed"),
+        ("     longest gap between tokens", "streams_kill", "longest_gap_s"),
+        ("e. SIGSTOP 1 of 2 hosts: failed requests", "streams_stop", "failed"),
+        ("     slowest request", "streams_stop", "slowest_s"),
+        ("f. cold start: model listed", "cold_start", "listed_s"),
+        ("     first answer", "cold_start", "first_answer_s"),
         ("c. new peer start -> serving HTTP", "join_to_placement", "serving_s"),
         ("     alive in route's view", "join_to_placement", "alive_s"),
         ("     replica placed on it (plan)", "join_to_placement", "placed_s"),
@@ -386,10 +412,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 trials of each")
     parser.add_argument("--trials", type=int, help="trials of each measure (default 12)")
-    parser.add_argument("--only", choices=("model", "leader", "join"), action="append")
+    parser.add_argument(
+        "--only", choices=("model", "leader", "join", "streams", "cold"), action="append"
+    )
     args = parser.parse_args()
     trials = args.trials or (3 if args.quick else 12)
-    only = set(args.only or ("model", "leader", "join"))
+    only = set(args.only or ("model", "leader", "join", "streams", "cold"))
     results: dict = {
         "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
         "trials": trials,
@@ -397,6 +425,9 @@ def main() -> int:
         "model_failover": {"trials": []},
         "leader_failover": {"trials": []},
         "join_to_placement": {"trials": []},
+        "streams_kill": {"trials": []},
+        "streams_stop": {"trials": []},
+        "cold_start": {"trials": []},
     }
     base = Path(tempfile.mkdtemp(prefix="aivailable-failover-"))
     cluster = Cluster(base)
@@ -412,6 +443,18 @@ def main() -> int:
                 r = run(cluster)
                 results[section]["trials"].append(r)
                 print(f"{section} {i + 1}/{trials}: {json.dumps(r)}", flush=True)
+        if "streams" in only:
+            deploy(cluster, replicas=2)
+            for i in range(trials):
+                for fault in ("kill", "stop"):
+                    r = streams_trial(cluster, fault, wait)
+                    results[f"streams_{fault}"]["trials"].append(r)
+                    print(f"streams_{fault} {i + 1}/{trials}: {json.dumps(r)}", flush=True)
+        if "cold" in only:
+            for i in range(trials):
+                r = cold_start_trial(base)
+                results["cold_start"]["trials"].append(r)
+                print(f"cold_start {i + 1}/{trials}: {json.dumps(r)}", flush=True)
         if "join" in only:
             deploy(cluster, replicas=len(cluster.gpus) + 1)
             wait(

@@ -56,7 +56,8 @@ async def serve_role(role: str, port: int, upstream: str, secret: bytes) -> None
     from aivailable.api.openai_api import OpenAIApi
     from aivailable.metrics import Metrics
     from peer.auth import PeerAuth, make_peer_session
-    from peer.forward import Forwarder, ModelAvailability, Replica
+    from peer.availability import ModelAvailability, Replica
+    from peer.forward import Forwarder
     from peer.tls import DualSite, peer_contexts, write_credentials
 
     auth = PeerAuth(secret)

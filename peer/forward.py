@@ -1,15 +1,21 @@
 """Forwarding: any peer answers /v1/* for a model it does not serve by proxying to a replica.
 
 Two halves, as everywhere in this project:
-- pure replica choice (`order_replicas`, `summarize_availability`): which ready replica
-  to try first, and what to tell the client when there is none;
-- the thin asyncio adapter (`Forwarder`): sends the same request to that replica over the
+- pure replica choice (peer/availability.py: `order_replicas`, `summarize_availability`):
+  which ready replica to try first, and what to tell the client when there is none;
+- the thin asyncio adapter here (`Forwarder`): sends the same request to that replica over the
   peer's shared `aiohttp.ClientSession` (which signs it, see peer/auth.py), streams the
   answer back chunk by chunk, retries once elsewhere when nothing has been sent yet, and
   closes the upstream request when the client goes away.
 
 A forwarded request carries `X-Aivailable-Forwarded: <origin node>`; the receiving peer
 serves it locally or answers 503/404, never forwards it again, so there are no loops.
+
+A host that dies is left quickly: a replica gossip declares dead (or suspect, while another
+can take the request) is abandoned while waiting for its first byte, as is one silent past
+`first_byte_timeout_s`; a refused or reset connection is reported to membership as a
+suspicion at once. Errors are this module's own (`ForwardError`); aivailable/api turns them
+into HTTP responses.
 """
 
 from __future__ import annotations
@@ -18,15 +24,16 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from aivailable.api.errors import ApiError
+from peer import resume
 from peer.auth import FORWARDED_HEADER
+from peer.availability import ForwardError, ModelAvailability, Replica, order_replicas
 
 log = logging.getLogger(__name__)
 
@@ -70,160 +77,69 @@ _NOT_PASSED_DOWNSTREAM = frozenset(
 _PEER_HEADER_PREFIX = "x-aivailable-"
 
 
-# ---------------------------------------------------------------- pure replica choice
-
-
-@dataclass(frozen=True)
-class Replica:
-    """One instance of a model somewhere in the cluster, as the gossip view shows it."""
-
-    node_id: str
-    addr: str  # "host:port" of that peer's HTTP API
-    local: bool  # hosted by this very peer
-    state: str  # instance state: pending, loading, ready, failed, stopping
-    queue_depth: int = 0  # requests waiting or running there, as last gossiped
-
-
-def order_replicas(
-    replicas: Iterable[Replica], inflight: Mapping[str, int] | None = None
-) -> list[Replica]:
-    """The ready replicas, best first: this node's own, then the least loaded, then by node id.
-
-    `inflight` adds the requests this peer has sent to each node since gossip last
-    reported its queue depth, so a burst between two gossip rounds still spreads out
-    instead of piling on the replica that happened to look idle.
-    """
-    inflight = inflight or {}
-    ready = [r for r in replicas if r.state == "ready"]
-    return sorted(
-        ready, key=lambda r: (not r.local, r.queue_depth + inflight.get(r.node_id, 0), r.node_id)
-    )
-
-
-# What the client should wait before asking again, by model state, in seconds: a model
-# loads in seconds; a pending one first has to fetch its file; an unplaced one waits for
-# the controller to find room (a node joining, another model removed).
-_RETRY_AFTER_S = {
-    "loading": 2.0,
-    "pending": 5.0,
-    "stopping": 2.0,
-    "failed": 10.0,
-    "unplaced": 30.0,
-    "unreachable": 2.0,
-    "unknown": 2.0,
-}
-# When replicas are in different states, the most hopeful one names the model's state.
-_HOPE = ("ready", "loading", "pending", "stopping", "failed")
-
-
-@dataclass(frozen=True)
-class ModelAvailability:
-    """Why a model has no ready replica, for the 503 the client gets.
-
-    state: "loading" | "pending" | "stopping" | "failed" (its replicas' best state),
-    "unplaced" (the controller found no room; `reason` says why), "unreachable" (ready
-    replicas exist but none answered), "unknown" (this peer has no cluster view yet),
-    or "absent" (no such model is deployed: 404, not 503).
-    """
-
-    state: str
-    reason: str = ""
-    retry_after: float | None = None  # seconds; None: the state's default above
-
-    def error(self, model: str) -> ApiError:
-        if self.state == "absent":
-            return ApiError(
-                404,
-                f"the model '{model}' does not exist"
-                + (f" (deployed: {self.reason})" if self.reason else ""),
-                param="model",
-                code="model_not_found",
-            )
-        if self.state == "unplaced":
-            message = f"the model '{model}' is not placed on any node"
-        elif self.state == "unreachable":
-            message = f"no replica of the model '{model}' answered"
-        else:
-            message = f"no ready replica of the model '{model}': it is {self.state}"
-        if self.reason:
-            message += f": {self.reason}"
-        retry = self.retry_after if self.retry_after is not None else _RETRY_AFTER_S.get(self.state)
-        return NoReadyReplica(model, self.state, self.reason, message, retry or 2.0)
-
-
-class NoReadyReplica(ApiError):
-    """503 whose error body also names the model's state and the reason, as data."""
-
-    def __init__(self, model: str, state: str, reason: str, message: str, retry_after: float):
-        super().__init__(
-            503,
-            message,
-            type="service_unavailable",
-            param="model",
-            code=f"model_{state}",
-            retry_after=retry_after,
-        )
-        self.model = model
-        self.state = state
-        self.reason = reason
-
-    def body(self) -> dict:
-        body = super().body()
-        body["error"].update(model=self.model, state=self.state, reason=self.reason or None)
-        return body
-
-
-def summarize_availability(
-    deployed: bool, placement_states: Iterable[str], unplaced_reason: str = ""
-) -> ModelAvailability:
-    """The model's availability from the committed plan and the instance states in gossip.
-
-    For the peer process to build `availability_of` from its cluster view.
-    """
-    if not deployed:
-        return ModelAvailability("absent")
-    states = set(placement_states)
-    if not states:
-        if unplaced_reason:
-            return ModelAvailability("unplaced", unplaced_reason)
-        return ModelAvailability("pending", "waiting for the controller to place it")
-    best = min(states, key=lambda s: _HOPE.index(s) if s in _HOPE else len(_HOPE))
-    if best == "ready":  # ready somewhere, yet not in replicas_of: gossip is behind
-        return ModelAvailability("unreachable", "its ready replicas did not answer")
-    return ModelAvailability(best, unplaced_reason)
-
-
 # ---------------------------------------------------------------- the asyncio adapter
 
 
-class _Watchdog:
-    """Closes a streaming upstream response that stalls or passes its deadline.
+class _Watch:
+    """One timer per attempt that re-arms itself (an `asyncio.timeout` around every chunk
+    read would cost a timer per token). It ends the wait for a replica by firing `cm` (the
+    attempt's asyncio.timeout) before the first byte, or by closing the upstream response
+    once streaming, when: the replica stalls past its limit, the deadline passes, or gossip
+    declares its host dead (or suspect, when `leave_suspect`: another replica can serve).
+    `why` says which."""
 
-    One timer per stream that re-arms itself, rather than a timeout around every chunk
-    read: an `asyncio.timeout` costs a timer each time, several microseconds per token.
-    Closing the response makes the pending read raise, and `fired` says why.
-    """
-
-    def __init__(self, upstream: aiohttp.ClientResponse, stall_s: float, deadline: float):
-        self._upstream = upstream
-        self._stall_s = stall_s
+    def __init__(
+        self,
+        member_state: Callable[[str], str],
+        node_id: str,
+        limit_s: float,
+        deadline: float,
+        leave_suspect: bool,
+        check_s: float,
+    ):
+        self._member_state = member_state
+        self._node_id = node_id
+        self._limit_s = limit_s
         self._deadline = deadline
+        self._check_s = check_s
+        self.leave_suspect = leave_suspect
         self._loop = asyncio.get_running_loop()
         self._last = self._loop.time()
-        self.fired = False
-        self._handle = self._loop.call_at(min(self._last + stall_s, deadline), self._check)
+        self._cm: asyncio.Timeout | None = None
+        self._upstream: aiohttp.ClientResponse | None = None
+        self.why = ""
+        self._handle = self._loop.call_at(self._next(), self._check)
+
+    def waiting(self, cm: asyncio.Timeout) -> None:
+        self._cm = cm
+
+    def streaming(self, upstream: aiohttp.ClientResponse, stall_s: float) -> None:
+        self._cm, self._upstream = None, upstream
+        self._limit_s, self.leave_suspect = stall_s, False
+        self.progress()
 
     def progress(self) -> None:
         self._last = self._loop.time()
 
+    def _next(self) -> float:
+        return min(self._last + self._limit_s, self._deadline, self._loop.time() + self._check_s)
+
     def _check(self) -> None:
         now = self._loop.time()
-        due = min(self._last + self._stall_s, self._deadline)
-        if now >= due:
-            self.fired = True
-            self._upstream.close()
+        state = self._member_state(self._node_id)
+        if state in ("dead", "left") or (state == "suspect" and self.leave_suspect):
+            self.why = f"gossip declared it {state}"
+        elif now >= self._deadline:
+            self.why = "timed out: past the request's deadline"
+        elif now >= self._last + self._limit_s:
+            self.why = f"timed out: silent for {self._limit_s:g}s"
         else:
-            self._handle = self._loop.call_at(due, self._check)
+            self._handle = self._loop.call_at(self._next(), self._check)
+            return
+        if self._cm is not None:
+            self._cm.reschedule(now)  # the awaited request or first read raises TimeoutError
+        elif self._upstream is not None:
+            self._upstream.close()  # the pending chunk read raises
 
     def cancel(self) -> None:
         self._handle.cancel()
@@ -245,10 +161,20 @@ class ForwardConfig:
     # Seconds for the whole forwarded request, queueing included. A little above the
     # serving peer's own request_timeout_s (300 s), so its clearer 504 arrives first.
     request_timeout_s: float = 310.0
+    # Seconds to wait for a replica's first byte while another replica could take the
+    # request instead. A stopped (SIGSTOP) or cut-off host sends nothing and gossip may
+    # take seconds to call it suspect; a live one starts answering (headers, or the first
+    # token) within a prompt's processing time, which is well under this on a LAN GPU. The
+    # last replica tried waits up to request_timeout_s, as nothing else could serve.
+    first_byte_timeout_s: float = 10.0
     # Seconds of silence tolerated once the answer is streaming. A token takes well under
     # a second even on old GPUs; 60 s rides out a replica stopped (SIGSTOP) for a while
-    # without leaving a client hanging behind a dead one until request_timeout_s.
+    # without leaving a client hanging behind a dead one until request_timeout_s. A host
+    # gossip declares dead is left at once.
     stall_timeout_s: float = 60.0
+    # Seconds between checks of gossip's view of the host being waited on: a host declared
+    # dead is abandoned within this time. A dict lookup per in-flight request.
+    member_check_s: float = 0.1
     # Replicas tried per request: the best, then one more (the issue's "retry once").
     # More would multiply load during an overload for little gain.
     max_attempts: int = 2
@@ -257,10 +183,29 @@ class ForwardConfig:
     # full, which is exactly when another replica should take the request) and 404 (the
     # model has just left that node; gossip had not said so yet).
     retry_statuses: tuple[int, ...] = (404, 429, 503)
+    # Times a streaming answer whose replica died mid-way is resumed on another replica
+    # from the text already sent (peer/resume.py). 0 ends such a stream with an error.
+    max_resumes: int = 2
 
 
 ReplicasOf = Callable[[str], list[Replica]]
 AvailabilityOf = Callable[[str], ModelAvailability]
+# A refused or reset connection to a node: direct evidence for membership (gossip.Gossip).
+ReportUnreachable = Callable[[str], None]
+_CONNECTION_LOST = (
+    aiohttp.ClientConnectorError,
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientOSError,
+)
+
+
+class _Attempt:
+    """What one try at one replica came to."""
+
+    def __init__(self) -> None:
+        self.upstream: aiohttp.ClientResponse | None = None
+        self.first = b""
+        self.failure = ""
 
 
 class Forwarder:
@@ -273,12 +218,16 @@ class Forwarder:
         availability_of: AvailabilityOf,
         node_id: str,
         config: ForwardConfig | None = None,
+        member_state: Callable[[str], str] = lambda node: "alive",
+        report_unreachable: ReportUnreachable = lambda node: None,
     ):
         self._session = session
         self._replicas_of = replicas_of
         self._availability_of = availability_of
         self._node_id = node_id
         self._config = config or ForwardConfig()
+        self._member_state = member_state
+        self._report_unreachable = report_unreachable
         self._inflight: dict[str, int] = {}  # node id -> requests this peer has there now
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self._config.connect_timeout_s, sock_read=None
@@ -292,11 +241,13 @@ class Forwarder:
     def inflight(self) -> dict[str, int]:
         return {node: n for node, n in self._inflight.items() if n}
 
+    def _candidates(self, model: str, exclude: set[str]) -> list[Replica]:
+        ordered = order_replicas(self._replicas_of(model), self._inflight)
+        return [r for r in ordered if not r.local and r.node_id not in exclude]
+
     async def forward(self, request: web.Request, body: bytes, model: str) -> web.StreamResponse:
         """Send the request to the best remote replica and stream its answer back."""
-        candidates = [
-            r for r in order_replicas(self._replicas_of(model), self._inflight) if not r.local
-        ]
+        candidates = self._candidates(model, set())
         if not candidates:
             raise self._availability_of(model).error(model)
         headers = self._upstream_headers(request)
@@ -304,12 +255,12 @@ class Forwarder:
         deadline = asyncio.get_running_loop().time() + self._config.request_timeout_s
         failures: list[str] = []
         for i, replica in enumerate(tries):
-            is_last = i == len(tries) - 1
-            response = await self._attempt(
-                request, replica, headers, body, is_last, deadline, failures
-            )
-            if response is not None:
-                return response
+            has_next = i < len(tries) - 1
+            attempt = await self._attempt(request, replica, headers, body, has_next, deadline)
+            if attempt.upstream is None:
+                failures.append(attempt.failure)
+                continue
+            return await self._relay(request, replica, attempt, deadline, body, model, headers)
         log.warning("no replica of %s answered: %s", model, "; ".join(failures))
         if self._availability_of(model).state == "absent":  # undeployed meanwhile
             raise self._availability_of(model).error(model)
@@ -331,117 +282,236 @@ class Forwarder:
         replica: Replica,
         headers: dict[str, str],
         body: bytes,
-        is_last: bool,
+        has_next: bool,
         deadline: float,
-        failures: list[str],
-    ) -> web.StreamResponse | None:
-        """One replica. Returns None to move on to the next (nothing reached the client)."""
-        url = URL(f"http://{replica.addr}{request.raw_path}", encoded=True)
+        path: str | None = None,
+    ) -> _Attempt:
+        """Send to one replica and read its first chunk. `upstream` is None when the next
+        replica should be tried (nothing reached the client); raises ForwardError 504 when
+        the last one ran out of time."""
+        out = _Attempt()
+        url = URL(f"http://{replica.addr}{path or request.raw_path}", encoded=True)
+        limit = self._config.first_byte_timeout_s if has_next else self._config.request_timeout_s
+        watch = _Watch(
+            self._member_state,
+            replica.node_id,
+            limit,
+            deadline,
+            has_next,
+            self._config.member_check_s,
+        )
         self._inflight[replica.node_id] = self._inflight.get(replica.node_id, 0) + 1
         upstream: aiohttp.ClientResponse | None = None
         try:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    upstream = await self._session.request(
-                        request.method,
-                        url,
-                        data=body,
-                        headers=headers,
-                        timeout=self._timeout,
-                        auto_decompress=False,
-                        allow_redirects=False,
-                    )
-                    if upstream.status == 401:
-                        # That peer refused our signature: its cluster key differs. The
-                        # client did nothing wrong, so this is that replica failing.
-                        failures.append(f"{replica.node_id} refused this peer's signature")
-                        return None
-                    # A 404 is that replica's instance gone (stopped, or the peer restarted
-                    # without it), not the model: never tell the client it does not exist.
-                    if upstream.status in self._config.retry_statuses and (
-                        not is_last or upstream.status == 404
-                    ):
-                        failures.append(f"{replica.node_id} answered {upstream.status}")
-                        return None
-                    # Read the first chunk before answering the client: until then a
-                    # broken replica can still be swapped for another one.
-                    first = await upstream.content.readany()
-            except aiohttp.ClientError as exc:  # refused, reset, timed out connecting
-                failures.append(f"{replica.node_id} at {replica.addr}: {exc!r}")
-                return None
-            except TimeoutError as exc:
-                raise ApiError(
-                    504,
-                    f"the replica {replica.node_id} did not answer within "
-                    f"{self._config.request_timeout_s:.0f}s",
-                    type="timeout",
-                ) from exc
-            return await self._relay(request, replica, upstream, first, deadline)
+            async with asyncio.timeout(None) as cm:
+                watch.waiting(cm)
+                upstream = await self._session.request(
+                    request.method,
+                    url,
+                    data=body,
+                    headers=headers,
+                    timeout=self._timeout,
+                    auto_decompress=False,
+                    allow_redirects=False,
+                )
+                if upstream.status == 401:
+                    # That peer refused our signature: its cluster key differs. The
+                    # client did nothing wrong, so this is that replica failing.
+                    out.failure = f"{replica.node_id} refused this peer's signature"
+                    return out
+                # A 404 is that replica's instance gone (stopped, or the peer restarted
+                # without it), not the model: never tell the client it does not exist.
+                if upstream.status in self._config.retry_statuses and (
+                    has_next or upstream.status == 404
+                ):
+                    out.failure = f"{replica.node_id} answered {upstream.status}"
+                    return out
+                # Read the first chunk before answering the client: until then a
+                # broken replica can still be swapped for another one.
+                out.first = await upstream.content.readany()
+                out.upstream, upstream = upstream, None
+                return out
+        except _CONNECTION_LOST as exc:  # refused or reset: direct evidence it is down
+            self._report_unreachable(replica.node_id)
+            out.failure = f"{replica.node_id} at {replica.addr}: {exc!r}"
+            return out
+        except aiohttp.ClientError as exc:  # timed out connecting, a broken answer
+            out.failure = f"{replica.node_id} at {replica.addr}: {exc!r}"
+            return out
+        except TimeoutError as exc:
+            if has_next or watch.why.startswith("gossip"):
+                out.failure = f"{replica.node_id} abandoned: {watch.why}"
+                return out
+            raise ForwardError(
+                504,
+                f"the replica {replica.node_id} did not answer within "
+                f"{self._config.request_timeout_s:.0f}s",
+                type="timeout",
+            ) from exc
         finally:
-            # Runs on success, on retry, on timeout and on the client's disconnect (the
-            # handler is cancelled): closing the upstream connection makes the replica
-            # cancel its handler too, which frees the model's slot there.
+            watch.cancel()
+            # On retry, timeout and the client's disconnect (the handler is cancelled):
+            # closing the upstream connection makes the replica cancel its handler too,
+            # which frees the model's slot there.
             if upstream is not None:
                 upstream.close()
-            self._inflight[replica.node_id] -= 1
+            if out.upstream is None:
+                self._inflight[replica.node_id] -= 1  # else: once the relay is over
 
     async def _relay(
         self,
         request: web.Request,
         replica: Replica,
-        upstream: aiohttp.ClientResponse,
-        first: bytes,
+        attempt: _Attempt,
         deadline: float,
+        body: bytes,
+        model: str,
+        headers: dict[str, str],
     ) -> web.StreamResponse:
+        """Stream the answer to the client. A streamed chat or completion whose replica dies
+        mid-way is resumed on another replica from the text sent so far (peer/resume.py)."""
+        upstream = attempt.upstream
+        assert upstream is not None
         response = _RelayResponse(status=upstream.status, reason=upstream.reason)
         for key, value in upstream.headers.items():
             if key.lower() not in _NOT_PASSED_DOWNSTREAM:
                 response.headers.add(key, value)
         response.headers[REPLICA_HEADER] = replica.node_id
         is_sse = upstream.content_type == "text/event-stream"
+        # Whole SSE events only reach the client, so an error or a resumed answer never
+        # lands in the middle of one.
+        sse = resume.SseText(request.path == resume.CHAT_PATH) if is_sse else None
+        can_resume = (
+            sse is not None
+            and upstream.status == 200
+            and request.path in resume.RESUMABLE_PATHS
+            and self._config.max_resumes > 0
+        )
         await response.prepare(request)
-        if first:
-            await response.write(first)
-        tail = first[-2:]
-        watchdog = _Watchdog(upstream, self._config.stall_timeout_s, deadline)
+        chunk, resumes, tried = attempt.first, 0, {replica.node_id}
         try:
             while True:
+                reason = await self._pump(response, upstream, replica, chunk, sse, deadline)
+                if reason is None:
+                    break
+                log.warning("replica %s %s mid-stream", replica.node_id, reason)
+                nxt = None
+                if can_resume and not sse.done and resumes < self._config.max_resumes:
+                    nxt = await self._resume(request, body, model, headers, sse, tried, deadline)
+                if nxt is None:
+                    await self._end_broken(request, response, is_sse, replica, reason)
+                    return response
+                self._release(replica.node_id, upstream)
+                resumes += 1
+                replica, attempt = nxt
+                upstream, chunk = attempt.upstream, attempt.first
+                tried.add(replica.node_id)
+                assert upstream is not None
+                log.info("resumed a stream of %s on %s", model, replica.node_id)
+            if sse is not None and (rest := sse.leftover()):
+                await response.write(rest)
+            await response.write_eof()
+            return response
+        finally:
+            self._release(replica.node_id, upstream)
+
+    def _release(self, node_id: str, upstream: aiohttp.ClientResponse | None) -> None:
+        if upstream is not None:
+            upstream.close()
+            self._inflight[node_id] -= 1
+
+    async def _pump(
+        self,
+        response: web.StreamResponse,
+        upstream: aiohttp.ClientResponse,
+        replica: Replica,
+        chunk: bytes,
+        sse: resume.SseText | None,
+        deadline: float,
+    ) -> str | None:
+        """Copy upstream to the client until it ends (None) or breaks (the reason)."""
+        watch = _Watch(
+            self._member_state,
+            replica.node_id,
+            self._config.stall_timeout_s,
+            deadline,
+            False,
+            self._config.member_check_s,
+        )
+        watch.streaming(upstream, self._config.stall_timeout_s)
+        try:
+            while True:
+                if chunk:
+                    out = sse.feed(chunk) if sse is not None else chunk
+                    if out:
+                        await response.write(out)  # client gone: raises; caller closes
                 try:
                     chunk = await upstream.content.readany()
                 except aiohttp.ClientError as exc:
-                    # The replica died, stalled or ran out of time mid-answer: nothing to
-                    # retry, since the client already has part of it. End it so it knows.
-                    reason = "timed out" if watchdog.fired else f"failed: {exc!r}"
-                    log.warning("replica %s %s mid-stream", replica.node_id, reason)
-                    await self._end_broken(request, response, is_sse, tail, replica, reason)
-                    return response
+                    # A connection cut mid-answer (kill -9 resets it) is evidence too.
+                    lost = (*_CONNECTION_LOST, aiohttp.ClientPayloadError)
+                    if isinstance(exc, lost) and not watch.why:
+                        self._report_unreachable(replica.node_id)
+                    return watch.why or f"failed: {exc!r}"
                 if not chunk:
-                    break
-                watchdog.progress()
-                await response.write(chunk)  # client gone: raises; finally closes upstream
-                tail = (tail + chunk)[-2:]
+                    if watch.why:
+                        return watch.why
+                    return None
+                watch.progress()
         finally:
-            watchdog.cancel()
-        await response.write_eof()
-        return response
+            watch.cancel()
+
+    async def _resume(
+        self,
+        request: web.Request,
+        body: bytes,
+        model: str,
+        headers: dict[str, str],
+        sse: resume.SseText,
+        tried: set[str],
+        deadline: float,
+    ) -> tuple[Replica, _Attempt] | None:
+        """Ask another replica for the rest of the answer; None when none can give it."""
+        try:
+            original = json.loads(body)
+        except ValueError:
+            return None
+        rest = resume.continuation(request.path, original, sse.text, sse.tokens)
+        if rest is None:
+            return None
+        data = json.dumps(rest).encode()
+        candidates = self._candidates(model, tried)[: max(1, self._config.max_attempts)]
+        for i, replica in enumerate(candidates):
+            # The last one left waits as long as the request may (a busy replica queues
+            # the rest of the answer behind its other requests).
+            has_next = i < len(candidates) - 1
+            attempt = await self._attempt(
+                request, replica, headers, data, has_next, deadline, path=request.path
+            )
+            if attempt.upstream is None:
+                continue
+            if attempt.upstream.status != 200:
+                self._release(replica.node_id, attempt.upstream)
+                continue
+            sse.leftover()  # the broken event's first half is never sent
+            return replica, attempt
+        return None
 
     async def _end_broken(
         self,
         request: web.Request,
         response: web.StreamResponse,
         is_sse: bool,
-        tail: bytes,
         replica: Replica,
         reason: str,
     ) -> None:
         if is_sse:
             # As the serving peer does when its engine dies mid-stream: an error event,
             # then [DONE], so OpenAI clients raise instead of waiting.
-            error = ApiError(502, f"replica {replica.node_id} {reason}", type="server_error")
-            sep = b"" if tail == b"\n\n" else b"\n\n"
+            error = ForwardError(502, f"replica {replica.node_id} {reason}")
             payload = json.dumps(error.body(), separators=(",", ":"))
             with contextlib.suppress(ConnectionError):
-                await response.write(sep + f"data: {payload}\n\ndata: [DONE]\n\n".encode())
+                await response.write(f"data: {payload}\n\ndata: [DONE]\n\n".encode())
                 await response.write_eof()
             return
         # A plain body cut short: drop the connection so the client sees the truncation

@@ -130,6 +130,11 @@ class Gossip:
         self.core.set_payload(payload, time.monotonic())
         self._flush()
 
+    def report_unreachable(self, node_id: str) -> None:
+        """A connection to node_id was refused or reset: suspect it at once (see the core)."""
+        if self.core.report_unreachable(node_id, time.monotonic()):
+            self._flush()
+
     def add_peer(self, host: str, port: int, node_id: str | None = None) -> None:
         """A peer found by discovery (or a seed): push-pull with it unless already known alive."""
         if node_id is not None:

@@ -53,7 +53,9 @@ class _Member:
     payload_stale: bool = False  # incarnation known from a payload-less alive; fetch pending
 
     def view(self) -> MemberView:
-        return MemberView(self.id, self.addr, self.port, self.state, self.incarnation, self.payload)
+        return MemberView(
+            self.id, self.addr, self.port, self.state, self.incarnation, self.payload, self.since
+        )
 
 
 @dataclass(slots=True)
@@ -193,6 +195,16 @@ class Membership:
         self._me.payload = payload
         self._me.incarnation += 1
         self._broadcast_self_alive()
+
+    def report_unreachable(self, node_id: str, now: float) -> bool:
+        """Direct evidence from outside SWIM (a forwarded request refused or reset): suspect
+        the member now, as a failed probe would. Refutation and the suspicion timeout still
+        decide whether it dies, so one flaky connection cannot kill a live peer."""
+        m = self._members.get(node_id)
+        if m is None or m is self._me or m.state != ALIVE:
+            return False
+        self._on_suspect(Suspect(m.id, m.incarnation, self.id), now)
+        return True
 
     def leave(self, now: float) -> None:
         """Graceful leave: tell every live member directly and by gossip."""

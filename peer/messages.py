@@ -88,6 +88,7 @@ class MemberView:
     state: str
     incarnation: int
     payload: dict[str, Any]
+    since: float = 0.0  # when it entered this state, on the core's clock
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,9 +9,10 @@ from collections.abc import Callable, Iterable
 from aiohttp import web
 
 from aivailable.api.cors import add_cors_headers, cors_middleware
-from aivailable.api.errors import ApiError
+from aivailable.api.errors import ApiError, error_response
 from aivailable.api.request_id import add_request_id_header, request_id_middleware
 from aivailable.metrics import Metrics
+from peer.availability import ForwardError
 
 log = logging.getLogger(__name__)
 DASHBOARD = importlib.resources.files("aivailable.api") / "dashboard.html"
@@ -22,8 +23,8 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     """Every error leaves as an OpenAI-style JSON body; nothing crashes the peer."""
     try:
         return await handler(request)
-    except ApiError as exc:
-        return exc.response()
+    except (ApiError, ForwardError) as exc:
+        return error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -1,7 +1,8 @@
 """/cluster/status and /cluster/models: the cluster's view and its desired state.
 
-`ClusterView` is what the peer process offers this API: in single-node mode it is
-this node alone; in a cluster it is the gossip view and the committed plan.
+`ClusterView` is what the peer process offers this API: the gossip view and the
+committed plan (aivailable/cluster/raft.py's RaftClusterView). A lone peer is a cluster
+of one.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from aiohttp import web
 
@@ -38,10 +39,16 @@ class ApiError(Exception):
         }
 
     def response(self) -> web.Response:
-        headers = {}
-        if self.retry_after is not None:
-            headers["Retry-After"] = str(max(1, round(self.retry_after)))
-        return web.json_response(self.body(), status=self.status, headers=headers, dumps=json.dumps)
+        return error_response(self)
+
+
+def error_response(error: Any) -> web.Response:
+    """The HTTP response for an ApiError, or a peer/ error of the same shape (status, body(),
+    retry_after: peer.forward.ForwardError), which peer/ raises without knowing the API."""
+    headers = {}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(error.retry_after)))
+    return web.json_response(error.body(), status=error.status, headers=headers, dumps=json.dumps)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:

@@ -40,7 +40,7 @@ MAX_BODY = 4 << 20
 
 
 class Servable(Protocol):
-    """What the API needs of a model instance (aivailable.instances.Instance is one)."""
+    """What the API needs of a model instance (aivailable.cluster.instances.Instance is one)."""
 
     state: str
     engine: Engine | None

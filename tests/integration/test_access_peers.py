@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from aivailable.access.keys import stamp
-from aivailable.cluster_state import encode_deploy
+from aivailable.cluster.state import encode_deploy
 from aivailable.local_peers import PeerProcess
 from peer.auth import PeerAuth
 from peer.secret import load_or_create_secret

@@ -1,5 +1,6 @@
 """The cluster's brain end to end in one process: real RaftDrivers on loopback, ClusterState,
-the Controller with the membership policy, Reconcilers over Instances with the fake engine.
+the controller's runner with the membership policy, Reconcilers over Instances with the fake
+engine.
 Gossip is a dictionary the test controls (which peers are alive, each one's payload).
 
 A founder and two joiners become three voters; the embedded model is deployed and served;
@@ -14,33 +15,30 @@ import contextlib
 import time
 from pathlib import Path
 from random import Random
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
 from aiohttp import web
 
 from aivailable.backends.fake_engine import FakeEngine
-from aivailable.cluster_state import ClusterState
-from aivailable.cluster_view import (
-    PeerEntry,
+from aivailable.cluster.controller import DEFAULT_MODEL_NAME, ControllerConfig
+from aivailable.cluster.instances import Instances
+from aivailable.cluster.membership_policy import MembershipConfig
+from aivailable.cluster.payload import node_payload
+from aivailable.cluster.raft import (
     Proposer,
     apply_entry,
-    member_infos,
-    node_statuses,
-)
-from aivailable.controller import (
-    DEFAULT_MODEL_NAME,
-    Controller,
-    ControllerConfig,
-    MemberClock,
-    Trigger,
+    caught_up,
     caught_up_learners,
+    leader_ready,
     raft_conf_hooks,
 )
+from aivailable.cluster.reconciler import ReconcilerConfig
+from aivailable.cluster.runner import ControllerRunner, Reconciler, Trigger
+from aivailable.cluster.state import ClusterState
+from aivailable.cluster.view import NodeView, ReadModel
 from aivailable.gpu import GpuInfo
-from aivailable.instances import Instances
-from aivailable.membership_policy import MembershipConfig
-from aivailable.reconciler import Reconciler, ReconcilerConfig, node_payload, read_payload
 from consensus import MemoryStorage
 from consensus.driver import RaftConfig, RaftDriver
 
@@ -56,15 +54,15 @@ class World:
         self.addresses: dict[str, str] = {}
         self.states: dict[str, str] = {}
         self.peers: dict[str, BrainPeer] = {}
-        self.clock = MemberClock()
+        self.view = ReadModel("test")
 
-    def entries(self) -> list[PeerEntry]:
-        out = []
+    def nodes(self) -> list[NodeView]:
+        members = []
         for nid, peer in sorted(self.peers.items()):
             payload = peer.payload() if self.states[nid] == "alive" else peer.last_payload
-            since = self.clock.since(nid, self.states[nid], time.monotonic())
-            out.append(PeerEntry(nid, self.states[nid], since, read_payload(nid, payload)))
-        return out
+            members.append(SimpleNamespace(id=nid, state=self.states[nid], payload=payload))
+        self.view.update(members, time.monotonic(), full=True)
+        return self.view.nodes()
 
     def changed(self) -> None:
         for peer in self.peers.values():
@@ -131,20 +129,22 @@ class BrainPeer:
                     instances,
                     self.reconciler_trigger,
                     config=ReconcilerConfig(tick_s=0.1),
+                    ready=lambda: caught_up(driver),
                 )
-                controller = Controller(
+                voters_of, change_conf = raft_conf_hooks(driver)
+                controller = ControllerRunner(
                     self.id,
                     self.state,
-                    driver.propose,  # the leader proposes itself, never forwards
-                    lambda: driver.role == "leader",
-                    lambda: driver.term,
-                    lambda: node_statuses(w.entries()),
+                    w.nodes,
                     self.controller_trigger,
+                    lambda: leader_ready(driver),
+                    lambda: driver.term,
+                    driver.propose,  # the leader proposes itself, never forwards
                     ControllerConfig(tick_s=0.1, propose_timeout_s=2.0),
-                    conf=raft_conf_hooks(driver),
-                    members=lambda: member_infos(w.entries()),
-                    membership=MembershipConfig(dead_member_timeout_s=600.0),
-                    caught_up=caught_up_learners(driver, 100),
+                    MembershipConfig(dead_member_timeout_s=600.0),
+                    voters_of,
+                    change_conf,
+                    caught_up_learners(driver, 100),
                     found_cluster_id="c1" if found else None,
                 )
                 tg.create_task(driver.run())

@@ -22,14 +22,8 @@ from aivailable.backends.fake_engine import FakeEngine
 from aivailable.local_peers import free_port
 from aivailable.metrics import Metrics
 from peer.auth import FORWARDED_HEADER, PeerAuth, make_peer_session
-from peer.forward import (
-    REPLICA_HEADER,
-    ForwardConfig,
-    Forwarder,
-    ModelAvailability,
-    Replica,
-    summarize_availability,
-)
+from peer.availability import ModelAvailability, Replica, summarize_availability
+from peer.forward import REPLICA_HEADER, ForwardConfig, Forwarder
 
 SECRET = b"cluster-secret-for-tests-0123456789"
 REPLY = "alpha beta gamma delta epsilon zeta"

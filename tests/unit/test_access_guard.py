@@ -15,7 +15,7 @@ from aivailable.access.guard import AccessGuard, body_limits, usage_metrics
 from aivailable.access.keys_api import KeysApi, bootstrap_admin_key
 from aivailable.access.limits import RateLimiter
 from aivailable.api.app import build_app
-from aivailable.cluster_state import ClusterState
+from aivailable.cluster.state import ClusterState
 from aivailable.metrics import Metrics
 from peer.auth import Identity, PeerAuth
 

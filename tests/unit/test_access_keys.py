@@ -11,7 +11,7 @@ from aivailable.access.policy import (
     auth_enabled,
     presented_key,
 )
-from aivailable.cluster_state import ClusterState, encode_deploy, encode_undeploy
+from aivailable.cluster.state import ClusterState, encode_deploy, encode_undeploy
 from aivailable.config import ConfigError, load_config
 
 NOW_MS = 1_800_000_000_000

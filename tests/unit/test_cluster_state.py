@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aivailable import cluster_state as cs
-from aivailable.cluster_state import ClusterState, SnapshotError
+from aivailable.cluster import state as cs
+from aivailable.cluster.state import ClusterState, SnapshotError
 from placement import Assignment, Plan, Unplaced
 
 SHA = "ab" * 32

@@ -1,7 +1,8 @@
-"""The cluster view: status JSON, deploy/undeploy through the leader, the proposer's retries."""
+"""The read model, the status JSON, deploy/undeploy through the leader, the proposer's retries."""
 
 import asyncio
 from dataclasses import dataclass, field
+from random import Random
 from types import SimpleNamespace
 
 import aiohttp
@@ -9,23 +10,23 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from aivailable import cluster_state as cs
 from aivailable.api.errors import ApiError
-from aivailable.cluster_state import ClusterState
-from aivailable.cluster_view import (
-    PeerEntry,
+from aivailable.cluster import state as cs
+from aivailable.cluster.payload import node_payload
+from aivailable.cluster.raft import (
     Proposer,
     RaftClusterView,
     address_book,
     apply_entry,
-    cluster_status,
-    member_infos,
-    node_statuses,
-    peer_entries,
+    caught_up,
+    leader_ready,
 )
-from aivailable.controller import MemberClock, Trigger
+from aivailable.cluster.runner import Trigger
+from aivailable.cluster.state import ClusterState
+from aivailable.cluster.status import cluster_status
+from aivailable.cluster.view import ReadModel
 from aivailable.gpu import GpuInfo
-from aivailable.reconciler import node_payload, read_payload
+from consensus import MemoryStorage, RaftNode
 from placement import Assignment, Plan, Unplaced
 
 GIB = 1 << 30
@@ -66,8 +67,10 @@ class FakeDriver:
         return index
 
 
-def member(mid, state, payload):
-    return SimpleNamespace(id=mid, state=state, payload=payload)
+def member(mid, state, payload, since=0.0, incarnation=0):
+    return SimpleNamespace(
+        id=mid, state=state, payload=payload, since=since, incarnation=incarnation
+    )
 
 
 def payload(addr, instances=(), files=(), cluster="c1"):
@@ -75,22 +78,49 @@ def payload(addr, instances=(), files=(), cluster="c1"):
     return node_payload(addr, cluster, gpus, {}, instances, files)
 
 
-def test_peer_entries_and_what_the_controller_and_policy_get():
-    clock = MemberClock()
-    members = [
-        member("b", "suspect", payload("127.0.0.1:2", files=[("ab" * 32, 5, "x")])),
-        member("a", "alive", payload("127.0.0.1:1")),
-    ]
-    entries = peer_entries(members, clock, 10.0)
-    assert [e.id for e in entries] == ["a", "b"]
-    members[1] = member("a", "alive", payload("127.0.0.1:1"))
-    entries = peer_entries(members, clock, 12.0)
-    assert [e.since for e in entries] == [10.0, 10.0]
-    statuses = node_statuses(entries)
-    assert statuses[1].state == "suspect" and statuses[1].files == (("ab" * 32, 5, "x"),)
-    assert statuses[0].addr == "127.0.0.1:1" and statuses[0].gpus[0].id == "a/gpu0"
-    infos = member_infos(entries)
-    assert infos["b"].state == "suspect" and infos["b"].cluster_id == "c1"
+def test_the_read_model_follows_events_and_keeps_since():
+    view = ReadModel("me")
+    assert view.update(
+        [member("b", "suspect", payload("127.0.0.1:2", files=[("ab" * 32, 5, "x")]))], 10.0
+    )
+    assert view.update([member("a", "alive", payload("127.0.0.1:1"), since=3.0)], 11.0)
+    assert [n.id for n in view.nodes()] == ["a", "b"]
+    b = view.node("b")
+    assert b.since == 10.0 and b.files == (("ab" * 32, 5, "x"),) and b.cluster_id == "c1"
+    assert view.node("a").since == 3.0 and view.node("a").gpus[0].id == "a/gpu0"
+    # The same news again changes nothing; a state change is a new since.
+    version = view.version
+    assert not view.update(
+        [member("b", "suspect", payload("127.0.0.1:2", files=[("ab" * 32, 5, "x")]))], 12.0
+    )
+    assert view.version == version
+    assert view.update([member("b", "dead", None)], 13.0)
+    assert view.node("b").since == 13.0 and view.node("b").files  # payload kept while hidden
+    # A full resync forgets members gossip no longer has, never this node itself.
+    view.set_own(view.node("a").payload, 14.0)
+    assert view.update([member("a", "alive", payload("127.0.0.1:1"), since=3.0)], 15.0, full=True)
+    assert [n.id for n in view.nodes()] == ["a", "me"]
+
+
+def test_nodes_of_another_cluster_are_never_replicas_and_are_reported():
+    inst = [{"model": "m", "state": "ready", "queue_depth": 0, "gpus": ["gpu0"]}]
+    view = ReadModel("me")
+    view.update(
+        [
+            member("a", "alive", payload("127.0.0.1:1", inst)),
+            member("x", "alive", payload("127.0.0.1:9", inst, cluster="other")),
+            member("d", "dead", payload("127.0.0.1:4", inst)),
+            member("s", "suspect", payload("127.0.0.1:5", inst)),
+        ],
+        1.0,
+    )
+    got = view.replicas_of("m", "c1")
+    assert [(r.node_id, r.member_state) for r in got] == [("a", "alive"), ("s", "suspect")]
+    assert [n.id for n in view.members("c1")] == ["a", "d", "s"]
+    assert view.other_clusters("c1") == {"other": ["x"]}
+    assert [f[0] for f in view.peer_files("c1")] == ["a"]
+    # Before the cluster id is known there is nothing to tell clusters apart by.
+    assert len(view.replicas_of("m", None)) == 3
 
 
 def test_cluster_status_shows_nodes_models_placements_and_unplaced():
@@ -108,11 +138,17 @@ def test_cluster_status_shows_nodes_models_placements_and_unplaced():
     )
     state.apply(cs.encode_plan(plan, 1), 1)
     inst = [{"model": "m", "state": "ready", "queue_depth": 2, "gpus": ["gpu0"]}]
-    entries = [
-        PeerEntry("a", "alive", 0.0, read_payload("a", payload("127.0.0.1:1", inst)), 7),
-        PeerEntry("b", "dead", 0.0, read_payload("b", payload("127.0.0.1:2"))),
-    ]
-    status = cluster_status("a", "a", 4, state, entries, ("a", "b"), ())
+    view = ReadModel("a")
+    view.update(
+        [
+            member("a", "alive", payload("127.0.0.1:1", inst), incarnation=7),
+            member("b", "dead", payload("127.0.0.1:2")),
+            member("z", "alive", payload("127.0.0.1:3", inst, cluster="c2")),
+            member("new", "alive", payload("127.0.0.1:4", cluster=None)),
+        ],
+        0.0,
+    )
+    status = cluster_status("a", "a", 4, state, view, ("a", "b"), ())
     assert (status["node_id"], status["leader"], status["term"], status["cluster_id"]) == (
         "a",
         "a",
@@ -130,6 +166,10 @@ def test_cluster_status_shows_nodes_models_placements_and_unplaced():
     ]
     assert "larger than any node" in models["big"]["unplaced"]
     assert models["new"]["placements"] == [] and models["new"]["unplaced"]
+    # z is of another cluster; "new" has none yet (still listening): shown, never placed on.
+    assert [n["id"] for n in status["nodes"]] == ["a", "b", "new"]
+    other = status["other_clusters"]
+    assert other[0]["cluster_id"] == "c2" and other[0]["nodes"] == ["z"] and other[0]["hint"]
 
 
 async def test_propose_on_the_leader_and_read_your_writes():
@@ -207,7 +247,7 @@ async def test_view_deploy_and_undeploy():
     async with aiohttp.ClientSession() as session:
         proposer = Proposer(driver, session, lambda n: None, timeout_s=1.0)
         driver.appliers.append(apply_entry(state, [], proposer))
-        view = RaftClusterView("a", state, driver, proposer, lambda: [])
+        view = RaftClusterView("a", state, driver, proposer, ReadModel("a"))
         result = await view.deploy("smollm2-135m", "builtin:smollm2-135m", 2, 1024)
         assert result["replicas"] == 2 and result["state"] == "pending"
         rec = state.models["smollm2-135m"]
@@ -238,3 +278,29 @@ def test_apply_entry_logs_rejections_and_fires_only_on_change(caplog):
     assert not apply(Entry(1, 1, b"junk"), 1).ok
     assert not t._event.is_set() and any("rejected" in r.getMessage() for r in caplog.records)
     assert apply(Entry(1, 2, cs.encode_deploy("m", "x")), 1).changed and t._event.is_set()
+
+
+def test_a_new_leader_is_ready_only_once_it_applied_its_own_no_op():
+    storage = MemoryStorage()
+    node = RaftNode("a", storage, voters=("a",), rng=Random(1), election_ticks=3)
+    driver = SimpleNamespace(node=node, role=None, leader_id=None)
+
+    def sync():
+        driver.role, driver.leader_id = node.role, node.leader_id
+
+    while node.role != "leader":
+        node.tick()
+    sync()
+    assert not leader_ready(driver) and not caught_up(driver)  # no-op not applied yet
+    rd = node.ready()
+    storage.save(rd)
+    node.advance(rd)
+    rd = node.ready()  # the no-op commits once stored
+    storage.save(rd)
+    node.advance(rd)
+    sync()
+    assert node.applied_index >= 1 and leader_ready(driver) and caught_up(driver)
+    # A restarted node rebuilt from storage has the log but has heard no leader yet.
+    again = RaftNode("a", storage, voters=("a",), rng=Random(1), election_ticks=3)
+    driver = SimpleNamespace(node=again, role=again.role, leader_id=again.leader_id)
+    assert not leader_ready(driver) and not caught_up(driver)

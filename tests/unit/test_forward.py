@@ -12,19 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aivailable.api.app import build_app
+from aivailable.api.errors import error_response
 from aivailable.api.openai_api import OpenAIApi
 from aivailable.local_peers import free_port
 from aivailable.metrics import Metrics
 from peer.auth import FORWARDED_HEADER
-from peer.forward import (
-    REPLICA_HEADER,
-    ForwardConfig,
-    Forwarder,
-    ModelAvailability,
-    Replica,
-    order_replicas,
-    summarize_availability,
-)
+from peer.availability import ModelAvailability, Replica, order_replicas, summarize_availability
+from peer.forward import REPLICA_HEADER, ForwardConfig, Forwarder
 
 
 def r(node, state="ready", depth=0, local=False, addr="127.0.0.1:1"):
@@ -42,6 +36,14 @@ def test_only_ready_replicas_are_chosen():
 def test_own_replica_first_then_least_queue_depth_then_node_id():
     replicas = [r("c", depth=1), r("b", depth=1), r("a", depth=4), r("z", depth=9, local=True)]
     assert [x.node_id for x in order_replicas(replicas)] == ["z", "b", "c", "a"]
+
+
+def test_a_suspect_host_comes_after_every_alive_one():
+    replicas = [
+        Replica("a", "x:1", False, "ready", 0, member_state="suspect"),
+        Replica("b", "x:2", False, "ready", 9),
+    ]
+    assert [x.node_id for x in order_replicas(replicas)] == ["b", "a"]
 
 
 def test_requests_in_flight_from_here_count_on_top_of_gossiped_depth():
@@ -81,7 +83,7 @@ def test_a_loading_model_gets_503_naming_its_state_with_retry_after():
     body = error.body()["error"]
     assert body["code"] == "model_loading" and body["state"] == "loading"
     assert "loading" in body["message"] and body["param"] == "model"
-    assert error.response().headers["Retry-After"] == "2"
+    assert error_response(error).headers["Retry-After"] == "2"
 
 
 def test_an_unplaced_model_gets_503_with_the_reason():
@@ -90,13 +92,13 @@ def test_an_unplaced_model_gets_503_with_the_reason():
     body = error.body()["error"]
     assert error.status == 503 and body["code"] == "model_unplaced"
     assert "needs 6 GiB" in body["message"] and body["reason"].startswith("needs 6 GiB")
-    assert int(error.response().headers["Retry-After"]) >= 1
+    assert int(error_response(error).headers["Retry-After"]) >= 1
 
 
 def test_an_absent_model_is_404_and_retry_after_can_be_set():
     assert ModelAvailability("absent").error("x").status == 404
     error = ModelAvailability("pending", retry_after=7).error("x")
-    assert error.response().headers["Retry-After"] == "7"
+    assert error_response(error).headers["Retry-After"] == "7"
 
 
 @pytest.mark.parametrize(
@@ -161,14 +163,31 @@ def upstream_app(name: str, *, status=200, tokens=3, delay=0.0, die_after=None, 
     return app, seen
 
 
+FRONT = ForwardConfig(connect_timeout_s=1.0, request_timeout_s=1.5, stall_timeout_s=0.5)
+# Limits too long to end a test: only gossip's word can make the forwarder move on.
+PATIENT = ForwardConfig(request_timeout_s=60.0, first_byte_timeout_s=60.0, stall_timeout_s=60.0)
+
+
 @pytest.fixture
-async def front():
-    """A front peer whose only route forwards to whatever replicas the test sets."""
-    state = SimpleNamespace(replicas=[], availability=ModelAvailability("unknown"), servers=[])
+async def front(request):
+    """A front peer whose only route forwards to whatever replicas the test sets; gossip's
+    view of each host is `members` (default alive); reported suspicions land in `reported`."""
+    state = SimpleNamespace(
+        replicas=[],
+        availability=ModelAvailability("unknown"),
+        servers=[],
+        members={},
+        reported=[],
+    )
     session = aiohttp.ClientSession()
-    config = ForwardConfig(connect_timeout_s=1.0, request_timeout_s=1.5, stall_timeout_s=0.5)
     forwarder = Forwarder(
-        session, lambda m: state.replicas, lambda m: state.availability, "front", config
+        session,
+        lambda m: state.replicas,
+        lambda m: state.availability,
+        "front",
+        getattr(request, "param", FRONT),
+        member_state=lambda node: state.members.get(node, "alive"),
+        report_unreachable=state.reported.append,
     )
 
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -322,6 +341,135 @@ async def test_the_clients_disconnect_reaches_the_replica(front):
         await asyncio.sleep(0.02)
     assert seen.cancelled == 1 and seen.finished == 0
     assert front.forwarder.inflight() == {}
+
+
+def silent_app():
+    seen = SimpleNamespace(requests=[], cancelled=0)
+
+    async def silent(request):
+        seen.requests.append(request.path)
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen.cancelled += 1
+            raise
+
+    app = web.Application()
+    app.router.add_post("/v1/{tail:.*}", silent)
+    return app, seen
+
+
+async def later(delay: float, action) -> None:
+    await asyncio.sleep(delay)
+    action()
+
+
+@pytest.mark.parametrize("front", [PATIENT], indirect=True)
+@pytest.mark.parametrize("verdict", ["dead", "suspect"])
+async def test_a_host_gossip_gives_up_on_is_abandoned_while_waiting(front, verdict):
+    seen = await front.add(silent_app(), "frozen", depth=0)
+    await front.add(upstream_app("b"), "b", depth=5)
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(later(0.2, lambda: front.members.update(frozen=verdict)))
+        resp = await asyncio.wait_for(
+            front.client.post("/v1/completions", json={"model": "m"}), timeout=10
+        )
+    assert resp.status == 200 and (await resp.json())["served_by"] == "b"
+    assert seen.requests  # it was tried first, then left
+    assert front.forwarder.inflight() == {}
+
+
+@pytest.mark.parametrize("front", [PATIENT], indirect=True)
+async def test_a_suspect_host_is_waited_for_when_no_other_replica_exists(front):
+    async def slow(request):
+        await asyncio.sleep(0.5)
+        return web.json_response({"served_by": "only"})
+
+    app = web.Application()
+    app.router.add_post("/v1/{tail:.*}", slow)
+    await front.add((app, None), "only")
+    front.members["only"] = "suspect"
+    resp = await front.client.post("/v1/completions", json={"model": "m"})
+    assert resp.status == 200 and (await resp.json())["served_by"] == "only"
+
+
+@pytest.mark.parametrize(
+    "front",
+    [ForwardConfig(request_timeout_s=60.0, first_byte_timeout_s=0.3, stall_timeout_s=60.0)],
+    indirect=True,
+)
+async def test_a_replica_silent_past_the_first_byte_timeout_is_left_for_another(front):
+    await front.add(silent_app(), "frozen", depth=0)
+    await front.add(upstream_app("b"), "b", depth=5)
+    resp = await asyncio.wait_for(
+        front.client.post("/v1/completions", json={"model": "m"}), timeout=10
+    )
+    assert resp.status == 200 and (await resp.json())["served_by"] == "b"
+    assert front.reported == []  # silence is not a refused connection
+
+
+async def test_a_refused_connection_is_reported_to_membership(front):
+    front.replicas.append(r("gone", addr=f"127.0.0.1:{free_port()}"))
+    await front.add(upstream_app("b"), "b", depth=5)
+    resp = await front.client.post("/v1/completions", json={"model": "m"})
+    assert resp.status == 200 and front.reported == ["gone"]
+
+
+def openai_upstream(name: str, words: list[str], die_after=None, chat=True):
+    """A replica streaming OpenAI chunks, one word each; it can die after some."""
+    seen = SimpleNamespace(bodies=[])
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        seen.bodies.append(json.loads(await request.read()))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i, word in enumerate(words):
+            if die_after is not None and i == die_after:
+                # Half an event, then the connection is gone: the host died mid-write.
+                await resp.write(b'data: {"choices": [{"del')
+                request.transport.abort()
+                return resp
+            choice = {"delta": {"content": word}} if chat else {"text": word}
+            await resp.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/{tail:.*}", handle)
+    return app, seen
+
+
+def texts(events: list[str], chat=True) -> str:
+    out = []
+    for e in events[:-1]:
+        choice = json.loads(e)["choices"][0]
+        out.append(choice["delta"]["content"] if chat else choice["text"])
+    return "".join(out)
+
+
+async def test_a_stream_whose_host_dies_is_resumed_on_another_replica(front):
+    await front.add(openai_upstream("a", ["One", " two", " three"], die_after=2), "a", depth=0)
+    b = await front.add(openai_upstream("b", [" three", "."]), "b", depth=5)
+    request = {**CHAT, "stream": True, "max_tokens": 10}
+    resp = await front.client.post("/v1/chat/completions", json=request)
+    events = await sse(resp)
+    assert events[-1] == "[DONE]" and texts(events) == "One two three."
+    assert not any("error" in e for e in events[:-1])
+    (rest,) = b.bodies
+    assert rest["messages"][-1] == {"role": "assistant", "content": "One two"}
+    assert rest["continue_final_message"] is True and rest["max_tokens"] == 8
+    assert front.reported == ["a"]  # the reset is direct evidence too
+    assert front.forwarder.inflight() == {}
+
+
+async def test_a_completion_is_resumed_from_the_prompt_plus_the_text_sent(front):
+    await front.add(openai_upstream("a", ["1,", " 2,"], die_after=1, chat=False), "a", depth=0)
+    b = await front.add(openai_upstream("b", [" 2,", " 3"], chat=False), "b", depth=5)
+    request = {"model": "m", "prompt": "Count:", "stream": True}
+    resp = await front.client.post("/v1/completions", json=request)
+    events = await sse(resp)
+    assert texts(events, chat=False) == "1, 2, 3" and events[-1] == "[DONE]"
+    assert b.bodies[0]["prompt"] == "Count:1," and "max_tokens" not in b.bodies[0]
 
 
 # ---------------------------------------------------------------- the OpenAIApi hook

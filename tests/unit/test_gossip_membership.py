@@ -240,3 +240,17 @@ def test_outgoing_packets_respect_the_datagram_budget():
     me.receive("x", 1, [Ping(1, "a", "b")], 0.0)
     for p in packets(me):
         assert len(wire.encode_packet(p.messages)) <= CFG.packet_size - wire.ENVELOPE_OVERHEAD
+
+
+def test_a_reported_unreachable_member_is_suspected_at_once_with_its_since():
+    me = with_peers(core(), "b", "c")
+    assert me.report_unreachable("b", 5.0)
+    [event] = me.take_events()
+    assert (event.kind, event.member.id, event.member.since) == ("suspect", "b", 5.0)
+    assert any(isinstance(m, Suspect) for m in me.queued("b"))  # it is gossiped
+    # Once suspected, again is nothing new; this node, and strangers, are never reported.
+    assert not me.report_unreachable("b", 6.0)
+    assert not me.report_unreachable("a", 6.0) and not me.report_unreachable("zz", 6.0)
+    # A live member refutes it as it would a probe's suspicion.
+    me.receive("addr-b", 7946, [Alive("b", 2, "addr-b", 7946, {"gpu": "b"})], 7.0)
+    assert me.member("b").state == "alive"

@@ -12,8 +12,9 @@ import pytest
 
 from aivailable import hub, store
 from aivailable.api.errors import ApiError
-from aivailable.cluster_state import ClusterState
-from aivailable.cluster_view import Proposer, RaftClusterView, apply_entry
+from aivailable.cluster.raft import Proposer, RaftClusterView, apply_entry
+from aivailable.cluster.state import ClusterState
+from aivailable.cluster.view import ReadModel
 from aivailable.model_transfer import LocalModels
 from tests.unit.hf_imitation import ImitationHub, Repo
 from tests.unit.test_cluster_view import FakeDriver
@@ -81,7 +82,7 @@ async def test_a_deploy_records_hugging_face_s_checksum_and_refuses_what_it_cann
         proposer = Proposer(driver, session, lambda n: None, timeout_s=1.0)
         driver.appliers.append(apply_entry(state, [], proposer))
         view = RaftClusterView(
-            "a", state, driver, proposer, lambda: [], local_models=LocalModels(tmp_path / "c")
+            "a", state, driver, proposer, ReadModel("a"), local_models=LocalModels(tmp_path / "c")
         )
         await view.deploy("tiny", "hf://org/Tiny-GGUF:Q8_0", 1, 1024)
         rec = state.models["tiny"]

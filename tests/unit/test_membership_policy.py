@@ -3,7 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aivailable.membership_policy import (
+from aivailable.cluster.membership_policy import (
     FOUND,
     JOIN,
     RESUME,

@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from aivailable import store
-from aivailable.cluster_state import ModelRecord
+from aivailable.cluster.state import ModelRecord
 from aivailable.model_transfer import (
     LocalModels,
     ModelFetcher,

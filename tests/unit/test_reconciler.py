@@ -5,23 +5,20 @@ from pathlib import Path
 
 import pytest
 
-from aivailable import cluster_state as cs
 from aivailable.backends.fake_engine import FakeEngine
-from aivailable.cluster_state import ClusterState, ModelRecord
-from aivailable.controller import Trigger
-from aivailable.gpu import GpuInfo
-from aivailable.instances import Instances
-from aivailable.reconciler import (
-    Reconciler,
+from aivailable.cluster import state as cs
+from aivailable.cluster.instances import Instances
+from aivailable.cluster.payload import gpu_capacity, node_payload, read_payload
+from aivailable.cluster.reconciler import (
     ReconcilerConfig,
     Running,
     Step,
-    gpu_capacity,
     local_gpu_id,
-    node_payload,
     plan_steps,
-    read_payload,
 )
+from aivailable.cluster.runner import Reconciler, Trigger
+from aivailable.cluster.state import ClusterState, ModelRecord
+from aivailable.gpu import GpuInfo
 from placement import Assignment, Gpu, Plan
 
 MIB = 1 << 20
@@ -160,7 +157,7 @@ class Clock:
 class World:
     """A node "n1" with Instances backed by FakeEngine, and a cluster state to drive it."""
 
-    def __init__(self, tg, fail_sources=(), ensure_file=None, load_delay=0.0):
+    def __init__(self, tg, fail_sources=(), ensure_file=None, load_delay=0.0, ready=None):
         self.state = ClusterState()
         self.engines: list[tuple[str, tuple, FakeEngine]] = []
         self.fail_sources = set(fail_sources)
@@ -186,6 +183,7 @@ class World:
             ensure_file,
             ReconcilerConfig(retry_s=5.0, tick_s=0.02),
             self.clock,
+            ready=ready or (lambda: True),
         )
 
     def deploy(self, *names):
@@ -211,6 +209,25 @@ class World:
 
     def states(self):
         return {v["model"]: (v["state"], tuple(v["gpus"])) for v in self.rc.views()}
+
+
+async def test_a_restarted_peer_acts_on_no_plan_until_it_has_caught_up():
+    caught_up = False
+    async with asyncio.TaskGroup() as tg:
+        w = World(tg, ready=lambda: caught_up)
+        w.deploy("old")
+        w.plan(Assignment("old", "n1", ("n1/gpu0",), (GIB,)))  # restored from its snapshot
+        assert await w.rc.reconcile() == [] and w.rc.views() == []
+        # The leader's log says "old" moved away; only then does this peer act, on that.
+        w.plan(term=2)
+        caught_up = True
+        assert await w.rc.reconcile() == [] and w.engines == []
+        w.plan(Assignment("old", "n1", ("n1/gpu0",), (GIB,)), term=2)
+        assert [s.action for s in await w.rc.reconcile()] == ["start"]
+        caught_up = False  # later (a partition, an election) it keeps acting: it caught up once
+        w.plan(term=2)
+        assert [s.action for s in await w.rc.reconcile()] == ["stop"]
+        await w.instances.stop_all()
 
 
 async def test_reconcile_starts_stops_and_is_idempotent():
@@ -240,6 +257,22 @@ async def test_reconcile_starts_stops_and_is_idempotent():
         w.state.apply(cs.encode_undeploy("m2"), 1)
         await w.rc.reconcile()
         assert w.states() == {}
+        await w.instances.stop_all()
+
+
+async def test_a_preloaded_model_waits_for_the_first_plan_which_adopts_or_stops_it():
+    async with asyncio.TaskGroup() as tg:
+        w = World(tg)
+        for model in ("m", "other"):  # started before any plan, as ClusterNode._preload does
+            w.instances.start(model, f"/m/{model}.gguf", ("gpu0",))
+        await w.settle()
+        w.deploy("m")
+        assert await w.rc.reconcile() == []  # no plan yet: left alone
+        w.plan(a("m"))
+        steps = await w.rc.reconcile()
+        assert [(s.action, s.model) for s in steps] == [("stop", "other")]  # m adopted
+        assert w.states() == {"m": ("ready", ("gpu0",))}
+        assert [m for m, _, _ in w.engines].count("m") == 1  # never reloaded
         await w.instances.stop_all()
 
 

@@ -1,13 +1,11 @@
-"""The cluster as the HTTP API sees it: a `ClusterView` backed by Raft and gossip, and the
-`Proposer` that gets a command to the leader from any peer.
+"""The cluster's side of Raft: the `Proposer` that gets a command to the leader from any
+peer, the API's `RaftClusterView`, the apply callback, and the predicates that say when this
+peer's committed state may be acted on.
 
-- `peer_entries(members, clock, now)`: gossip members -> `PeerEntry` (state, since, payload),
-  from which `node_statuses` (for the controller) and `member_infos` (for the membership
-  policy) are derived.
-- `cluster_status(...)`: the `/cluster/status` JSON (DESIGN.md), pure.
-- `Proposer`: `propose(bytes)` on the leader, or forwarded to it over
-  `POST /internal/propose`; raises a 503 ApiError when no leader answers in time.
-- `RaftClusterView`: `status()`, `deploy()`, `undeploy()` for `ClusterApi`.
+- `leader_ready(driver)`: the controller acts only once the leader has applied an entry of its
+  own term (its no-op), so it never decides from a state older than its predecessor's.
+- `caught_up(driver)`: a peer acts on a plan only once it has applied an entry of the current
+  leader's term: a restarted peer does not act on the old plan in its snapshot or log.
 """
 
 from __future__ import annotations
@@ -15,21 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from aivailable import cluster_state as cs
 from aivailable import hub, sources, store
 from aivailable.access.keys import stamp
 from aivailable.api.errors import ApiError, bad_request
-from aivailable.cluster_state import ClusterState
-from aivailable.controller import MemberClock, NodeStatus
-from aivailable.membership_policy import MemberInfo
-from aivailable.reconciler import PeerPayload, read_payload
+from aivailable.cluster import state as cs
+from aivailable.cluster.state import ClusterState
+from aivailable.cluster.status import cluster_status
+from aivailable.cluster.view import ReadModel
 
 log = logging.getLogger(__name__)
 
@@ -37,127 +33,24 @@ PROPOSE_PATH = "/internal/propose"
 MAX_COMMAND_BYTES = 1 << 20
 
 
-@dataclass(frozen=True)
-class PeerEntry:
-    id: str
-    state: str  # alive | suspect | dead | left
-    since: float
-    payload: PeerPayload
-    incarnation: int = 0  # gossip's: a restarted node comes back with a higher one
+def applied_own_term(driver: Any) -> bool:
+    """True once the entry at the applied index is of the current term."""
+    node = driver.node
+    return node.log.term(node.applied_index) == node.term
 
 
-def peer_entries(members: Iterable[Any], clock: MemberClock, now: float) -> list[PeerEntry]:
-    """Gossip MemberViews (id, state, payload) -> PeerEntry, with since-when per state."""
-    out = []
-    for m in members:
-        since = clock.since(m.id, m.state, now)
-        payload = read_payload(m.id, m.payload)
-        out.append(PeerEntry(m.id, m.state, since, payload, getattr(m, "incarnation", 0)))
-    clock.forget_except(e.id for e in out)
-    return sorted(out, key=lambda e: e.id)
+def leader_ready(driver: Any) -> bool:
+    return driver.role == "leader" and applied_own_term(driver)
 
 
-def node_statuses(entries: Iterable[PeerEntry]) -> list[NodeStatus]:
-    return [
-        NodeStatus(
-            e.id,
-            e.state,
-            e.since,
-            e.payload.gpus,
-            e.payload.cluster_id,
-            e.payload.files,
-            e.payload.addr,
-        )
-        for e in entries
-    ]
+def caught_up(driver: Any) -> bool:
+    return driver.leader_id is not None and applied_own_term(driver)
 
 
-def member_infos(entries: Iterable[PeerEntry]) -> dict[str, MemberInfo]:
-    return {e.id: MemberInfo(e.state, e.since, e.payload.cluster_id) for e in entries}
-
-
-def cluster_status(
-    node_id: str,
-    leader: str | None,
-    term: int,
-    state: ClusterState,
-    entries: Iterable[PeerEntry],
-    voters: Iterable[str] = (),
-    learners: Iterable[str] = (),
-) -> dict:
-    """The /cluster/status body: nodes from gossip (this one included), models from the
-    committed state and plan, each placement with its instance's state as gossiped."""
-    entries = list(entries)
-    instance_state: dict[tuple[str, str], str] = {}
-    nodes = []
-    for e in entries:
-        p = e.payload
-        for inst in p.instances:
-            instance_state[(e.id, inst.model)] = inst.state
-        nodes.append(
-            {
-                "id": e.id,
-                "addr": p.addr,
-                "state": e.state,
-                "incarnation": e.incarnation,
-                "gpus": [
-                    {
-                        "id": g.id,
-                        "vendor": g.vendor,
-                        "name": g.name,
-                        "vram_total": total,
-                        "vram_free": free,
-                        "capacity": g.capacity,
-                    }
-                    for g, total, free in zip(p.gpus, p.vram_total, p.vram_free, strict=False)
-                ],
-                "instances": [
-                    {
-                        "model": i.model,
-                        "state": i.state,
-                        "queue_depth": i.queue_depth,
-                        "gpus": list(i.gpus),
-                    }
-                    for i in p.instances
-                ],
-            }
-        )
-    unplaced = {u.model: u for u in state.plan.unplaced} if state.plan else {}
-    models = []
-    for record in state.desired():
-        placements = [
-            {
-                "node": a.node,
-                "gpus": list(a.gpus),
-                "vram": sum(a.vram),
-                "state": instance_state.get((a.node, a.model), "pending"),
-            }
-            for a in (state.plan.for_model(record.name) if state.plan else ())
-        ]
-        model = {
-            "name": record.name,
-            "source": record.source,
-            "replicas": record.replicas,
-            "n_ctx": record.n_ctx,
-            "priority": record.priority,
-            "placements": placements,
-        }
-        if record.name in unplaced:
-            u = unplaced[record.name]
-            model["unplaced"] = f"{u.missing_replicas} replica(s) unplaced: {u.reason}"
-        elif not placements:
-            model["unplaced"] = "waiting for the controller"
-        models.append(model)
-    return {
-        "node_id": node_id,
-        "leader": leader,
-        "term": term,
-        "cluster_id": state.cluster_id,
-        "voters": sorted(voters),
-        "learners": sorted(learners),
-        "nodes": nodes,
-        "models": models,
-    }
+ConfHooks = tuple[
+    Callable[[], tuple[tuple[str, ...], tuple[str, ...]]],  # () -> (voters, learners)
+    Callable[[str, str, bool], Awaitable[Any]],  # propose_conf_change(op, node, voter)
+]
 
 
 def no_leader(detail: str) -> ApiError:
@@ -270,20 +163,20 @@ class RaftClusterView:
         state: ClusterState,
         driver: Any,
         proposer: Proposer,
-        entries: Callable[[], list[PeerEntry]],
+        view: ReadModel,
         local_models: Any = None,  # model_transfer.LocalModels: fills sha256/size on deploy
     ):
         self.node_id = node_id
         self.state = state
         self._driver = driver
         self._proposer = proposer
-        self._entries = entries
+        self._view = view
         self._local = local_models
 
     def status(self) -> dict:
         d = self._driver
         return cluster_status(
-            self.node_id, d.leader_id, d.term, self.state, self._entries(), d.voters, d.learners
+            self.node_id, d.leader_id, d.term, self.state, self._view, d.voters, d.learners
         )
 
     async def deploy(self, name: str, source: str, replicas: int, n_ctx: int) -> dict:
@@ -361,3 +254,31 @@ def address_book(
         return entries().get(node) or state.nodes.get(node)
 
     return address_of
+
+
+def raft_conf_hooks(driver: Any) -> ConfHooks:
+    """ConfHooks for a consensus.RaftDriver: its configuration and its change calls."""
+
+    async def change(op: str, node: str, voter: bool) -> Any:
+        if op == "promote":
+            return await driver.promote(node)
+        if op == "remove":
+            return await driver.remove(node)
+        return await (driver.add_voter(node) if voter else driver.add_learner(node))
+
+    return (lambda: (tuple(driver.voters), tuple(driver.learners)), change)
+
+
+def caught_up_learners(driver: Any, max_lag: int) -> Callable[[], list[str]]:
+    """Learners whose replicated log is within `max_lag` entries of the leader's."""
+
+    def caught_up() -> list[str]:
+        node = driver.node
+        progress = getattr(node, "progress", {}) or {}
+        return [
+            learner
+            for learner in driver.learners
+            if learner in progress and progress[learner].match >= node.last_index - max_lag
+        ]
+
+    return caught_up

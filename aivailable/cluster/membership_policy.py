@@ -184,7 +184,7 @@ def bootstrap_action(
     join: advertise the cluster id in gossip and start RaftNode with no voters; the
       leader adds it as a learner (`next_conf_change`). With several clusters in view, the
       one most peers belong to, ties to the smallest id, so every joiner picks the same.
-    found: start RaftNode with voters=(me,) and commit cluster_state.encode_init(new id).
+    found: start RaftNode with voters=(me,) and commit state.encode_init(new id).
     wait: ask again later.
     """
     if has_raft_state:

@@ -1,11 +1,14 @@
-"""The reconciler, on every peer: make this node's model instances match the committed plan.
+"""The one place the cluster's pure steps meet I/O.
 
-`plan_steps` is the pure core: this node's assignments and what runs now in, the stops and
-starts out (every stop before any start, so a GPU is freed before it is filled again).
-`Reconciler` is the thin loop: on every plan change (and a slow tick) it runs those steps
-against `Instances`, fetching a missing model file first (model_transfer), and retries a
-failed instance with backoff. It also builds this node's gossip payload: its GPUs with the
-capacity placement may use, its instance states and the model files it can share.
+- `ControllerRunner`: on the Raft leader, once it has applied an entry of its own term,
+  calls `controller.step` and carries out the first action (a proposal or a voter change),
+  then asks again, until nothing is left to do.
+- `Reconciler`: on every peer, once it has caught up with the leader, carries out
+  `reconciler.plan_steps` against `Instances`, fetching a missing model file first and
+  retrying a failed instance with backoff.
+
+Both wake on a `Trigger` that gossip events and Raft applies fire (push), and re-check on a
+slow tick only to catch anything a lost trigger missed.
 """
 
 from __future__ import annotations
@@ -13,218 +16,184 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aivailable.cluster_state import ClusterState, ModelRecord
-from aivailable.controller import Trigger
-from placement import Assignment, Gpu
+from aivailable.cluster import controller as ctl
+from aivailable.cluster.membership_policy import MembershipConfig
+from aivailable.cluster.reconciler import (
+    ReconcilerConfig,
+    Running,
+    Step,
+    local_gpu_id,
+    plan_steps,
+)
+from aivailable.cluster.state import ClusterState, ModelRecord
+from aivailable.cluster.view import NodeView
 
 log = logging.getLogger(__name__)
 
-MIB = 1 << 20
-PAYLOAD_VERSION = 1
+# Actions one controller pass may take before it yields: a pass normally takes a few (file
+# facts, addresses, one plan, one voter change); this bounds a command the state keeps
+# rejecting from looping.
+MAX_ACTIONS_PER_PASS = 32
+# Seconds between checks whether this peer became a usable leader. Reading the role costs
+# nothing, and a new leader's first plan (failover, cold start) should not wait a tick.
+READY_CHECK_S = 0.02
+DEFAULT_RECONCILER = ReconcilerConfig()
 
 
-@dataclass(frozen=True)
-class ReconcilerConfig:
-    # Seconds before a failed instance (or a failed fetch) is tried again; doubles on every
-    # failure up to the max. A file that is being copied in, or a GPU that another program
-    # frees, recovers on its own; a broken file should not reload in a tight loop.
-    retry_s: float = 5.0
-    retry_max_s: float = 300.0
-    # Seconds between passes when no plan change triggers one: restarts crashed instances
-    # and picks up retries.
-    tick_s: float = 2.0
-    # Bytes kept free on every GPU for other programs, the display and fragmentation: what
-    # placement may use is total - used by others - this.
-    headroom: int = 256 * MIB
-    # Capacity is rounded down to this step so that small VRAM jitter does not change the
-    # gossip payload (and trigger a re-plan) every probe.
-    capacity_step: int = 64 * MIB
+class Trigger:
+    """A wake-up call for a loop: gossip changes and Raft applies fire it."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+
+    async def wait(self, within: float) -> bool:
+        """True if fired within `within` seconds (and clears it), False otherwise."""
+        try:
+            async with asyncio.timeout(within):
+                await self._event.wait()
+        except TimeoutError:
+            return False
+        self._event.clear()
+        return True
 
 
-@dataclass(frozen=True)
-class Running:
-    """What an instance of this node was started with, and how it is doing."""
-
-    source: str
-    gpus: tuple[str, ...]  # local gpu ids
-    state: str
-    n_ctx: int | None = None  # None: not started by the reconciler (unknown)
+# ---- the controller's runner ----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Step:
-    action: str  # "stop" | "start"
-    model: str
-    source: str = ""
-    gpus: tuple[str, ...] = ()  # local gpu ids ("gpu0"), in the assignment's order
-    tensor_split: tuple[float, ...] = ()  # proportions per gpu for llama.cpp
-    n_ctx: int = 0
-
-
-def local_gpu_id(node_id: str, gpu_id: str) -> str:
-    """Plan gpu ids are cluster-wide ("n1/gpu0"); Instances and probes use "gpu0"."""
-    prefix = f"{node_id}/"
-    return gpu_id[len(prefix) :] if gpu_id.startswith(prefix) else gpu_id
-
-
-def plan_steps(
-    node_id: str,
-    wanted: Iterable[Assignment],
-    models: Mapping[str, ModelRecord],
-    running: Mapping[str, Running],
-    retry_due: Iterable[str] = (),
-) -> list[Step]:
-    """The stops, then the starts, that turn `running` into this node's part of the plan.
-
-    An instance keeps running while its model, GPUs, source and context size are unchanged:
-    a new VRAM estimate alone does not reload a model (which is why this compares with what
-    runs rather than diffing two plans with placement.diff, whose key includes the bytes).
-    A failed instance is restarted only when its model is in `retry_due`. Assignments of a
-    model no longer deployed are ignored (the next plan drops them).
-    """
-    due = set(retry_due)
-    want: dict[str, Step] = {}
-    for a in wanted:
-        record = models.get(a.model)
-        if a.node != node_id or record is None:
+def read_local_files(
+    models: list[ModelRecord],
+    local_path: Callable[[ModelRecord], Path | None],
+    estimator: Callable[..., Any] | None = None,
+) -> dict[str, ctl.LocalFile]:
+    """The size and VRAM estimate (GGUF header) of deployed model files held here whose
+    VRAM the log does not record yet. Reads files: the I/O half of the controller."""
+    out = {}
+    for m in models:
+        if m.vram is not None:
             continue
-        want[a.model] = Step(
-            "start",
-            a.model,
-            record.source,
-            tuple(local_gpu_id(node_id, g) for g in a.gpus),
-            a.tensor_split if len(a.gpus) > 1 else (),
-            record.n_ctx,
+        path = local_path(m)
+        if path is None:
+            continue
+        try:
+            size = path.stat().st_size
+        except OSError:
+            continue
+        try:
+            if estimator is None:
+                from placement import estimate as estimator
+            est = estimator(path, m.n_ctx)
+            out[m.name] = ctl.LocalFile(size, est.total, est.split_overhead)
+        except Exception as exc:  # commit what is certain; the size-based guess stays
+            log.warning("cannot estimate %s from %s: %s", m.name, path, exc)
+            out[m.name] = ctl.LocalFile(size)
+    return out
+
+
+class ControllerRunner:
+    """Runs on every peer; acts only while `is_ready()` (raft.leader_ready). `propose(bytes)`
+    returns once the entry is applied here (or raises, e.g. NotLeader); `change_conf(op,
+    node, voter)` likewise for a voter change."""
+
+    def __init__(
+        self,
+        node_id: str,
+        state: ClusterState,
+        view: Callable[[], list[NodeView]],
+        trigger: Trigger,
+        is_ready: Callable[[], bool],
+        term: Callable[[], int],
+        propose: Callable[[bytes], Awaitable[Any]],
+        config: ctl.ControllerConfig = ctl.DEFAULT_CONFIG,
+        membership: MembershipConfig | None = None,
+        raft_conf: Callable[[], tuple[tuple[str, ...], tuple[str, ...]]] | None = None,
+        change_conf: Callable[[str, str, bool], Awaitable[Any]] | None = None,
+        caught_up: Callable[[], list[str]] | None = None,
+        local_path: Callable[[ModelRecord], Path | None] = lambda m: None,
+        found_cluster_id: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.node_id = node_id
+        self.state = state
+        self._view = view
+        self._trigger = trigger
+        self._is_ready = is_ready
+        self._term = term
+        self._propose = propose
+        self.config = config
+        self._membership = membership or MembershipConfig()
+        self._raft_conf = raft_conf
+        self._change_conf = change_conf
+        self._caught_up = caught_up
+        self._local_path = local_path
+        self._found_cluster_id = found_cluster_id  # the founder commits it (bootstrap)
+        self._clock = clock
+
+    async def run(self) -> None:
+        was_ready, last = False, float("-inf")
+        while True:
+            fired = await self._trigger.wait(READY_CHECK_S)
+            ready = self._is_ready()
+            # A pass on a wake-up, the moment leadership becomes usable (the new leader's
+            # no-op applied: no entry fires the trigger for it), and every tick_s.
+            due = fired or (ready and not was_ready) or self._clock() - last >= self.config.tick_s
+            was_ready = ready
+            if not ready or not due:
+                continue
+            last = self._clock()
+            try:
+                await self.run_pass()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NotLeader, a lost proposal: try again on the next wake
+                log.info("controller pass did not complete: %r", exc)
+
+    def context(self) -> ctl.Context:
+        voters, learners = self._raft_conf() if self._raft_conf is not None else ((), ())
+        return ctl.Context(
+            self.node_id,
+            self._term(),
+            tuple(voters),
+            tuple(learners),
+            tuple(self._caught_up()) if self._caught_up is not None else None,
+            self._found_cluster_id,
+            read_local_files(self.state.desired(), self._local_path),
         )
-    stops, starts = [], []
-    for model in sorted(running):
-        have, need = running[model], want.get(model)
-        same = (
-            need is not None
-            and have.source == need.source
-            and have.gpus == need.gpus
-            and have.n_ctx in (None, need.n_ctx)
+
+    def decide(self) -> list[ctl.Action]:
+        return ctl.step(
+            self._view(), self.state, self._clock(), self.context(), self.config, self._membership
         )
-        if not same or (have.state == "failed" and model in due):
-            stops.append(Step("stop", model))
-    stopped = {s.model for s in stops}
-    for model in sorted(want):
-        if model not in running or model in stopped:
-            starts.append(want[model])
-    return stops + starts
+
+    async def run_pass(self) -> list[ctl.Action]:
+        """Do the first action the step asks for, then ask again (each from the view and
+        state as they are then), until it asks for nothing new. Returns what was done."""
+        done: list[ctl.Action] = []
+        while len(done) < MAX_ACTIONS_PER_PASS and self._is_ready():
+            todo = [a for a in self.decide() if a not in done]
+            if not todo:
+                break
+            action = todo[0]
+            done.append(action)
+            async with asyncio.timeout(self.config.propose_timeout_s):
+                if isinstance(action, ctl.Propose):
+                    log.info("controller: %s", action.why or "proposal")
+                    await self._propose(action.data)
+                elif self._change_conf is not None:
+                    c = action.change
+                    log.info("membership: %s %s (%s)", c.op, c.node, c.reason)
+                    await self._change_conf(c.op, c.node, c.voter)
+        return done
 
 
-# ---- gossip payload ---------------------------------------------------------------------
-
-
-def gpu_capacity(total: int, free: int, own_used: int, headroom: int, step: int = 64 * MIB) -> int:
-    """Bytes placement may use on a GPU: total, minus what other programs hold (used but
-    not by our instances), minus headroom; rounded down to `step`."""
-    others = max(0, total - free - own_used)
-    usable = max(0, total - others - headroom)
-    return usable - usable % step if step > 0 else usable
-
-
-@dataclass(frozen=True)
-class InstanceView:
-    model: str
-    state: str
-    queue_depth: int = 0
-    gpus: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class PeerPayload:
-    """What one node gossips about itself (read_payload of node_payload)."""
-
-    addr: str = ""  # HOST:PORT of its HTTP API
-    cluster_id: str | None = None
-    gpus: tuple[Gpu, ...] = ()  # ids prefixed with the node id, capacity as above
-    vram_total: tuple[int, ...] = ()  # per gpu, same order, for the dashboard
-    vram_free: tuple[int, ...] = ()
-    instances: tuple[InstanceView, ...] = ()
-    files: tuple[tuple[str, int, str], ...] = ()  # (sha256, size, source) it can share
-
-
-def node_payload(
-    addr: str,
-    cluster_id: str | None,
-    gpus: Sequence[Any],
-    own_used: Mapping[str, int],
-    instances: Iterable[Mapping[str, Any]],
-    files: Iterable[tuple[str, int, str]] = (),
-    config: ReconcilerConfig = ReconcilerConfig(),
-) -> dict:
-    """The gossip payload (a msgpack-friendly map). gpus: aivailable.gpu.GpuInfo items (id,
-    vendor, name, vram_total, vram_free); own_used: bytes our instances hold per local gpu
-    id (Reconciler.own_vram); instances: Instances views (+ pending fetches)."""
-    return {
-        "v": PAYLOAD_VERSION,
-        "addr": addr,
-        "cluster": cluster_id,
-        "gpus": [
-            [
-                g.id,
-                g.vendor,
-                g.name,
-                gpu_capacity(
-                    g.vram_total,
-                    g.vram_free,
-                    own_used.get(g.id, 0),
-                    config.headroom,
-                    config.capacity_step,
-                ),
-                g.vram_total,
-                g.vram_free,
-            ]
-            for g in gpus
-        ],
-        "inst": [
-            [v["model"], v["state"], int(v.get("queue_depth", 0)), list(v.get("gpus", ()))]
-            for v in instances
-        ],
-        "files": [[sha, size, source] for sha, size, source in files],
-    }
-
-
-def read_payload(node_id: str, payload: Mapping[str, Any] | None) -> PeerPayload:
-    """A peer's payload, checked; anything malformed reads as empty (a peer running another
-    version never crashes this one, it just offers nothing to place on)."""
-    if not isinstance(payload, Mapping) or payload.get("v") != PAYLOAD_VERSION:
-        return PeerPayload()
-    try:
-        gpus, totals, frees = [], [], []
-        for gid, vendor, name, capacity, total, free in payload.get("gpus", ()):
-            gpus.append(Gpu(f"{node_id}/{gid}", vendor, str(name), int(capacity)))
-            totals.append(int(total))
-            frees.append(int(free))
-        instances = tuple(
-            InstanceView(str(m), str(s), int(q), tuple(str(g) for g in gs))
-            for m, s, q, gs in payload.get("inst", ())
-        )
-        files = tuple(
-            (str(sha), int(size), str(src)) for sha, size, src in payload.get("files", ())
-        )
-        cluster = payload.get("cluster")
-        return PeerPayload(
-            str(payload.get("addr", "")),
-            cluster if isinstance(cluster, str) else None,
-            tuple(gpus),
-            tuple(totals),
-            tuple(frees),
-            instances,
-            files,
-        )
-    except (TypeError, ValueError):
-        return PeerPayload()
-
-
-# ---- the loop -----------------------------------------------------------------------------
+# ---- the reconciler's runner ------------------------------------------------------------
 
 EnsureFile = Callable[[ModelRecord], Awaitable[Path]]
 # Checks the sources of deployed models whose checksum nobody knows yet and that this node
@@ -240,7 +209,7 @@ class _Failure:
 
 
 class Reconciler:
-    """Runs on every peer. `instances` is the peer's aivailable.instances.Instances;
+    """Runs on every peer. `instances` is the peer's aivailable.cluster.instances.Instances;
     `ensure_file(record)` makes the model file local (model_transfer.ModelFetcher.ensure)
     and raises if it cannot; None leaves fetching to the Instances resolver."""
 
@@ -251,10 +220,13 @@ class Reconciler:
         instances: Any,
         trigger: Trigger,
         ensure_file: EnsureFile | None = None,
-        config: ReconcilerConfig = ReconcilerConfig(),
+        config: ReconcilerConfig = DEFAULT_RECONCILER,
         clock: Callable[[], float] = time.monotonic,
         discover: Discover | None = None,
+        ready: Callable[[], bool] = lambda: True,
     ):
+        """`ready()`: this peer's state may be acted on (raft.caught_up); until it first
+        says so, a restarted peer does not act on the old plan it restored."""
         self.node_id = node_id
         self.state = state
         self.instances = instances
@@ -269,6 +241,8 @@ class Reconciler:
         self._failed: dict[str, _Failure] = {}  # models whose start failed, with retry time
         self._attempts: dict[str, int] = {}  # failures in a row, for the backoff
         self._tg: asyncio.TaskGroup | None = None
+        self._ready = ready
+        self._caught_up = False
 
     # -- what others read
 
@@ -369,14 +343,24 @@ class Reconciler:
 
     async def reconcile(self) -> list[Step]:
         """One pass; returns the steps it took. Safe to call any time, any number of times."""
+        if not self._caught_up:
+            self._caught_up = self._ready()
+            if not self._caught_up:
+                return []
         now = self._clock()
         running = self._running()
-        steps = plan_steps(
-            self.node_id,
-            self.state.assignments_for(self.node_id),
-            self.state.models,
-            running,
-            self._retry_due(running, now),
+        # No plan yet (a new cluster): nothing to match, and a preloaded default model
+        # stays up for the first plan to adopt.
+        steps = (
+            plan_steps(
+                self.node_id,
+                self.state.assignments_for(self.node_id),
+                self.state.models,
+                running,
+                self._retry_due(running, now),
+            )
+            if self.state.plan is not None
+            else []
         )
         for step in steps:
             if step.action == "stop":

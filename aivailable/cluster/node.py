@@ -1,10 +1,9 @@
-"""One peer's cluster parts wired together: gossip, Raft, the cluster state, the controller,
-the reconciler, model transfer and forwarding.
+"""One peer's cluster parts wired together, and nothing else: gossip -> the read model ->
+the controller and reconciler runners -> instances; Raft; model transfer; forwarding.
 
-`ClusterNode` only builds and connects them; each part's logic lives in its own module
-(docs/cluster.md draws the picture). `run()` is the node's life in the peer's TaskGroup:
-bootstrap (resume, join or found a Raft cluster), then Raft, controller, reconciler and the
-gossip payload loop until cancelled.
+`run()` is the node's life in the peer's TaskGroup: bootstrap (resume, join or found a Raft
+cluster), then Raft, the runners and the gossip event feed until cancelled. docs/cluster.md
+draws the picture.
 """
 
 from __future__ import annotations
@@ -22,63 +21,69 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
+from aivailable import store
 from aivailable.access.keys import stamp
 from aivailable.api.cluster_api import ClusterApi
 from aivailable.api.errors import ApiError
 from aivailable.backends.base import Engine
 from aivailable.backends.llama_engine import LlamaEngine, n_gpu_layers_for
-from aivailable.cluster_state import ClusterState
-from aivailable.cluster_view import (
+from aivailable.cluster.instances import Instances
+from aivailable.cluster.membership_policy import FOUND, JOIN, RESUME, WAIT, bootstrap_action
+from aivailable.cluster.payload import node_payload, read_payload
+from aivailable.cluster.raft import (
     PROPOSE_PATH,
     Proposer,
     RaftClusterView,
     address_book,
     apply_entry,
-    cluster_status,
-    member_infos,
-    node_statuses,
-    peer_entries,
-)
-from aivailable.config import Config
-from aivailable.controller import (
-    Controller,
-    MemberClock,
-    Trigger,
+    caught_up,
     caught_up_learners,
+    leader_ready,
+    no_leader,
     raft_conf_hooks,
 )
+from aivailable.cluster.runner import ControllerRunner, Reconciler, Trigger
+from aivailable.cluster.state import ClusterState
+from aivailable.cluster.status import cluster_status
+from aivailable.cluster.view import ReadModel
+from aivailable.config import Config
 from aivailable.gpu import GpuInfo
-from aivailable.instances import Instances
-from aivailable.membership_policy import FOUND, RESUME, WAIT, bootstrap_action
 from aivailable.model_transfer import LocalModels, ModelFetcher, ModelTransferApi
-from aivailable.reconciler import Reconciler, node_payload
 from consensus import FileStorage, HardState
 from consensus.driver import MESSAGES_PATH, RaftDriver
-from peer.forward import Forwarder, Replica, summarize_availability
+from peer.availability import Replica
+from peer.forward import Forwarder
 
 log = logging.getLogger(__name__)
-# Seconds a parsed gossip view is reused: far below gossip's own propagation time, so no
-# decision sees staler news, while a burst of Raft sends or requests parses it once.
-ENTRIES_TTL_S = 0.02
+# Seconds a brand-new peer listens before it preloads its cached default model: a peer
+# joining with --join has heard the cluster by then (a push-pull on a LAN takes
+# milliseconds), so only a peer likely to be alone pays for the load.
+PRELOAD_AFTER_S = 0.3
 # Seconds between re-probes of the real GPUs' free memory: other programs come and go
 # slowly; NVML and amdsmi reads cost about a millisecond.
 PROBE_INTERVAL_S = 5.0
-# Routes that exist only once Raft runs (consensus.driver and cluster_view.Proposer).
+# Routes that exist only once Raft runs (consensus.driver and cluster.view.Proposer).
 LATE_ROUTES = (MESSAGES_PATH, PROPOSE_PATH)
-# Seconds between refreshes of this node's gossip payload and checks of the gossip view.
-# An instance turning ready reaches gossip, and a member turning dead wakes the controller,
-# within this time, so it adds directly to failover (bench/failover.py: 0.5 s cost about
-# 0.4 s at p50). A refresh that changes nothing only builds the payload and compares the
-# view: Membership.set_payload ignores an unchanged payload, so nothing is sent.
+# Seconds between refreshes of this node's own gossip payload: an instance turning ready
+# reaches gossip within this time. A refresh that changes nothing costs building the payload
+# only: Membership.set_payload ignores an unchanged payload, so nothing is sent. Other
+# members' changes need no polling: gossip events push them into the read model.
 PUBLISH_INTERVAL_S = 0.1
+# Seconds between full resyncs of the read model from gossip's member list: only a safety
+# net for events a slow subscriber dropped (gossip counts them in events_dropped).
+RESYNC_INTERVAL_S = 5.0
 
 
 class GossipLike(Protocol):
     """What the node needs of peer.gossip.Gossip."""
 
-    def members(self) -> list[Any]: ...  # MemberViews: id, state, payload; this node included
+    def members(self) -> list[Any]: ...  # MemberViews: id, state, since, payload
+
+    def subscribe(self) -> Any: ...  # async iterator of MemberEvent(kind, member); close()
 
     def set_payload(self, payload: dict) -> None: ...
+
+    def report_unreachable(self, node_id: str) -> None: ...
 
 
 # (model, model file, node-local gpu ids, reconciler's launch step or None) -> Engine
@@ -132,18 +137,16 @@ class ClusterNode:
         self.session = session
         self.gossip = gossip
         self.state = ClusterState()
+        self.view = ReadModel(self.me)
         self.ctrl_wake, self.rec_wake = Trigger(), Trigger()
-        self.member_clock = MemberClock()
         self.local_models = LocalModels(config.cache_dir)
         self.cluster_id: str | None = None
         self._driver: RaftDriver | None = None
         self._proposer: Proposer | None = None
         self._ready = asyncio.Event()  # set once Raft runs: status and deploys can be served
-        self._last_view: tuple = ()
         self._late_handlers: dict[str, Callable] = {}
         self._leaving = False
-        self._entries: list = []
-        self._entries_at = float("-inf")
+        self._others_logged: set[str] = set()
 
         build = build_engine or llama_builder(config, gpus)
         self.instances = Instances(
@@ -151,7 +154,9 @@ class ClusterNode:
             lambda model, path, gpu_ids: build(model, path, gpu_ids, self.reconciler.launch(model)),
             tg,
         )
-        self.fetcher = ModelFetcher(self.local_models, session, self._peer_files)
+        self.fetcher = ModelFetcher(
+            self.local_models, session, lambda: self.view.peer_files(self.our_cluster())
+        )
         self.reconciler = Reconciler(
             self.me,
             self.state,
@@ -160,68 +165,40 @@ class ClusterNode:
             self.fetcher.ensure,
             config.reconciler,
             discover=self.fetcher.discover,
+            ready=lambda: self._driver is not None and caught_up(self._driver),
         )
         self.forwarder = Forwarder(
-            session, self.replicas_of, self.availability_of, self.me, config.forward
+            session,
+            self.replicas_of,
+            self.availability_of,
+            self.me,
+            config.forward,
+            member_state=self.member_state,
+            report_unreachable=gossip.report_unreachable,
         )
-        self._address_of = address_book(
-            self.state, lambda: {e.id: e.payload.addr for e in self.entries() if e.payload.addr}
-        )
+        self._address_of = address_book(self.state, self.view.addresses)
 
-    # ---- views the other parts read ---------------------------------------------------------
+    # ---- what the other parts read ------------------------------------------------------------
 
-    def entries(self):
-        """The gossip view with parsed payloads. Raft sends, forwarded requests and status
-        all read it, so it is parsed at most once per ENTRIES_TTL_S, not once per call."""
-        now = time.monotonic()
-        if now - self._entries_at >= ENTRIES_TTL_S:
-            self._entries = peer_entries(self.gossip.members(), self.member_clock, now)
-            self._entries_at = now
-        return self._entries
-
-    def _peer_files(self):
-        return [
-            (e.id, e.payload.addr, [f[0] for f in e.payload.files])
-            for e in self.entries()
-            if e.id != self.me and e.state == "alive" and e.payload.addr
-        ]
+    def our_cluster(self) -> str | None:
+        return self.state.cluster_id or self.cluster_id
 
     def replicas_of(self, model: str) -> list[Replica]:
-        out = []
-        for e in self.entries():
-            if e.state not in ("alive", "suspect") or not e.payload.addr:
-                continue
-            for inst in e.payload.instances:
-                if inst.model == model:
-                    out.append(
-                        Replica(e.id, e.payload.addr, e.id == self.me, inst.state, inst.queue_depth)
-                    )
-        return out
+        return self.view.replicas_of(model, self.our_cluster())
 
     def availability_of(self, model: str):
-        record = self.state.models.get(model)
-        if record is None:
-            return summarize_availability(False, ())
-        placements = self.state.plan.for_model(model) if self.state.plan else ()
-        states = [
-            inst.state
-            for e in self.entries()
-            for inst in e.payload.instances
-            if inst.model == model and any(a.node == e.id for a in placements)
-        ]
-        unplaced = next(
-            (
-                u.reason
-                for u in (self.state.plan.unplaced if self.state.plan else ())
-                if u.model == model
-            ),
-            "",
-        )
-        return summarize_availability(True, states or (["pending"] if placements else []), unplaced)
+        return self.view.availability_of(model, self.state)
+
+    def member_state(self, node_id: str) -> str:
+        """Gossip's state of a node now: the forwarder abandons a replica it calls dead."""
+        node = self.view.node(node_id)
+        return node.state if node is not None else "dead"
 
     def catalog(self) -> list[str]:
-        """Model names clients may ask for: what the cluster deploys."""
-        return sorted(self.state.models)
+        """Model names clients may ask for: what the cluster deploys, and what this peer
+        serves itself (a preloaded default model before the cluster's first plan)."""
+        ready = {m for m, i in self.instances.by_model().items() if i.state == "ready"}
+        return sorted(set(self.state.models) | ready)
 
     # ---- HTTP ---------------------------------------------------------------------------------
 
@@ -247,8 +224,6 @@ class ClusterNode:
         return await handler(request)
 
     async def _until_ready(self) -> None:
-        from aivailable.cluster_view import no_leader
-
         try:
             async with asyncio.timeout(10):
                 await self._ready.wait()
@@ -258,7 +233,7 @@ class ClusterNode:
     # ClusterView (aivailable.api.cluster_api), backed by RaftClusterView once Raft runs.
     def status(self) -> dict:
         if self._driver is None:
-            status = cluster_status(self.me, None, 0, self.state, self.entries())
+            status = cluster_status(self.me, None, 0, self.state, self.view)
         else:
             status = self._view.status()
         # This node's own instances in full (pid, restarts, errors), not as gossiped.
@@ -294,28 +269,71 @@ class ClusterNode:
         ]
 
     def publish(self) -> None:
-        """Refresh this node's gossip payload; wake the controller when the view changed."""
+        """Refresh this node's gossip payload and its own entry in the read model."""
         own = self.reconciler.own_vram()
-        self.gossip.set_payload(
-            node_payload(
-                self.config.advertise_addr,
-                self.state.cluster_id or self.cluster_id,
-                self.current_gpus(own),
-                own,
-                self.reconciler.views(),
-                self.local_models.files(),
-            )
+        payload = node_payload(
+            self.config.advertise_addr,
+            self.our_cluster(),
+            self.current_gpus(own),
+            own,
+            self.reconciler.views(),
+            self.local_models.files(),
+            self.config.reconciler.headroom,
+            self.config.reconciler.capacity_step,
         )
-        view = tuple((e.id, e.state, e.payload) for e in self.entries())
-        if view != self._last_view:
-            self._last_view = view
-            self.ctrl_wake.fire()
-            self.rec_wake.fire()
+        self.gossip.set_payload(payload)
+        if self.view.set_own(read_payload(self.me, payload), time.monotonic()):
+            self._changed()
+
+    def _changed(self) -> None:
+        self.ctrl_wake.fire()
+        self.rec_wake.fire()
 
     async def _publish_loop(self) -> None:
         while not self._leaving:
             self.publish()
             await asyncio.sleep(PUBLISH_INTERVAL_S)
+
+    async def _event_loop(self) -> None:
+        """Gossip events -> the read model -> wake the runners (push, not poll)."""
+        events = self.gossip.subscribe()
+        self._resync()
+        last = time.monotonic()
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(RESYNC_INTERVAL_S):
+                        event = await anext(events)
+                except TimeoutError:
+                    event = None
+                now = time.monotonic()
+                mine = event is None or event.member.id == self.me
+                if not mine and self.view.update([event.member], now):
+                    self._note_other_cluster(event.member.id)
+                    self._changed()
+                if now - last >= RESYNC_INTERVAL_S:
+                    last = now
+                    self._resync()
+        finally:
+            events.close()
+
+    def _resync(self) -> None:
+        others = [m for m in self.gossip.members() if m.id != self.me]
+        if self.view.update(others, time.monotonic(), full=True):
+            self._changed()
+
+    def _note_other_cluster(self, node_id: str) -> None:
+        node = self.view.node(node_id)
+        ours = self.our_cluster()
+        other = node is not None and ours and node.cluster_id not in (None, ours)
+        if other and node.state == "alive" and node_id not in self._others_logged:
+            self._others_logged.add(node_id)
+            log.warning(
+                "%s belongs to another cluster (%s) that shares this key; it is ignored. "
+                "To merge it, clear its raft state and restart it without it",
+                node_id,
+                node.cluster_id,
+            )
 
     async def _probe_loop(self) -> None:
         while self._probe is not None:
@@ -334,20 +352,42 @@ class ClusterNode:
                     len(fresh),
                 )
 
-    async def _bootstrap(self, storage: FileStorage) -> Any:
-        hard, snap, ents = storage.initial_state()
-        has_state = snap is not None or bool(ents) or hard != HardState()
+    def _preload(self) -> str | None:
+        """Cold start: a brand-new peer starts loading the default model while it listens for
+        a cluster, if the file is already here, so a lone peer answers about when its
+        worker is up rather than after the discovery window, the election and the first
+        plan one after another. The reconciler owns it once this peer has caught up: kept
+        if the plan puts the model here, stopped otherwise; a peer that finds a cluster to
+        join stops it at once."""
+        source = self.config.model
+        if source.lower() in ("", "none") or not self.local_models.held_locally(source):
+            return None
+        devices = sorted(self.gpus, key=lambda g: (-g.vram_free, g.id))
+        if not devices:
+            return None  # no device at all: this peer only routes
+        name = store.model_name(source)
+        self.instances.start(name, source, (devices[0].id,))
+        log.info("preloading %s while listening for a cluster", name)
+        return name
+
+    async def _bootstrap(self, has_state: bool) -> tuple[Any, str | None]:
+        """The bootstrap decision, and the model preloaded meanwhile (a brand-new peer that
+        has seen no cluster for PRELOAD_AFTER_S: a joiner with --join sees it sooner)."""
         started = time.monotonic()
+        preloaded, tried = None, has_state
         while True:
             others = {
-                e.id: e.payload.cluster_id
-                for e in self.entries()
-                if e.id != self.me and e.state == "alive"
+                n.id: n.cluster_id
+                for n in self.view.nodes()
+                if n.id != self.me and n.state == "alive"
             }
-            decision = bootstrap_action(self.me, has_state, others, time.monotonic() - started)
+            waited = time.monotonic() - started
+            decision = bootstrap_action(self.me, has_state, others, waited)
             if decision.action != WAIT:
-                return decision
-            await asyncio.sleep(0.2)
+                return decision, preloaded
+            if not tried and waited >= PRELOAD_AFTER_S:
+                tried, preloaded = True, self._preload()
+            await asyncio.sleep(0.1)
 
     async def run(self) -> None:
         """Bootstrap, then serve as a cluster member until cancelled."""
@@ -357,8 +397,13 @@ class ClusterNode:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._publish_loop(), name="gossip payload")
+                tg.create_task(self._event_loop(), name="gossip events")
                 tg.create_task(self._probe_loop(), name="gpu probe")
-                decision = await self._bootstrap(storage)
+                hard, snap, ents = storage.initial_state()
+                has_state = snap is not None or bool(ents) or hard != HardState()
+                decision, preloaded = await self._bootstrap(has_state)
+                if preloaded is not None and decision.action == JOIN:
+                    await self.instances.stop(preloaded)  # the cluster's plan decides
                 id_file = data_dir / "cluster_id"
                 if decision.action == RESUME:
                     self.cluster_id = id_file.read_text().strip() if id_file.exists() else None
@@ -382,35 +427,38 @@ class ClusterNode:
                     snapshot=self.state.snapshot,
                     restore=self.state.restore,
                 )
+                if tuple(driver.voters) == (self.me,):
+                    driver.node.campaign()  # the only voter: no election timeout to wait
                 proposer = Proposer(driver, self.session, self._address_of)
                 apply = apply_entry(self.state, [self.ctrl_wake, self.rec_wake], proposer)
                 default = None if self.config.model.lower() in ("", "none") else self.config.model
                 controller_config = dataclasses.replace(
                     self.config.controller, default_source=default, default_n_ctx=self.config.n_ctx
                 )
-                controller = Controller(
+                voters_of, change_conf = raft_conf_hooks(driver)
+                controller = ControllerRunner(
                     self.me,
                     self.state,
+                    self.view.nodes,
+                    self.ctrl_wake,
+                    lambda: leader_ready(driver),
+                    lambda: driver.term,
                     # The leader proposes on its own log, never forwarded; ids stop replays.
                     lambda data: driver.propose(stamp(data)),
-                    lambda: driver.role == "leader",
-                    lambda: driver.term,
-                    lambda: node_statuses(self.entries()),
-                    self.ctrl_wake,
                     controller_config,
+                    self.config.membership,
+                    voters_of,
+                    change_conf,
+                    caught_up_learners(driver, controller_config.promote_max_lag),
                     local_path=self.local_models.local_path,
-                    conf=raft_conf_hooks(driver),
-                    members=lambda: member_infos(self.entries()),
-                    caught_up=caught_up_learners(driver, controller_config.promote_max_lag),
                     found_cluster_id=self.cluster_id if decision.action == FOUND else None,
-                    membership=self.config.membership,
                 )
                 self._driver, self._proposer = driver, proposer
                 self._late_handlers = {
                     r.path: r.handler for r in driver.routes() + proposer.routes()
                 }
                 self._view = RaftClusterView(
-                    self.me, self.state, driver, proposer, self.entries, self.local_models
+                    self.me, self.state, driver, proposer, self.view, self.local_models
                 )
                 self._ready.set()
                 tg.create_task(driver.run(), name="raft")
@@ -426,7 +474,7 @@ class ClusterNode:
         driver = self._driver
         if driver is None or driver.role != "leader":
             return
-        alive = {e.id for e in self.entries() if e.state == "alive"}
+        alive = {n.id for n in self.view.nodes() if n.state == "alive"}
         others = sorted(v for v in driver.voters if v != self.me and v in alive)
         if others:
             with contextlib.suppress(Exception):

@@ -1,8 +1,7 @@
 """The model instances this peer runs: one engine per loaded model, started and stopped here.
 
-The single-node peer asks for its configured models at start; in a cluster the
-reconciler asks for what the committed plan gives this node. Either way this is
-the one owner of engines, so the API only ever looks them up.
+The reconciler asks for what the committed plan gives this node (a lone peer is a
+cluster of one). This is the one owner of engines, so the API only ever looks them up.
 """
 
 from __future__ import annotations

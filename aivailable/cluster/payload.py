@@ -1,0 +1,120 @@
+"""What one node gossips about itself, and its parser: the one place the payload format lives.
+
+`node_payload` builds the msgpack-friendly map a node sets on its gossip member;
+`read_payload` reads any peer's map back, checked, into a `PeerPayload`. A peer running
+another version never crashes this one: a payload it cannot read offers nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from placement import Gpu
+
+MIB = 1 << 20
+PAYLOAD_VERSION = 1
+
+
+def gpu_capacity(total: int, free: int, own_used: int, headroom: int, step: int = 64 * MIB) -> int:
+    """Bytes placement may use on a GPU: total, minus what other programs hold (used but
+    not by our instances), minus headroom; rounded down to `step`."""
+    others = max(0, total - free - own_used)
+    usable = max(0, total - others - headroom)
+    return usable - usable % step if step > 0 else usable
+
+
+@dataclass(frozen=True)
+class InstanceView:
+    model: str
+    state: str
+    queue_depth: int = 0
+    gpus: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PeerPayload:
+    """What one node gossips about itself (read_payload of node_payload)."""
+
+    addr: str = ""  # HOST:PORT of its HTTP API
+    cluster_id: str | None = None
+    gpus: tuple[Gpu, ...] = ()  # ids prefixed with the node id, capacity as above
+    vram_total: tuple[int, ...] = ()  # per gpu, same order, for the dashboard
+    vram_free: tuple[int, ...] = ()
+    instances: tuple[InstanceView, ...] = ()
+    files: tuple[tuple[str, int, str], ...] = ()  # (sha256, size, source) it can share
+
+
+def node_payload(
+    addr: str,
+    cluster_id: str | None,
+    gpus: Sequence[Any],
+    own_used: Mapping[str, int],
+    instances: Iterable[Mapping[str, Any]],
+    files: Iterable[tuple[str, int, str]] = (),
+    headroom: int = 256 * MIB,
+    capacity_step: int = 64 * MIB,
+) -> dict:
+    """The gossip payload (a msgpack-friendly map). gpus: aivailable.gpu.GpuInfo items (id,
+    vendor, name, vram_total, vram_free); own_used: bytes our instances hold per local gpu
+    id (Reconciler.own_vram); instances: Instances views (+ pending fetches)."""
+    return {
+        "v": PAYLOAD_VERSION,
+        "addr": addr,
+        "cluster": cluster_id,
+        "gpus": [
+            [
+                g.id,
+                g.vendor,
+                g.name,
+                gpu_capacity(
+                    g.vram_total,
+                    g.vram_free,
+                    own_used.get(g.id, 0),
+                    headroom,
+                    capacity_step,
+                ),
+                g.vram_total,
+                g.vram_free,
+            ]
+            for g in gpus
+        ],
+        "inst": [
+            [v["model"], v["state"], int(v.get("queue_depth", 0)), list(v.get("gpus", ()))]
+            for v in instances
+        ],
+        "files": [[sha, size, source] for sha, size, source in files],
+    }
+
+
+def read_payload(node_id: str, payload: Mapping[str, Any] | None) -> PeerPayload:
+    """A peer's payload, checked; anything malformed reads as empty (a peer running another
+    version never crashes this one, it just offers nothing to place on)."""
+    if not isinstance(payload, Mapping) or payload.get("v") != PAYLOAD_VERSION:
+        return PeerPayload()
+    try:
+        gpus, totals, frees = [], [], []
+        for gid, vendor, name, capacity, total, free in payload.get("gpus", ()):
+            gpus.append(Gpu(f"{node_id}/{gid}", vendor, str(name), int(capacity)))
+            totals.append(int(total))
+            frees.append(int(free))
+        instances = tuple(
+            InstanceView(str(m), str(s), int(q), tuple(str(g) for g in gs))
+            for m, s, q, gs in payload.get("inst", ())
+        )
+        files = tuple(
+            (str(sha), int(size), str(src)) for sha, size, src in payload.get("files", ())
+        )
+        cluster = payload.get("cluster")
+        return PeerPayload(
+            str(payload.get("addr", "")),
+            cluster if isinstance(cluster, str) else None,
+            tuple(gpus),
+            tuple(totals),
+            tuple(frees),
+            instances,
+            files,
+        )
+    except (TypeError, ValueError):
+        return PeerPayload()

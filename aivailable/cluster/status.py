@@ -1,0 +1,105 @@
+"""The `/cluster/status` document (DESIGN.md): nodes from the read model, models from the
+committed state and plan. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from aivailable.cluster.state import ClusterState
+from aivailable.cluster.view import ReadModel
+
+# What to tell someone who sees another cluster with the same key: its nodes are ignored
+# until they are made to join this one on purpose.
+JOIN_HINT = (
+    "another cluster shares this cluster key; its nodes are ignored. To merge, stop those "
+    "peers, clear their data dirs' raft state and cluster_id, and start them again: a peer "
+    "without state joins the cluster it sees"
+)
+
+
+def cluster_status(
+    node_id: str,
+    leader: str | None,
+    term: int,
+    state: ClusterState,
+    view: ReadModel,
+    voters: Iterable[str] = (),
+    learners: Iterable[str] = (),
+) -> dict:
+    """The /cluster/status body: nodes from gossip (this one included), models from the
+    committed state and plan, each placement with its instance's state as gossiped."""
+    cid = state.cluster_id
+    instance_state = view.instance_states(cid)
+    nodes = []
+    # Nodes of this cluster, and those of none yet (a peer still listening, a payload this
+    # version cannot read): shown, though never placed on. Other clusters are listed apart.
+    for e in (n for n in view.nodes() if n.cluster_id in (None, cid) or cid is None):
+        p = e.payload
+        nodes.append(
+            {
+                "id": e.id,
+                "addr": p.addr,
+                "state": e.state,
+                "incarnation": e.incarnation,
+                "gpus": [
+                    {
+                        "id": g.id,
+                        "vendor": g.vendor,
+                        "name": g.name,
+                        "vram_total": total,
+                        "vram_free": free,
+                        "capacity": g.capacity,
+                    }
+                    for g, total, free in zip(p.gpus, p.vram_total, p.vram_free, strict=False)
+                ],
+                "instances": [
+                    {
+                        "model": i.model,
+                        "state": i.state,
+                        "queue_depth": i.queue_depth,
+                        "gpus": list(i.gpus),
+                    }
+                    for i in p.instances
+                ],
+            }
+        )
+    unplaced = {u.model: u for u in state.plan.unplaced} if state.plan else {}
+    models = []
+    for record in state.desired():
+        placements = [
+            {
+                "node": a.node,
+                "gpus": list(a.gpus),
+                "vram": sum(a.vram),
+                "state": instance_state.get((a.node, a.model), "pending"),
+            }
+            for a in (state.plan.for_model(record.name) if state.plan else ())
+        ]
+        model = {
+            "name": record.name,
+            "source": record.source,
+            "replicas": record.replicas,
+            "n_ctx": record.n_ctx,
+            "priority": record.priority,
+            "placements": placements,
+        }
+        if record.name in unplaced:
+            u = unplaced[record.name]
+            model["unplaced"] = f"{u.missing_replicas} replica(s) unplaced: {u.reason}"
+        elif not placements:
+            model["unplaced"] = "waiting for the controller"
+        models.append(model)
+    return {
+        "node_id": node_id,
+        "leader": leader,
+        "term": term,
+        "cluster_id": state.cluster_id,
+        "voters": sorted(voters),
+        "learners": sorted(learners),
+        "nodes": nodes,
+        "models": models,
+        "other_clusters": [
+            {"cluster_id": other, "nodes": ids, "hint": JOIN_HINT}
+            for other, ids in sorted(view.other_clusters(cid).items())
+        ],
+    }
