@@ -13,6 +13,7 @@ from .types import (
     Ready,
     Snapshot,
 )
+from .wal import StorageCorrupt, StorageError, StorageFull
 
 __all__ = [
     "CANDIDATE",
@@ -31,4 +32,7 @@ __all__ = [
     "RaftNode",
     "Ready",
     "Snapshot",
+    "StorageCorrupt",
+    "StorageError",
+    "StorageFull",
 ]
