@@ -156,12 +156,21 @@ def test_seeded_random_runs():
 
 def test_a_seed_replays_exactly():
     a, b = random_run(7), random_run(7)
-    assert (a.now, a.delivered, a.acked, a.leader_of_term) == (
+    assert (a.now, a.delivered, a.acked, a.leader_of_term, a.window_events) == (
         b.now,
         b.delivered,
         b.acked,
         b.leader_of_term,
+        b.window_events,
     )
+
+
+def test_runs_deliver_inside_the_ready_window_as_the_driver_does():
+    c = random_run(7)
+    assert c.window_events > 0
+    quiet = Cluster(n=3, seed=7, interleave=0.0)
+    quiet.run(2000)
+    assert quiet.window_events == 0 and quiet.leader() is not None
 
 
 def test_the_checker_catches_two_leaders_in_a_term():
