@@ -10,6 +10,7 @@ from .types import (
     Message,
     NotLeader,
     ProposalRejected,
+    ReadState,
     Ready,
     Snapshot,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "ProposalRejected",
     "RaftNode",
     "Ready",
+    "ReadState",
     "Snapshot",
     "StorageCorrupt",
     "StorageError",

@@ -31,6 +31,8 @@ from .types import (
     PRE_CANDIDATE,
     PRE_VOTE,
     PRE_VOTE_RESP,
+    READ_INDEX,
+    READ_INDEX_RESP,
     SNAP,
     TIMEOUT_NOW,
     VOTE,
@@ -40,6 +42,7 @@ from .types import (
     Message,
     NotLeader,
     ProposalRejected,
+    ReadState,
     Ready,
     Snapshot,
     encode_conf,
@@ -92,6 +95,7 @@ class RaftNode:
         self._pending_snapshot = snapshot if fresh else None  # to persist
         self._restore = snapshot if snapshot.index > 0 else None  # to load into the state machine
         self.msgs: list[Message] = []
+        self.read_states: list[ReadState] = []  # linearizable reads ready to be served
         self._leading: LeaderReplication | None = None  # only while leader
         self.votes: dict[str, bool] = {}
         self.role = FOLLOWER
@@ -170,6 +174,19 @@ class RaftNode:
         if self._leading.transfer(to):
             self.election_elapsed = 0  # the transfer must finish within one election timeout
 
+    def read_index(self, context: bytes) -> None:
+        """Ask for a linearizable read (dissertation 6.4, etcd's ReadOnlySafe): a later Ready
+        carries ReadState(index, context) once the leader has confirmed with a quorum that
+        it still leads; serve the read after applying up to `index`. On a follower the
+        request goes to the leader. A request lost with a leader change never comes back:
+        callers time out. Raises NotLeader while no leader is known."""
+        if self.role == LEADER:
+            self._leading.read_index(bytes(context), self.id)
+        elif self.leader_id is not None:
+            self._send(READ_INDEX, self.leader_id, context=bytes(context))
+        else:
+            raise NotLeader(None)
+
     def campaign(self) -> None:
         """Start an election now instead of at the next timeout (tests, bootstrap)."""
         if self._promotable():
@@ -195,6 +212,7 @@ class RaftNode:
         return bool(
             (self._leading is not None and self._leading.needs_broadcast)
             or self.msgs
+            or self.read_states
             or self._pending_snapshot
             or self._restore
             or self.log.stable < self.log.last_index()
@@ -216,6 +234,7 @@ class RaftNode:
             messages=tuple(self.msgs),
             committed=tuple(self.log.next_committed(self.max_committed_per_ready)),
             restore=self._restore,
+            read_states=tuple(self.read_states),
             role=self.role,
             leader_id=self.leader_id,
             term=self.term,
@@ -235,6 +254,7 @@ class RaftNode:
         if rd.committed:
             self.log.applied_to(rd.committed[-1].index)
         del self.msgs[: len(rd.messages)]
+        del self.read_states[: len(rd.read_states)]
 
     # ---- time
 
@@ -302,6 +322,7 @@ class RaftNode:
             self.log,
             self._send,
             lambda: self.snapshot,
+            self.read_states.append,
             election_ticks=self.election_ticks,
             heartbeat_ticks=self.heartbeat_ticks,
             max_append_entries=self.max_append_entries,
@@ -426,6 +447,8 @@ class RaftNode:
             self._handle_from_leader(m)
         elif m.type == TIMEOUT_NOW and self._promotable():
             self._hup(transfer=True)
+        elif m.type == READ_INDEX_RESP:
+            self.read_states.append(ReadState(m.index, m.context))
 
     def _step_candidate(self, m: Message) -> None:
         if m.type in (APP, HEARTBEAT, SNAP):
@@ -449,7 +472,7 @@ class RaftNode:
             self._handle_append(m)
         elif m.type == HEARTBEAT:
             self.log.commit_to(min(m.commit, self.log.last_index()))
-            self._send(HEARTBEAT_RESP, m.src)
+            self._send(HEARTBEAT_RESP, m.src, context=m.context)
         else:
             self._handle_snapshot(m)
 

@@ -12,6 +12,7 @@ shared RaftLog, a `send` callable and a `latest_snapshot` callable.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .log import RaftLog
 from .progress import PROBE, REPLICATE, SNAPSHOT, Progress
@@ -20,12 +21,25 @@ from .types import (
     APP_RESP,
     HEARTBEAT,
     HEARTBEAT_RESP,
+    READ_INDEX,
+    READ_INDEX_RESP,
     SNAP,
     TIMEOUT_NOW,
     Entry,
     Message,
+    ReadState,
     Snapshot,
 )
+
+
+@dataclass
+class PendingRead:
+    """A ReadIndex request waiting for a quorum of voters to confirm this leader."""
+
+    context: bytes
+    index: int  # the leader's commit index when the request came in
+    requester: str
+    acks: set[str]
 
 
 class LeaderReplication:
@@ -36,6 +50,7 @@ class LeaderReplication:
         log: RaftLog,
         send: Callable[..., None],
         latest_snapshot: Callable[[], Snapshot],
+        read_done: Callable[[ReadState], None],
         *,
         election_ticks: int,
         heartbeat_ticks: int,
@@ -47,6 +62,9 @@ class LeaderReplication:
         self.log = log
         self._send = send  # send(kind, to, **fields): a Message from this leader in its term
         self._latest_snapshot = latest_snapshot
+        self._read_done = read_done  # a read this leader asked for itself is ready
+        self.reads: list[PendingRead] = []  # in arrival order
+        self._reads_before_commit: list[tuple[bytes, str]] = []
         self.election_ticks = election_ticks
         self.heartbeat_ticks = heartbeat_ticks
         self.max_append_entries = max_append_entries
@@ -109,9 +127,52 @@ class LeaderReplication:
                     self.maybe_send_append(peer)
         if self.heartbeat_elapsed >= self.heartbeat_ticks:
             self.heartbeat_elapsed = 0
-            for peer, pr in self.progress.items():
-                if peer != self.id:
-                    self._send(HEARTBEAT, peer, commit=min(pr.match, self.log.committed))
+            # The latest pending read rides along: its acks release every read before it.
+            self._send_heartbeats(self.reads[-1].context if self.reads else b"")
+
+    def _send_heartbeats(self, context: bytes) -> None:
+        for peer, pr in self.progress.items():
+            if peer != self.id:
+                commit = min(pr.match, self.log.committed)
+                self._send(HEARTBEAT, peer, commit=commit, context=context)
+
+    # ---- linearizable reads: ReadIndex (dissertation 6.4), etcd's ReadOnlySafe
+
+    def read_index(self, context: bytes, requester: str) -> None:
+        """Serve a read at the current commit index once a quorum of voters has confirmed,
+        after the request arrived, that this node is still the leader (6.4 steps 1-2; the
+        requester waits until it has applied that index, step 3)."""
+        if self.log.term(self.log.committed) != self.term:
+            # Until its no-op commits, a new leader's commit index may lag what an earlier
+            # leader committed (6.4 step 1): hold the read until then.
+            self._reads_before_commit.append((context, requester))
+            return
+        read = PendingRead(context, self.log.committed, requester, {self.id})
+        if self._confirmed(read):
+            self._release(read)  # a single voter needs nobody's confirmation
+            return
+        self.reads.append(read)
+        self._send_heartbeats(context)
+
+    def _confirmed(self, read: PendingRead) -> bool:
+        return sum(1 for v in self.voters if v in read.acks) >= self.quorum()
+
+    def _ack_read(self, voter: str, context: bytes) -> None:
+        for i, read in enumerate(self.reads):
+            if read.context == context:
+                read.acks.add(voter)
+                if self._confirmed(read):
+                    # Leadership confirmed after every earlier read arrived: release them too.
+                    done, self.reads = self.reads[: i + 1], self.reads[i + 1 :]
+                    for r in done:
+                        self._release(r)
+                return
+
+    def _release(self, read: PendingRead) -> None:
+        if read.requester == self.id:
+            self._read_done(ReadState(read.index, read.context))
+        else:
+            self._send(READ_INDEX_RESP, read.requester, index=read.index, context=read.context)
 
     def quorum_active(self) -> bool:
         """CheckQuorum (dissertation 6.2): has a quorum of voters been heard from since the
@@ -135,9 +196,13 @@ class LeaderReplication:
         if m.type == APP_RESP:
             pr.recent_active = True
             self._handle_append_response(m, pr)
+        elif m.type == READ_INDEX:
+            self.read_index(m.context, m.src)
         elif m.type == HEARTBEAT_RESP:
             pr.recent_active = True
             pr.probe_sent = False
+            if m.context:
+                self._ack_read(m.src, m.context)
             if pr.state == REPLICATE and len(pr.inflights) >= self.max_inflight:
                 pr.inflights.popleft()  # free one slot so a lost append gets retried
             if pr.match < self.log.last_index():
@@ -187,6 +252,10 @@ class LeaderReplication:
         committed = self.log.maybe_commit(matches[self.quorum() - 1], self.term)
         if committed:
             self._sync_progress_with_conf()  # a committed conf entry takes effect now
+            if self._reads_before_commit:
+                held, self._reads_before_commit = self._reads_before_commit, []
+                for context, requester in held:
+                    self.read_index(context, requester)
         # A leader removed from the configuration steps down once the change is committed
         # (dissertation 4.2.2); until then it replicates without counting itself.
         if (

@@ -14,6 +14,7 @@ Commands (node ids are names; every node uses MemoryStorage and Random(id)):
   conf-change n1 add|promote|remove n4 [learner]
   transfer n1 n2                leadership transfer to n2
   compact n1 INDEX              snapshot the state machine at INDEX
+  read-index n1 CONTEXT         ask for a linearizable read (ReadIndex)
   partition n1 / n2 n3          cut every link between the groups (messages are dropped)
   heal
   process-ready n1              print one Ready of n1, save it, queue its messages, advance
@@ -52,6 +53,8 @@ def fmt_message(m: Message) -> str:
         parts.append("rejected")
     if m.force:
         parts.append("force")
+    if m.context:
+        parts.append(f"context={m.context.decode(errors='replace')}")
     if m.entries:
         parts.append("entries=[" + ", ".join(fmt_entry(e) for e in m.entries) + "]")
     if m.snapshot is not None:
@@ -132,6 +135,9 @@ class Transcript:
         snap = self.nodes[nid].compact(int(index), b"state@" + index.encode())
         self.say(f"snapshot {snap.term}/{snap.index}")
 
+    def cmd_read_index(self, nid: str, context: str) -> None:
+        self.nodes[nid].read_index(context.encode())
+
     def cmd_partition(self, *args: str) -> None:
         groups, group = [], []
         for a in [*args, "/"]:
@@ -183,6 +189,8 @@ class Transcript:
             if items:
                 self.say(f"  {title}:")
                 self.out.extend(f"    {fmt(x)}" for x in items)
+        for state in rd.read_states:
+            self.say(f"  ReadState index={state.index} context={state.context.decode()}")
 
     def cmd_deliver(self, nid: str) -> None:
         msgs, self.inbox[nid] = self.inbox[nid], []
