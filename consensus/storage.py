@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import uuid
 from pathlib import Path
 
 from .types import ConfState, Entry, HardState, Ready, Snapshot
@@ -175,9 +176,30 @@ class FileStorage:
         self._failed: StorageError | None = None
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+            self.member_id = self._member_id()
             self._recover()
         except OSError as exc:
             raise _io_error(self.path, exc) from exc
+
+    def _member_id(self) -> str:
+        """An id created with this directory and kept for its life. A peer that comes back
+        with a wiped or replaced directory gets a new one, so it can rejoin as a new Raft
+        member (learner, then voter) instead of voting again in terms it already voted in."""
+        path = self.path / "member"
+        if path.exists():
+            member = path.read_text().strip()
+            if len(member) != 16 or any(c not in "0123456789abcdef" for c in member):
+                raise self._corrupt(path, 0, f"not a member id: {member[:40]!r}")
+            return member
+        member = uuid.uuid4().hex[:16]
+        tmp = self.path / "member.tmp"
+        with open(tmp, "w") as f:
+            f.write(member + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(self.path)
+        return member
 
     # ---- recovery
 

@@ -22,7 +22,15 @@ SCENARIOS = sorted(TESTDATA.glob("*.txt"))
 
 def test_there_are_scenarios_for_each_feature():
     names = {p.stem for p in SCENARIOS}
-    assert {"prevote", "checkquorum", "transfer", "confchange", "snapshot", "readindex"} <= names
+    assert {
+        "prevote",
+        "checkquorum",
+        "transfer",
+        "confchange",
+        "snapshot",
+        "readindex",
+        "rejoin",
+    } <= names
 
 
 @pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
