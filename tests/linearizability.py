@@ -8,7 +8,11 @@ completed operation can be placed at one instant between its invocation and its 
 some of the unknown ones anywhere after theirs, so that the placed sequence is a legal run of
 the sequential model with the results the clients saw.
 
-A model is `init` (a hashable state) and `step(state, op) -> (legal, new_state)`.
+A model is `init` (a hashable state), `step(state, op) -> (legal, new_state)` and `pure(op)`:
+whether op never changes the state (a read). A pure op that is legal where the search stands is
+placed there for good, without trying it later too: moving a read earlier to where it is legal
+keeps any valid order valid, and it saves the search from trying every subset of concurrent
+writes before it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class Operation:
 class Model:
     init: Hashable
     step: Callable[[Hashable, Operation], tuple[bool, Hashable]]
+    pure: Callable[[Operation], bool] = lambda op: False
 
 
 class _Event:
@@ -89,16 +94,25 @@ def is_linearizable(history: list[Operation], model: Model) -> bool:
     state = model.init
     linearized = 0  # a bit per operation placed so far
     seen: set[tuple[int, Hashable]] = set()
-    stack: list[tuple[_Event, Hashable]] = []
+    stack: list[tuple[_Event, Hashable, bool]] = []  # (placed call, state before, for good)
     entry = head.next
     while pending_completed:
+        if entry is head.next:
+            pure = _legal_pure_call(head, history, model, state)
+            if pure is not None:
+                stack.append((pure, state, True))
+                linearized |= 1 << pure.op_id
+                pending_completed -= pure.match is not None
+                _lift(pure)
+                entry = head.next
+                continue
         if entry is not None and entry.is_call:
             op = history[entry.op_id]
             legal, after = model.step(state, op)
             placed = linearized | (1 << entry.op_id)
             if legal and (placed, after) not in seen:
                 seen.add((placed, after))
-                stack.append((entry, state))
+                stack.append((entry, state, False))
                 state, linearized = after, placed
                 pending_completed -= entry.match is not None
                 _lift(entry)
@@ -106,15 +120,38 @@ def is_linearizable(history: list[Operation], model: Model) -> bool:
                 continue
             entry = entry.next
             continue
-        # A return (or the end) reached with its operation not placed: undo the last choice.
-        if not stack:
-            return False
-        entry, state = stack.pop()
-        linearized &= ~(1 << entry.op_id)
-        pending_completed += entry.match is not None
-        _unlift(entry)
+        # A return (or the end) reached with its operation not placed: undo the last choice
+        # (and the reads placed for good after it).
+        while True:
+            if not stack:
+                return False
+            entry, state, for_good = stack.pop()
+            linearized &= ~(1 << entry.op_id)
+            pending_completed += entry.match is not None
+            _unlift(entry)
+            if not for_good:
+                break
         entry = entry.next
     return True
+
+
+def _legal_pure_call(head: _Event, history, model: Model, state) -> _Event | None:
+    """The first pure operation that could be placed now and is legal in `state`."""
+    e = head.next
+    while e is not None and e.is_call:
+        op = history[e.op_id]
+        if model.pure(op) and model.step(state, op)[0]:
+            return e
+        e = e.next
+    return None
+
+
+def drop_unobserved(history: list[Operation]) -> list[Operation]:
+    """For a register: drop what cannot matter, so unknown outcomes do not blow up the search
+    (each one doubles it). An unknown read tells nothing; an unknown write whose value no read
+    returned may as well never have happened, and leaving it out never hides a violation."""
+    seen = {op.result for op in history if op.kind == "read" and op.ret is not None}
+    return [op for op in history if op.ret is not None or (op.kind == "write" and op.arg in seen)]
 
 
 # ---- models
@@ -130,7 +167,7 @@ def register_model(initial: Any = None) -> Model:
             return op.ret is None or op.result == state, state  # an unknown read shows nothing
         raise ValueError(op.kind)
 
-    return Model(initial, step)
+    return Model(initial, step, lambda op: op.kind == "read")
 
 
 def deployment_model() -> Model:
@@ -147,4 +184,4 @@ def deployment_model() -> Model:
             return (op.ret is None or frozenset(op.result) == state), state
         raise ValueError(op.kind)
 
-    return Model(frozenset(), step)
+    return Model(frozenset(), step, lambda op: op.kind == "read")

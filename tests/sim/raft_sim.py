@@ -103,6 +103,13 @@ class Cluster:
         self.acked: dict[int, tuple[int, bytes]] = {}
         self.leader_logs: dict[str, tuple[int, list[Entry]]] = {}
         self.last_proposal_term = 0
+        # The clients' history for the linearizability check: [call, ret, kind, arg, result]
+        # per operation, stamped by a logical clock that orders every call and return.
+        self.ops: list[list] = []
+        self.op_clock = 0
+        self._write_ops: dict[tuple[str, int], int] = {}  # (node, index) -> its write
+        self._read_ops: dict[str, dict[bytes, int]] = {i: {} for i in self.ids}
+        self._reads_waiting: dict[str, list[tuple[int, int]]] = {i: [] for i in self.ids}
         for i in self.ids:
             self.start(i)
 
@@ -136,6 +143,8 @@ class Cluster:
         self.pending[nid] = {}
         self.leader_logs.pop(nid, None)
         self.crash_at.pop(nid, None)
+        self._read_ops[nid] = {}  # these reads never return: their outcome stays unknown
+        self._reads_waiting[nid] = []
 
     def alive(self) -> list[RaftNode]:
         return [n for n in self.nodes.values() if n is not None]
@@ -163,6 +172,7 @@ class Cluster:
                 return self.crash(nid)
             self.apply(nid, rd)
             node.advance(rd)
+            self._serve_reads(nid, rd)
             sm = self.sms[nid]
             if self.snapshot_every and sm.applied - node.log.snap_index >= self.snapshot_every:
                 node.compact(sm.applied, sm.encode())
@@ -192,7 +202,7 @@ class Cluster:
             node.tick()
         if self.window_proposals and node.role == LEADER and rng.random() < 0.3:
             self.window_events += 1
-            self._propose_on(node, b"w%d" % rng.randrange(1 << 16))
+            self._propose_on(node, b"w%d-%d" % (rng.randrange(1 << 16), self.op_clock))
 
     def apply(self, nid: str, rd) -> None:
         sm = self.sms[nid]
@@ -215,6 +225,7 @@ class Cluster:
             mine = self.pending[nid].pop(e.index, None)
             if mine is not None and mine == (e.term, e.data):
                 self.acked[e.index] = mine
+                self._returned(self._write_ops.pop((nid, e.index)), None)  # acknowledged
 
     # ---- network
 
@@ -297,7 +308,46 @@ class Cluster:
             return None
         self.pending[node.id][index] = (node.term, data)
         self.last_proposal_term = node.term
+        self._write_ops[(node.id, index)] = self._called("write", data)
         return index
+
+    def read(self, nid: str) -> None:
+        """A linearizable read (ReadIndex) on nid: it returns the value of the last applied
+        command once nid has applied up to the read index."""
+        node = self.nodes[nid]
+        if node is None:
+            return
+        context = b"read%d" % (self.op_clock + 1)
+        try:
+            node.read_index(context)
+        except NotLeader:
+            return  # refused at once: it never happened
+        self._read_ops[nid][context] = self._called("read", None)
+        self.process(nid)
+
+    def _serve_reads(self, nid: str, rd) -> None:
+        for state in rd.read_states:
+            op = self._read_ops[nid].pop(state.context, None)
+            if op is not None:
+                self._reads_waiting[nid].append((state.index, op))
+        sm = self.sms[nid]
+        waiting = []
+        for index, op in self._reads_waiting[nid]:
+            if sm.applied >= index:
+                self._returned(op, sm.cmds[-1][2] if sm.cmds else None)
+            else:
+                waiting.append((index, op))
+        self._reads_waiting[nid] = waiting
+
+    def _called(self, kind: str, arg) -> int:
+        self.op_clock += 1
+        self.ops.append([self.op_clock, None, kind, arg, None])
+        return len(self.ops) - 1
+
+    def _returned(self, op: int, result) -> None:
+        self.op_clock += 1
+        self.ops[op][1] = self.op_clock
+        self.ops[op][4] = result
 
     def conf_change(self, op: str, target: str, voter: bool = True) -> int | None:
         node = self.leader()

@@ -7,6 +7,7 @@ from random import Random
 from tests.linearizability import (
     Operation,
     deployment_model,
+    drop_unobserved,
     is_linearizable,
     register_model,
 )
@@ -83,3 +84,13 @@ def test_a_long_concurrent_history_is_checked_quickly_thanks_to_memoization():
     assert is_linearizable(history, REG)
     stale = op(t + 10, t + 11, "read", result=150)  # after every write returned
     assert not is_linearizable([*history, stale], REG)
+
+
+def test_dropping_unobserved_unknown_writes_keeps_the_verdict():
+    lost = [op(i, None, "write", 100 + i) for i in range(40)]  # timeouts, never seen
+    seen = op(50, None, "write", 7)
+    good = [*lost, seen, op(60, 61, "read", result=7), op(62, 63, "read", result=7)]
+    bad = [*lost, seen, op(60, 61, "read", result=7), op(62, 63, "read", result=0)]
+    assert len(drop_unobserved(good)) == 3
+    assert is_linearizable(drop_unobserved(good), REG)
+    assert not is_linearizable(drop_unobserved(bad), REG)
