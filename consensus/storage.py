@@ -5,6 +5,10 @@ Both storages expose the same two calls the core and driver use:
   save(rd)                                                         # durable when it returns
 
 FileStorage layout in its directory:
+  member              an id created with the directory (see FileStorage._member_id)
+  vote                the latest term and vote, rewritten (atomically) each time they change,
+                      after the log record that holds them: a log cut short that lost them is
+                      refused instead of forgetting a vote
   snapshot            the latest snapshot (one checked record), replaced atomically by rename
   log-<seq>.wal       append-only segments of checked, CRC-chained records (framing: wal.py).
                       One save() is one record and one fsync, so a crash leaves either the whole
@@ -33,8 +37,8 @@ from .wal import (
     StorageFull,
     frame,
     pack,
+    read_checked_file,
     read_segment,
-    read_snapshot_file,
 )
 
 log = logging.getLogger(__name__)
@@ -171,6 +175,7 @@ class FileStorage:
         self.entries: list[Entry] = []
         self._seq = 0
         self._crc = 0  # the rolling CRC of the last record written
+        self._vote: tuple[int, str | None] = (0, None)  # what the vote file holds
         self._file = None
         self._size = 0
         self._failed: StorageError | None = None
@@ -219,7 +224,7 @@ class FileStorage:
         snap_path = self.path / "snapshot"
         if not snap_path.exists():
             return None, False
-        s = read_snapshot_file(snap_path, self.path)
+        s = read_checked_file(snap_path, self.path)
         try:
             conf = ConfState(tuple(s["voters"]), tuple(s["learners"]))
             return Snapshot(int(s["index"]), int(s["term"]), conf, bytes(s["data"])), s["restore"]
@@ -282,6 +287,7 @@ class FileStorage:
         if hs.commit > last:
             where = parsed[-1].path if parsed else self.path
             raise self._corrupt(where, 0, f"commit {hs.commit} is beyond the log's end {last}")
+        self._check_vote(hs, parsed[-1].path if parsed else self.path)
         self.snapshot, self.hard_state, self.entries = snapshot, hs, entries
         if parsed:
             self._seq, self._crc = parsed[-1].seq, parsed[-1].end_crc
@@ -314,6 +320,39 @@ class FileStorage:
                 entries = _apply_entries(entries, new)
                 hs = new_hs or hs
         return entries, hs
+
+    def _check_vote(self, hs: HardState, log_end: Path) -> None:
+        """The log's last hard state must not be behind the vote file: a term or vote that was
+        acknowledged must survive even a log whose tail was cut off (which looks like a crash)."""
+        path = self.path / "vote"
+        self._vote = (0, None)
+        if path.exists():
+            record = read_checked_file(path, self.path)
+            try:
+                self._vote = (int(record["term"]), record["vote"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise self._corrupt(path, HEADER.size, f"malformed vote ({exc!r})") from exc
+        term, vote = self._vote
+        if term > hs.term or (term == hs.term and vote is not None and hs.vote != vote):
+            raise self._corrupt(
+                log_end,
+                0,
+                f"the log ends before the vote for {vote!r} in term {term} that {path.name} "
+                f"records (the log's hard state is term {hs.term}, vote {hs.vote!r}): "
+                "its end was cut off",
+            )
+        if (hs.term, hs.vote) != self._vote:
+            self._save_vote(hs)  # a crash came between the log record and the vote file
+
+    def _save_vote(self, hs: HardState) -> None:
+        tmp = self.path / "vote.tmp"
+        with open(tmp, "wb") as f:
+            f.write(frame(pack({"term": hs.term, "vote": hs.vote}), 0)[0])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / "vote")
+        _fsync_dir(self.path)
+        self._vote = (hs.term, hs.vote)
 
     def _open_segment(self, base: dict | None = None) -> None:
         """Start segment seq+1 with its header (a base header if a snapshot was just saved)."""
@@ -353,6 +392,8 @@ class FileStorage:
             record["hs"] = _pack_hs(rd.hard_state)
             self.hard_state = rd.hard_state
         self._write(pack(record))
+        if rd.hard_state is not None and (rd.hard_state.term, rd.hard_state.vote) != self._vote:
+            self._save_vote(rd.hard_state)
         if self._size >= self.segment_bytes:
             self._open_segment()
 

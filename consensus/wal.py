@@ -131,20 +131,21 @@ def read_segment(
     return seg
 
 
-def read_snapshot_file(path: Path, data_dir: Path) -> dict:
-    """The snapshot file is written whole and renamed into place: any mismatch is damage."""
+def read_checked_file(path: Path, data_dir: Path) -> dict:
+    """A file written whole and renamed into place (snapshot, vote): one record, any
+    mismatch is damage."""
     data = path.read_bytes()
     if len(data) < HEADER.size:
-        raise StorageCorrupt(path, 0, "the snapshot file is shorter than a record header", data_dir)
+        raise StorageCorrupt(path, 0, "the file is shorter than a record header", data_dir)
     length, length_crc, crc = HEADER.unpack_from(data, 0)
     if zlib.crc32(_LENGTH.pack(length)) != length_crc or HEADER.size + length != len(data):
-        raise StorageCorrupt(path, 0, "the snapshot file's length does not check", data_dir)
+        raise StorageCorrupt(path, 0, "the file's record length does not check", data_dir)
     payload = data[HEADER.size :]
     if zlib.crc32(payload) != crc:
-        raise StorageCorrupt(path, HEADER.size, "the snapshot file's CRC mismatches", data_dir)
+        raise StorageCorrupt(path, HEADER.size, "CRC mismatch", data_dir)
     record = _decode(payload)
-    if not isinstance(record, dict) or "index" not in record:
-        raise StorageCorrupt(path, HEADER.size, "the snapshot record is malformed", data_dir)
+    if not isinstance(record, dict):
+        raise StorageCorrupt(path, HEADER.size, "the record is malformed", data_dir)
     return record
 
 

@@ -286,3 +286,37 @@ def test_kill_9_mid_append_recovers_a_prefix_of_what_was_acknowledged(tmp_path):
         assert hs.commit == last  # the hard state travels in the same record as its entries
         acked_total = acked
     assert acked_total > 100
+
+
+def test_a_log_cut_short_that_lost_a_vote_is_refused(tmp_path):
+    s = FileStorage(tmp_path)
+    s.save(Ready(hard_state=HardState(3, None, 0), entries=ents(1, 2)))
+    (segment,) = tmp_path.glob("log-*.wal")
+    before_vote = segment.stat().st_size
+    s.save(Ready(hard_state=HardState(8, "c", 0)))
+    s.close()
+    # Cutting the last record off looks like a crash, but the vote file remembers term 8.
+    with open(segment, "r+b") as f:
+        f.truncate(before_vote)
+    with pytest.raises(StorageCorrupt, match="the log ends before the vote for 'c' in term 8"):
+        FileStorage(tmp_path)
+
+
+def test_a_crash_between_the_log_record_and_the_vote_file_keeps_the_logged_vote(
+    tmp_path, monkeypatch
+):
+    s = FileStorage(tmp_path)
+    s.save(Ready(hard_state=HardState(3, "a", 0)))
+
+    def crash(_hs):
+        raise SystemExit("power cut")
+
+    monkeypatch.setattr(s, "_save_vote", crash)
+    with pytest.raises(SystemExit):
+        s.save(Ready(hard_state=HardState(4, "b", 0)))
+    monkeypatch.undo()
+    s.close()
+    hs, _, _ = reopen(tmp_path)
+    assert (hs.term, hs.vote) == (4, "b")
+    hs, _, _ = reopen(tmp_path)  # the vote file caught up at the first restart
+    assert (hs.term, hs.vote) == (4, "b")
