@@ -100,7 +100,7 @@ def record_spans(data: bytes) -> list[tuple[int, int]]:
 def corrupt(directory: Path, rng: Random) -> tuple[str, bool]:
     """Damage one file; returns a description and whether it cut the final segment short."""
     segments = sorted(directory.glob("log-*.wal"))
-    files = [*segments, *directory.glob("snapshot")]
+    files = [*segments, *directory.glob("snapshot"), *directory.glob("vote")]
     target = rng.choice(files)
     data = bytearray(target.read_bytes())
     kind = rng.choice(("flip", "truncate", "zero-page", "duplicate"))
