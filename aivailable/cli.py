@@ -243,9 +243,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
     import uvloop
 
+    from consensus import StorageError
+
     failed = False
     try:
         uvloop.run(serve(config, announce=lambda line: print(line, flush=True)))
+    except* StorageError as group:  # a damaged log or a full disk: say so, not "cannot serve"
+        failed = True
+        for exc in group.exceptions:
+            print(f"aivailable: {exc}", file=sys.stderr)
     except* OSError as group:  # the TaskGroup wraps a failed bind
         failed = True
         for exc in group.exceptions:

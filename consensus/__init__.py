@@ -10,9 +10,11 @@ from .types import (
     Message,
     NotLeader,
     ProposalRejected,
+    ReadState,
     Ready,
     Snapshot,
 )
+from .wal import StorageCorrupt, StorageError, StorageFull
 
 __all__ = [
     "CANDIDATE",
@@ -30,5 +32,9 @@ __all__ = [
     "ProposalRejected",
     "RaftNode",
     "Ready",
+    "ReadState",
     "Snapshot",
+    "StorageCorrupt",
+    "StorageError",
+    "StorageFull",
 ]

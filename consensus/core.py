@@ -2,8 +2,9 @@
 
 Nothing here touches a clock, a socket or a file. Time arrives as tick(), peers' messages as
 step(), and everything the node wants done (persist, send, apply) leaves through ready().
-The leader's side of log replication (appends, heartbeats, snapshots, commit) is in
-replication.py, as plain functions on the node.
+The leader's side of log replication (progress, appends, heartbeats, snapshots, commit) is a
+LeaderReplication (replication.py) that the node creates when it wins an election and drops
+when it steps down; it depends on the log and two callables, never on the node.
 Section numbers in comments refer to the Raft paper (Ongaro & Ousterhout, 2014) and, where
 marked, to Ongaro's dissertation (2014).
 """
@@ -12,10 +13,10 @@ from __future__ import annotations
 
 from random import Random
 
-from . import replication
 from .confchange import changed_conf
 from .log import RaftLog
 from .progress import Progress
+from .replication import LeaderReplication
 from .types import (
     APP,
     APP_RESP,
@@ -30,6 +31,8 @@ from .types import (
     PRE_CANDIDATE,
     PRE_VOTE,
     PRE_VOTE_RESP,
+    READ_INDEX,
+    READ_INDEX_RESP,
     SNAP,
     TIMEOUT_NOW,
     VOTE,
@@ -39,6 +42,7 @@ from .types import (
     Message,
     NotLeader,
     ProposalRejected,
+    ReadState,
     Ready,
     Snapshot,
     encode_conf,
@@ -91,14 +95,12 @@ class RaftNode:
         self._pending_snapshot = snapshot if fresh else None  # to persist
         self._restore = snapshot if snapshot.index > 0 else None  # to load into the state machine
         self.msgs: list[Message] = []
-        self._needs_broadcast = False
-        self.progress: dict[str, Progress] = {}
+        self.read_states: list[ReadState] = []  # linearizable reads ready to be served
+        self._leading: LeaderReplication | None = None  # only while leader
         self.votes: dict[str, bool] = {}
-        self.lead_transferee: str | None = None
         self.role = FOLLOWER
         self.leader_id: str | None = None
         self.election_elapsed = 0
-        self.heartbeat_elapsed = 0
         self.randomized_election_timeout = election_ticks
         self._become_follower(self.term, None)
 
@@ -124,6 +126,15 @@ class RaftNode:
     def learners(self) -> tuple[str, ...]:
         return self.log.conf().learners
 
+    @property
+    def progress(self) -> dict[str, Progress]:
+        """The leader's view of each member's log (empty unless leader)."""
+        return self._leading.progress if self._leading is not None else {}
+
+    @property
+    def lead_transferee(self) -> str | None:
+        return self._leading.transferee if self._leading is not None else None
+
     def _quorum(self) -> int:
         return len(self.voters) // 2 + 1
 
@@ -135,7 +146,7 @@ class RaftNode:
     def propose(self, data: bytes) -> int:
         """Append a command to the leader's log; returns its index. Raises NotLeader."""
         self._check_can_propose()
-        replication.append(self, [(CMD, bytes(data))])
+        self._leader_append([(CMD, bytes(data))])
         return self.log.last_index()
 
     def propose_conf_change(self, op: str, node: str, voter: bool = True) -> int:
@@ -151,7 +162,7 @@ class RaftNode:
             raise ProposalRejected("another configuration change is uncommitted", True)
         # The latest configuration in the log is the committed one: none is pending.
         new = changed_conf(self.log.conf(), op, node, voter)
-        replication.append(self, [(CONF, encode_conf(new, op, node))])
+        self._leader_append([(CONF, encode_conf(new, op, node))])
         return self.log.last_index()
 
     def transfer_leadership(self, to: str) -> None:
@@ -160,14 +171,21 @@ class RaftNode:
             raise NotLeader(self.leader_id)
         if to == self.id or to not in self.voters:
             raise ProposalRejected(f"cannot transfer leadership to {to!r}")
-        if self.lead_transferee == to:
-            return
-        self.lead_transferee = to
-        self.election_elapsed = 0  # the transfer must finish within one election timeout
-        if self.progress[to].match == self.log.last_index():
-            self._send(TIMEOUT_NOW, to)
+        if self._leading.transfer(to):
+            self.election_elapsed = 0  # the transfer must finish within one election timeout
+
+    def read_index(self, context: bytes) -> None:
+        """Ask for a linearizable read (dissertation 6.4, etcd's ReadOnlySafe): a later Ready
+        carries ReadState(index, context) once the leader has confirmed with a quorum that
+        it still leads; serve the read after applying up to `index`. On a follower the
+        request goes to the leader. A request lost with a leader change never comes back:
+        callers time out. Raises NotLeader while no leader is known."""
+        if self.role == LEADER:
+            self._leading.read_index(bytes(context), self.id)
+        elif self.leader_id is not None:
+            self._send(READ_INDEX, self.leader_id, context=bytes(context))
         else:
-            replication.maybe_send_append(self, to)
+            raise NotLeader(None)
 
     def campaign(self) -> None:
         """Start an election now instead of at the next timeout (tests, bootstrap)."""
@@ -192,8 +210,9 @@ class RaftNode:
 
     def has_ready(self) -> bool:
         return bool(
-            self._needs_broadcast
+            (self._leading is not None and self._leading.needs_broadcast)
             or self.msgs
+            or self.read_states
             or self._pending_snapshot
             or self._restore
             or self.log.stable < self.log.last_index()
@@ -205,10 +224,8 @@ class RaftNode:
         return HardState(self.term, self.vote, self.log.committed)
 
     def ready(self) -> Ready:
-        if self._needs_broadcast:
-            self._needs_broadcast = False
-            if self.role == LEADER:
-                replication.broadcast_append(self)
+        if self._leading is not None:
+            self._leading.flush()
         hs = self._hard_state()
         return Ready(
             hard_state=hs if hs != self._saved_hard_state else None,
@@ -217,6 +234,7 @@ class RaftNode:
             messages=tuple(self.msgs),
             committed=tuple(self.log.next_committed(self.max_committed_per_ready)),
             restore=self._restore,
+            read_states=tuple(self.read_states),
             role=self.role,
             leader_id=self.leader_id,
             term=self.term,
@@ -236,6 +254,7 @@ class RaftNode:
         if rd.committed:
             self.log.applied_to(rd.committed[-1].index)
         del self.msgs[: len(rd.messages)]
+        del self.read_states[: len(rd.read_states)]
 
     # ---- time
 
@@ -249,25 +268,17 @@ class RaftNode:
                 self._hup(transfer=False)
 
     def _tick_leader(self) -> None:
-        self.heartbeat_elapsed += 1
+        leading = self._leading
         self.election_elapsed += 1
         if self.election_elapsed >= self.election_ticks:
             self.election_elapsed = 0
             # CheckQuorum (dissertation 6.2): a leader that has not heard from a quorum within
             # an election timeout steps down, so clients stop waiting on a partitioned leader.
-            if self.check_quorum:
-                active = sum(
-                    1
-                    for v in self.voters
-                    if v == self.id or (v in self.progress and self.progress[v].recent_active)
-                )
-                if active < self._quorum():
-                    self._become_follower(self.term, None)
-                    return
-                for peer, pr in self.progress.items():
-                    pr.recent_active = peer == self.id
-            self.lead_transferee = None  # a transfer that took a whole timeout has failed
-        replication.tick(self)
+            if self.check_quorum and not leading.quorum_active():
+                self._become_follower(self.term, None)
+                return
+            leading.transferee = None  # a transfer that took a whole timeout has failed
+        leading.tick()
 
     # ---- role changes
 
@@ -277,15 +288,12 @@ class RaftNode:
             self.vote = None
         self.leader_id = None
         self.election_elapsed = 0
-        self.heartbeat_elapsed = 0
         # Randomized election timeout in [T, 2T) so that split votes are rare (5.2).
         self.randomized_election_timeout = self.election_ticks + self.rng.randrange(
             self.election_ticks
         )
-        self.lead_transferee = None
         self.votes = {}
-        self.progress = {}
-        self._needs_broadcast = False
+        self._leading = None
 
     def _become_follower(self, term: int, leader: str | None) -> None:
         self._reset(term)
@@ -308,15 +316,28 @@ class RaftNode:
         self._reset(self.term)
         self.role = LEADER
         self.leader_id = self.id
-        last = self.log.last_index()
-        for member in self.log.conf().members():
-            self.progress[member] = Progress(last + 1)
-        if self.id not in self.progress:  # a leader being removed still tracks itself
-            self.progress[self.id] = Progress(last + 1)
-        self.progress[self.id].match = last
-        self.progress[self.id].recent_active = True
+        self._leading = LeaderReplication(
+            self.id,
+            self.term,
+            self.log,
+            self._send,
+            lambda: self.snapshot,
+            self.read_states.append,
+            election_ticks=self.election_ticks,
+            heartbeat_ticks=self.heartbeat_ticks,
+            max_append_entries=self.max_append_entries,
+            max_inflight=self.max_inflight,
+        )
         # A no-op of the new term lets the leader commit entries of earlier terms (5.4.2, 8).
-        replication.append(self, [(NOOP, b"")])
+        self._leader_append([(NOOP, b"")])
+
+    def _leader_append(self, items: list[tuple[str, bytes]]) -> None:
+        self._leading.append(items)
+        self._step_down_if_removed()
+
+    def _step_down_if_removed(self) -> None:
+        if self._leading is not None and self._leading.removed:
+            self._become_follower(self.term, None)
 
     def _hup(self, transfer: bool) -> None:
         if self.role == LEADER:
@@ -396,7 +417,8 @@ class RaftNode:
         if m.type in (VOTE, PRE_VOTE):
             self._handle_vote_request(m)
         elif self.role == LEADER:
-            replication.step(self, m)
+            self._leading.step(m)
+            self._step_down_if_removed()
         elif self.role in (CANDIDATE, PRE_CANDIDATE):
             self._step_candidate(m)
         else:
@@ -425,6 +447,8 @@ class RaftNode:
             self._handle_from_leader(m)
         elif m.type == TIMEOUT_NOW and self._promotable():
             self._hup(transfer=True)
+        elif m.type == READ_INDEX_RESP:
+            self.read_states.append(ReadState(m.index, m.context))
 
     def _step_candidate(self, m: Message) -> None:
         if m.type in (APP, HEARTBEAT, SNAP):
@@ -448,7 +472,7 @@ class RaftNode:
             self._handle_append(m)
         elif m.type == HEARTBEAT:
             self.log.commit_to(min(m.commit, self.log.last_index()))
-            self._send(HEARTBEAT_RESP, m.src)
+            self._send(HEARTBEAT_RESP, m.src, context=m.context)
         else:
             self._handle_snapshot(m)
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -110,6 +111,12 @@ class RaftDriver:
         self._outbox: dict[str, list[Message]] = {}
         self._outbox_ready: dict[str, asyncio.Event] = {}
         self._waiters: dict[int, tuple[int, asyncio.Future]] = {}
+        self._reads: dict[bytes, asyncio.Future] = {}  # read context -> its read index
+        # Contexts must never repeat across restarts: a late answer to an old request would
+        # otherwise satisfy a new one with a read index from before it began.
+        self._read_prefix = f"{node_id}/{uuid.uuid4().hex[:12]}/".encode()
+        self._read_seq = 0
+        self._applied = asyncio.Event()  # set whenever the applied index moves
         self._leader_changed = asyncio.Event()
         self._last_leader: str | None = None
         self._tg: asyncio.TaskGroup | None = None
@@ -220,6 +227,28 @@ class RaftDriver:
                     await self._leader_changed.wait()
         return self.node.leader_id == to
 
+    async def read_index(self) -> int:
+        """A linearizable read barrier (ReadIndex, dissertation 6.4; etcd's ReadOnlySafe): once
+        it returns, this node has applied every entry committed before the call, so reading
+        the local state machine then sees every write acknowledged before the read began.
+        Returns the read index. Raises NotLeader while no leader is known, or if leadership
+        changed before the answer came. Wrap it in a timeout: a leader cut off from its
+        quorum can never confirm, and a request lost with a leader is not retried."""
+        self._read_seq += 1
+        context = self._read_prefix + str(self._read_seq).encode()
+        future = asyncio.get_running_loop().create_future()
+        self._reads[context] = future
+        try:
+            self.node.read_index(context)
+            self._wake.set()
+            index = await future
+        finally:
+            self._reads.pop(context, None)
+        while self.node.applied_index < index:
+            self._applied.clear()
+            await self._applied.wait()
+        return index
+
     async def _wait_applied(self, index: int) -> int:
         future = asyncio.get_running_loop().create_future()
         stale = self._waiters.pop(index, None)
@@ -245,6 +274,7 @@ class RaftDriver:
                 if not future.done():
                     future.set_exception(NotLeader(None))
             self._waiters.clear()
+            self._fail_reads(None)
             self._executor.shutdown(wait=True)
 
     async def _tick_loop(self) -> None:
@@ -271,10 +301,17 @@ class RaftDriver:
                 self._queue_messages(rd.messages)
                 await self._apply(rd)
                 self.node.advance(rd)
+                for state in rd.read_states:
+                    future = self._reads.get(state.context)
+                    if future is not None and not future.done():
+                        future.set_result(state.index)
+                if rd.committed or rd.restore is not None:
+                    self._applied.set()
                 self._maybe_compact()
             if self.node.leader_id != self._last_leader:
                 self._last_leader = self.node.leader_id
                 self._leader_changed.set()
+                self._fail_reads(self.node.leader_id)  # their requests died with the old leader
 
     async def _apply(self, rd: Ready) -> None:
         if rd.restore is not None and self._restore_cb is not None and rd.restore.data:
@@ -311,6 +348,11 @@ class RaftDriver:
                     future.set_exception(
                         ProposalRejected("outcome unknown: log replaced by snapshot")
                     )
+
+    def _fail_reads(self, leader: str | None) -> None:
+        for future in self._reads.values():
+            if not future.done():
+                future.set_exception(NotLeader(leader))
 
     def _maybe_compact(self) -> None:
         if self._snapshot_cb is None:

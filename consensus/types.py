@@ -86,6 +86,8 @@ HEARTBEAT = "heartbeat"
 HEARTBEAT_RESP = "heartbeat_resp"
 SNAP = "snap"
 TIMEOUT_NOW = "timeout_now"
+READ_INDEX = "read_index"  # a follower asks the leader for a read index (dissertation 6.4)
+READ_INDEX_RESP = "read_index_resp"
 MESSAGE_TYPES = (
     VOTE,
     VOTE_RESP,
@@ -97,6 +99,8 @@ MESSAGE_TYPES = (
     HEARTBEAT_RESP,
     SNAP,
     TIMEOUT_NOW,
+    READ_INDEX,
+    READ_INDEX_RESP,
 )
 
 
@@ -108,7 +112,8 @@ class Message:
     transfer (skips the leader lease). app: index, log_term = the entry preceding `entries`;
     commit = leader's commit. app_resp: index = highest index known to match, or the rejected
     index with reject_hint/log_term pointing at where to probe next (fast backtracking).
-    heartbeat: commit. snap: snapshot.
+    heartbeat: commit. snap: snapshot. context: a read request's id, carried by read_index,
+    read_index_resp (index = the read index), heartbeat and heartbeat_resp.
     """
 
     type: str
@@ -123,6 +128,16 @@ class Message:
     reject_hint: int = 0
     snapshot: Snapshot | None = None
     force: bool = False
+    context: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadState:
+    """A linearizable read may be served once the state machine has applied `index`: every
+    write committed before read_index(context) was called is at or below it (ReadOnlySafe)."""
+
+    index: int
+    context: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +156,7 @@ class Ready:
     messages: tuple[Message, ...] = ()
     committed: tuple[Entry, ...] = ()
     restore: Snapshot | None = None
+    read_states: tuple[ReadState, ...] = ()
     # Soft state for observers; not persisted.
     role: str = "follower"
     leader_id: str | None = None
@@ -154,6 +170,7 @@ class Ready:
             or self.messages
             or self.committed
             or self.restore
+            or self.read_states
         )
 
 

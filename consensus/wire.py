@@ -19,6 +19,8 @@ from .types import (
     NOOP,
     PRE_VOTE,
     PRE_VOTE_RESP,
+    READ_INDEX,
+    READ_INDEX_RESP,
     SNAP,
     TIMEOUT_NOW,
     VOTE,
@@ -42,6 +44,8 @@ MESSAGE_TYPE_NUMBERS = {  # append-only
     HEARTBEAT_RESP: 8,
     SNAP: 9,
     TIMEOUT_NOW: 10,
+    READ_INDEX: 11,
+    READ_INDEX_RESP: 12,
 }
 ENTRY_KIND_NUMBERS = {CMD: 1, NOOP: 2, CONF: 3}  # append-only
 
@@ -69,6 +73,8 @@ def _encode_message(m: Message) -> dict:
         out["rh"] = m.reject_hint
     if m.force:
         out["f"] = True
+    if m.context:
+        out["ctx"] = m.context
     if m.snapshot is not None:
         s = m.snapshot
         out["s"] = [s.index, s.term, list(s.conf.voters), list(s.conf.learners), s.data]
@@ -103,6 +109,7 @@ def _decode_message(src: str, x: dict) -> Message:
         reject_hint=int(x.get("rh", 0)),
         snapshot=snapshot,
         force=bool(x.get("f", False)),
+        context=bytes(x.get("ctx", b"")),
     )
 
 

@@ -9,7 +9,7 @@ Every proposal carries a unique id (`stamp`); `AccessState.first_time` remembers
 PROPOSAL_IDS_KEPT ids, in log order, so a replayed proposal changes nothing. A replay of an
 older id would need that many proposals within the peer signatures' validity window.
 
-Command type numbers 32-47 are reserved for access commands (cluster_state.py keeps the
+Command type numbers 32-47 are reserved for access commands (cluster/state.py keeps the
 others); append-only like the rest.
 """
 

@@ -27,6 +27,9 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 class ClusterView(Protocol):
     def status(self) -> dict: ...
 
+    # Optional: a linearizable read barrier (Raft ReadIndex) for `GET /cluster/status?consistent=1`.
+    # async def read_barrier(self) -> None: ...
+
     async def deploy(self, name: str, source: str, replicas: int, n_ctx: int) -> dict: ...
 
     async def undeploy(self, name: str) -> bool: ...
@@ -79,7 +82,17 @@ class ClusterApi:
         ]
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response({**self._view.status(), "downloads": self._downloads()})
+        """`?consistent=1`: include every write acknowledged before the request (a Raft read
+        barrier first); otherwise this peer's local view. `linearizable` says which."""
+        linearizable = request.query.get("consistent", "") in ("1", "true")
+        if linearizable:
+            barrier = getattr(self._view, "read_barrier", None)
+            if barrier is None:
+                raise bad_request("this peer cannot serve consistent reads", param="consistent")
+            await barrier()
+        return web.json_response(
+            {**self._view.status(), "downloads": self._downloads(), "linearizable": linearizable}
+        )
 
     async def deploy(self, request: web.Request) -> web.Response:
         name, source, replicas, n_ctx = parse_deploy(await read_json(request))

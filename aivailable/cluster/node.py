@@ -242,6 +242,20 @@ class ClusterNode:
                 node["instances"] = self.reconciler.views()
         return status
 
+    async def read_barrier(self) -> None:
+        """A linearizable read (Raft ReadIndex): once this returns, status() reflects every
+        write committed anywhere before the call."""
+        from aivailable.cluster.raft import no_leader
+        from consensus import NotLeader
+
+        await self._until_ready()
+        raft = self.config.raft
+        try:
+            async with asyncio.timeout(2 * raft.election_ticks * raft.tick_interval_ms / 1000):
+                await self._driver.read_index()
+        except (NotLeader, TimeoutError):
+            raise no_leader("no leader confirmed the read") from None
+
     async def deploy(self, name: str, source: str, replicas: int, n_ctx: int) -> dict:
         await self._until_ready()
         return await self._view.deploy(name, source, replicas, n_ctx)

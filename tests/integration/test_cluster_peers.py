@@ -283,6 +283,10 @@ def test_deploy_through_followers_and_a_whole_cluster_restart_keeps_the_models(c
             {"Content-Type": "application/json"},
         )
         assert status == 202, result
+    # Linearizable: a consistent read on another peer includes both deploys, without waiting.
+    status, fresh = http("GET", followers[1].url + "/cluster/status?consistent=1")
+    assert status == 200 and fresh["linearizable"] is True, fresh
+    assert {"keep", "gone"} <= {m["name"] for m in fresh["models"]}
     wait_all(peers, lambda p: {"keep", "gone"} <= model_names(p), "both models on every peer")
     status, _ = http("DELETE", followers[1].url + "/cluster/models/gone")
     assert status in (200, 202, 204)

@@ -199,3 +199,25 @@ async def test_a_malformed_batch_is_refused_with_400(cluster):
         assert r.status == 400
     leader = await cluster.leader()
     assert leader is peer and await peer.driver.propose(b"still fine") > 0
+
+
+async def test_read_index_on_any_driver_sees_every_write_acknowledged_before_it(cluster):
+    for nid in IDS:
+        await cluster.add(nid, IDS)
+    leader = await cluster.leader()
+    follower = next(p for p in cluster.running() if p is not leader)
+    for i in range(10):
+        written = await leader.driver.propose(b"w%d" % i)
+        # Dissertation 6.4: the follower's read returns only once it has applied the write,
+        # although the leader acknowledged it before the follower necessarily heard of it.
+        index = await asyncio.wait_for(follower.driver.read_index(), 5)
+        assert index >= written and follower.sm.applied[-1][0] >= written
+        assert follower.sm.datas()[-1] == b"w%d" % i
+    assert await asyncio.wait_for(leader.driver.read_index(), 5) >= written
+
+    # A leader cut off from both followers can never confirm a read.
+    for p in cluster.running():
+        if p is not leader:
+            await p.stop()
+    with pytest.raises((TimeoutError, NotLeader)):
+        await asyncio.wait_for(leader.driver.read_index(), FAST.election_ticks * 0.02 * 3)

@@ -20,6 +20,7 @@ class SyncNetwork:
         self.storages = {i: MemoryStorage() for i in self.ids}
         self.nodes: dict[str, RaftNode] = {}
         self.applied: dict[str, list] = {i: [] for i in self.ids}
+        self.read_states: dict[str, list] = {i: [] for i in self.ids}
         self.cut: set[tuple[str, str]] = set()
         self.down: set[str] = set()
         self.sent: list[Message] = []  # every message that left a node, for assertions
@@ -44,6 +45,7 @@ class SyncNetwork:
         self.ids.append(nid)
         self.storages[nid] = MemoryStorage()
         self.applied[nid] = []
+        self.read_states[nid] = []
         self.nodes[nid] = RaftNode(nid, self.storages[nid], voters=(), rng=Random(nid), **kwargs)
         return self.nodes[nid]
 
@@ -70,6 +72,7 @@ class SyncNetwork:
             self.storages[nid].save(rd)
             out.extend(rd.messages)
             self.applied[nid].extend(rd.committed)
+            self.read_states[nid].extend(rd.read_states)
             node.advance(rd)
         self.sent.extend(out)
         return out

@@ -4,6 +4,10 @@ One `random.Random(seed)` drives everything (network delays, loss, duplication, 
 a run is a pure function of its seed and the actions applied to it. Time is an integer clock;
 each node ticks every `period` units (8..12 when skewed: +-20% clock skew between nodes).
 
+Like RaftDriver, which steps peers' messages, ticks and clients' proposals while it awaits
+save() in a thread, the simulator delivers some of them between ready() and advance()
+(`interleave`: the chance per Ready; its own seeded stream, so the main one is unchanged).
+
 After every action `check()` asserts the five properties of the Raft paper's Figure 3 and
 that no acknowledged proposal is lost. A proposal is acknowledged when the node it was
 proposed on applies it (what RaftDriver.propose returns on).
@@ -58,9 +62,14 @@ class Cluster:
         delay: tuple[int, int] = (1, 4),
         skew: bool = True,
         max_append_entries: int = 64,
+        interleave: float = 0.3,
     ):
         self.seed = seed
         self.rng = Random(seed)
+        self.interleave = interleave
+        self.window_rng = Random(f"{seed}/window")
+        self.window_events = 0  # messages, ticks and proposals that landed inside a Ready
+        self.window_proposals = True  # off while settling: liveness is judged without load
         self.ids = [f"n{i + 1}" for i in range(n)]
         self.bootstrap_voters = tuple(voters) if voters is not None else tuple(self.ids)
         self.bootstrap_learners = tuple(learners)
@@ -94,6 +103,13 @@ class Cluster:
         self.acked: dict[int, tuple[int, bytes]] = {}
         self.leader_logs: dict[str, tuple[int, list[Entry]]] = {}
         self.last_proposal_term = 0
+        # The clients' history for the linearizability check: [call, ret, kind, arg, result]
+        # per operation, stamped by a logical clock that orders every call and return.
+        self.ops: list[list] = []
+        self.op_clock = 0
+        self._write_ops: dict[tuple[str, int], int] = {}  # (node, index) -> its write
+        self._read_ops: dict[str, dict[bytes, int]] = {i: {} for i in self.ids}
+        self._reads_waiting: dict[str, list[tuple[int, int]]] = {i: [] for i in self.ids}
         for i in self.ids:
             self.start(i)
 
@@ -127,6 +143,8 @@ class Cluster:
         self.pending[nid] = {}
         self.leader_logs.pop(nid, None)
         self.crash_at.pop(nid, None)
+        self._read_ops[nid] = {}  # these reads never return: their outcome stays unknown
+        self._reads_waiting[nid] = []
 
     def alive(self) -> list[RaftNode]:
         return [n for n in self.nodes.values() if n is not None]
@@ -144,6 +162,7 @@ class Cluster:
             point = self.crash_at.pop(nid, None)
             if point == "before_save":
                 return self.crash(nid)
+            self._while_saving(nid)
             self.storages[nid].save(rd)
             if point == "after_save":
                 return self.crash(nid)
@@ -153,9 +172,37 @@ class Cluster:
                 return self.crash(nid)
             self.apply(nid, rd)
             node.advance(rd)
+            self._serve_reads(nid, rd)
             sm = self.sms[nid]
             if self.snapshot_every and sm.applied - node.log.snap_index >= self.snapshot_every:
                 node.compact(sm.applied, sm.encode())
+
+    def _while_saving(self, nid: str) -> None:
+        """What reaches a node while its driver awaits save(): a few of its messages (taken
+        early from the network), maybe a tick, maybe a client's proposal. All of it lands
+        between ready() and advance(), and nothing of it may leak into the Ready being saved."""
+        rng = self.window_rng
+        if rng.random() >= self.interleave:
+            return
+        node = self.nodes[nid]
+        mine = sorted(x for x in self.queue if x[2].dst == nid)[: rng.randint(1, 3)]
+        if mine:
+            taken = {seq for _, seq, _ in mine}
+            self.queue = [x for x in self.queue if x[1] not in taken]
+            heapq.heapify(self.queue)
+            for _, _, m in mine:
+                if (m.src, m.dst) not in self.blocked:
+                    self.delivered += 1
+                    self.window_events += 1
+                    node.step(m)
+        if rng.random() < 0.3:
+            self.next_tick[nid] += self.period[nid]  # the tick it takes now is its next one
+            self.ticks[nid] += 1
+            self.window_events += 1
+            node.tick()
+        if self.window_proposals and node.role == LEADER and rng.random() < 0.3:
+            self.window_events += 1
+            self._propose_on(node, b"w%d-%d" % (rng.randrange(1 << 16), self.op_clock))
 
     def apply(self, nid: str, rd) -> None:
         sm = self.sms[nid]
@@ -178,6 +225,7 @@ class Cluster:
             mine = self.pending[nid].pop(e.index, None)
             if mine is not None and mine == (e.term, e.data):
                 self.acked[e.index] = mine
+                self._returned(self._write_ops.pop((nid, e.index)), None)  # acknowledged
 
     # ---- network
 
@@ -248,14 +296,58 @@ class Cluster:
         node = self.nodes[nid] if nid else self.leader()
         if node is None:
             return None
+        index = self._propose_on(node, data)
+        if index is not None:
+            self.process(node.id)
+        return index
+
+    def _propose_on(self, node: RaftNode, data: bytes) -> int | None:
         try:
             index = node.propose(data)
         except (NotLeader, ProposalRejected):
             return None
         self.pending[node.id][index] = (node.term, data)
         self.last_proposal_term = node.term
-        self.process(node.id)
+        self._write_ops[(node.id, index)] = self._called("write", data)
         return index
+
+    def read(self, nid: str) -> None:
+        """A linearizable read (ReadIndex) on nid: it returns the value of the last applied
+        command once nid has applied up to the read index."""
+        node = self.nodes[nid]
+        if node is None:
+            return
+        context = b"read%d" % (self.op_clock + 1)
+        try:
+            node.read_index(context)
+        except NotLeader:
+            return  # refused at once: it never happened
+        self._read_ops[nid][context] = self._called("read", None)
+        self.process(nid)
+
+    def _serve_reads(self, nid: str, rd) -> None:
+        for state in rd.read_states:
+            op = self._read_ops[nid].pop(state.context, None)
+            if op is not None:
+                self._reads_waiting[nid].append((state.index, op))
+        sm = self.sms[nid]
+        waiting = []
+        for index, op in self._reads_waiting[nid]:
+            if sm.applied >= index:
+                self._returned(op, sm.cmds[-1][2] if sm.cmds else None)
+            else:
+                waiting.append((index, op))
+        self._reads_waiting[nid] = waiting
+
+    def _called(self, kind: str, arg) -> int:
+        self.op_clock += 1
+        self.ops.append([self.op_clock, None, kind, arg, None])
+        return len(self.ops) - 1
+
+    def _returned(self, op: int, result) -> None:
+        self.op_clock += 1
+        self.ops[op][1] = self.op_clock
+        self.ops[op][4] = result
 
     def conf_change(self, op: str, target: str, voter: bool = True) -> int | None:
         node = self.leader()
@@ -339,6 +431,7 @@ class Cluster:
         """Heal, restart everyone, then require a leader and every acked proposal applied on
         every member within a bounded number of ticks (liveness with a connected majority)."""
         self.heal()
+        self.window_proposals = False
         self.drop = self.dup = 0.0
         self.crash_at.clear()
         for nid in self.ids:
@@ -372,7 +465,9 @@ class Cluster:
             if now_leader is None:
                 return False
             members[:] = now_leader.log.conf().members()
-            return all(self.sms[m] is not None and self.sms[m].applied >= marker for m in members)
+            # Proposals taken inside a Ready window may have been acknowledged after the marker.
+            last = max([marker, *self.acked])
+            return all(self.sms[m] is not None and self.sms[m].applied >= last for m in members)
 
         if not self.run_until(caught_up, horizon):
             raise SafetyViolation(f"members did not catch up to {marker} led by {leader}")

@@ -148,3 +148,23 @@ def test_a_join_token_carries_the_secret_and_seeds(tmp_path, capsys):
 def test_token_without_a_secret_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["token", "--data-dir", str(tmp_path)]) == 1
     assert "start a peer first" in capsys.readouterr().err
+
+
+def test_up_reports_a_full_disk_as_a_full_disk(monkeypatch, tmp_path, capsys):
+    import asyncio
+
+    from aivailable import server
+    from consensus import StorageFull
+
+    async def serve_on_a_full_disk(config, announce):
+        async with asyncio.TaskGroup() as tg:  # as the peer's own TaskGroup wraps it
+            tg.create_task(asyncio.to_thread(_raise, StorageFull("the disk is full: test")))
+
+    monkeypatch.setattr(server, "serve", serve_on_a_full_disk)
+    assert cli.main(["up", "--port", "1", "--no-mdns", "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "the disk is full" in err and "cannot serve" not in err
+
+
+def _raise(exc: Exception) -> None:
+    raise exc

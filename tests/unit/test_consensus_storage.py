@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
@@ -16,8 +17,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consensus import Entry, FileStorage, MemoryStorage, RaftNode, Ready, Snapshot
-from consensus.storage import _frame
+from consensus import (
+    Entry,
+    FileStorage,
+    MemoryStorage,
+    RaftNode,
+    Ready,
+    Snapshot,
+    StorageCorrupt,
+    StorageError,
+    StorageFull,
+)
 from consensus.types import ConfState, HardState
 
 CONF = ConfState(("n1", "n2", "n3"))
@@ -45,36 +55,76 @@ def test_round_trip(tmp_path):
     assert [(e.index, e.term) for e in entries] == [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2)]
 
 
-def test_a_torn_tail_is_cut_off_at_every_byte(tmp_path):
+def test_a_torn_tail_is_cut_off_at_every_byte(tmp_path, caplog):
     s = FileStorage(tmp_path)
     s.save(Ready(hard_state=HardState(1, None, 0), entries=ents(1, 3)))
-    s.close()
     (segment,) = tmp_path.glob("log-*.wal")
     good = segment.read_bytes()
-    import msgpack
-
-    last = _frame(msgpack.packb({"e": [[1, 4, "cmd", b"e4"]], "hs": [1, None, 4]}))
+    s.save(Ready(hard_state=HardState(1, None, 4), entries=ents(4, 4)))
+    s.close()
+    last = segment.read_bytes()[len(good) :]
     for cut in range(len(last)):
         segment.write_bytes(good + last[:cut])
         hs, _, entries = reopen(tmp_path)
         assert [e.index for e in entries] == [1, 2, 3] and hs == HardState(1, None, 0)
         assert segment.read_bytes() == good  # the torn bytes are gone, appends go after good data
+        if cut:
+            assert f"at byte {len(good)} of {segment}" in caplog.text
     segment.write_bytes(good + last)
     assert [e.index for e in reopen(tmp_path)[2]] == [1, 2, 3, 4]
 
 
-def test_a_corrupt_record_and_everything_after_it_are_dropped(tmp_path):
+def test_a_damaged_record_refuses_to_start_naming_file_and_offset(tmp_path):
     s = FileStorage(tmp_path)
     for i in range(1, 6):
-        s.save(Ready(entries=ents(i, i)))
+        s.save(Ready(entries=ents(i, i), hard_state=HardState(1, "n1", i - 1)))
     s.close()
     (segment,) = tmp_path.glob("log-*.wal")
     data = bytearray(segment.read_bytes())
     data[len(data) * 3 // 5] ^= 0xFF
     segment.write_bytes(bytes(data))
-    entries = reopen(tmp_path)[2]
-    assert [e.index for e in entries] == list(range(1, len(entries) + 1))
-    assert len(entries) < 5
+    with pytest.raises(StorageCorrupt) as refused:
+        FileStorage(tmp_path)
+    assert str(segment) in str(refused.value) and "delete the data dir" in str(refused.value)
+    assert 0 < refused.value.offset < len(data)
+    assert segment.read_bytes() == bytes(data)  # refusing changes nothing on disk
+
+
+def test_a_hard_state_that_goes_backwards_is_refused(tmp_path):
+    s = FileStorage(tmp_path)
+    s.save(Ready(hard_state=HardState(8, "c", 0), entries=ents(1, 2)))
+    s.save(Ready(hard_state=HardState(3, None, 0)))  # only a damaged log could hold this
+    s.close()
+    with pytest.raises(StorageCorrupt, match="the term goes backwards"):
+        FileStorage(tmp_path)
+
+
+def test_a_missing_middle_segment_is_refused(tmp_path):
+    s = FileStorage(tmp_path, segment_bytes=40)
+    for i in range(1, 8):
+        s.save(Ready(entries=ents(i, i)))
+    s.close()
+    segments = sorted(tmp_path.glob("log-*.wal"))
+    assert len(segments) > 3
+    segments[2].unlink()
+    with pytest.raises(StorageCorrupt, match="is missing"):
+        FileStorage(tmp_path)
+
+
+def test_a_full_disk_is_reported_as_a_full_disk_and_stops_the_storage(tmp_path, monkeypatch):
+    s = FileStorage(tmp_path)
+    s.save(Ready(hard_state=HardState(1, "n1", 0), entries=ents(1, 2)))
+
+    def no_space(_fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(StorageFull, match="the disk is full"):
+        s.save(Ready(entries=ents(3, 3)))
+    monkeypatch.undo()
+    with pytest.raises(StorageError, match="failed earlier"):
+        s.save(Ready(entries=ents(3, 3)))  # fail-stop: no write after a failed one
+    s.close()
 
 
 def test_a_snapshot_truncates_the_log_and_old_segments(tmp_path):
@@ -119,7 +169,7 @@ def test_a_crash_between_the_snapshot_file_and_its_base_record(tmp_path, monkeyp
 
 
 ready_strategy = st.lists(
-    st.tuples(st.integers(1, 30), st.integers(0, 8), st.integers(1, 5), st.booleans()),
+    st.tuples(st.integers(1, 30), st.integers(0, 8), st.integers(1, 3), st.booleans()),
     max_size=25,
 )
 
@@ -129,7 +179,9 @@ ready_strategy = st.lists(
 def test_file_storage_behaves_like_memory_storage(tmp_path_factory, steps):
     path = tmp_path_factory.mktemp("fs")
     mem, disk = MemoryStorage(), FileStorage(path, segment_bytes=512)
-    for first, count, term, snapshot in steps:
+    term = 1
+    for first, count, term_step, snapshot in steps:
+        term += term_step - 1  # a Raft log's terms never go down
         last = mem.last_index()
         first = min(first, last + 1)
         first = max(first, (mem.snapshot.index + 1) if mem.snapshot else 1)
@@ -182,9 +234,10 @@ WRITER = textwrap.dedent(
     rng = random.Random(int(sys.argv[2]))
     _, snap, entries = s.initial_state()
     last = entries[-1].index if entries else (snap.index if snap else 0)
+    snapped = snap.index if snap else 0
     while True:
-        if rng.random() < 0.03 and last > 10:
-            at = last - rng.randint(0, 5)
+        if rng.random() < 0.03 and last > snapped + 5:
+            at = snapped = last - rng.randint(0, 5)
             s.save(Ready(snapshot=Snapshot(at, 1, ConfState(("n1",)), b"snap%d" % at)))
         n = rng.randint(1, 40)
         batch = tuple(Entry(1, i, "cmd", data(i)) for i in range(last + 1, last + n + 1))
@@ -233,3 +286,37 @@ def test_kill_9_mid_append_recovers_a_prefix_of_what_was_acknowledged(tmp_path):
         assert hs.commit == last  # the hard state travels in the same record as its entries
         acked_total = acked
     assert acked_total > 100
+
+
+def test_a_log_cut_short_that_lost_a_vote_is_refused(tmp_path):
+    s = FileStorage(tmp_path)
+    s.save(Ready(hard_state=HardState(3, None, 0), entries=ents(1, 2)))
+    (segment,) = tmp_path.glob("log-*.wal")
+    before_vote = segment.stat().st_size
+    s.save(Ready(hard_state=HardState(8, "c", 0)))
+    s.close()
+    # Cutting the last record off looks like a crash, but the vote file remembers term 8.
+    with open(segment, "r+b") as f:
+        f.truncate(before_vote)
+    with pytest.raises(StorageCorrupt, match="the log ends before the vote for 'c' in term 8"):
+        FileStorage(tmp_path)
+
+
+def test_a_crash_between_the_log_record_and_the_vote_file_keeps_the_logged_vote(
+    tmp_path, monkeypatch
+):
+    s = FileStorage(tmp_path)
+    s.save(Ready(hard_state=HardState(3, "a", 0)))
+
+    def crash(_hs):
+        raise SystemExit("power cut")
+
+    monkeypatch.setattr(s, "_save_vote", crash)
+    with pytest.raises(SystemExit):
+        s.save(Ready(hard_state=HardState(4, "b", 0)))
+    monkeypatch.undo()
+    s.close()
+    hs, _, _ = reopen(tmp_path)
+    assert (hs.term, hs.vote) == (4, "b")
+    hs, _, _ = reopen(tmp_path)  # the vote file caught up at the first restart
+    assert (hs.term, hs.vote) == (4, "b")

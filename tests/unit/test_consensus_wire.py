@@ -32,6 +32,7 @@ def test_every_message_type_round_trips():
             reject_hint=3,
             snapshot=snap,
             force=True,
+            context=b"read-1",
         )
         for t in MESSAGE_TYPES
     ]
@@ -53,6 +54,8 @@ def test_type_numbers_are_append_only():
         "heartbeat_resp": 8,
         "snap": 9,
         "timeout_now": 10,
+        "read_index": 11,
+        "read_index_resp": 12,
     }
     assert ENTRY_KIND_NUMBERS == {"cmd": 1, "noop": 2, "conf": 3}
 

@@ -9,6 +9,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 PURE = [
     "consensus/core.py",
     "consensus/replication.py",
+    "consensus/progress.py",
+    "consensus/log.py",
     "peer/membership.py",
     "peer/availability.py",
     "peer/resume.py",
@@ -75,3 +77,20 @@ def test_pure_core_has_no_impure_imports(relpath):
     if not path.exists():
         pytest.fail(f"{relpath} is part of the DESIGN.md contract and must exist")
     assert violations(path.read_text()) == [], relpath
+
+
+def local_imports(relpath: str) -> set[str]:
+    """The consensus modules that `relpath` imports (relative imports), type-only ones too."""
+    found = set()
+    for node in ast.walk(ast.parse((ROOT / relpath).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found.update([node.module] if node.module else [a.name for a in node.names])
+    return found
+
+
+def test_the_leader_replication_does_not_depend_on_the_node():
+    # core.py builds a LeaderReplication; the reverse import would be a cycle, and a sign
+    # that replication reaches into the node's private state again.
+    assert "replication" in local_imports("consensus/core.py")
+    assert "core" not in local_imports("consensus/replication.py")
+    assert "._" not in (ROOT / "consensus/replication.py").read_text().replace("self._", "")
