@@ -23,13 +23,15 @@ class Replica:
     state: str  # instance state: pending, loading, ready, failed, stopping
     queue_depth: int = 0  # requests waiting or running there, as last gossiped
     member_state: str = "alive"  # the host as gossip sees it: alive or suspect
+    free_slots: int = 0  # requests it would start at once, as last gossiped
 
 
 def order_replicas(
     replicas: Iterable[Replica], inflight: Mapping[str, int] | None = None
 ) -> list[Replica]:
     """The ready replicas, best first: this node's own, then hosts gossip calls alive before
-    suspect ones, then the least loaded, then by node id.
+    suspect ones, then the most free capacity (free slots less what this peer has sent
+    there since), then the least loaded, then by node id.
 
     `inflight` adds the requests this peer has sent to each node since gossip last
     reported its queue depth, so a burst between two gossip rounds still spreads out
@@ -42,6 +44,7 @@ def order_replicas(
         key=lambda r: (
             not r.local,
             r.member_state != "alive",  # a host under suspicion only when nothing else is
+            -(r.free_slots - inflight.get(r.node_id, 0)),
             r.queue_depth + inflight.get(r.node_id, 0),
             r.node_id,
         ),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -30,13 +30,16 @@ class ClusterView(Protocol):
     # Optional: a linearizable read barrier (Raft ReadIndex) for `GET /cluster/status?consistent=1`.
     # async def read_barrier(self) -> None: ...
 
-    async def deploy(self, name: str, source: str, replicas: int, n_ctx: int) -> dict: ...
+    async def deploy(
+        self, name: str, source: str, replicas: int, n_ctx: int, **options: Any
+    ) -> dict: ...
 
     async def undeploy(self, name: str) -> bool: ...
 
 
 def parse_deploy(body: object, max_ctx: int = 131072) -> tuple[str, str, int, int]:
-    """Check a deploy request: {"name", "source", "replicas", "n_ctx"}."""
+    """Check a deploy request: {"name", "source", "replicas", "n_ctx"} (and the options
+    `deploy_options` reads)."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     source = body.get("source")
@@ -67,6 +70,20 @@ def parse_deploy(body: object, max_ctx: int = 131072) -> tuple[str, str, int, in
     return name, source, replicas, n_ctx
 
 
+def deploy_options(body: dict) -> dict:
+    """`kind` ("chat" or "embedding") and `n_parallel` (slots per instance; placement plans
+    the KV cache of that many sequences)."""
+    kind = body.get("kind", "chat")
+    if kind not in ("chat", "embedding"):
+        raise bad_request("'kind' must be 'chat' or 'embedding'", param="kind")
+    n_parallel = body.get("n_parallel")
+    if n_parallel is not None and (
+        not isinstance(n_parallel, int) or isinstance(n_parallel, bool) or not 1 <= n_parallel <= 64
+    ):
+        raise bad_request("'n_parallel' must be an integer from 1 to 64", param="n_parallel")
+    return {"kind": kind, "n_parallel": n_parallel}
+
+
 class ClusterApi:
     def __init__(
         self, view: ClusterView, downloads: Callable[[], list[dict]] = hub.DOWNLOADS.snapshot
@@ -95,13 +112,15 @@ class ClusterApi:
         )
 
     async def deploy(self, request: web.Request) -> web.Response:
-        name, source, replicas, n_ctx = parse_deploy(await read_json(request))
+        body = await read_json(request)
+        name, source, replicas, n_ctx = parse_deploy(body)
+        options = deploy_options(body)
         why = await asyncio.to_thread(refuse_reason, source)
         if why is not None:  # the reason may name a local path: admins (and loopback) only
             key = request.get(KEY_RECORD)
             shown = why if key is None or key.role == "admin" else "this model source is refused"
             raise bad_request(shown, param="source", code="bad_source")
-        result = await self._view.deploy(name, source, replicas, n_ctx)
+        result = await self._view.deploy(name, source, replicas, n_ctx, **options)
         return web.json_response(result, status=202)
 
     async def undeploy(self, request: web.Request) -> web.Response:

@@ -40,6 +40,7 @@ class Instance:
             "gpus": list(self.gpus),
             "state": self.state,
             "queue_depth": self.engine.queue_depth if self.engine else 0,
+            "free_slots": self.engine.free_slots if self.engine else 0,
         }
         for extra in ("pid", "restarts"):
             value = getattr(self.engine, extra, None)

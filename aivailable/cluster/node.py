@@ -112,6 +112,8 @@ def llama_builder(config: Config, gpus: list[GpuInfo]) -> EngineBuilder:
             env=env,
             config=config.engine,
             tensor_split=getattr(step, "tensor_split", None) if len(real) > 1 else None,
+            n_parallel=getattr(step, "n_parallel", None),
+            kind=getattr(step, "kind", "chat"),
         )
 
     return build
@@ -256,9 +258,11 @@ class ClusterNode:
         except (NotLeader, TimeoutError):
             raise no_leader("no leader confirmed the read") from None
 
-    async def deploy(self, name: str, source: str, replicas: int, n_ctx: int) -> dict:
+    async def deploy(
+        self, name: str, source: str, replicas: int, n_ctx: int, **options: Any
+    ) -> dict:
         await self._until_ready()
-        return await self._view.deploy(name, source, replicas, n_ctx)
+        return await self._view.deploy(name, source, replicas, n_ctx, **options)
 
     async def undeploy(self, name: str) -> bool:
         await self._until_ready()

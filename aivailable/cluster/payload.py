@@ -31,6 +31,7 @@ class InstanceView:
     state: str
     queue_depth: int = 0
     gpus: tuple[str, ...] = ()
+    free_slots: int = 0  # requests it would start at once
 
 
 @dataclass(frozen=True)
@@ -81,11 +82,24 @@ def node_payload(
             for g in gpus
         ],
         "inst": [
-            [v["model"], v["state"], int(v.get("queue_depth", 0)), list(v.get("gpus", ()))]
+            [
+                v["model"],
+                v["state"],
+                int(v.get("queue_depth", 0)),
+                list(v.get("gpus", ())),
+                int(v.get("free_slots", 0)),
+            ]
             for v in instances
         ],
         "files": [[sha, size, source] for sha, size, source in files],
     }
+
+
+def _instance(entry: Sequence[Any]) -> InstanceView:
+    """[model, state, queue depth, gpus] and, from peers that batch, free slots."""
+    model, state, depth, gpus = entry[:4]
+    free = int(entry[4]) if len(entry) > 4 else 0
+    return InstanceView(str(model), str(state), int(depth), tuple(str(g) for g in gpus), free)
 
 
 def read_payload(node_id: str, payload: Mapping[str, Any] | None) -> PeerPayload:
@@ -99,10 +113,7 @@ def read_payload(node_id: str, payload: Mapping[str, Any] | None) -> PeerPayload
             gpus.append(Gpu(f"{node_id}/{gid}", vendor, str(name), int(capacity)))
             totals.append(int(total))
             frees.append(int(free))
-        instances = tuple(
-            InstanceView(str(m), str(s), int(q), tuple(str(g) for g in gs))
-            for m, s, q, gs in payload.get("inst", ())
-        )
+        instances = tuple(_instance(entry) for entry in payload.get("inst", ()))
         files = tuple(
             (str(sha), int(size), str(src)) for sha, size, src in payload.get("files", ())
         )

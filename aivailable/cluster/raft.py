@@ -179,7 +179,15 @@ class RaftClusterView:
             self.node_id, d.leader_id, d.term, self.state, self._view, d.voters, d.learners
         )
 
-    async def deploy(self, name: str, source: str, replicas: int, n_ctx: int) -> dict:
+    async def deploy(
+        self,
+        name: str,
+        source: str,
+        replicas: int,
+        n_ctx: int,
+        kind: str = "chat",
+        n_parallel: int | None = None,
+    ) -> dict:
         sha256 = size = None
         if source.startswith(store.BUILTIN_PREFIX):
             builtin = store.builtin(source)
@@ -206,13 +214,24 @@ class RaftClusterView:
                 raise bad_request(str(exc), "source") from exc
             sha256, size = held.sha256, held.size
         await self._proposer.propose(
-            cs.encode_deploy(name, source, replicas, n_ctx, sha256=sha256, size=size)
+            cs.encode_deploy(
+                name,
+                source,
+                replicas,
+                n_ctx,
+                sha256=sha256,
+                size=size,
+                kind=kind,
+                n_parallel=n_parallel,
+            )
         )
         return {
             "name": name,
             "source": source,
             "replicas": replicas,
             "n_ctx": n_ctx,
+            "kind": kind,
+            "n_parallel": n_parallel,
             "state": "pending",
         }
 

@@ -40,6 +40,7 @@ class Running:
     gpus: tuple[str, ...]  # local gpu ids
     state: str
     n_ctx: int | None = None  # None: not started by the reconciler (unknown)
+    options: tuple[str, int | None] | None = None  # (kind, n_parallel) it was started with
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class Step:
     gpus: tuple[str, ...] = ()  # local gpu ids ("gpu0"), in the assignment's order
     tensor_split: tuple[float, ...] = ()  # proportions per gpu for llama.cpp
     n_ctx: int = 0
+    kind: str = "chat"
+    n_parallel: int | None = None  # None: the engine's default for this node's device
 
 
 def local_gpu_id(node_id: str, gpu_id: str) -> str:
@@ -86,6 +89,8 @@ def plan_steps(
             tuple(local_gpu_id(node_id, g) for g in a.gpus),
             a.tensor_split if len(a.gpus) > 1 else (),
             record.n_ctx,
+            record.kind,
+            record.n_parallel,
         )
     stops, starts = [], []
     for model in sorted(running):
@@ -95,6 +100,7 @@ def plan_steps(
             and have.source == need.source
             and have.gpus == need.gpus
             and have.n_ctx in (None, need.n_ctx)
+            and have.options in (None, (need.kind, need.n_parallel))
         )
         if not same or (have.state == "failed" and model in due):
             stops.append(Step("stop", model))

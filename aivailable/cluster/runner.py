@@ -68,6 +68,12 @@ class Trigger:
 # ---- the controller's runner ----------------------------------------------------------------
 
 
+# Slots placement plans each instance's KV cache for when its deploy names none: a GPU
+# node's default (LlamaEngine: 8 on a GPU, 4 on a CPU), so a GPU never loads more than
+# was planned for it.
+PLANNED_PARALLEL = 8
+
+
 def read_local_files(
     models: list[ModelRecord],
     local_path: Callable[[ModelRecord], Path | None],
@@ -89,7 +95,7 @@ def read_local_files(
         try:
             if estimator is None:
                 from placement import estimate as estimator
-            est = estimator(path, m.n_ctx)
+            est = estimator(path, m.n_ctx, m.n_parallel or PLANNED_PARALLEL)
             out[m.name] = ctl.LocalFile(size, est.total, est.split_overhead)
         except Exception as exc:  # commit what is certain; the size-based guess stays
             log.warning("cannot estimate %s from %s: %s", m.name, path, exc)
@@ -306,13 +312,15 @@ class Reconciler:
         for model, inst in self.instances.by_model().items():
             started = self._started.get(model)
             n_ctx = started.n_ctx if started is not None else None
-            running[model] = Running(inst.source, tuple(inst.gpus), inst.state, n_ctx)
+            options = (started.kind, started.n_parallel) if started is not None else None
+            running[model] = Running(inst.source, tuple(inst.gpus), inst.state, n_ctx, options)
         for model, step in list(self._started.items()):
             if model in running:
                 continue
             if model in self._fetching or model in self._failed:
                 state = "failed" if model in self._failed else "pending"
-                running[model] = Running(step.source, step.gpus, state, step.n_ctx)
+                options = (step.kind, step.n_parallel)
+                running[model] = Running(step.source, step.gpus, state, step.n_ctx, options)
             else:  # a fetch that gave up because the model went away: forget it
                 del self._started[model]
         return running

@@ -70,6 +70,8 @@ class ModelRecord:
     size: int | None = None  # bytes of the file
     vram: int | None = None  # placement.estimate(...).total, once a leader had the file
     split_overhead: int | None = None  # extra bytes per extra GPU when split
+    kind: str = "chat"  # "chat" generates text; "embedding" serves /v1/embeddings
+    n_parallel: int | None = None  # slots per instance; None: the engine's default
 
     def to_wire(self) -> dict:
         return {
@@ -82,6 +84,8 @@ class ModelRecord:
             "size": self.size,
             "vram": self.vram,
             "split_overhead": self.split_overhead,
+            "kind": self.kind,
+            "n_parallel": self.n_parallel,
         }
 
 
@@ -113,6 +117,8 @@ def encode_deploy(
     sha256: str | None = None,
     size: int | None = None,
     default: bool = False,
+    kind: str = "chat",
+    n_parallel: int | None = None,
 ) -> bytes:
     """`default`: this is the controller deploying the embedded model on a new cluster;
     applying it records that, so the default is never deployed again after an undeploy."""
@@ -126,6 +132,8 @@ def encode_deploy(
         sha256=sha256,
         size=size,
         default=default,
+        kind=kind,
+        n_parallel=n_parallel,
     )
 
 
@@ -232,6 +240,12 @@ def _int(value: Any, what: str, lo: int | None = None, hi: int | None = None) ->
     return value
 
 
+def _kind(value: Any) -> str:
+    if value not in ("chat", "embedding"):
+        raise CommandError(f"kind must be chat or embedding, not {value!r}")
+    return value
+
+
 def _opt_int(value: Any, what: str) -> int | None:
     return None if value is None else _int(value, what, 0)
 
@@ -317,6 +331,8 @@ class ClusterState:
             priority=_int(cmd.get("priority", 0), "priority", -(1 << 31), 1 << 31),
             sha256=_sha(cmd.get("sha256")),
             size=_opt_int(cmd.get("size"), "size"),
+            kind=_kind(cmd.get("kind", "chat")),
+            n_parallel=_opt_int(cmd.get("n_parallel"), "n_parallel"),
         )
         default = cmd.get("default", False) is True
         old = self.models.get(name)
@@ -327,7 +343,9 @@ class ClusterState:
                 sha256=record.sha256 or old.sha256,
                 size=record.size if record.size is not None else old.size,
             )
-            if old.n_ctx == record.n_ctx and (record.sha256 == old.sha256):
+            if (old.n_ctx, old.n_parallel) == (record.n_ctx, record.n_parallel) and (
+                record.sha256 == old.sha256
+            ):
                 record = replace(record, vram=old.vram, split_overhead=old.split_overhead)
         changed = default and not self.default_applied
         if default:
@@ -440,6 +458,8 @@ class ClusterState:
                     size=_opt_int(m.get("size"), "size"),
                     vram=_opt_int(m.get("vram"), "vram"),
                     split_overhead=_opt_int(m.get("split_overhead"), "split_overhead"),
+                    kind=_kind(m.get("kind", "chat")),
+                    n_parallel=_opt_int(m.get("n_parallel"), "n_parallel"),
                 )
                 fresh.models[record.name] = record
             plan = wire.get("plan")

@@ -57,6 +57,7 @@ def cluster_status(
                         "model": i.model,
                         "state": i.state,
                         "queue_depth": i.queue_depth,
+                        "free_slots": i.free_slots,
                         "gpus": list(i.gpus),
                     }
                     for i in p.instances

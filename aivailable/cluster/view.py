@@ -143,7 +143,15 @@ class ReadModel:
     def replicas_of(self, model: str, cluster_id: str | None) -> list[Replica]:
         """Instances of `model` on reachable members of this cluster, any instance state."""
         return [
-            Replica(n.id, n.addr, n.id == self.me, inst.state, inst.queue_depth, n.state)
+            Replica(
+                n.id,
+                n.addr,
+                n.id == self.me,
+                inst.state,
+                inst.queue_depth,
+                n.state,
+                inst.free_slots,
+            )
             for n in self.members(cluster_id)
             if n.state in REACHABLE and n.addr
             for inst in n.payload.instances

@@ -27,7 +27,7 @@ from aivailable.cluster.controller import (
 )
 from aivailable.cluster.payload import InstanceView, PeerPayload
 from aivailable.cluster.raft import caught_up_learners, raft_conf_hooks
-from aivailable.cluster.runner import ControllerRunner, Trigger, read_local_files
+from aivailable.cluster.runner import PLANNED_PARALLEL, ControllerRunner, Trigger, read_local_files
 from aivailable.cluster.state import ClusterState, ModelRecord
 from aivailable.cluster.view import NodeView
 from placement import Assignment, Gpu, Plan
@@ -139,13 +139,19 @@ def test_read_local_files_estimates_from_the_header_and_survives_a_broken_one(tm
     recs = [ModelRecord("m", "/m.gguf", n_ctx=1000), ModelRecord("n", "/n.gguf")]
     seen = []
 
-    def estimator(path, n_ctx):
-        seen.append((path, n_ctx))
+    def estimator(path, n_ctx, n_parallel):
+        seen.append((path, n_ctx, n_parallel))
         return FakeEstimate(777, 11)
 
     got = read_local_files(recs, lambda m: local if m.name == "m" else None, estimator)
-    assert got == {"m": LocalFile(100, 777, 11)} and seen == [(local, 1000)]
-    got = read_local_files(recs[:1], lambda m: local, lambda p, n: 1 / 0)
+    # The KV cache is planned for the slots the engine will load: a GPU node's default...
+    assert got == {"m": LocalFile(100, 777, 11)} and seen == [(local, 1000, PLANNED_PARALLEL)]
+    # ...or what the deploy asked for.
+    read_local_files(
+        [ModelRecord("m", "/m.gguf", n_ctx=1000, n_parallel=2)], lambda m: local, estimator
+    )
+    assert seen[-1] == (local, 1000, 2)
+    got = read_local_files(recs[:1], lambda m: local, lambda p, n, k: 1 / 0)
     assert got == {"m": LocalFile(100)}
 
 
