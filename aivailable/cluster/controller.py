@@ -133,8 +133,18 @@ def model_vram(
     size = record.size if record.size is not None else _known_size(record.source)
     if size is None:
         size = 1 << 30  # nothing known yet: a 1 GiB file until someone resolves the source
-    kv = record.n_ctx * config.kv_bytes_per_token
+    kv = record.n_ctx * planned_parallel(record) * config.kv_bytes_per_token
     return int(size * config.size_factor) + kv + config.fallback_overhead, config.fallback_overhead
+
+
+# Slots placement plans each instance's KV cache for when its deploy names none: a GPU
+# node's default (LlamaEngine: 8 on a GPU, 4 on a CPU), so a GPU never loads more than
+# was planned for it.
+PLANNED_PARALLEL = 8
+
+
+def planned_parallel(record: ModelRecord) -> int:
+    return record.n_parallel or PLANNED_PARALLEL
 
 
 def _known_size(source: str) -> int | None:

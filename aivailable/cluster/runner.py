@@ -68,12 +68,6 @@ class Trigger:
 # ---- the controller's runner ----------------------------------------------------------------
 
 
-# Slots placement plans each instance's KV cache for when its deploy names none: a GPU
-# node's default (LlamaEngine: 8 on a GPU, 4 on a CPU), so a GPU never loads more than
-# was planned for it.
-PLANNED_PARALLEL = 8
-
-
 def read_local_files(
     models: list[ModelRecord],
     local_path: Callable[[ModelRecord], Path | None],
@@ -95,7 +89,7 @@ def read_local_files(
         try:
             if estimator is None:
                 from placement import estimate as estimator
-            est = estimator(path, m.n_ctx, m.n_parallel or PLANNED_PARALLEL)
+            est = estimator(path, m.n_ctx, ctl.planned_parallel(m))
             out[m.name] = ctl.LocalFile(size, est.total, est.split_overhead)
         except Exception as exc:  # commit what is certain; the size-based guess stays
             log.warning("cannot estimate %s from %s: %s", m.name, path, exc)

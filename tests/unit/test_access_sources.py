@@ -39,7 +39,7 @@ class View:
     def status(self):
         return {}
 
-    async def deploy(self, name, source, replicas, n_ctx):
+    async def deploy(self, name, source, replicas, n_ctx, **options):
         self.deployed.append(source)
         return {"name": name}
 

@@ -137,7 +137,7 @@ def test_cluster_status_shows_nodes_models_placements_and_unplaced():
         (Unplaced("big", 1, "larger than any node"),),
     )
     state.apply(cs.encode_plan(plan, 1), 1)
-    inst = [{"model": "m", "state": "ready", "queue_depth": 2, "gpus": ["gpu0"]}]
+    inst = [{"model": "m", "state": "ready", "queue_depth": 2, "free_slots": 1, "gpus": ["gpu0"]}]
     view = ReadModel("a")
     view.update(
         [

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from aivailable.cluster import state as cs
 from aivailable.cluster.controller import (
     DEFAULT_MODEL_NAME,
+    PLANNED_PARALLEL,
     ChangeConf,
     Context,
     ControllerConfig,
@@ -27,7 +28,7 @@ from aivailable.cluster.controller import (
 )
 from aivailable.cluster.payload import InstanceView, PeerPayload
 from aivailable.cluster.raft import caught_up_learners, raft_conf_hooks
-from aivailable.cluster.runner import PLANNED_PARALLEL, ControllerRunner, Trigger, read_local_files
+from aivailable.cluster.runner import ControllerRunner, Trigger, read_local_files
 from aivailable.cluster.state import ClusterState, ModelRecord
 from aivailable.cluster.view import NodeView
 from placement import Assignment, Gpu, Plan
@@ -121,16 +122,22 @@ def test_model_vram_prefers_the_committed_figure_then_the_header_then_the_size()
     assert model_vram(rec.__class__(**{**rec.__dict__, "vram": 5, "split_overhead": 2})) == (5, 2)
     assert model_vram(rec, LocalFile(rec.size, 777, 11), CFG) == (777, 11)
     vram, split = model_vram(rec, None, CFG)
-    assert (
-        vram
-        == int(rec.size * CFG.size_factor) + 1000 * CFG.kv_bytes_per_token + CFG.fallback_overhead
-    )
+    # The KV cache of every slot the instance will have.
+    kv = 1000 * PLANNED_PARALLEL * CFG.kv_bytes_per_token
+    assert vram == int(rec.size * CFG.size_factor) + kv + CFG.fallback_overhead
     assert split == CFG.fallback_overhead
     # A header that could not be read falls back to the size rather than failing the plan.
     assert model_vram(rec, LocalFile(rec.size), CFG)[0] == vram
     # Bigger files and longer contexts never get smaller estimates.
     bigger = ModelRecord("m", "/m.gguf", n_ctx=4000, size=2 * rec.size)
     assert model_vram(bigger, None, CFG)[0] > vram
+    # Fewer slots asked for, a smaller KV cache planned.
+    assert (
+        model_vram(ModelRecord("m", "/m.gguf", n_ctx=1000, size=rec.size, n_parallel=1), None, CFG)[
+            0
+        ]
+        < vram
+    )
 
 
 def test_read_local_files_estimates_from_the_header_and_survives_a_broken_one(tmp_path):

@@ -252,7 +252,7 @@ class FakeView:
     def status(self) -> dict:
         return {"node_id": "n1", "leader": "n1", "term": 1, "nodes": [], "models": []}
 
-    async def deploy(self, name, source, replicas, n_ctx) -> dict:
+    async def deploy(self, name, source, replicas, n_ctx, **options) -> dict:
         self.deployed.append((name, source, replicas, n_ctx))
         return {"name": name, "source": source, "replicas": replicas, "n_ctx": n_ctx}
 
