@@ -60,7 +60,10 @@ def test_a_cluster_that_meets_another_with_the_same_key_keeps_to_itself(tmp_path
             p.start()
         members = lambda p: sorted(p.status()["voters"] + p.status()["learners"])  # noqa: E731
         a1.wait_until(lambda: members(a1) == ["a1", "a2"], 60, "A's two members")
-        b1.wait_until(lambda: b1.status()["leader"] == "b1", 60, "B founded")
+        b1.wait_until(lambda: b1.status()["leader"] == "b1", 60, "B's leader")
+        # A leader founds its cluster with its first entry: its id shows once that applies.
+        for p in (a1, b1):
+            p.wait_until(lambda p=p: p.status()["cluster_id"], 60, "the cluster founded")
         cluster_a, cluster_b = a1.status()["cluster_id"], b1.status()["cluster_id"]
         assert cluster_a and cluster_b and cluster_a != cluster_b
 
