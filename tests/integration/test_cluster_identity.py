@@ -43,7 +43,9 @@ def placed(peer: PeerProcess, model: str) -> list[str]:
     return []
 
 
-def test_a_cluster_that_meets_another_with_the_same_key_keeps_to_itself(tmp_path: Path):
+def test_a_cluster_that_meets_another_with_the_same_key_keeps_to_itself(
+    tmp_path: Path, embedded_model: Path
+):
     key = tmp_path / "shared.key"
     load_or_create_secret(key)
     common = ["--cluster-key-file", str(key), "--model", "none", "--no-mdns", *GPU]
@@ -91,7 +93,7 @@ def test_a_cluster_that_meets_another_with_the_same_key_keeps_to_itself(tmp_path
         # Three replicas wanted, one node in B: one placement, never on A's peers.
         code, body = post(
             b1.url + "/cluster/models",
-            {"name": "m", "source": "/nonexistent/m.gguf", "replicas": 3, "n_ctx": 512},
+            {"name": "m", "source": str(embedded_model), "replicas": 3, "n_ctx": 512},
         )
         assert code == 202, body
         b1.wait_until(lambda: placed(b1, "m") == ["b1"], 60, "m placed on b1 only")
