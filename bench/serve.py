@@ -199,7 +199,10 @@ async def multi_turn(url: str, topic: str) -> dict:
     import aiohttp
 
     past = history(topic)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as session:
+    # A fresh connection per request: llama-server may close an idle keep-alive one.
+    connector = aiohttp.TCPConnector(force_close=True)
+    timeout = aiohttp.ClientTimeout(total=900)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         first = [*past, {"role": "user", "content": "Summarise."}]
         t1, _, _ = await one_stream(session, url, first, 16, time.perf_counter())
         second = [*first, {"role": "assistant", "content": "The ocean is deep."}]
@@ -271,7 +274,12 @@ def main() -> int:
                 runs["ceiling"][k].append(ceiling_trial(k, max_tokens, args.threads))
                 for name, url in order:
                     runs[name][k].append(asyncio.run(api_trial(url, k, max_tokens)))
-        turns = {name: asyncio.run(multi_turn(url, name)) for name, url in paths.items()}
+        turns = {}
+        for name, url in paths.items():
+            try:
+                turns[name] = asyncio.run(multi_turn(url, name))
+            except Exception as exc:  # one path's failure must not lose the whole run
+                notes.append(f"multi-turn on {name} failed: {exc!r}")
     finally:
         for child in reversed(children):
             child.stop()
