@@ -41,8 +41,6 @@ from aiohttp.payload import BytesPayload
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from aivailable.api.errors import ApiError
-
 log = logging.getLogger(__name__)
 
 TIMESTAMP_HEADER = "X-Aivailable-Timestamp"  # milliseconds since the Unix epoch
@@ -299,12 +297,18 @@ class PeerAuth:
                 request.remote,
                 exc,
             )
-            error = ApiError(
-                401, f"peer request refused: {exc}", type="authentication_error", code="peer_auth"
-            )
-            response = error.response()
-            response.headers["WWW-Authenticate"] = "AIvailable-HMAC-SHA256"
-            return response
+            # The OpenAI-style error body every refusal has; peer/ builds it itself, since
+            # it knows nothing of aivailable/api.
+            body = {
+                "error": {
+                    "message": f"peer request refused: {exc}",
+                    "type": "authentication_error",
+                    "param": None,
+                    "code": "peer_auth",
+                }
+            }
+            headers = {"WWW-Authenticate": "AIvailable-HMAC-SHA256"}
+            return web.json_response(body, status=401, headers=headers)
         return await handler(request)
 
     async def client_middleware(

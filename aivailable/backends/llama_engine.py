@@ -47,6 +47,7 @@ from aivailable.backends.base import (
     TextDelta,
 )
 from aivailable.backends.scheduler import Admission
+from aivailable.cluster import lifecycle
 from aivailable.gpu.info import GpuInfo
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,10 @@ class LlamaEngine(Engine):
     def _set_state(self, state: InstanceState) -> None:
         if state == self.state:
             return
+        try:  # the one lifecycle table (aivailable/cluster/lifecycle.py): a skip is a bug
+            lifecycle.advance(self.state, state)
+        except lifecycle.IllegalTransition as exc:
+            log.error("model %s: %s", self.name, exc)
         log.info("model %s: %s -> %s", self.name, self.state, state)
         self.state = state
         self._state_changed.set()
@@ -281,6 +286,7 @@ class LlamaEngine(Engine):
             self._fail_all(EngineUnavailable("stopping", "the model is being stopped"))
             self._running = False
             self._supervising = False
+            self._set_state("stopping")  # cancelled without stop(): the same way down
             self._set_state("pending")
             self._run_done.set()
 

@@ -94,3 +94,17 @@ def test_the_leader_replication_does_not_depend_on_the_node():
     assert "replication" in local_imports("consensus/core.py")
     assert "core" not in local_imports("consensus/replication.py")
     assert "._" not in (ROOT / "consensus/replication.py").read_text().replace("self._", "")
+
+
+def test_peer_knows_nothing_of_the_api():
+    """peer/ raises its own errors; aivailable/api maps them to HTTP (issue 13)."""
+    offenders = []
+    for path in sorted((ROOT / "peer").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("aivailable.api")]
+    assert offenders == []
