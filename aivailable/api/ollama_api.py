@@ -206,13 +206,9 @@ class OllamaApi:
         return await self._run(request, body, raw, parsed, chat=False)
 
     async def embed(self, request: web.Request) -> web.StreamResponse:
-        body, raw = await self._body(request)
-        model = self.resolve(body.get("model"))
-        _, inputs, _, _ = parse_embeddings({"model": model, "input": body.get("input")})
-        target = await self._openai.engine_or_forward(request, raw, model)
-        if isinstance(target, web.StreamResponse):
-            return target
-        result = await self._openai.embed(target, model, inputs)
+        body, model, result = await self._embeddings(request, "input")
+        if isinstance(result, web.StreamResponse):
+            return result
         vectors = [list(v) for v in result.vectors]
         return web.json_response(
             {
@@ -224,14 +220,20 @@ class OllamaApi:
 
     async def embeddings_legacy(self, request: web.Request) -> web.StreamResponse:
         """The older /api/embeddings: one `prompt`, one `embedding`."""
+        _, _, result = await self._embeddings(request, "prompt")
+        if isinstance(result, web.StreamResponse):
+            return result
+        return web.json_response({"embedding": list(result.vectors[0])})
+
+    async def _embeddings(self, request: web.Request, field: str):
+        """(body, model, Embeddings or a forwarded answer) for the inputs under `field`."""
         body, raw = await self._body(request)
         model = self.resolve(body.get("model"))
-        _, inputs, _, _ = parse_embeddings({"model": model, "input": body.get("prompt")})
+        _, inputs, _, _ = parse_embeddings({"model": model, "input": body.get(field)})
         target = await self._openai.engine_or_forward(request, raw, model)
         if isinstance(target, web.StreamResponse):
-            return target
-        result = await self._openai.embed(target, model, inputs)
-        return web.json_response({"embedding": list(result.vectors[0])})
+            return body, model, target
+        return body, model, await self._openai.embed(target, model, inputs)
 
     async def _run(
         self, request: web.Request, body: dict, raw: bytes, parsed: Parsed, chat: bool

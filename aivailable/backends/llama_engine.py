@@ -476,14 +476,9 @@ class LlamaEngine(Engine):
         if self.kind != "embedding":
             return await super().embed(inputs)
         proc = self._ready_proc()
-        request_id = next(self._ids)
-        frame = proto.encode_frame({"type": proto.EMBED, "id": request_id, "inputs": inputs})
-        if len(frame) > proto.MAX_FRAME:
-            raise InvalidRequest(f"the request is too large ({len(frame)} bytes)")
-        events: asyncio.Queue = asyncio.Queue()
-        self._write(proc, frame)
-        self._pending[request_id] = events
-        self._depth += 1
+        request_id, events = self._submit(
+            proc, lambda rid: {"type": proto.EMBED, "id": rid, "inputs": inputs}
+        )
         try:
             result = await events.get()
         finally:
@@ -500,26 +495,29 @@ class LlamaEngine(Engine):
             raise EngineUnavailable(self.state, detail, self.config.unavailable_retry_after)
         return proc
 
-    async def generate(self, request: ChatRequest | CompletionRequest) -> AsyncIterator[Event]:
-        if self.kind == "embedding":
-            raise InvalidRequest(f"the model '{self.name}' is deployed for embeddings only")
-        proc = self._proc
-        if self.state != "ready" or proc is None:
-            detail = self.last_error if self.state == "failed" else ""
-            raise EngineUnavailable(self.state, detail, self.config.unavailable_retry_after)
-        if self._depth >= self.queue_limit:
-            raise QueueFull(self.config.queue_retry_after)
-        retry_after = self._admission.retry_after(self._depth)
-        if retry_after is not None:  # it would wait longer than max_queue_wait for a slot
-            raise QueueFull(retry_after)
+    def _submit(self, proc, message_for) -> tuple[int, asyncio.Queue]:
+        """Send a request to the worker; its events arrive on the returned queue. The
+        caller owns one unit of queue depth until it is done."""
         request_id = next(self._ids)
-        frame = proto.encode_frame(_generate_message(request_id, request))
+        frame = proto.encode_frame(message_for(request_id))
         if len(frame) > proto.MAX_FRAME:
             raise InvalidRequest(f"the request is too large ({len(frame)} bytes)")
         events: asyncio.Queue = asyncio.Queue()
         self._write(proc, frame)
         self._pending[request_id] = events
         self._depth += 1
+        return request_id, events
+
+    async def generate(self, request: ChatRequest | CompletionRequest) -> AsyncIterator[Event]:
+        if self.kind == "embedding":
+            raise InvalidRequest(f"the model '{self.name}' is deployed for embeddings only")
+        proc = self._ready_proc()
+        if self._depth >= self.queue_limit:
+            raise QueueFull(self.config.queue_retry_after)
+        retry_after = self._admission.retry_after(self._depth)
+        if retry_after is not None:  # it would wait longer than max_queue_wait for a slot
+            raise QueueFull(retry_after)
+        request_id, events = self._submit(proc, lambda rid: _generate_message(rid, request))
         started = asyncio.get_running_loop().time()
         try:
             while True:
