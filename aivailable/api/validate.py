@@ -198,7 +198,13 @@ def parse_chat(body: Any, max_tokens_limit: int) -> Parsed:
         clean.append(structured.history_message({**message, "role": role}, content))
     if functions:
         clean.insert(0, structured.tools_system_message(functions))
-    request = ChatRequest(tuple(clean), params)
+    go_on = body.get("continue_final_message", False)
+    if not isinstance(go_on, bool) or (go_on and clean[-1]["role"] != "assistant"):
+        raise bad_request(
+            "'continue_final_message' needs a boolean and a final assistant message",
+            param="continue_final_message",
+        )
+    request = ChatRequest(tuple(clean), params, continue_final_message=go_on)
     return Parsed(model, request, stream, include_usage, tuple(functions), tool_mode)
 
 

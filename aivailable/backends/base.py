@@ -47,6 +47,9 @@ class ChatRequest:
     messages: tuple[dict, ...]  # OpenAI-style {"role", "content"} maps, already validated
     params: SamplingParams = field(default_factory=SamplingParams)
     tools: tuple[dict, ...] = ()  # OpenAI function tools, for templates that render them
+    # The last message is an assistant's answer cut short: go on from its end (vLLM's
+    # name; a peer resuming a stream whose host died sends it).
+    continue_final_message: bool = False
 
 
 @dataclass(frozen=True)

@@ -556,6 +556,8 @@ def _generate_message(request_id: int, request: ChatRequest | CompletionRequest)
         message["messages"] = [dict(m) for m in request.messages]
         if request.tools:
             message["tools"] = [dict(t) for t in request.tools]
+        if request.continue_final_message:
+            message["continue_final_message"] = True
     else:
         message["kind"] = "completion"
         message["prompt"] = request.prompt

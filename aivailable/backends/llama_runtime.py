@@ -48,6 +48,16 @@ class RuntimeConfig:
     embedding: bool = False  # an embedding instance: pooled vectors, no sampling
 
 
+def continued(prompt: str, messages: list[dict]) -> str:
+    """A rendered conversation cut right after the final message's text (what Hugging
+    Face's continue_final_message does), whatever the template puts after it."""
+    last = str(messages[-1].get("content") or "")
+    at = prompt.rfind(last) if last else -1
+    if at < 0:
+        raise ValueError("the chat template does not show the final message's text")
+    return prompt[: at + len(last)]
+
+
 def physical_cores() -> int:
     """Cores, not hyperthreads: llama.cpp's matmuls gain nothing from a sibling thread."""
     cores = set()
@@ -144,10 +154,16 @@ class LlamaRuntime:
         bos = self._token_text(llama_cpp.llama_vocab_bos(self.vocab))
         return Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
 
-    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+    def chat_prompt(
+        self, messages: list[dict], tools: list[dict] | None = None, go_on: bool = False
+    ) -> str:
         """The model's own chat template applied to the messages (ValueError if it
-        refuses them, e.g. roles in an order it does not allow)."""
+        refuses them, e.g. roles in an order it does not allow). `go_on`: the last message
+        is an unfinished assistant answer; the prompt ends where its text ends (the
+        template's end-of-turn after it cut off), so generation continues it."""
         try:
+            if go_on:
+                return continued(self._chat(messages=messages, tools=tools).prompt, messages)
             return self._chat(messages=messages, tools=tools).prompt
         except ValueError:
             raise

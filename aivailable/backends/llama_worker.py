@@ -150,7 +150,11 @@ class Worker:
         try:
             params = dict(message.get("params") or {})
             if message.get("kind") == "chat":
-                text = self.rt.chat_prompt(list(message["messages"]), message.get("tools"))
+                text = self.rt.chat_prompt(
+                    list(message["messages"]),
+                    message.get("tools"),
+                    message.get("continue_final_message", False),
+                )
                 prompt = self.rt.tokenize(text, special=True)
             else:
                 prompt = self.rt.tokenize(str(message["prompt"]), special=False)

@@ -156,3 +156,22 @@ async def test_a_bad_grammar_is_refused_and_others_are_not_disturbed(engine):
         await run(engine, chat("x", grammar="root ::= ("))
     texts, done, _ = await beside
     assert texts[0] and done.finish_reason in ("stop", "length")
+
+
+async def test_an_answer_cut_short_is_continued_not_restarted(engine):
+    """A peer resuming a stream whose host died sends what the client already has as a final
+    assistant message with continue_final_message: the answer goes on from there."""
+    question = {"role": "user", "content": "Tell me about Paris."}
+    full, _, _ = await run(
+        engine, ChatRequest((question,), SamplingParams(max_tokens=24, temperature=0))
+    )
+    words = full[0].split(" ")
+    partial = " ".join(words[: len(words) // 2])
+    resumed = ChatRequest(
+        (question, {"role": "assistant", "content": partial}),
+        SamplingParams(max_tokens=24, temperature=0),
+        continue_final_message=True,
+    )
+    rest, _, _ = await run(engine, resumed)
+    joined = partial + rest[0]
+    assert joined[: len(full[0]) - 8] == full[0][: len(full[0]) - 8]

@@ -57,3 +57,18 @@ def test_tool_calls_are_recognised_only_for_known_functions():
     assert call["function"] == {"name": "weather", "arguments": '{"city": "Oslo"}'}
     assert tool_calls_in('{"name": "other", "arguments": {}}', functions) is None
     assert tool_calls_in("It is sunny.", functions) is None
+
+
+def test_a_continued_prompt_ends_where_the_final_message_ends():
+    from aivailable.backends.llama_runtime import continued
+
+    prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nHello th<|im_end|>\n<|im_start|>assistant\n"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello th"}]
+    assert (
+        continued(prompt, messages)
+        == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nHello th"
+    )
+    import pytest
+
+    with pytest.raises(ValueError):
+        continued("nothing of it", messages)

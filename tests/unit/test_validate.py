@@ -94,6 +94,8 @@ def test_text_parts_are_joined_and_developer_is_system():
         (chat(tools=[{"type": "function", "function": {}}]), "tools[0].function.name"),
         (chat(tools="x"), "tools"),
         (chat(logit_bias={"x": 1}), "logit_bias"),
+        (chat(continue_final_message=True), "continue_final_message"),  # the last is a user's
+        (chat(continue_final_message="yes"), "continue_final_message"),
     ],
 )
 def test_bad_chat_input_is_a_400_naming_the_parameter(body, param):
