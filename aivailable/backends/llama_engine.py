@@ -519,9 +519,11 @@ class LlamaEngine(Engine):
             raise QueueFull(retry_after)
         request_id, events = self._submit(proc, lambda rid: _generate_message(rid, request))
         started = asyncio.get_running_loop().time()
+        held = None  # an event taken while joining deltas, to yield next
         try:
             while True:
-                event = _coalesce(await events.get(), events)
+                event = held if held is not None else await events.get()
+                event, held = _coalesce(event, events)
                 if isinstance(event, BaseException):
                     raise event
                 yield event
@@ -537,16 +539,16 @@ class LlamaEngine(Engine):
 
 def _coalesce(event, events: asyncio.Queue):
     """Join text deltas of one choice that are already queued: a client far behind the
-    decode loop (or a relaying peer) gets them in one chunk, one write, one frame."""
+    decode loop (or a relaying peer) gets them in one chunk, one write, one frame.
+    Returns (event, the next event if one was taken that does not join, else None)."""
     while isinstance(event, TextDelta) and not events.empty():
-        following = events._queue[0]  # peek: asyncio.Queue has no public peek
+        following = events.get_nowait()
         if not isinstance(following, TextDelta) or following.index != event.index:
-            break
-        events.get_nowait()
+            return event, following
         event = TextDelta(
             event.text + following.text, event.index, event.logprobs + following.logprobs
         )
-    return event
+    return event, None
 
 
 def _generate_message(request_id: int, request: ChatRequest | CompletionRequest) -> dict:

@@ -169,14 +169,30 @@ class Worker:
             kind = CONTEXT_OVERFLOW if "context" in why else BAD_REQUEST
             self.error(request_id, kind, why)
             return
-        if params.get("grammar"):  # refused here, before it takes a slot
-            try:
-                self.rt.free_sampler(self.rt.sampler(params, 0))
-            except ValueError as e:
-                self.error(request_id, BAD_REQUEST, str(e))
-                return
         live = _Live(request_id, prompt, {**params, "n": n, "max_tokens": limit})
+        try:  # here, not in the decode loop: a big schema's grammar takes a while to parse
+            self._make_choices(live)
+        except ValueError as e:  # a grammar llama.cpp refused: before it takes a slot
+            self.error(request_id, BAD_REQUEST, str(e))
+            return
         self.inbox.put(live)
+
+    def _make_choices(self, live: _Live) -> None:
+        """A sampler chain and a text stream per choice (seeds seed, seed+1, ...)."""
+        from aivailable.backends.text_stream import TextStream
+
+        seed = live.params.get("seed")
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little")
+        stop = tuple(live.params.get("stop") or ())
+        try:
+            for i in range(live.params["n"]):
+                sampler = self.rt.sampler(live.params, seed + i)
+                live.choices.append(_Choice(TextStream(stop), sampler))
+        except ValueError:
+            for choice in live.choices:
+                self._free(choice)
+            raise
 
     def _prepare_embed(self, message: dict) -> None:
         request_id = message.get("id")
@@ -246,6 +262,8 @@ class Worker:
             p = item.params
             request = SeqRequest(item.id, tuple(item.prompt), p["max_tokens"], p["n"])
             if not self.sched.submit(request):
+                for choice in item.choices:
+                    self._free(choice)
                 self.error(item.id, QUEUE_FULL, "the model's queue is full")
                 continue
             self.live[item.id] = item
@@ -264,27 +282,10 @@ class Worker:
             self.rt.free_sampler(choice.sampler)
             choice.sampler = None
 
-    def _start(self, live: _Live, reused: int) -> None:
-        from aivailable.backends.text_stream import TextStream
-
-        live.cached = reused
-        seed = live.params.get("seed")
-        if seed is None:
-            seed = int.from_bytes(os.urandom(4), "little")
-        stop = tuple(live.params.get("stop") or ())
-        for i in range(live.params["n"]):
-            sampler = self.rt.sampler(live.params, seed + i)
-            live.choices.append(_Choice(TextStream(stop), sampler))
-
     def _step(self) -> None:
         step = self.sched.next_step()
         for started in step.started:
-            live = self.live[started.request_id]
-            try:
-                self._start(live, started.reused)
-            except ValueError as e:  # a grammar llama.cpp refused
-                self._drop(live.id)
-                self.error(live.id, BAD_REQUEST, str(e))
+            self.live[started.request_id].cached = started.reused
         for src, dst, _ in step.copies:
             self.rt.copy_cells(src, dst)
         for seq, p0 in step.trims:

@@ -118,8 +118,9 @@ class Scheduler:
 
     def submit(self, request: SeqRequest) -> bool:
         """Queue a request; False if the waiting queue is full."""
-        if self.check(request) is not None:
-            raise ValueError(self.check(request))
+        why = self.check(request)
+        if why is not None:
+            raise ValueError(why)
         if len(self.waiting) >= self.max_waiting:
             return False
         self.waiting.append(request)
