@@ -30,6 +30,14 @@ CHATML = (
 )
 
 
+# The "chain" of a request that is plain greedy (temperature 0, nothing else): no llama.cpp
+# sampler at all. llama_sampler_sample copies every logit into a candidate array (49k for
+# SmolLM2) before the greedy pass; an argmax over the logits picks the same token (the
+# first of equal maxima, like llama.cpp's greedy) in a fraction of the time, and that time
+# is spent between two decodes of a single stream, where nothing else runs.
+ARGMAX = 0
+
+
 class LlamaCallError(Exception):
     """llama.cpp refused: the model did not load, a decode failed, a grammar is invalid."""
 
@@ -120,6 +128,8 @@ class LlamaRuntime:
             raise LlamaCallError("llama.cpp could not create a context (out of memory?)")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self._logit_row = ctypes.c_float * self.n_vocab
+        self._pieces: dict[int, bytes] = {}
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(config.n_batch, 0, 1)
         self.add_bos = llama_cpp.llama_vocab_get_add_bos(self.vocab)
@@ -182,6 +192,14 @@ class LlamaRuntime:
         return list(buf[:n])
 
     def piece(self, token: int, special: bool = False) -> bytes:
+        if not special:  # once per token id: every generated token asks
+            cached = self._pieces.get(token)
+            if cached is None:
+                cached = self._pieces[token] = self._piece(token, False)
+            return cached
+        return self._piece(token, True)
+
+    def _piece(self, token: int, special: bool) -> bytes:
         buf = ctypes.create_string_buffer(64)
         n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
@@ -245,10 +263,15 @@ class LlamaRuntime:
         norm = float(np.linalg.norm(vector)) or 1.0
         return (vector / norm).tolist()
 
+    def _logits(self, row: int) -> np.ndarray:
+        """A view of the row's logits (valid until the next decode). Through a cached ctypes
+        array type: np.ctypeslib.as_array builds one per call, slower than the argmax."""
+        address = ctypes.cast(llama_cpp.llama_get_logits_ith(self.ctx, row), ctypes.c_void_p)
+        return np.frombuffer(self._logit_row.from_address(address.value), dtype=np.float32)
+
     def log_probs(self, row: int) -> np.ndarray:
         """Log-probabilities of every token after this row (the model's, before sampling)."""
-        ptr = llama_cpp.llama_get_logits_ith(self.ctx, row)
-        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        logits = self._logits(row).astype(np.float64)
         peak = logits.max()
         return logits - (peak + math.log(np.exp(logits - peak).sum()))
 
@@ -257,28 +280,32 @@ class LlamaRuntime:
     def sampler(self, params: dict, seed: int) -> int:
         """A sampler chain for one sequence, as llama.cpp's server builds it: logit bias,
         penalties, grammar, then top-k, top-p, min-p, temperature and the draw (greedy
-        at temperature 0). Returns the chain's pointer; free it with free_sampler."""
+        at temperature 0). Returns the chain's pointer, or ARGMAX for plain greedy; free
+        it with free_sampler."""
+        bias = params.get("logit_bias") or []
+        repeat = float(params.get("repeat_penalty", 1.0))
+        freq = float(params.get("frequency_penalty", 0.0))
+        present = float(params.get("presence_penalty", 0.0))
+        penalties = repeat != 1.0 or freq or present
+        grammar = params.get("grammar")
+        temperature = float(params.get("temperature", 0.8))
+        if temperature <= 0 and not (bias or penalties or grammar):
+            return ARGMAX
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
-        bias = params.get("logit_bias") or []
         if bias:
             arr = (llama_cpp.llama_logit_bias * len(bias))()
             for i, (token, value) in enumerate(bias):
                 arr[i].token, arr[i].bias = int(token), float(value)
             add(llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(bias), arr))
-        repeat = float(params.get("repeat_penalty", 1.0))
-        freq = float(params.get("frequency_penalty", 0.0))
-        present = float(params.get("presence_penalty", 0.0))
-        if repeat != 1.0 or freq or present:
+        if penalties:
             add(llama_cpp.llama_sampler_init_penalties(self.n_vocab, 64, repeat, freq, present))
-        grammar = params.get("grammar")
         if grammar:
             g = llama_cpp.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
             if not g:
                 llama_cpp.llama_sampler_free(chain)
                 raise ValueError("the output grammar is not valid GBNF")
             add(g)
-        temperature = float(params.get("temperature", 0.8))
         if temperature <= 0:
             add(llama_cpp.llama_sampler_init_greedy())
             return chain
@@ -294,8 +321,11 @@ class LlamaRuntime:
         return chain
 
     def sample(self, chain: int, row: int) -> int:
+        if chain == ARGMAX:
+            return int(self._logits(row).argmax())
         return llama_cpp.llama_sampler_sample(chain, self.ctx, row)
 
     @staticmethod
     def free_sampler(chain: int) -> None:
-        llama_cpp.llama_sampler_free(chain)
+        if chain != ARGMAX:
+            llama_cpp.llama_sampler_free(chain)
