@@ -239,9 +239,9 @@ def main() -> int:
     parser.add_argument("--secret-hex", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "model":
-        asyncio.run(
-            serve_model(args.port, args.slots, args.threads, bytes.fromhex(args.secret_hex))
-        )
+        import uvloop  # the loop `aivailable up` runs on
+
+        uvloop.run(serve_model(args.port, args.slots, args.threads, bytes.fromhex(args.secret_hex)))
         return 0
     levels = [1, 4] if args.quick else [int(x) for x in args.levels.split(",")]
     trials, max_tokens = (1, 32) if args.quick else (args.trials, args.max_tokens)

@@ -88,8 +88,13 @@ def engine_error(exc: EngineError) -> ApiError:
     return ApiError(500, f"engine error: {exc}", type="server_error")
 
 
+# One encoder for every event: json.dumps with separators builds a new one per call, and a
+# stream encodes one event per token.
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def _sse(data: dict | str) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    payload = data if isinstance(data, str) else _compact(data)
     return f"data: {payload}\n\n".encode()
 
 
