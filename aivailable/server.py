@@ -114,7 +114,9 @@ async def serve(
             build_engine,
             probe,
         )
-        guard = AccessGuard(config.auth_on, lambda: node.state.access, limiter)
+        guard = AccessGuard(
+            config.auth_on, lambda: node.state.access, limiter, caught_up=node.caught_up
+        )
         keys_api = KeysApi(lambda: node.state.access, node.propose, limiter)
         refresh_key_gauges = usage_metrics(metrics.registry, limiter, lambda: node.state.access)
         openai_api = OpenAIApi(

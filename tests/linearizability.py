@@ -185,3 +185,42 @@ def deployment_model() -> Model:
         raise ValueError(op.kind)
 
     return Model(frozenset(), step, lambda op: op.kind == "read")
+
+
+def deployment_map_model() -> Model:
+    """The deployment map with values: name -> the value a deploy set (an upsert).
+
+    deploy((name, value)) sets it; undeploy(name) removes it and returns whether it was there
+    (200 True, a 404 False); read() returns the map as a frozenset of (name, value) pairs.
+    The state is a frozenset of pairs too, so it hashes."""
+
+    def step(state: frozenset, op: Operation):
+        if op.kind == "deploy":
+            name, value = op.arg
+            return True, frozenset(p for p in state if p[0] != name) | {(name, value)}
+        if op.kind == "undeploy":
+            existed = any(p[0] == op.arg for p in state)
+            after = frozenset(p for p in state if p[0] != op.arg)
+            return (op.ret is None or op.result == existed), after
+        if op.kind == "read":
+            return (op.ret is None or op.result == state), state
+        raise ValueError(op.kind)
+
+    return Model(frozenset(), step, lambda op: op.kind == "read")
+
+
+def first_violation(history: list[Operation], model: Model) -> list[Operation] | None:
+    """For a failure message: the shortest prefix (operations by call time) that is not
+    linearizable, or None when the whole history is. Its last operations are where to look.
+    A prefix keeps whole operations (their results as seen), so it is a history of its own."""
+    ordered = sorted(history, key=lambda op: op.call)
+    if is_linearizable(ordered, model):
+        return None
+    lo, hi = 0, len(ordered)  # ordered[:lo] linearizable (or empty), ordered[:hi] not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if is_linearizable(ordered[:mid], model):
+            lo = mid
+        else:
+            hi = mid
+    return ordered[:hi]

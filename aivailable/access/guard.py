@@ -91,11 +91,16 @@ class AccessGuard:
         access: Callable[[], AccessState],
         limiter: RateLimiter,
         clock: Callable[[], float] = time.time,
+        caught_up: Callable[[], bool] = lambda: True,
     ):
         self.enabled = enabled
         self._access = access
         self.limiter = limiter
         self._clock = clock
+        # Whether this peer's replicated state is current (cluster/node.py's caught_up): a
+        # peer just restarted replays its log, and until then an unknown key may be one its
+        # copy has not reached yet, which deserves "try again", not "your key is wrong".
+        self._caught_up = caught_up
 
     def identify(self, request: web.Request) -> KeyRecord:
         """The caller's live key, from the headers alone; 401 without one."""
@@ -106,6 +111,15 @@ class AccessGuard:
                 "(the admin key of a new cluster is in its data dir, admin.key)"
             )
         record = self._access().lookup(secret, int(self._clock() * 1000))
+        if record is None and not self._caught_up():
+            raise ApiError(
+                503,
+                "this peer is catching up with the cluster and does not know this key yet; "
+                "try again shortly",
+                type="server_error",
+                code="catching_up",
+                retry_after=1.0,
+            )
         if record is None:
             raise invalid_key("incorrect, revoked or expired API key")
         return record

@@ -167,7 +167,7 @@ class ClusterNode:
             self.fetcher.ensure,
             config.reconciler,
             discover=self.fetcher.discover,
-            ready=lambda: self._driver is not None and caught_up(self._driver),
+            ready=self.caught_up,
         )
         self.forwarder = Forwarder(
             session,
@@ -224,6 +224,11 @@ class ClusterNode:
                 retry_after=1,
             )
         return await handler(request)
+
+    def caught_up(self) -> bool:
+        """Raft runs here and this peer has applied an entry of the current leader's term: its
+        state is not an old one replayed from its own log (a restarted peer)."""
+        return self._driver is not None and caught_up(self._driver)
 
     async def _until_ready(self) -> None:
         try:

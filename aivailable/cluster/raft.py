@@ -17,10 +17,11 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import aiohttp
+import msgpack
 from aiohttp import web
 
 from aivailable import hub, sources, store
-from aivailable.access.keys import stamp
+from aivailable.access.keys import PROPOSAL_FIELD, stamp
 from aivailable.api.errors import ApiError, bad_request
 from aivailable.cluster import state as cs
 from aivailable.cluster.state import ClusterState
@@ -31,6 +32,16 @@ log = logging.getLogger(__name__)
 
 PROPOSE_PATH = "/internal/propose"
 MAX_COMMAND_BYTES = 1 << 20
+
+
+def proposal_id(data: bytes) -> str | None:
+    """The proposal id `stamp` put in a command, if it has one."""
+    try:
+        cmd = msgpack.unpackb(data, raw=False)
+    except Exception:
+        return None
+    pid = cmd.get(PROPOSAL_FIELD) if isinstance(cmd, dict) else None
+    return pid if isinstance(pid, str) else None
 
 
 def applied_own_term(driver: Any) -> bool:
@@ -82,6 +93,9 @@ class Proposer:
         self.retry_s = retry_s
         self._applied_index = 0
         self._applied_event = asyncio.Event()
+        # Proposal id -> the state machine's result, for this peer's proposals in flight
+        # (None until applied here): an undeploy answers from what its own entry did.
+        self._results: dict[str, cs.ApplyResult | None] = {}
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post(PROPOSE_PATH, self._handle)]
@@ -109,22 +123,38 @@ class Proposer:
     async def propose(self, data: bytes) -> int:
         """The log index once committed (and applied here). Retries through leader changes
         until `timeout_s`; then a 503 ApiError."""
+        index, _ = await self.commit(data)
+        return index
+
+    async def commit(self, data: bytes) -> tuple[int, cs.ApplyResult | None]:
+        """As `propose`, with what applying the command did: the result of the entry that
+        applied it (a retry that arrived twice applies once), or None if this peer got the
+        state from a snapshot and so cannot tell."""
         last = "no leader elected"
         data = stamp(data)  # a unique id: the state applies it once, however often it arrives
+        pid = proposal_id(data)
+        if pid is not None:
+            self._results[pid] = None
         try:
             async with asyncio.timeout(self.timeout_s):
                 while True:
                     index, last = await self._try_once(data, last)
                     if index is not None:
                         await self._applied_here(index)  # read-your-writes on this peer
-                        return index
+                        return index, self._results.get(pid) if pid is not None else None
                     await asyncio.sleep(self.retry_s)
         except TimeoutError:
             raise no_leader(last) from None
+        finally:
+            if pid is not None:
+                self._results.pop(pid, None)
 
-    def applied(self, index: int) -> None:
+    def applied(self, index: int, result: cs.ApplyResult | None = None) -> None:
         """Called by the apply callback (apply_entry) for every applied command."""
         self._applied_index = max(self._applied_index, index)
+        pid = result.proposal if result is not None else None
+        if pid is not None and pid in self._results and self._results[pid] is None:
+            self._results[pid] = result
         self._applied_event.set()
 
     async def _applied_here(self, index: int) -> None:
@@ -236,10 +266,20 @@ class RaftClusterView:
         }
 
     async def undeploy(self, name: str) -> bool:
-        if name not in self.state.models:
-            return False
-        await self._proposer.propose(cs.encode_undeploy(name))
-        return True
+        """True if this undeploy removed the model, False if it was not deployed. Both come
+        from applying the command, never from this peer's copy of the state beforehand: that
+        copy may be stale (a follower behind, or cut off), and two undeploys racing would
+        both have seen the model there."""
+        _, result = await self._proposer.commit(cs.encode_undeploy(name))
+        if result is None:
+            raise ApiError(
+                503,
+                f"the undeploy of '{name}' was committed, but this peer cannot tell whether the "
+                "model was deployed (it caught up from a snapshot); it is not deployed now",
+                type="server_error",
+                code="outcome_unknown",
+            )
+        return result.ok and result.changed
 
 
 def apply_entry(
@@ -257,7 +297,7 @@ def apply_entry(
             for trigger in triggers:
                 trigger.fire()
         if proposer is not None:
-            proposer.applied(entry.index)
+            proposer.applied(entry.index, result)
         return result
 
     return apply

@@ -95,6 +95,7 @@ class ApplyResult:
     kind: str  # the command's type name ("unknown" if it did not decode)
     changed: bool = False  # the state differs after it (an undeploy of nothing: False)
     error: str = ""  # why it was rejected
+    proposal: str | None = None  # the command's proposal id, when it applied for the first time
 
 
 # ---- encoding -------------------------------------------------------------------------
@@ -298,18 +299,20 @@ class ClusterState:
         except (CommandError, TypeError) as exc:
             return ApplyResult(False, "unknown", error=str(exc))
         kind = TYPE_NAMES[cmd["t"]]
+        pid = None  # the proposal id, once it is known to apply for the first time
         try:
             if not self.access.first_time(cmd):  # each proposal id applies once
                 return ApplyResult(False, kind, error="replayed proposal (id applied before)")
+            pid = cmd.get(access_keys.PROPOSAL_FIELD)
             if cmd["t"] in access_keys.TYPE_NAMES:
                 changed = self.access.apply(cmd)
             else:
                 changed = getattr(self, f"_apply_{kind}")(cmd, term)
         except (CommandError, access_keys.AccessCommandError) as exc:
-            return ApplyResult(False, kind, error=str(exc))
+            return ApplyResult(False, kind, error=str(exc), proposal=pid)
         except Exception as exc:  # a malformed field deep inside: reject, never wedge the log
-            return ApplyResult(False, kind, error=f"malformed {kind}: {exc!r}")
-        return ApplyResult(True, kind, changed=changed)
+            return ApplyResult(False, kind, error=f"malformed {kind}: {exc!r}", proposal=pid)
+        return ApplyResult(True, kind, changed=changed, proposal=pid)
 
     def _apply_init(self, cmd: dict, term: int) -> bool:
         cluster_id = _text(cmd.get("cluster_id"), "cluster_id")

@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from aivailable.access.keys import stamp
 from aivailable.api.errors import ApiError
 from aivailable.cluster import state as cs
 from aivailable.cluster.payload import node_payload
@@ -259,6 +260,58 @@ async def test_view_deploy_and_undeploy():
         assert not await view.undeploy("smollm2-135m")
         status = view.status()
         assert status["voters"] == ["a", "b"] and status["learners"] == ["c"]
+
+
+class SlowDriver(FakeDriver):
+    """Commits after a moment, so proposals from concurrent requests interleave."""
+
+    async def propose(self, data: bytes) -> int:
+        await asyncio.sleep(0.01)
+        return await super().propose(data)
+
+
+async def test_an_undeploy_answers_from_what_its_own_entry_did():
+    """Not from the peer's copy of the state before proposing: that copy may be behind the
+    log, and two racing undeploys both find the model in it (tests/chaos/test_jepsen.py
+    caught both: a 200 twice for one model, a 404 for a deployed one)."""
+    state = ClusterState()
+    driver = SlowDriver()
+    async with aiohttp.ClientSession() as session:
+        proposer = Proposer(driver, session, lambda n: None, timeout_s=1.0)
+        driver.appliers.append(apply_entry(state, [], proposer))
+        view = RaftClusterView("a", state, driver, proposer, ReadModel("a"))
+        await proposer.propose(cs.encode_deploy("m", "/m/m.gguf"))
+        racing = await asyncio.gather(view.undeploy("m"), view.undeploy("m"))
+        assert sorted(racing) == [False, True] and "m" not in state.models
+        # A peer whose copy is behind (here: one that has not seen the deploy) still answers
+        # from the log.
+        await proposer.propose(cs.encode_deploy("m", "/m/m.gguf"))
+        behind = RaftClusterView("b", ClusterState(), driver, proposer, ReadModel("b"))
+        assert await behind.undeploy("m") is True and "m" not in state.models
+        assert await behind.undeploy("m") is False
+
+
+async def test_an_undeploy_whose_result_this_peer_cannot_know_is_a_503():
+    """A peer that caught up from a snapshot never applied the entry itself."""
+    state = ClusterState()
+    state.apply(cs.encode_deploy("m", "/m/m.gguf"))
+    driver = FakeDriver()
+    async with aiohttp.ClientSession() as session:
+        proposer = Proposer(driver, session, lambda n: None, timeout_s=1.0)
+        driver.appliers.append(apply_entry(state, [], None))  # applied, but not reported
+        view = RaftClusterView("a", state, driver, proposer, ReadModel("a"))
+        with pytest.raises(ApiError) as info:
+            await view.undeploy("m")
+    assert info.value.status == 503 and info.value.code == "outcome_unknown"
+    assert "m" not in state.models
+
+
+def test_an_apply_result_names_its_proposal_only_the_first_time():
+    state = ClusterState()
+    data = stamp(cs.encode_undeploy("m"), "ab" * 16)
+    first, again = state.apply(data), state.apply(data)
+    assert first.ok and not first.changed and first.proposal == "ab" * 16
+    assert not again.ok and again.proposal is None
 
 
 def test_address_book_prefers_gossip_then_the_registry():

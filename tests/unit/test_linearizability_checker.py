@@ -6,8 +6,10 @@ from random import Random
 
 from tests.linearizability import (
     Operation,
+    deployment_map_model,
     deployment_model,
     drop_unobserved,
+    first_violation,
     is_linearizable,
     register_model,
 )
@@ -94,3 +96,42 @@ def test_dropping_unobserved_unknown_writes_keeps_the_verdict():
     assert len(drop_unobserved(good)) == 3
     assert is_linearizable(drop_unobserved(good), REG)
     assert not is_linearizable(drop_unobserved(bad), REG)
+
+
+def test_the_deployment_map_with_values():
+    m = deployment_map_model()
+
+    def seen(**kv):
+        return frozenset(kv.items())
+
+    ok = [
+        op(0, 1, "deploy", ("a", 1)),
+        op(2, 6, "deploy", ("a", 2)),  # an upsert, concurrent with the next two reads
+        op(3, 4, "read", result=seen(a=1)),
+        op(5, 6, "read", result=seen(a=2)),
+        op(7, None, "deploy", ("b", 3)),  # unknown: it happened, as a read shows
+        op(8, 9, "read", result=seen(a=2, b=3)),
+        op(10, 11, "undeploy", "b", result=True),
+        op(12, 13, "undeploy", "b", result=False),
+        op(14, 15, "read", result=seen(a=2)),
+    ]
+    assert is_linearizable(ok, m)
+    # An old value back after a newer one was read.
+    assert not is_linearizable([*ok[:4], op(6.5, 6.8, "read", result=seen(a=1))], m)
+    # A 404 for a deployed name; the same name deleted twice.
+    assert not is_linearizable([ok[0], op(2, 3, "undeploy", "a", result=False)], m)
+    twice = [ok[0], op(2, 4, "undeploy", "a", result=True), op(3, 5, "undeploy", "a", result=True)]
+    assert not is_linearizable(twice, m)
+    # An unknown deploy explains a later undeploy's 200.
+    assert is_linearizable([op(0, None, "deploy", ("a", 1)), op(2, 3, "undeploy", "a", True)], m)
+
+
+def test_first_violation_is_a_short_prefix_that_fails():
+    m = deployment_map_model()
+    good = [op(i * 2, i * 2 + 1, "deploy", ("a", i)) for i in range(50)]
+    stale = op(101, 102, "read", result=frozenset({("a", 3)}))
+    later = [op(103 + i, 103.5 + i, "deploy", ("b", i)) for i in range(20)]
+    assert first_violation(good, m) is None
+    window = first_violation([*later, stale, *good], m)
+    assert window is not None and window[-1] == stale and len(window) == 51
+    assert not is_linearizable(window, m)
