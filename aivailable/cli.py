@@ -21,7 +21,12 @@ def _up_parser(sub) -> None:
     up.add_argument("--bind", help="listen address (default 127.0.0.1; a LAN needs 0.0.0.0)")
     up.add_argument("--advertise", help="address peers use to reach this one (needed with 0.0.0.0)")
     up.add_argument("--port", type=int, help="HTTP (TCP) and gossip (UDP) port (default 8000)")
-    up.add_argument("--data-dir", help="Raft log, cluster secret and state")
+    up.add_argument(
+        "--data-dir",
+        help="Raft log, cluster secret and state. If DATA_DIR/raft is damaged or lost, delete "
+        "that directory and start again: the peer rejoins as a new Raft member (learner, then "
+        "voter) and the leader retires its old id",
+    )
     up.add_argument("--cache-dir", help="model cache (default ~/.cache/aivailable)")
     up.add_argument(
         "--join",
