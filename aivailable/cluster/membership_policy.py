@@ -122,9 +122,10 @@ def next_conf_change(
     another id as replaced; caught_up: learners whose log is close enough to the
     leader's to be promoted without stalling commits (None: all); cluster_id: only gossip
     members advertising it are added (a peer of another cluster is never pulled in).
-    In order: retire a replaced id; remove a member dead past the timeout; promote a learner while alive voters
-    are below the goal; add alive members not yet in the configuration as learners; turn a
-    surplus voter into a learner once every voter is alive.
+    In order: retire a replaced id; remove a member dead past the timeout; promote a
+    learner while alive voters are below the goal; add alive members not yet in the
+    configuration as learners; turn a surplus voter into a learner once every voter is
+    alive.
     """
     voters = sorted(set(voters))
     learners = sorted(set(learners) - set(voters))
