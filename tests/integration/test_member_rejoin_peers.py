@@ -14,11 +14,15 @@ import signal
 import time
 import urllib.request
 from pathlib import Path
+from random import Random
 
 import pytest
 
-from aivailable.cluster.identity import node_of
+from aivailable.cluster.identity import RAFT_ID_FILE, node_of
+from aivailable.cluster.state import encode_init
 from aivailable.local_peers import PeerProcess
+from consensus import FileStorage, RaftNode
+from peer.secret import load_or_create_secret
 from tests.integration.test_cluster_peers import Cluster, all_alive, http, wait_all
 
 pytestmark = pytest.mark.slow
@@ -135,3 +139,40 @@ def test_a_wiped_voter_rejoins_as_a_new_member_and_deploys_still_commit(cluster)
     assert time.monotonic() - started < 10
     code, body = http("GET", victim.url + "/v1/models")
     assert code == 200 and "after-rejoin" in {m["id"] for m in body["data"]}
+
+
+def test_a_raft_directory_from_before_member_ids_keeps_voting_under_the_node_name(cluster):
+    """An upgrade: Raft state written under the node name (as before Raft ids existed) is
+    resumed under that name, never under a new id its votes were not cast as."""
+
+    peer = cluster.add("solo", "--cpu", "no")
+    storage = FileStorage(peer.data_dir / "raft")
+    node = RaftNode("solo", storage, voters=("solo",), rng=Random(1))
+    node.campaign()
+    committed = []
+    for _ in range(10):
+        if node.role == "leader" and not committed:
+            node.propose(encode_init("c0ffee"))
+        while node.has_ready():
+            rd = node.ready()
+            storage.save(rd)
+            committed += [e for e in rd.committed if e.data]
+            node.advance(rd)
+    storage.close()
+    assert committed and node.term >= 1
+    (peer.data_dir / "cluster_id").write_text("c0ffee")
+    assert not (peer.data_dir / "raft" / RAFT_ID_FILE).exists()
+
+    load_or_create_secret(cluster.key)
+    peer.start()
+    peer.wait_until(
+        lambda: peer.status()["leader"] == "solo" and peer.status()["raft_id"] == "solo",
+        60,
+        "solo leads under its name",
+    )
+    status, _ = consistent(peer, "/cluster/status")  # once the old log is applied
+    assert status["cluster_id"] == "c0ffee" and status["voters"] == ["solo"]
+    assert status["raft_members"] == [{"id": "solo", "node": "solo", "role": "voter"}]
+    deploy(peer, "after-upgrade")
+    listing, mode = consistent(peer, "/cluster/models")
+    assert mode == "consistent" and "after-upgrade" in {m["name"] for m in listing["models"]}
