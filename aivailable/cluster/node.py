@@ -413,6 +413,10 @@ class ClusterNode:
 
     async def run(self) -> None:
         """Bootstrap, then serve as a cluster member until cancelled."""
+        # This node in its own read model (and gossip) at once: /healthz is already ok, so
+        # /cluster/status must list it while the raft directory is read. Its Raft id
+        # follows in the next payload (the policy reads a payload without one as not read yet).
+        self.publish()
         data_dir = self.config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         storage = await asyncio.to_thread(FileStorage, data_dir / "raft")
