@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         clients.append((p, name))
         if name in ("status", "models", "ps"):
             p.add_argument("--json", action="store_true", help="print the raw JSON")
+        if name in ("status", "models"):
+            p.add_argument(
+                "--consistent",
+                action="store_true",
+                help="a linearizable read: include every write acknowledged before it "
+                "(asks the leader; fails clearly when there is none)",
+            )
         if name == "chat":
             p.add_argument("message", nargs="*", help="message (default: read lines from stdin)")
             p.add_argument("--model", default="smollm2-135m")
@@ -266,10 +273,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _read_mode(args: argparse.Namespace) -> str:
+    return "?consistent=1" if getattr(args, "consistent", False) else ""
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from aivailable.status_view import render_status
 
-    status = request_json(args.url.rstrip("/") + "/cluster/status")
+    status = request_json(args.url.rstrip("/") + "/cluster/status" + _read_mode(args))
     if args.json:
         print(json.dumps(status, indent=2))
     else:
@@ -280,7 +291,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from aivailable.status_view import render_models
 
-    status = request_json(args.url.rstrip("/") + "/cluster/status")
+    status = request_json(args.url.rstrip("/") + "/cluster/status" + _read_mode(args))
     if args.json:
         print(json.dumps(status.get("models", []), indent=2))
     else:
