@@ -21,7 +21,12 @@ def _up_parser(sub) -> None:
     up.add_argument("--bind", help="listen address (default 127.0.0.1; a LAN needs 0.0.0.0)")
     up.add_argument("--advertise", help="address peers use to reach this one (needed with 0.0.0.0)")
     up.add_argument("--port", type=int, help="HTTP (TCP) and gossip (UDP) port (default 8000)")
-    up.add_argument("--data-dir", help="Raft log, cluster secret and state")
+    up.add_argument(
+        "--data-dir",
+        help="Raft log, cluster secret and state. If DATA_DIR/raft is damaged or lost, delete "
+        "that directory and start again: the peer rejoins as a new Raft member (learner, then "
+        "voter) and the leader retires its old id",
+    )
     up.add_argument("--cache-dir", help="model cache (default ~/.cache/aivailable)")
     up.add_argument(
         "--join",
@@ -114,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         clients.append((p, name))
         if name in ("status", "models", "ps"):
             p.add_argument("--json", action="store_true", help="print the raw JSON")
+        if name in ("status", "models"):
+            p.add_argument(
+                "--consistent",
+                action="store_true",
+                help="a linearizable read: include every write acknowledged before it "
+                "(asks the leader; fails clearly when there is none)",
+            )
         if name == "chat":
             p.add_argument("message", nargs="*", help="message (default: read lines from stdin)")
             p.add_argument("--model", default="smollm2-135m")
@@ -261,10 +273,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _read_mode(args: argparse.Namespace) -> str:
+    return "?consistent=1" if getattr(args, "consistent", False) else ""
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from aivailable.status_view import render_status
 
-    status = request_json(args.url.rstrip("/") + "/cluster/status")
+    status = request_json(args.url.rstrip("/") + "/cluster/status" + _read_mode(args))
     if args.json:
         print(json.dumps(status, indent=2))
     else:
@@ -275,7 +291,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from aivailable.status_view import render_models
 
-    status = request_json(args.url.rstrip("/") + "/cluster/status")
+    status = request_json(args.url.rstrip("/") + "/cluster/status" + _read_mode(args))
     if args.json:
         print(json.dumps(status.get("models", []), indent=2))
     else:

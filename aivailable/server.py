@@ -127,6 +127,7 @@ async def serve(
             owner=config.name,
             forwarder=node.forwarder,
             catalog=node.catalog,
+            read_barrier=node.read_barrier,
         )
 
         def model_info(name: str) -> dict:

@@ -29,9 +29,9 @@ MAX_RECORD = 1 << 30
 
 RECOVERY_ADVICE = (
     "Refusing to start: a member that forgets acknowledged entries or a vote breaks Raft's "
-    "safety. To recover, delete the data dir {dir} and start this peer again once the cluster "
-    "has removed this member (a voter down past the membership timeout is removed); it then "
-    "joins as a new member and catches up from the leader."
+    "safety. To recover, delete the data dir {dir} (the whole raft directory) and start this "
+    "peer again: it rejoins under a new member id, as a learner that catches up from the "
+    "leader and is then promoted, and the leader retires its old id."
 )
 
 

@@ -1,5 +1,8 @@
 """/cluster/status and /cluster/models: the cluster's view and its desired state.
 
+`GET /cluster/status` and `GET /cluster/models` (the deploy list) read this peer's state, or,
+with `?consistent=1`, linearizably through the view's read barrier (aivailable/api/reads.py).
+
 `ClusterView` is what the peer process offers this API: the gossip view and the
 committed plan (aivailable/cluster/raft.py's RaftClusterView). A lone peer is a cluster
 of one.
@@ -19,6 +22,7 @@ from aivailable.access.guard import KEY_RECORD
 from aivailable.access.sources import refuse_reason
 from aivailable.api.body import read_json
 from aivailable.api.errors import ApiError, bad_request, not_found
+from aivailable.api.reads import marked, read_mode
 from aivailable.store import model_name
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -94,22 +98,28 @@ class ClusterApi:
     def routes(self) -> list[web.RouteDef]:
         return [
             web.get("/cluster/status", self.status),
+            web.get("/cluster/models", self.models),
             web.post("/cluster/models", self.deploy),
             web.delete("/cluster/models/{name}", self.undeploy),
         ]
 
     async def status(self, request: web.Request) -> web.Response:
         """`?consistent=1`: include every write acknowledged before the request (a Raft read
-        barrier first); otherwise this peer's local view. `linearizable` says which."""
-        linearizable = request.query.get("consistent", "") in ("1", "true")
-        if linearizable:
-            barrier = getattr(self._view, "read_barrier", None)
-            if barrier is None:
-                raise bad_request("this peer cannot serve consistent reads", param="consistent")
-            await barrier()
-        return web.json_response(
-            {**self._view.status(), "downloads": self._downloads(), "linearizable": linearizable}
-        )
+        barrier first); otherwise this peer's local view. `linearizable` and the
+        X-Aivailable-Read header say which."""
+        mode = await read_mode(request, getattr(self._view, "read_barrier", None))
+        body = {
+            **self._view.status(),
+            "downloads": self._downloads(),
+            "linearizable": mode == "consistent",
+        }
+        return marked(web.json_response(body), mode)
+
+    async def models(self, request: web.Request) -> web.Response:
+        """The deploy list: every deployed model with its placements, as in the status."""
+        mode = await read_mode(request, getattr(self._view, "read_barrier", None))
+        body = {"models": self._view.status()["models"], "linearizable": mode == "consistent"}
+        return marked(web.json_response(body), mode)
 
     async def deploy(self, request: web.Request) -> web.Response:
         body = await read_json(request)

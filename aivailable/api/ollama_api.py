@@ -23,6 +23,7 @@ from aiohttp import web
 from aivailable.api.body import parse_json
 from aivailable.api.errors import ApiError, bad_request, not_found
 from aivailable.api.openai_api import OpenAIApi, engine_error
+from aivailable.api.reads import marked, read_mode
 from aivailable.api.validate import Parsed, parse_chat, parse_completion, parse_embeddings
 from aivailable.backends.base import EngineError, Finished, TextDelta
 
@@ -112,8 +113,13 @@ class OllamaApi:
         return web.json_response({"version": OLLAMA_VERSION})
 
     async def tags(self, request: web.Request) -> web.Response:
+        """`?consistent=1`: a linearizable listing, as for /v1/models (api/reads.py)."""
+        try:
+            mode = await read_mode(request, self._openai.read_barrier)
+        except ApiError as exc:
+            return _ollama_error(exc)
         names = sorted(self._openai.model_names())
-        return web.json_response({"models": [self._card(n) for n in names]})
+        return marked(web.json_response({"models": [self._card(n) for n in names]}), mode)
 
     async def ps(self, request: web.Request) -> web.Response:
         local = self._openai.local_models()

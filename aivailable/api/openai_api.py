@@ -20,6 +20,7 @@ from aiohttp import web
 from aivailable.api import body as body_reader
 from aivailable.api import openai_render as render
 from aivailable.api.errors import ApiError, bad_request, not_found
+from aivailable.api.reads import Barrier, marked, read_mode
 from aivailable.api.validate import Parsed, parse_chat, parse_completion, parse_embeddings
 from aivailable.backends.base import (
     ChatRequest,
@@ -109,9 +110,12 @@ class OpenAIApi:
         forwarder: Forwarding | None = None,
         catalog: Callable[[], Iterable[str]] | None = None,
         max_body: int = MAX_BODY,
+        read_barrier: Barrier | None = None,
     ):
         """`catalog`: the model names the cluster serves (default: the local instances).
-        `max_body`: bytes of a request body at most (413 beyond)."""
+        `max_body`: bytes of a request body at most (413 beyond). `read_barrier`: what a
+        `?consistent=1` model listing awaits first (aivailable/api/reads.py; None: refused)."""
+        self.read_barrier = read_barrier
         self._max_body = max_body
         self._lookup = lookup
         self._metrics = metrics
@@ -134,14 +138,17 @@ class OpenAIApi:
         return {"id": name, "object": "model", "created": 0, "owned_by": self._owner}
 
     async def list_models(self, request: web.Request) -> web.Response:
+        mode = await read_mode(request, self.read_barrier)
         names = sorted(set(self._catalog()))
-        return web.json_response({"object": "list", "data": [self._model_card(n) for n in names]})
+        listing = {"object": "list", "data": [self._model_card(n) for n in names]}
+        return marked(web.json_response(listing), mode)
 
     async def get_model(self, request: web.Request) -> web.Response:
+        mode = await read_mode(request, self.read_barrier)
         name = request.match_info["model"]
         if name not in set(self._catalog()):
             raise not_found(f"the model '{name}' does not exist", param="model")
-        return web.json_response(self._model_card(name))
+        return marked(web.json_response(self._model_card(name)), mode)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, "chat", parse_chat)

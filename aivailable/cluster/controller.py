@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from aivailable import store
 from aivailable.cluster import state as cs
+from aivailable.cluster.identity import node_of
 from aivailable.cluster.membership_policy import ConfChange, MembershipConfig, next_conf_change
 from aivailable.cluster.state import ClusterState, ModelRecord
 from aivailable.cluster.view import NodeView, member_of
@@ -97,7 +98,7 @@ class LocalFile:
 class Context:
     """What the step needs of Raft and of this node's disk."""
 
-    me: str
+    me: str  # this leader's Raft id (identity.py)
     term: int
     voters: tuple[str, ...] = ()
     learners: tuple[str, ...] = ()
@@ -330,7 +331,13 @@ def step(
         Propose(c, "model file")
         for c in model_file_updates(state.desired(), members, ctx.local_files)
     ]
-    in_config = (*ctx.voters, *ctx.learners) if ctx.voters else None
+    # The registry is by node name; the configuration holds Raft ids (identity.py).
+    configured = {*ctx.voters, *ctx.learners}
+    in_config = (
+        {node_of(r) for r in configured} | {n.id for n in view if n.member in configured}
+        if ctx.voters
+        else None
+    )
     out += [Propose(c, "node address") for c in registry_updates(members, state.nodes, in_config)]
     plan = decide(state.desired(), members, state.plan, now, config, ctx.local_files)
     if plan is not None:

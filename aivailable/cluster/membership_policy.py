@@ -7,6 +7,13 @@ removed once it has been dead past a timeout so the quorum stays reachable. One 
 at a time: the leader's Raft core refuses a second while the first is uncommitted, and
 this policy proposes one per call.
 
+Raft ids are not node names (aivailable/cluster/identity.py): each gossip member advertises
+its Raft id, `NAME@MEMBER`, bound to its raft directory. A node that advertises a new id
+while an old id of its name is still in the configuration lost its Raft state (wiped,
+replaced): the old id is retired first (removed: no process answers for it any more, and
+none ever will, so it cannot vote twice), then the new id is added as a learner and
+promoted once caught up, like any new member.
+
 Bootstrap: a peer with persisted Raft state resumes from it. A brand-new peer joins a
 cluster it can see in gossip; if it sees none, after a discovery window the lowest node
 id among the alive peers without a cluster founds one and the others join it. See
@@ -17,6 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+from aivailable.cluster.identity import node_of
 
 ALIVE, SUSPECT, DEAD, LEFT = "alive", "suspect", "dead", "left"
 
@@ -46,6 +55,7 @@ class MemberInfo:
     state: str  # alive | suspect | dead | left
     since: float  # seconds (the caller's clock) when it entered this state
     cluster_id: str | None = None  # the cluster it belongs to or is joining, from its payload
+    member: str | None = None  # the Raft id it advertises (None: its node name, an older peer)
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,30 @@ def voter_goal(alive_members: int, config: MembershipConfig = MembershipConfig()
     return goal if goal % 2 == 1 else goal - 1
 
 
+def by_raft_id(
+    members: Mapping[str, MemberInfo], configured: Iterable[str]
+) -> dict[str, MemberInfo]:
+    """Gossip members (by node name) keyed by the Raft id each advertises. A member that
+    advertises none (an older peer, or a payload not read yet) stands for the configured id
+    of its name, if there is one (a voter whose payload is late must not look absent), else
+    for its name."""
+    out: dict[str, MemberInfo] = {}
+    for info in members.values():
+        if getattr(info, "member", None):
+            out[info.member] = info
+    claimed = set()
+    for raft_id in configured:
+        node = node_of(raft_id)
+        info = members.get(node)
+        if raft_id not in out and info is not None and getattr(info, "member", None) is None:
+            out[raft_id] = info
+            claimed.add(node)
+    for name, info in members.items():
+        if getattr(info, "member", None) is None and name not in claimed:
+            out.setdefault(name, info)
+    return out
+
+
 def next_conf_change(
     leader: str,
     voters: Iterable[str],
@@ -82,17 +116,27 @@ def next_conf_change(
 ) -> ConfChange | None:
     """The one configuration change the leader should propose now, or None.
 
-    voters/learners: the Raft configuration; members: gossip's view (a member absent from
-    it counts as dead since forever); caught_up: learners whose log is close enough to the
+    voters/learners: the Raft configuration (Raft ids); members: gossip's view by node name,
+    each with the Raft id it advertises (`member`; none: the name is the id). A Raft id no
+    member advertises counts as dead since forever, and one whose node now advertises
+    another id as replaced; caught_up: learners whose log is close enough to the
     leader's to be promoted without stalling commits (None: all); cluster_id: only gossip
     members advertising it are added (a peer of another cluster is never pulled in).
-    In order: remove a member dead past the timeout; promote a learner while alive voters
-    are below the goal; add alive members not yet in the configuration as learners; turn a
-    surplus voter into a learner once every voter is alive.
+    In order: retire a replaced id; remove a member dead past the timeout; promote a
+    learner while alive voters are below the goal; add alive members not yet in the
+    configuration as learners; turn a surplus voter into a learner once every voter is
+    alive.
     """
     voters = sorted(set(voters))
     learners = sorted(set(learners) - set(voters))
     caught = set(learners) if caught_up is None else set(caught_up)
+    advertised = {name: getattr(info, "member", None) for name, info in members.items()}
+    members = by_raft_id(members, (*voters, *learners))
+
+    def replaced(node: str) -> bool:
+        """Its node now advertises another Raft id: its Raft state is gone for good."""
+        now_id = advertised.get(node_of(node))
+        return node != leader and node not in members and now_id not in (None, node)
 
     def alive(node: str) -> bool:
         if node == leader:
@@ -111,6 +155,16 @@ def next_conf_change(
         return info.state == DEAD and now - info.since >= config.dead_member_timeout_s
 
     alive_voters = [v for v in voters if alive(v)]
+    # 0. Retire a replaced id. It is dead already (no process answers for it), so removing it
+    # never lowers the number of alive voters: with 3 voters, 2 alive remain, a quorum of 2.
+    # Retiring before adding the new id keeps "one change at a time" and the new id out of
+    # the quorum until it has caught up as a learner.
+    for node in voters:
+        if replaced(node) and len(voters) > 1 and len(alive_voters) >= quorum(len(voters) - 1):
+            return ConfChange("remove", node, reason=f"{node_of(node)} rejoined as a new member")
+    for node in learners:
+        if replaced(node):
+            return ConfChange("remove", node, reason=f"{node_of(node)} rejoined as a new member")
     # 1. Remove the dead. Removing a dead voter never lowers the number of alive voters, so
     # the new quorum is reachable whenever the old one was; the check keeps that explicit.
     for node in voters:

@@ -27,6 +27,7 @@ from aivailable.api.cluster_api import ClusterApi
 from aivailable.api.errors import ApiError
 from aivailable.backends.base import Engine
 from aivailable.backends.llama_engine import LlamaEngine, n_gpu_layers_for
+from aivailable.cluster.identity import raft_identity
 from aivailable.cluster.instances import Instances
 from aivailable.cluster.membership_policy import FOUND, JOIN, RESUME, WAIT, bootstrap_action
 from aivailable.cluster.payload import node_payload, read_payload
@@ -143,6 +144,8 @@ class ClusterNode:
         self.ctrl_wake, self.rec_wake = Trigger(), Trigger()
         self.local_models = LocalModels(config.cache_dir)
         self.cluster_id: str | None = None
+        # This peer's Raft id (identity.py): bound to its raft directory, set in run().
+        self.raft_id: str | None = None
         self._driver: RaftDriver | None = None
         self._proposer: Proposer | None = None
         self._ready = asyncio.Event()  # set once Raft runs: status and deploys can be served
@@ -178,7 +181,7 @@ class ClusterNode:
             member_state=self.member_state,
             report_unreachable=gossip.report_unreachable,
         )
-        self._address_of = address_book(self.state, self.view.addresses)
+        self._address_of = address_book(self.state, self.view.addresses, self.view.node_of_member)
 
     # ---- what the other parts read ------------------------------------------------------------
 
@@ -303,6 +306,7 @@ class ClusterNode:
             self.local_models.files(),
             self.config.reconciler.headroom,
             self.config.reconciler.capacity_step,
+            member=self.raft_id,
         )
         self.gossip.set_payload(payload)
         if self.view.set_own(read_payload(self.me, payload), time.monotonic()):
@@ -414,16 +418,24 @@ class ClusterNode:
 
     async def run(self) -> None:
         """Bootstrap, then serve as a cluster member until cancelled."""
+        # This node in its own read model (and gossip) at once: /healthz is already ok, so
+        # /cluster/status must list it while the raft directory is read. Its Raft id
+        # follows in the next payload (the policy reads a payload without one as not read yet).
+        self.publish()
         data_dir = self.config.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         storage = await asyncio.to_thread(FileStorage, data_dir / "raft")
         try:
+            hard, snap, ents = storage.initial_state()
+            has_state = snap is not None or bool(ents) or hard != HardState()
+            self.raft_id = await asyncio.to_thread(
+                raft_identity, storage.path, self.me, storage.member_id, has_state
+            )
+            log.info("%s: Raft id %s", self.me, self.raft_id)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._publish_loop(), name="gossip payload")
                 tg.create_task(self._event_loop(), name="gossip events")
                 tg.create_task(self._probe_loop(), name="gpu probe")
-                hard, snap, ents = storage.initial_state()
-                has_state = snap is not None or bool(ents) or hard != HardState()
                 decision, preloaded = await self._bootstrap(has_state)
                 if preloaded is not None and decision.action == JOIN:
                     await self.instances.stop(preloaded)  # the cluster's plan decides
@@ -440,17 +452,17 @@ class ClusterNode:
 
                 apply = None
                 driver = RaftDriver(
-                    self.me,
+                    self.raft_id,
                     storage,
                     self.config.raft,
                     self.session,
                     self._address_of,
                     lambda entry, term: apply(entry, term),
-                    voters=(self.me,) if decision.action == FOUND else (),
+                    voters=(self.raft_id,) if decision.action == FOUND else (),
                     snapshot=self.state.snapshot,
                     restore=self.state.restore,
                 )
-                if tuple(driver.voters) == (self.me,):
+                if tuple(driver.voters) == (self.raft_id,):
                     driver.node.campaign()  # the only voter: no election timeout to wait
                 proposer = Proposer(driver, self.session, self._address_of)
                 apply = apply_entry(self.state, [self.ctrl_wake, self.rec_wake], proposer)
@@ -460,7 +472,7 @@ class ClusterNode:
                 )
                 voters_of, change_conf = raft_conf_hooks(driver)
                 controller = ControllerRunner(
-                    self.me,
+                    self.raft_id,
                     self.state,
                     self.view.nodes,
                     self.ctrl_wake,
@@ -498,7 +510,9 @@ class ClusterNode:
         if driver is None or driver.role != "leader":
             return
         alive = {n.id for n in self.view.nodes() if n.state == "alive"}
-        others = sorted(v for v in driver.voters if v != self.me and v in alive)
+        others = sorted(
+            v for v in driver.voters if v != driver.id and self.view.node_of_member(v) in alive
+        )
         if others:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):

@@ -45,6 +45,7 @@ class PeerPayload:
     vram_free: tuple[int, ...] = ()
     instances: tuple[InstanceView, ...] = ()
     files: tuple[tuple[str, int, str], ...] = ()  # (sha256, size, source) it can share
+    member: str | None = None  # its Raft id (aivailable/cluster/identity.py); None: not known
 
 
 def node_payload(
@@ -56,11 +57,13 @@ def node_payload(
     files: Iterable[tuple[str, int, str]] = (),
     headroom: int = 256 * MIB,
     capacity_step: int = 64 * MIB,
+    member: str | None = None,
 ) -> dict:
     """The gossip payload (a msgpack-friendly map). gpus: aivailable.gpu.GpuInfo items (id,
     vendor, name, vram_total, vram_free); own_used: bytes our instances hold per local gpu
-    id (Reconciler.own_vram); instances: Instances views (+ pending fetches)."""
-    return {
+    id (Reconciler.own_vram); instances: Instances views (+ pending fetches); member: this
+    node's Raft id (identity.py), so the leader maps gossip members to Raft members."""
+    payload = {
         "v": PAYLOAD_VERSION,
         "addr": addr,
         "cluster": cluster_id,
@@ -93,6 +96,9 @@ def node_payload(
         ],
         "files": [[sha, size, source] for sha, size, source in files],
     }
+    if member is not None:
+        payload["member"] = member
+    return payload
 
 
 def _instance(entry: Sequence[Any]) -> InstanceView:
@@ -118,6 +124,7 @@ def read_payload(node_id: str, payload: Mapping[str, Any] | None) -> PeerPayload
             (str(sha), int(size), str(src)) for sha, size, src in payload.get("files", ())
         )
         cluster = payload.get("cluster")
+        member = payload.get("member")
         return PeerPayload(
             str(payload.get("addr", "")),
             cluster if isinstance(cluster, str) else None,
@@ -126,6 +133,7 @@ def read_payload(node_id: str, payload: Mapping[str, Any] | None) -> PeerPayload
             tuple(frees),
             instances,
             files,
+            member if isinstance(member, str) and member else None,
         )
     except (TypeError, ValueError):
         return PeerPayload()

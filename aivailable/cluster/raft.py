@@ -24,6 +24,7 @@ from aivailable import hub, sources, store
 from aivailable.access.keys import PROPOSAL_FIELD, stamp
 from aivailable.api.errors import ApiError, bad_request
 from aivailable.cluster import state as cs
+from aivailable.cluster.identity import node_of
 from aivailable.cluster.state import ClusterState
 from aivailable.cluster.status import cluster_status
 from aivailable.cluster.view import ReadModel
@@ -204,10 +205,28 @@ class RaftClusterView:
         self._local = local_models
 
     def status(self) -> dict:
+        """Leader, voters and learners by node name (what a user knows a machine by), and
+        `raft_id` / `raft_members` with the Raft ids alongside: during a rejoin a node's old
+        id (a voter about to be retired) and its new one (a learner) are both listed, so its
+        name can appear under both `voters` and `learners` for a moment."""
         d = self._driver
-        return cluster_status(
-            self.node_id, d.leader_id, d.term, self.state, self._view, d.voters, d.learners
+        name = self._view.node_of_member
+        status = cluster_status(
+            self.node_id,
+            name(d.leader_id) if d.leader_id else None,
+            d.term,
+            self.state,
+            self._view,
+            {name(v) for v in d.voters},
+            {name(v) for v in d.learners},
         )
+        status["raft_id"] = d.id
+        status["raft_members"] = [
+            {"id": r, "node": name(r), "role": role}
+            for role, ids in (("voter", d.voters), ("learner", d.learners))
+            for r in sorted(ids)
+        ]
+        return status
 
     async def deploy(
         self,
@@ -304,12 +323,17 @@ def apply_entry(
 
 
 def address_book(
-    state: ClusterState, entries: Callable[[], Mapping[str, str]]
+    state: ClusterState,
+    entries: Callable[[], Mapping[str, str]],
+    node_of_member: Callable[[str], str] = node_of,
 ) -> Callable[[str], str | None]:
-    """node id -> "host:port": gossip's view first, else the registry in the Raft state
-    (which lets a whole cluster restarted without mDNS find its members)."""
+    """Raft id -> "host:port" of its node (`node_of_member`: ReadModel.node_of_member, the
+    node that advertises the id, else the name in it): gossip's view first, else the
+    registry in the Raft state (which lets a whole cluster restarted without mDNS find its
+    members)."""
 
-    def address_of(node: str) -> str | None:
+    def address_of(raft_id: str) -> str | None:
+        node = node_of_member(raft_id)
         return entries().get(node) or state.nodes.get(node)
 
     return address_of

@@ -41,6 +41,7 @@ def cluster_status(
                 "addr": p.addr,
                 "state": e.state,
                 "incarnation": e.incarnation,
+                "member": e.member,  # its Raft id (None: not advertised)
                 "gpus": [
                     {
                         "id": g.id,

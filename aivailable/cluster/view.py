@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from aivailable.cluster.identity import node_of
 from aivailable.cluster.payload import PeerPayload, read_payload
 from aivailable.cluster.state import ClusterState
 from peer.availability import ModelAvailability, Replica, summarize_availability
@@ -39,6 +40,11 @@ class NodeView:
     @property
     def cluster_id(self) -> str | None:
         return self.payload.cluster_id
+
+    @property
+    def member(self) -> str | None:
+        """Its Raft id, as it advertises it (None: an older peer, whose Raft id is its name)."""
+        return self.payload.member
 
     @property
     def gpus(self) -> tuple[Gpu, ...]:
@@ -131,6 +137,13 @@ class ReadModel:
 
     def addresses(self) -> dict[str, str]:
         return {n.id: n.addr for n in self.nodes() if n.addr}
+
+    def node_of_member(self, raft_id: str) -> str:
+        """The node name of a Raft id: the node that advertises it, else the name in it."""
+        for n in self._nodes.values():
+            if n.member == raft_id:
+                return n.id
+        return node_of(raft_id)
 
     def peer_files(self, cluster_id: str | None) -> list[tuple[str, str, list[str]]]:
         """(node, addr, sha256s) of alive members other than this one that hold files."""

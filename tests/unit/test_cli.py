@@ -83,6 +83,9 @@ def test_status_renders_nodes_gpus_and_models():
         assert expected in text
 
 
+GET_PATHS: list[str] = []  # what the fake peer was asked for, in order
+
+
 @pytest.fixture
 def fake_peer():
     """A stand-in peer answering /cluster/status and refusing deploys, on a real socket."""
@@ -92,6 +95,7 @@ def fake_peer():
             pass
 
         def do_GET(self):
+            GET_PATHS.append(self.path)
             body = json.dumps(STATUS).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -117,6 +121,17 @@ def fake_peer():
 def test_status_command_prints_json(fake_peer, capsys):
     assert cli.main(["status", "--url", fake_peer, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["leader"] == "a"
+
+
+def test_status_and_models_read_consistently_when_asked(fake_peer, capsys):
+    assert cli.main(["models", "--url", fake_peer, "--json"]) == 0
+    assert cli.main(["status", "--url", fake_peer, "--json", "--consistent"]) == 0
+    assert cli.main(["models", "--url", fake_peer, "--json", "--consistent"]) == 0
+    assert GET_PATHS[-3:] == [
+        "/cluster/status",
+        "/cluster/status?consistent=1",
+        "/cluster/status?consistent=1",
+    ]
 
 
 def test_client_errors_are_one_clear_line(fake_peer, capsys):

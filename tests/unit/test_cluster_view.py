@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestServer
 from aivailable.access.keys import stamp
 from aivailable.api.errors import ApiError
 from aivailable.cluster import state as cs
-from aivailable.cluster.payload import node_payload
+from aivailable.cluster.payload import node_payload, read_payload
 from aivailable.cluster.raft import (
     Proposer,
     RaftClusterView,
@@ -49,6 +49,7 @@ class FakeDriver:
     """The parts of consensus.RaftDriver the view uses; "replicates" by calling every apply."""
 
     role: str = "leader"
+    id: str = "a"
     leader_id: str | None = "a"
     term: int = 3
     applied_index: int = 0
@@ -357,3 +358,37 @@ def test_a_new_leader_is_ready_only_once_it_applied_its_own_no_op():
     again = RaftNode("a", storage, voters=("a",), rng=Random(1), election_ticks=3)
     driver = SimpleNamespace(node=again, role=again.role, leader_id=again.leader_id)
     assert not leader_ready(driver) and not caught_up(driver)
+
+
+def test_status_shows_node_names_with_the_raft_ids_alongside():
+    model = ReadModel("a")
+    model.set_own(
+        read_payload("a", node_payload("h:1", None, [], {}, [], member="a@" + "1" * 16)), 0
+    )
+    b_id = "b@" + "2" * 16
+    driver = FakeDriver(
+        id="a@" + "1" * 16,
+        leader_id=b_id,
+        voters=("a@" + "1" * 16, b_id, "c@" + "3" * 16),
+        learners=("c@" + "4" * 16,),
+    )
+    status = RaftClusterView("a", ClusterState(), driver, None, model).status()
+    assert status["leader"] == "b" and status["raft_id"] == "a@" + "1" * 16
+    assert status["voters"] == ["a", "b", "c"] and status["learners"] == ["c"]
+    assert {m["id"]: (m["node"], m["role"]) for m in status["raft_members"]} == {
+        "a@" + "1" * 16: ("a", "voter"),
+        b_id: ("b", "voter"),
+        "c@" + "3" * 16: ("c", "voter"),
+        "c@" + "4" * 16: ("c", "learner"),
+    }
+    assert [n["member"] for n in status["nodes"]] == ["a@" + "1" * 16]
+
+
+def test_address_book_maps_a_raft_id_to_its_node():
+    state = ClusterState()
+    state.apply(cs.encode_node_addr("b", "10.0.0.2:8000"), 1)
+    gossip = {"a": "10.0.0.1:8000"}
+    address_of = address_book(state, lambda: gossip)
+    assert address_of("a@" + "1" * 16) == "10.0.0.1:8000"
+    assert address_of("b@" + "2" * 16) == "10.0.0.2:8000"  # the registry, by the name in it
+    assert address_of("a") == "10.0.0.1:8000"  # a Raft id from before member ids
