@@ -67,15 +67,6 @@ class Cluster:
             peer.stop(timeout=15)
 
 
-@pytest.fixture
-def cluster(tmp_path: Path):
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        c.stop_all()
-
-
 def nodes_seen(peer: PeerProcess) -> dict[str, dict]:
     return {n["id"]: n for n in peer.status()["nodes"]}
 

@@ -13,7 +13,6 @@ import shutil
 import signal
 import time
 import urllib.request
-from pathlib import Path
 from random import Random
 
 import pytest
@@ -23,20 +22,11 @@ from aivailable.cluster.state import encode_init
 from aivailable.local_peers import PeerProcess
 from consensus import FileStorage, RaftNode
 from peer.secret import load_or_create_secret
-from tests.integration.test_cluster_peers import Cluster, all_alive, http, wait_all
+from tests.integration.test_cluster_peers import all_alive, http, wait_all
 
 pytestmark = pytest.mark.slow
 
 NO_DEVICES = {name: ["--cpu", "no"] for name in "abc"}
-
-
-@pytest.fixture
-def cluster(tmp_path: Path):
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        c.stop_all()
 
 
 def raft_members(peer: PeerProcess) -> dict[str, str]:
