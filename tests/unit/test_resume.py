@@ -21,6 +21,17 @@ def test_only_whole_events_pass_and_the_text_is_kept():
     assert sse.leftover() == b""
 
 
+def test_unread_events_are_read_in_batches_so_their_bytes_stay_bounded():
+    sse = SseText(chat=True, fold_bytes=200)
+    for i in range(50):
+        sse.feed(chunk(str(i % 10)))
+        assert sse._unread_size <= 200 + len(chunk("0"))  # read once past the bound
+    sse.feed(chunk("!"))  # asked only now: what was not read yet is read then
+    assert sse.text == "".join(str(i % 10) for i in range(50)) + "!"
+    assert (sse.tokens, sse.done) == (51, False)
+    assert sse._unread == []
+
+
 def test_events_without_text_count_for_nothing():
     sse = SseText(chat=True)
     role = b'data: {"choices": [{"delta": {"role": "assistant"}}]}\n\n'
