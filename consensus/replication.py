@@ -257,13 +257,18 @@ class LeaderReplication:
                 for context, requester in held:
                     self.read_index(context, requester)
         # A leader removed from the configuration steps down once the change is committed
-        # (dissertation 4.2.2); until then it replicates without counting itself.
+        # (dissertation 4.2.2); until then it replicates without counting itself. The
+        # configuration takes effect where it is committed, so the others must learn that
+        # commit: an append may be held back (a probe or a full window), a heartbeat is
+        # not. Without it a voter left with the old configuration needs this node's vote,
+        # which a longer log here refuses, and no leader is ever elected.
         if (
             not self.removed
             and self.id not in self.voters
             and self.log.committed >= self.log.pending_conf_index()
         ):
             self.broadcast_append()
+            self._send_heartbeats(b"")
             self.removed = True
         return committed
 
