@@ -348,6 +348,10 @@ class ClusterNode:
         others = [m for m in self.gossip.members() if m.id != self.me]
         if self.view.update(others, time.monotonic(), full=True):
             self._changed()
+        # A member first heard of before this peer knew its own cluster was not told of
+        # then, and may send no event again: say it here (once per member).
+        for member in others:
+            self._note_other_cluster(member.id)
 
     def _note_other_cluster(self, node_id: str) -> None:
         node = self.view.node(node_id)

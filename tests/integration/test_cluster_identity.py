@@ -105,7 +105,9 @@ def test_a_cluster_that_meets_another_with_the_same_key_keeps_to_itself(
             {"model": "a-only", "messages": [{"role": "user", "content": "hi"}]},
         )
         assert code == 404, body
-        assert "belongs to another cluster" in b1.log()
+        b1.wait_until(
+            lambda: "belongs to another cluster" in b1.log(), 30, "a log line on cluster A"
+        )
     finally:
         for p in procs:
             p.stop(timeout=15)
