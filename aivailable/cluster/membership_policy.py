@@ -89,17 +89,17 @@ def by_raft_id(
     for its name."""
     out: dict[str, MemberInfo] = {}
     for info in members.values():
-        if getattr(info, "member", None):
+        if info.member:
             out[info.member] = info
     claimed = set()
     for raft_id in configured:
         node = node_of(raft_id)
         info = members.get(node)
-        if raft_id not in out and info is not None and getattr(info, "member", None) is None:
+        if raft_id not in out and info is not None and info.member is None:
             out[raft_id] = info
             claimed.add(node)
     for name, info in members.items():
-        if getattr(info, "member", None) is None and name not in claimed:
+        if info.member is None and name not in claimed:
             out.setdefault(name, info)
     return out
 
@@ -130,7 +130,7 @@ def next_conf_change(
     voters = sorted(set(voters))
     learners = sorted(set(learners) - set(voters))
     caught = set(learners) if caught_up is None else set(caught_up)
-    advertised = {name: getattr(info, "member", None) for name, info in members.items()}
+    advertised = {name: info.member for name, info in members.items()}
     members = by_raft_id(members, (*voters, *learners))
 
     def replaced(node: str) -> bool:

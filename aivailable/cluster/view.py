@@ -81,6 +81,9 @@ class ReadModel:
         self.me = me
         self._nodes: dict[str, NodeView] = {}
         self.version = 0  # bumps on every change
+        # Raft id -> node name, rebuilt when the version moves: every Raft send asks.
+        self._by_member: dict[str, str] = {}
+        self._by_member_version = -1
 
     def update(self, members: Iterable[Any], now: float, full: bool = False) -> bool:
         """Apply member views; `full`: they are the whole membership (members absent are
@@ -140,10 +143,10 @@ class ReadModel:
 
     def node_of_member(self, raft_id: str) -> str:
         """The node name of a Raft id: the node that advertises it, else the name in it."""
-        for n in self._nodes.values():
-            if n.member == raft_id:
-                return n.id
-        return node_of(raft_id)
+        if self._by_member_version != self.version:
+            self._by_member = {n.member: n.id for n in self._nodes.values() if n.member}
+            self._by_member_version = self.version
+        return self._by_member.get(raft_id) or node_of(raft_id)
 
     def peer_files(self, cluster_id: str | None) -> list[tuple[str, str, list[str]]]:
         """(node, addr, sha256s) of alive members other than this one that hold files."""
