@@ -146,14 +146,23 @@ def encode_key_revoke(key_id: str) -> bytes:
 
 def stamp(data: bytes, token: str | None = None) -> bytes:
     """The command with a fresh proposal id (kept if it has one: a retry is the same proposal)."""
+    return stamped(data, token)[0]
+
+
+def stamped(data: bytes, token: str | None = None) -> tuple[bytes, str | None]:
+    """As `stamp`, with the command's proposal id (None: not a command, or an id that is not
+    text)."""
     try:
         cmd = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception:  # not a command: the state machine rejects it with its own reason
-        return data
-    if not isinstance(cmd, dict) or PROPOSAL_FIELD in cmd:
-        return data
+        return data, None
+    if not isinstance(cmd, dict):
+        return data, None
+    if PROPOSAL_FIELD in cmd:
+        pid = cmd[PROPOSAL_FIELD]
+        return data, pid if isinstance(pid, str) else None
     cmd[PROPOSAL_FIELD] = token or secrets.token_hex(16)
-    return msgpack.packb(cmd, use_bin_type=True)
+    return msgpack.packb(cmd, use_bin_type=True), cmd[PROPOSAL_FIELD]
 
 
 def record_from_wire(data: Any) -> KeyRecord:

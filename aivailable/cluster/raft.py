@@ -17,11 +17,10 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import aiohttp
-import msgpack
 from aiohttp import web
 
 from aivailable import hub, sources, store
-from aivailable.access.keys import PROPOSAL_FIELD, stamp
+from aivailable.access.keys import stamped
 from aivailable.api.errors import ApiError, bad_request
 from aivailable.cluster import state as cs
 from aivailable.cluster.identity import node_of
@@ -33,16 +32,6 @@ log = logging.getLogger(__name__)
 
 PROPOSE_PATH = "/internal/propose"
 MAX_COMMAND_BYTES = 1 << 20
-
-
-def proposal_id(data: bytes) -> str | None:
-    """The proposal id `stamp` put in a command, if it has one."""
-    try:
-        cmd = msgpack.unpackb(data, raw=False)
-    except Exception:
-        return None
-    pid = cmd.get(PROPOSAL_FIELD) if isinstance(cmd, dict) else None
-    return pid if isinstance(pid, str) else None
 
 
 def applied_own_term(driver: Any) -> bool:
@@ -132,8 +121,8 @@ class Proposer:
         applied it (a retry that arrived twice applies once), or None if this peer got the
         state from a snapshot and so cannot tell."""
         last = "no leader elected"
-        data = stamp(data)  # a unique id: the state applies it once, however often it arrives
-        pid = proposal_id(data)
+        # A unique id: the state applies it once, however often it arrives.
+        data, pid = stamped(data)
         if pid is not None:
             self._results[pid] = None
         try:
