@@ -377,6 +377,13 @@ class Cluster:
             os.environ["AIVAILABLE_API_KEY"] = self._saved_key
 
 
+def print_log_tails(peers: list[PeerProcess], chars: int = 4000) -> None:
+    """Each peer's last log lines, for a failing test's report."""
+    for p in peers:
+        with contextlib.suppress(OSError):
+            print(f"---- {p.name} ({p.url}) log tail ----\n{p.log()[-chars:]}")
+
+
 def children(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()

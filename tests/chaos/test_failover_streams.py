@@ -16,7 +16,14 @@ import urllib.request
 
 import pytest
 
-from tests.chaos.harness import MODEL, REQUEST_TIMEOUT_S, ClientLoad, Cluster, ready_hosts
+from tests.chaos.harness import (
+    MODEL,
+    REQUEST_TIMEOUT_S,
+    ClientLoad,
+    Cluster,
+    print_log_tails,
+    ready_hosts,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
@@ -45,8 +52,7 @@ def two_replicas(tmp_path):
         )
         yield cluster
     except BaseException:
-        for p in cluster.peers:
-            print(f"---- {p.name} ({p.url}) log tail ----\n{p.log()[-4000:]}")
+        print_log_tails(cluster.peers)
         raise
     finally:
         cluster.close()

@@ -14,14 +14,13 @@ JEPSEN_SECONDS sets how long the nemesis runs.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import time
 
 import pytest
 
-from tests.chaos.harness import Cluster, alive
+from tests.chaos.harness import Cluster, alive, print_log_tails
 from tests.chaos.jepsen import Client, History, Nemesis, Recorded, deployed, request
 from tests.chaos.netns import Lab, available
 from tests.linearizability import (
@@ -114,9 +113,7 @@ def test_the_deployment_map_is_linearizable_under_kills_pauses_and_partitions(tm
             assert not gone, f"peers that did not survive: {gone}"
             ran = time.monotonic()
         except BaseException:
-            for p in cluster.peers:
-                with contextlib.suppress(OSError):
-                    print(f"---- {p.name} ({p.url}) log tail ----\n{p.log()[-3000:]}")
+            print_log_tails(cluster.peers, 3000)
             raise
         finally:
             for c in clients:

@@ -20,6 +20,7 @@ from tests.chaos.harness import (
     StatusWatcher,
     alive,
     plan_of,
+    print_log_tails,
     ready_hosts,
     wait_gone,
     wait_one_plan,
@@ -37,8 +38,7 @@ def running(tmp_path, nodes: list[list[str]], **kw):
     try:
         yield cluster.start()
     except BaseException:
-        for p in cluster.peers:  # shown by pytest with the failure
-            print(f"---- {p.name} ({p.url}) log tail ----\n{p.log()[-4000:]}")
+        print_log_tails(cluster.peers)
         raise
     finally:
         cluster.close()

@@ -23,6 +23,7 @@ from tests.chaos.harness import (
     StatusWatcher,
     alive,
     plan_of,
+    print_log_tails,
     ready_hosts,
     wait_one_plan,
 )
@@ -43,8 +44,7 @@ def lab_cluster(tmp_path, size: int, config: str | None = None):
         try:
             yield lab, cluster.start()
         except BaseException:
-            for p in cluster.peers:
-                print(f"---- {p.name} ({p.url}) log tail ----\n{p.log()[-4000:]}")
+            print_log_tails(cluster.peers)
             raise
         finally:
             cluster.close()

@@ -4,7 +4,6 @@ Default gossip and Raft timings."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import urllib.request
@@ -18,6 +17,7 @@ from tests.chaos.harness import (
     StatusWatcher,
     alive,
     chat_once,
+    print_log_tails,
     wait_one_plan,
 )
 
@@ -87,9 +87,7 @@ def test_stop_and_restart_every_node(tmp_path):
         cluster_ids = {p.status()["cluster_id"] for p in c.peers}
         assert cluster_ids == {cluster_id}, f"not the same cluster after restarts: {cluster_ids}"
     except BaseException:
-        for p in c.peers:
-            with contextlib.suppress(OSError):
-                print(f"---- {p.name} ({p.url}) log tail ----\n{p.log()[-4000:]}")
+        print_log_tails(c.peers)
         raise
     finally:
         c.close()
