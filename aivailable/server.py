@@ -30,6 +30,7 @@ from peer.gossip import Gossip
 from peer.secret import cluster_id as secret_cluster_id
 from peer.secret import load_or_create_secret
 from peer.tls import DualSite, client_tls_context, peer_contexts, write_credentials
+from peer.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
 # Seconds requests in flight may take to finish on shutdown: a short answer from a small
@@ -94,7 +95,11 @@ async def serve(
         if config.tls_cert is not None:  # clients may use TLS too; peers name PEER_SNI
             tls_server = client_tls_context(config.tls_cert, config.tls_key, tls_server)
     serving = False
-    async with make_peer_session(auth, tls_client) as session, asyncio.TaskGroup() as tg:
+    async with (
+        make_peer_session(auth, tls_client) as session,
+        UpstreamPool(auth, tls_client) as upstream,
+        asyncio.TaskGroup() as tg,
+    ):
         gossip = Gossip(
             config.gossip,
             config.name,
@@ -113,6 +118,7 @@ async def serve(
             tg,
             build_engine,
             probe,
+            upstream,
         )
         guard = AccessGuard(
             config.auth_on, lambda: node.state.access, limiter, caught_up=node.caught_up

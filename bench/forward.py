@@ -55,16 +55,17 @@ async def serve_role(role: str, port: int, upstream: str, secret: bytes) -> None
     from aivailable.api.app import build_app
     from aivailable.api.openai_api import OpenAIApi
     from aivailable.metrics import Metrics
-    from peer.auth import PeerAuth, make_peer_session
+    from peer.auth import PeerAuth
     from peer.availability import ModelAvailability, Replica
     from peer.forward import Forwarder
     from peer.tls import DualSite, peer_contexts, write_credentials
+    from peer.upstream import UpstreamPool
 
     auth = PeerAuth(secret)
     credentials = write_credentials(secret, Path(tempfile.mkdtemp(prefix="aivailable-bench-")))
     tls_server, tls_client = peer_contexts(*credentials)
     metrics = Metrics()
-    session = None
+    pool = None
     if role == "model":  # the serving stack of `aivailable up`, the real model, one process
         from types import SimpleNamespace
 
@@ -86,10 +87,10 @@ async def serve_role(role: str, port: int, upstream: str, secret: bytes) -> None
         instances = {FAKE_MODEL: SimpleNamespace(engine=engine, error="", state="ready")}
         api = OpenAIApi(lambda: instances, metrics, 4096, 300, owner="backend")
     else:
-        session = make_peer_session(auth, tls_client if role == "front-tls" else None)
+        pool = UpstreamPool(auth, tls_client if role == "front-tls" else None)
         replica = Replica("upstream", upstream, False, "ready", 0)
         forwarder = Forwarder(
-            session, lambda m: [replica], lambda m: ModelAvailability("unknown"), "front"
+            pool, lambda m: [replica], lambda m: ModelAvailability("unknown"), "front"
         )
         api = OpenAIApi(lambda: {}, metrics, 4096, 300, owner="front", forwarder=forwarder)
     app = build_app(metrics, lambda: True, [api.routes()])
@@ -110,8 +111,8 @@ async def serve_role(role: str, port: int, upstream: str, secret: bytes) -> None
         await stop.wait()
         if accept is not None:
             accept.cancel()
-    if session is not None:
-        await session.close()
+    if pool is not None:
+        await pool.close()
     await runner.cleanup()
     if role == "model":
         await engine.stop()

@@ -3,10 +3,10 @@
 Two halves, as everywhere in this project:
 - pure replica choice (peer/availability.py: `order_replicas`, `summarize_availability`):
   which ready replica to try first, and what to tell the client when there is none;
-- the thin asyncio adapter here (`Forwarder`): sends the same request to that replica over the
-  peer's shared `aiohttp.ClientSession` (which signs it, see peer/auth.py), streams the
-  answer back chunk by chunk, retries once elsewhere when nothing has been sent yet, and
-  closes the upstream request when the client goes away.
+- the thin asyncio adapter here (`Forwarder`): sends the same request to that replica over
+  the peer's `UpstreamPool` (peer/upstream.py: kept-alive connections, every request signed),
+  streams the answer back chunk by chunk, retries once elsewhere when nothing has been sent
+  yet, and closes the upstream request when the client goes away.
 
 A forwarded request carries `X-Aivailable-Forwarded: <origin node>`; the receiving peer
 serves it locally or answers 503/404, never forwards it again, so there are no loops.
@@ -27,13 +27,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
-from yarl import URL
 
 from peer import resume
 from peer.auth import FORWARDED_HEADER
 from peer.availability import ForwardError, ModelAvailability, Replica, order_replicas
+from peer.upstream import Unreachable, UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,18 @@ log = logging.getLogger(__name__)
 # its presence means "serve locally only", and peers accept it only when signed.
 # Set on the response to the client: which node served the request.
 REPLICA_HEADER = "X-Aivailable-Replica"
+# The id that follows a request across peers (aivailable/api/request_id.py sets it on the
+# request under REQUEST_ID_KEY); the forwarder passes it on to the replica in this header.
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
+def request_key(name: str):
+    """A typed request-storage key (aiohttp >= 3.14 warns about plain strings), else a string."""
+    make = getattr(web, "RequestKey", None)
+    return make(name, str) if make is not None else f"aivailable.{name}"
+
+
+REQUEST_ID_KEY = request_key("request_id")
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the two HTTP stacks set themselves.
 _NOT_PASSED_UPSTREAM = frozenset(
@@ -57,6 +68,7 @@ _NOT_PASSED_UPSTREAM = frozenset(
         "Host",
         "Content-Length",
         "Expect",
+        REQUEST_ID_HEADER,  # set from the request's own id instead (it may have replaced it)
     )
 )
 _NOT_PASSED_DOWNSTREAM = frozenset(
@@ -81,73 +93,88 @@ _PEER_HEADER_PREFIX = "x-aivailable-"
 
 
 class _Watch:
-    """One timer per attempt that re-arms itself (an `asyncio.timeout` around every chunk
-    read would cost a timer per token). It ends the wait for a replica by firing `cm` (the
-    attempt's asyncio.timeout) before the first byte, or by closing the upstream response
-    once streaming, when: the replica stalls past its limit, the deadline passes, or gossip
-    declares its host dead (or suspect, when `leave_suspect`: another replica can serve).
-    `why` says which."""
+    """What ends the wait for one replica: it stalls past its limit, the request's deadline
+    passes, or gossip declares its host dead (or suspect, when `leave_suspect`: another
+    replica can serve). Before the first byte it fires `cm` (the attempt's asyncio.timeout);
+    once streaming it closes the upstream response, so the pending read raises. `why` says
+    which. Checked by the Forwarder's one shared tick (`_Watches`), not a timer each."""
 
     def __init__(
-        self,
-        member_state: Callable[[str], str],
-        node_id: str,
-        limit_s: float,
-        deadline: float,
-        leave_suspect: bool,
-        check_s: float,
+        self, node_id: str, limit_s: float, deadline: float, leave_suspect: bool, now: float
     ):
-        self._member_state = member_state
         self._node_id = node_id
         self._limit_s = limit_s
         self._deadline = deadline
-        self._check_s = check_s
         self.leave_suspect = leave_suspect
-        self._loop = asyncio.get_running_loop()
-        self._last = self._loop.time()
+        self.last = now
+        self.progressed = False  # a chunk arrived since the last check (no clock read per token)
         self._cm: asyncio.Timeout | None = None
-        self._upstream: aiohttp.ClientResponse | None = None
+        self._upstream: UpstreamResponse | None = None
         self.why = ""
-        self._handle = self._loop.call_at(self._next(), self._check)
 
     def waiting(self, cm: asyncio.Timeout) -> None:
         self._cm = cm
 
-    def streaming(self, upstream: aiohttp.ClientResponse, stall_s: float) -> None:
+    def streaming(self, upstream: UpstreamResponse, stall_s: float) -> None:
         self._cm, self._upstream = None, upstream
         self._limit_s, self.leave_suspect = stall_s, False
-        self.progress()
+        self.progressed = True
 
-    def progress(self) -> None:
-        self._last = self._loop.time()
-
-    def _next(self) -> float:
-        return min(self._last + self._limit_s, self._deadline, self._loop.time() + self._check_s)
-
-    def _check(self) -> None:
-        now = self._loop.time()
-        state = self._member_state(self._node_id)
+    def check(self, now: float, member_state: Callable[[str], str]) -> bool:
+        """Fires (and says True) when the wait must end."""
+        if self.progressed:
+            self.last, self.progressed = now, False
+        state = member_state(self._node_id)
         if state in ("dead", "left") or (state == "suspect" and self.leave_suspect):
             self.why = f"gossip declared it {state}"
         elif now >= self._deadline:
             self.why = "timed out: past the request's deadline"
-        elif now >= self._last + self._limit_s:
+        elif now >= self.last + self._limit_s:
             self.why = f"timed out: silent for {self._limit_s:g}s"
         else:
-            self._handle = self._loop.call_at(self._next(), self._check)
-            return
+            return False
         if self._cm is not None:
             self._cm.reschedule(now)  # the awaited request or first read raises TimeoutError
         elif self._upstream is not None:
             self._upstream.close()  # the pending chunk read raises
-
-    def cancel(self) -> None:
-        self._handle.cancel()
+        return True
 
 
-class _RelayResponse(web.StreamResponse):
+class _Watches:
+    """Every in-flight wait, checked together every `check_s` while there are any: one
+    timer for all the streams a peer relays, instead of one re-armed per request (which
+    cost a hop more than the check). A limit fires at most `check_s` late."""
+
+    def __init__(self, member_state: Callable[[str], str], check_s: float):
+        self._member_state = member_state
+        self._check_s = check_s
+        self._live: set[_Watch] = set()
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self, node_id: str, limit_s: float, deadline: float, leave_suspect: bool) -> _Watch:
+        loop = asyncio.get_running_loop()
+        watch = _Watch(node_id, limit_s, deadline, leave_suspect, loop.time())
+        self._live.add(watch)
+        if self._handle is None:
+            self._handle = loop.call_later(self._check_s, self._tick)
+        return watch
+
+    def stop(self, watch: _Watch) -> None:
+        self._live.discard(watch)
+
+    def _tick(self) -> None:
+        now = asyncio.get_running_loop().time()
+        fired = [w for w in list(self._live) if w.check(now, self._member_state)]
+        self._live.difference_update(fired)
+        self._handle = (
+            asyncio.get_running_loop().call_later(self._check_s, self._tick) if self._live else None
+        )
+
+
+class HeadersWithFirstChunk(web.StreamResponse):
     """Sends its headers together with the first chunk: one segment and one wake-up
-    for the client instead of two, which is most of a hop's cost on a busy machine."""
+    for the client instead of two, which is most of a hop's cost on a busy machine. For
+    streams whose first chunk follows `prepare` at once (a relay, an SSE answer)."""
 
     _send_headers_immediately = False  # aiohttp's own switch (web.Response sets it too)
 
@@ -192,18 +219,14 @@ ReplicasOf = Callable[[str], list[Replica]]
 AvailabilityOf = Callable[[str], ModelAvailability]
 # A refused or reset connection to a node: direct evidence for membership (gossip.Gossip).
 ReportUnreachable = Callable[[str], None]
-_CONNECTION_LOST = (
-    aiohttp.ClientConnectorError,
-    aiohttp.ServerDisconnectedError,
-    aiohttp.ClientOSError,
-)
 
 
 class _Attempt:
-    """What one try at one replica came to."""
+    """What one try at one replica came to; `watch` goes on watching the stream."""
 
-    def __init__(self) -> None:
-        self.upstream: aiohttp.ClientResponse | None = None
+    def __init__(self, watch: _Watch) -> None:
+        self.watch = watch
+        self.upstream: UpstreamResponse | None = None
         self.first = b""
         self.failure = ""
 
@@ -213,7 +236,7 @@ class Forwarder:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        upstream: UpstreamPool,
         replicas_of: ReplicasOf,
         availability_of: AvailabilityOf,
         node_id: str,
@@ -221,17 +244,14 @@ class Forwarder:
         member_state: Callable[[str], str] = lambda node: "alive",
         report_unreachable: ReportUnreachable = lambda node: None,
     ):
-        self._session = session
+        self._upstream = upstream
         self._replicas_of = replicas_of
         self._availability_of = availability_of
         self._node_id = node_id
         self._config = config or ForwardConfig()
-        self._member_state = member_state
+        self._watches = _Watches(member_state, self._config.member_check_s)
         self._report_unreachable = report_unreachable
         self._inflight: dict[str, int] = {}  # node id -> requests this peer has there now
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self._config.connect_timeout_s, sock_read=None
-        )
 
     @staticmethod
     def forwardable(request: web.Request) -> bool:
@@ -267,13 +287,16 @@ class Forwarder:
         raise ModelAvailability("unreachable", "; ".join(failures)).error(model)
 
     def _upstream_headers(self, request: web.Request) -> dict[str, str]:
-        headers = {
-            k: v
-            for k, v in request.headers.items()
-            if k.lower() not in _NOT_PASSED_UPSTREAM
-            and not k.lower().startswith(_PEER_HEADER_PREFIX)
-        }
+        headers = {}
+        for name, value in request.headers.items():
+            lowered = name.lower()
+            if lowered not in _NOT_PASSED_UPSTREAM and not lowered.startswith(_PEER_HEADER_PREFIX):
+                headers[name] = value
         headers[FORWARDED_HEADER] = self._node_id
+        # The client's id when it was sane, else the one chosen for it here (request_id.py).
+        rid = request.get(REQUEST_ID_KEY) or request.headers.get(REQUEST_ID_HEADER)
+        if rid:
+            headers[REQUEST_ID_HEADER] = rid
         return headers
 
     async def _attempt(
@@ -289,30 +312,21 @@ class Forwarder:
         """Send to one replica and read its first chunk. `upstream` is None when the next
         replica should be tried (nothing reached the client); raises ForwardError 504 when
         the last one ran out of time."""
-        out = _Attempt()
-        url = URL(f"http://{replica.addr}{path or request.raw_path}", encoded=True)
         limit = self._config.first_byte_timeout_s if has_next else self._config.request_timeout_s
-        watch = _Watch(
-            self._member_state,
-            replica.node_id,
-            limit,
-            deadline,
-            has_next,
-            self._config.member_check_s,
-        )
+        watch = self._watches.start(replica.node_id, limit, deadline, has_next)
+        out = _Attempt(watch)
         self._inflight[replica.node_id] = self._inflight.get(replica.node_id, 0) + 1
-        upstream: aiohttp.ClientResponse | None = None
+        upstream: UpstreamResponse | None = None
         try:
             async with asyncio.timeout(None) as cm:
                 watch.waiting(cm)
-                upstream = await self._session.request(
+                upstream = await self._upstream.request(
                     request.method,
-                    url,
-                    data=body,
-                    headers=headers,
-                    timeout=self._timeout,
-                    auto_decompress=False,
-                    allow_redirects=False,
+                    replica.addr,
+                    path or request.raw_path,
+                    headers,
+                    body,
+                    self._config.connect_timeout_s,
                 )
                 if upstream.status == 401:
                     # That peer refused our signature: its cluster key differs. The
@@ -328,15 +342,15 @@ class Forwarder:
                     return out
                 # Read the first chunk before answering the client: until then a
                 # broken replica can still be swapped for another one.
-                out.first = await upstream.content.readany()
+                out.first = await upstream.readany()
+                # From here the watch closes the stream instead of ending this wait.
+                watch.streaming(upstream, self._config.stall_timeout_s)
                 out.upstream, upstream = upstream, None
                 return out
-        except _CONNECTION_LOST as exc:  # refused or reset: direct evidence it is down
-            self._report_unreachable(replica.node_id)
-            out.failure = f"{replica.node_id} at {replica.addr}: {exc!r}"
-            return out
-        except aiohttp.ClientError as exc:  # timed out connecting, a broken answer
-            out.failure = f"{replica.node_id} at {replica.addr}: {exc!r}"
+        except UpstreamError as exc:  # refused, reset, timed out connecting, a broken answer
+            if isinstance(exc, Unreachable):  # direct evidence it is down
+                self._report_unreachable(replica.node_id)
+            out.failure = f"{replica.node_id} at {replica.addr}: {exc}"
             return out
         except TimeoutError as exc:
             if has_next or watch.why.startswith("gossip"):
@@ -349,13 +363,13 @@ class Forwarder:
                 type="timeout",
             ) from exc
         finally:
-            watch.cancel()
             # On retry, timeout and the client's disconnect (the handler is cancelled):
             # closing the upstream connection makes the replica cancel its handler too,
             # which frees the model's slot there.
             if upstream is not None:
                 upstream.close()
             if out.upstream is None:
+                self._watches.stop(watch)
                 self._inflight[replica.node_id] -= 1  # else: once the relay is over
 
     async def _relay(
@@ -372,8 +386,8 @@ class Forwarder:
         mid-way is resumed on another replica from the text sent so far (peer/resume.py)."""
         upstream = attempt.upstream
         assert upstream is not None
-        response = _RelayResponse(status=upstream.status, reason=upstream.reason)
-        for key, value in upstream.headers.items():
+        response = HeadersWithFirstChunk(status=upstream.status, reason=upstream.reason)
+        for key, value in upstream.headers:
             if key.lower() not in _NOT_PASSED_DOWNSTREAM:
                 response.headers.add(key, value)
         response.headers[REPLICA_HEADER] = replica.node_id
@@ -387,11 +401,11 @@ class Forwarder:
             and request.path in resume.RESUMABLE_PATHS
             and self._config.max_resumes > 0
         )
-        await response.prepare(request)
         chunk, resumes, tried = attempt.first, 0, {replica.node_id}
         try:
+            await response.prepare(request)
             while True:
-                reason = await self._pump(response, upstream, replica, chunk, sse, deadline)
+                reason = await self._pump(response, attempt, replica, chunk, sse)
                 if reason is None:
                     break
                 log.warning("replica %s %s mid-stream", replica.node_id, reason)
@@ -401,65 +415,53 @@ class Forwarder:
                 if nxt is None:
                     await self._end_broken(request, response, is_sse, replica, reason)
                     return response
-                self._release(replica.node_id, upstream)
+                self._release(replica.node_id, attempt)
                 resumes += 1
                 replica, attempt = nxt
-                upstream, chunk = attempt.upstream, attempt.first
+                chunk = attempt.first
                 tried.add(replica.node_id)
-                assert upstream is not None
                 log.info("resumed a stream of %s on %s", model, replica.node_id)
             if sse is not None and (rest := sse.leftover()):
                 await response.write(rest)
             await response.write_eof()
             return response
         finally:
-            self._release(replica.node_id, upstream)
+            self._release(replica.node_id, attempt)
 
-    def _release(self, node_id: str, upstream: aiohttp.ClientResponse | None) -> None:
-        if upstream is not None:
-            upstream.close()
+    def _release(self, node_id: str, attempt: _Attempt) -> None:
+        """Ends an attempt that reached the streaming stage: its connection, its watch."""
+        self._watches.stop(attempt.watch)
+        if attempt.upstream is not None:
+            attempt.upstream.close()
+            attempt.upstream = None
             self._inflight[node_id] -= 1
 
     async def _pump(
         self,
         response: web.StreamResponse,
-        upstream: aiohttp.ClientResponse,
+        attempt: _Attempt,
         replica: Replica,
         chunk: bytes,
         sse: resume.SseText | None,
-        deadline: float,
     ) -> str | None:
         """Copy upstream to the client until it ends (None) or breaks (the reason)."""
-        watch = _Watch(
-            self._member_state,
-            replica.node_id,
-            self._config.stall_timeout_s,
-            deadline,
-            False,
-            self._config.member_check_s,
-        )
-        watch.streaming(upstream, self._config.stall_timeout_s)
-        try:
-            while True:
-                if chunk:
-                    out = sse.feed(chunk) if sse is not None else chunk
-                    if out:
-                        await response.write(out)  # client gone: raises; caller closes
-                try:
-                    chunk = await upstream.content.readany()
-                except aiohttp.ClientError as exc:
-                    # A connection cut mid-answer (kill -9 resets it) is evidence too.
-                    lost = (*_CONNECTION_LOST, aiohttp.ClientPayloadError)
-                    if isinstance(exc, lost) and not watch.why:
-                        self._report_unreachable(replica.node_id)
-                    return watch.why or f"failed: {exc!r}"
-                if not chunk:
-                    if watch.why:
-                        return watch.why
-                    return None
-                watch.progress()
-        finally:
-            watch.cancel()
+        upstream, watch = attempt.upstream, attempt.watch
+        assert upstream is not None
+        while True:
+            if chunk:
+                out = sse.feed(chunk) if sse is not None else chunk
+                if out:
+                    await response.write(out)  # client gone: raises; caller closes
+            try:
+                chunk = await upstream.readany()
+            except UpstreamError as exc:
+                # A connection cut mid-answer (kill -9 resets it) is evidence too.
+                if isinstance(exc, Unreachable) and not watch.why:
+                    self._report_unreachable(replica.node_id)
+                return watch.why or f"failed: {exc}"
+            if not chunk:
+                return watch.why or None
+            watch.progressed = True
 
     async def _resume(
         self,
@@ -491,7 +493,7 @@ class Forwarder:
             if attempt.upstream is None:
                 continue
             if attempt.upstream.status != 200:
-                self._release(replica.node_id, attempt.upstream)
+                self._release(replica.node_id, attempt)
                 continue
             sse.leftover()  # the broken event's first half is never sent
             return replica, attempt

@@ -26,6 +26,7 @@ from aivailable.api.openai_api import OpenAIApi, engine_error
 from aivailable.api.reads import marked, read_mode
 from aivailable.api.validate import Parsed, parse_chat, parse_completion, parse_embeddings
 from aivailable.backends.base import EngineError, Finished, TextDelta
+from peer.forward import HeadersWithFirstChunk
 
 OLLAMA_VERSION = "0.6.0"  # the Ollama API level this speaks; clients check only its form
 # Ollama option -> our request field (num_predict is handled apart: -1 means no limit).
@@ -297,7 +298,7 @@ class OllamaApi:
                         pieces.append(event.text)
                         if stream and not parsed.functions:
                             if response is None:
-                                response = web.StreamResponse(
+                                response = HeadersWithFirstChunk(
                                     headers={"Content-Type": "application/x-ndjson"}
                                 )
                                 await response.prepare(request)
@@ -308,7 +309,7 @@ class OllamaApi:
                         if not stream:
                             return web.json_response(last)
                         if response is None:
-                            response = web.StreamResponse(
+                            response = HeadersWithFirstChunk(
                                 headers={"Content-Type": "application/x-ndjson"}
                             )
                             await response.prepare(request)

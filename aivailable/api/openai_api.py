@@ -34,6 +34,7 @@ from aivailable.backends.base import (
     TextDelta,
 )
 from aivailable.metrics import Metrics
+from peer.forward import HeadersWithFirstChunk
 
 # Bytes of a /v1 request body: a 128k-token context is about 0.5 MB of text, and JSON
 # escaping may make that a few MB; an 8 MiB body is never a prompt a model could take.
@@ -339,7 +340,7 @@ class OpenAIApi:
                 # Wait for the first event before sending headers, so a full queue or a
                 # failed engine still gets a proper status code rather than a broken stream.
                 first = await anext(events)
-                response = web.StreamResponse(
+                response = HeadersWithFirstChunk(
                     headers={
                         "Content-Type": "text/event-stream",
                         "Cache-Control": "no-cache",

@@ -54,6 +54,7 @@ from consensus import FileStorage, HardState
 from consensus.driver import MESSAGES_PATH, RaftDriver
 from peer.availability import Replica
 from peer.forward import Forwarder
+from peer.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
 # Seconds a brand-new peer listens before it preloads its cached default model: a peer
@@ -130,9 +131,11 @@ class ClusterNode:
         tg: asyncio.TaskGroup,
         build_engine: EngineBuilder | None = None,
         probe: Callable[[], list[GpuInfo]] | None = None,
+        upstream: UpstreamPool | None = None,
     ):
         """`probe` re-reads the devices (blocking; run in a thread) so that free VRAM taken
-        by other programs since start-up is not planned for twice."""
+        by other programs since start-up is not planned for twice. `upstream` carries
+        forwarded requests (signed, as `session` signs the rest); None: unsigned, for tests."""
         self.config = config
         self.me = config.name
         self.gpus = gpus
@@ -173,7 +176,7 @@ class ClusterNode:
             ready=self.caught_up,
         )
         self.forwarder = Forwarder(
-            session,
+            upstream or UpstreamPool(),
             self.replicas_of,
             self.availability_of,
             self.me,

@@ -3,7 +3,7 @@
 A front peer (no model of its own) forwards to two backend peers, each serving the
 FakeEngine, all three apps built as the peer process builds them: OpenAIApi with its
 forwarder, the error middleware, and the peer-auth middleware; the front's outgoing
-session signs with the cluster secret.
+upstream pool signs with the cluster secret.
 """
 
 import asyncio
@@ -24,6 +24,7 @@ from aivailable.metrics import Metrics
 from peer.auth import FORWARDED_HEADER, PeerAuth, make_peer_session
 from peer.availability import ModelAvailability, Replica, summarize_availability
 from peer.forward import REPLICA_HEADER, ForwardConfig, Forwarder
+from peer.upstream import UpstreamPool
 
 SECRET = b"cluster-secret-for-tests-0123456789"
 REPLY = "alpha beta gamma delta epsilon zeta"
@@ -37,7 +38,8 @@ class Peer:
         self.name = name
         self.instances: dict[str, SimpleNamespace] = {}
         self.auth = PeerAuth(secret)
-        self.session = make_peer_session(self.auth)
+        self.session = make_peer_session(self.auth)  # the rest of peer traffic
+        self.upstream = UpstreamPool(self.auth)  # forwarded requests
         self.cluster: list[Peer] = []  # the others, as gossip would show them
         self.extra_replicas: list[Replica] = []  # stale or dead entries of the gossip view
         self.hits = 0  # /v1 requests this peer received
@@ -45,7 +47,7 @@ class Peer:
         self.gossiped_depth: dict[str, int] | None = None
         self.unplaced_reason = ""
         self.forwarder = Forwarder(
-            self.session,
+            self.upstream,
             self.replicas_of,
             self.availability_of,
             name,
@@ -105,6 +107,7 @@ class Peer:
         return summarize_availability(True, states, self.unplaced_reason)
 
     async def close(self) -> None:
+        await self.upstream.close()
         await self.session.close()
         await self.server.close()
 

@@ -19,6 +19,7 @@ from aivailable.metrics import Metrics
 from peer.auth import FORWARDED_HEADER
 from peer.availability import ModelAvailability, Replica, order_replicas, summarize_availability
 from peer.forward import REPLICA_HEADER, ForwardConfig, Forwarder
+from peer.upstream import UpstreamPool
 
 
 def r(node, state="ready", depth=0, local=False, addr="127.0.0.1:1"):
@@ -179,9 +180,9 @@ async def front(request):
         members={},
         reported=[],
     )
-    session = aiohttp.ClientSession()
+    upstream = UpstreamPool()
     forwarder = Forwarder(
-        session,
+        upstream,
         lambda m: state.replicas,
         lambda m: state.availability,
         "front",
@@ -210,7 +211,7 @@ async def front(request):
     await client.close()
     for server in state.servers:
         await server.close()
-    await session.close()
+    await upstream.close()
 
 
 async def sse(resp) -> list:

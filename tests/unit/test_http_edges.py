@@ -6,7 +6,6 @@ import logging
 import re
 from types import SimpleNamespace
 
-import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -15,9 +14,10 @@ from aivailable.api.app import build_app
 from aivailable.api.body import MAX_BODY_BYTES, depth_exceeds, parse_json, read_json
 from aivailable.api.cluster_api import ClusterApi
 from aivailable.api.errors import ApiError
-from aivailable.api.request_id import REQUEST_ID_HEADER
+from aivailable.api.request_id import REQUEST_ID_HEADER, request_id
 from aivailable.metrics import Metrics
 from peer.forward import ForwardConfig, Forwarder, Replica
+from peer.upstream import UpstreamPool
 
 HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -26,7 +26,7 @@ async def streamed(request: web.Request) -> web.StreamResponse:
     """SSE, whose headers leave before the handler returns; reports the id it was given."""
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
-    seen = request.headers.get(REQUEST_ID_HEADER)
+    seen = request_id(request)
     await resp.write(f"data: {json.dumps({'seen': seen})}\n\n".encode())
     await resp.write(b"data: [DONE]\n\n")
     return resp
@@ -87,9 +87,9 @@ async def test_a_streamed_response_carries_the_id_its_handler_saw(client):
 async def test_the_id_crosses_the_forwarding_hop_and_is_in_both_access_logs(caplog):
     """client -> front peer (Forwarder) -> replica peer: one id everywhere."""
     replica_app = build_app(Metrics(), lambda: True, [ROUTES])
-    async with TestServer(replica_app) as replica, aiohttp.ClientSession() as session:
+    async with TestServer(replica_app) as replica, UpstreamPool() as upstream:
         forwarder = Forwarder(
-            session,
+            upstream,
             lambda m: [Replica("r1", f"127.0.0.1:{replica.port}", False, "ready", 0)],
             lambda m: None,
             "front",
