@@ -18,18 +18,26 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+_handed_out: set[int] = set()
+
 
 def free_port() -> int:
-    """A port free for both TCP (HTTP) and UDP (gossip) on loopback."""
+    """A port free for both TCP (HTTP) and UDP (gossip) on loopback, and not handed out
+    before by this process: ports are picked for every peer of a cluster before the first
+    binds, and the kernel may offer a port again while nothing holds it (two peers were
+    given one port that way, and the second could not start)."""
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
             tcp.bind(("127.0.0.1", 0))
             port = tcp.getsockname()[1]
+            if port in _handed_out:
+                continue
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
                 try:
                     udp.bind(("127.0.0.1", port))
                 except OSError:
                     continue
+            _handed_out.add(port)
             return port
 
 
