@@ -355,7 +355,11 @@ def run_throughput(tmp: Path, secret: bytes, quick: bool) -> tuple[dict | None, 
         return None, [f"throughput with the real model not measured: {exc}"]
     notes = []
     children: list[Child] = []
-    peer = PeerProcess(tmp, "model-peer", "--no-mdns").start()
+    # The model peer shares the bench's cluster key, so the front's signed requests hold.
+    key = tmp / "cluster.key"
+    key.write_text(secret.hex() + "\n")
+    key.chmod(0o600)
+    peer = PeerProcess(tmp, "model-peer", "--no-mdns", "--cluster-key-file", str(key)).start()
     try:
         try:
             peer.wait_healthy()
