@@ -89,6 +89,27 @@ class ModelRecord:
         }
 
 
+def _model_record(fields: dict, measured: bool = False) -> ModelRecord:
+    """A ModelRecord from a deploy command's fields, checked, with the defaults a deploy
+    leaves out. `measured`: also what a leader measured of the file (a snapshot carries
+    it; a deploy command may not set it)."""
+    return ModelRecord(
+        name=_name(fields.get("name")),
+        source=_text(fields.get("source"), "source"),
+        replicas=_int(fields.get("replicas", 1), "replicas", 1, MAX_REPLICAS),
+        n_ctx=_int(fields.get("n_ctx", 2048), "n_ctx", 1, 1 << 24),
+        priority=_int(fields.get("priority", 0), "priority", -(1 << 31), 1 << 31),
+        sha256=_sha(fields.get("sha256")),
+        size=_opt_int(fields.get("size"), "size"),
+        vram=_opt_int(fields.get("vram"), "vram") if measured else None,
+        split_overhead=_opt_int(fields.get("split_overhead"), "split_overhead")
+        if measured
+        else None,
+        kind=_kind(fields.get("kind", "chat")),
+        n_parallel=_opt_int(fields.get("n_parallel"), "n_parallel"),
+    )
+
+
 @dataclass(frozen=True)
 class ApplyResult:
     ok: bool  # False: rejected, nothing changed
@@ -324,19 +345,8 @@ class ClusterState:
         return True
 
     def _apply_deploy(self, cmd: dict, term: int) -> bool:
-        name = _name(cmd.get("name"))
-        source = _text(cmd.get("source"), "source")
-        record = ModelRecord(
-            name=name,
-            source=source,
-            replicas=_int(cmd.get("replicas", 1), "replicas", 1, MAX_REPLICAS),
-            n_ctx=_int(cmd.get("n_ctx", 2048), "n_ctx", 1, 1 << 24),
-            priority=_int(cmd.get("priority", 0), "priority", -(1 << 31), 1 << 31),
-            sha256=_sha(cmd.get("sha256")),
-            size=_opt_int(cmd.get("size"), "size"),
-            kind=_kind(cmd.get("kind", "chat")),
-            n_parallel=_opt_int(cmd.get("n_parallel"), "n_parallel"),
-        )
+        record = _model_record(cmd)
+        name, source = record.name, record.source
         default = cmd.get("default", False) is True
         old = self.models.get(name)
         if old is not None and old.source == source:
@@ -451,19 +461,7 @@ class ClusterState:
             cid = wire.get("cluster_id")
             fresh.cluster_id = None if cid is None else _text(cid, "cluster_id")
             for m in _list(wire.get("models", []), "models"):
-                record = ModelRecord(
-                    name=_name(m["name"]),
-                    source=_text(m["source"], "source"),
-                    replicas=_int(m["replicas"], "replicas", 1, MAX_REPLICAS),
-                    n_ctx=_int(m["n_ctx"], "n_ctx", 1),
-                    priority=_int(m["priority"], "priority"),
-                    sha256=_sha(m.get("sha256")),
-                    size=_opt_int(m.get("size"), "size"),
-                    vram=_opt_int(m.get("vram"), "vram"),
-                    split_overhead=_opt_int(m.get("split_overhead"), "split_overhead"),
-                    kind=_kind(m.get("kind", "chat")),
-                    n_parallel=_opt_int(m.get("n_parallel"), "n_parallel"),
-                )
+                record = _model_record(m, measured=True)
                 fresh.models[record.name] = record
             plan = wire.get("plan")
             fresh.plan = None if plan is None else plan_from_wire(plan)
