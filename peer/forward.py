@@ -163,12 +163,10 @@ class _Watches:
         self._live.discard(watch)
 
     def _tick(self) -> None:
-        now = asyncio.get_running_loop().time()
-        fired = [w for w in list(self._live) if w.check(now, self._member_state)]
-        self._live.difference_update(fired)
-        self._handle = (
-            asyncio.get_running_loop().call_later(self._check_s, self._tick) if self._live else None
-        )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._live.difference_update([w for w in self._live if w.check(now, self._member_state)])
+        self._handle = loop.call_later(self._check_s, self._tick) if self._live else None
 
 
 class HeadersWithFirstChunk(web.StreamResponse):

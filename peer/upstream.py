@@ -210,7 +210,7 @@ class _Connection(asyncio.Protocol):
         answer = self._answer = UpstreamResponse(self)
         self._head = asyncio.get_running_loop().create_future()
         self._head_bytes, self._framed, self._keep = 0, False, False
-        self.transport.writelines((head, body)) if body else self.transport.write(head)
+        self.transport.writelines((head, body))
         try:
             await self._head
         except BaseException:  # cancelled (a timeout, the client left) or failed
@@ -221,6 +221,7 @@ class _Connection(asyncio.Protocol):
     def finished(self) -> None:
         """The answer ended and was closed: reuse the connection when HTTP allows."""
         if self._keep and not self.closed:
+            self.resume()  # its last bytes may have paused reading, unread
             self._pool.idle(self)
         else:
             self.abort()

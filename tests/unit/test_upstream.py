@@ -13,7 +13,13 @@ from aiohttp.test_utils import TestServer
 from aivailable.local_peers import free_port
 from peer.auth import PeerAuth
 from peer.tls import peer_contexts, write_credentials
-from peer.upstream import MAX_HEAD_BYTES, Unreachable, UpstreamError, UpstreamPool
+from peer.upstream import (
+    MAX_HEAD_BYTES,
+    READ_HIGH_WATER,
+    Unreachable,
+    UpstreamError,
+    UpstreamPool,
+)
 
 SECRET = b"k" * 32
 
@@ -212,3 +218,30 @@ async def test_a_header_with_a_line_break_is_refused_before_sending():
     async with UpstreamPool() as pool:
         with pytest.raises(ValueError):
             await pool.request("POST", f"127.0.0.1:{free_port()}", "/", {"X": "a\r\nB: c"}, b"")
+
+
+async def test_a_connection_is_reused_after_an_answer_closed_unread_while_reading_paused():
+    """An answer whose last bytes paused reading (over the high-water mark, unread) ends;
+    closed, its connection goes back to the pool reading again, or the next answer on it
+    would never be read."""
+    payloads = [b"x" * (READ_HIGH_WATER + 1000), b"second"]  # over the mark only at its end
+    connections = []
+
+    async def answer(reader, writer):
+        connections.append(writer)
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while payloads:
+                await read_request(reader)
+                payload = payloads.pop(0)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(payload))
+                writer.write(payload)
+                await writer.drain()
+
+    async with raw_server(answer) as addr, UpstreamPool() as pool:
+        first = await pool.request("POST", addr, "/v1/x", {}, b"{}")
+        await asyncio.sleep(0.3)  # all of it arrives, unread
+        first.close()
+        second = await asyncio.wait_for(pool.request("POST", addr, "/v1/x", {}, b"{}"), 5)
+        assert await asyncio.wait_for(read_all(second), 5) == b"second"
+        second.close()
+    assert len(connections) == 1  # the first one, reused
