@@ -134,6 +134,7 @@ async def serve(
             forwarder=node.forwarder,
             catalog=node.catalog,
             read_barrier=node.read_barrier,
+            gate=guard,
         )
 
         def model_info(name: str) -> dict:

@@ -33,6 +33,7 @@ from peer import resume
 from peer.auth import FORWARDED_HEADER
 from peer.availability import ForwardError, ModelAvailability, Replica, order_replicas
 from peer.upstream import Unreachable, UpstreamError, UpstreamPool, UpstreamResponse
+from peer.usage import USAGE_TRAILER_HEADER, TrailerSplitter, Usage
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,16 @@ REPLICA_HEADER = "X-Aivailable-Replica"
 REQUEST_ID_HEADER = "X-Request-Id"
 
 
-def request_key(name: str):
+def request_key(name: str, kind: type = str):
     """A typed request-storage key (aiohttp >= 3.14 warns about plain strings), else a string."""
     make = getattr(web, "RequestKey", None)
-    return make(name, str) if make is not None else f"aivailable.{name}"
+    return make(name, kind) if make is not None else f"aivailable.{name}"
 
 
 REQUEST_ID_KEY = request_key("request_id")
+# What the hosts of a forwarded answer said it cost (peer/usage.py), summed over a resume;
+# absent when no host said (one died mid-answer). The entry peer charges the caller from it.
+FORWARDED_USAGE_KEY = request_key("forwarded_usage", Usage)
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the two HTTP stacks set themselves.
 _NOT_PASSED_UPSTREAM = frozenset(
@@ -71,6 +75,18 @@ _NOT_PASSED_UPSTREAM = frozenset(
         REQUEST_ID_HEADER,  # set from the request's own id instead (it may have replaced it)
     )
 )
+_TRAILER_LOWER = USAGE_TRAILER_HEADER.lower()
+
+
+def _has_trailer(upstream: UpstreamResponse) -> bool:
+    return any(name.lower() == _TRAILER_LOWER for name, _ in upstream.headers)
+
+
+def _note_usage(request: web.Request, usage: Usage | None) -> None:
+    if usage is not None:
+        request[FORWARDED_USAGE_KEY] = request.get(FORWARDED_USAGE_KEY, Usage()) + usage
+
+
 _NOT_PASSED_DOWNSTREAM = frozenset(
     h.lower()
     for h in (
@@ -385,9 +401,16 @@ class Forwarder:
         upstream = attempt.upstream
         assert upstream is not None
         response = HeadersWithFirstChunk(status=upstream.status, reason=upstream.reason)
+        # The host ends this body with a usage trailer that the client never sees, so the
+        # length it announced is not the client's (aiohttp then sends it chunked).
+        trailer = _has_trailer(upstream)
         for key, value in upstream.headers:
-            if key.lower() not in _NOT_PASSED_DOWNSTREAM:
-                response.headers.add(key, value)
+            lowered = key.lower()
+            if lowered in _NOT_PASSED_DOWNSTREAM or lowered == _TRAILER_LOWER:
+                continue
+            if trailer and lowered == "content-length":
+                continue
+            response.headers.add(key, value)
         response.headers[REPLICA_HEADER] = replica.node_id
         is_sse = upstream.content_type == "text/event-stream"
         # Whole SSE events only reach the client, so an error or a resumed answer never
@@ -403,7 +426,10 @@ class Forwarder:
         try:
             await response.prepare(request)
             while True:
-                reason = await self._pump(response, attempt, replica, chunk, sse)
+                splitter = TrailerSplitter() if _has_trailer(attempt.upstream) else None
+                reason = await self._pump(response, attempt, replica, chunk, sse, splitter)
+                if splitter is not None:
+                    _note_usage(request, splitter.usage())
                 if reason is None:
                     break
                 log.warning("replica %s %s mid-stream", replica.node_id, reason)
@@ -441,11 +467,14 @@ class Forwarder:
         replica: Replica,
         chunk: bytes,
         sse: resume.SseText | None,
+        splitter: TrailerSplitter | None,
     ) -> str | None:
         """Copy upstream to the client until it ends (None) or breaks (the reason)."""
         upstream, watch = attempt.upstream, attempt.watch
         assert upstream is not None
         while True:
+            if chunk and splitter is not None:
+                chunk = splitter.feed(chunk)
             if chunk:
                 out = sse.feed(chunk) if sse is not None else chunk
                 if out:

@@ -7,7 +7,6 @@ and never beyond its route's limit.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +22,8 @@ from peer.auth import requires_signature
 
 # request[KEY_RECORD]: the caller's KeyRecord, once checked.
 KEY_RECORD = web.RequestKey("api_key", KeyRecord)
+# request[RESERVED_TOKENS]: the tokens `admit` reserved for it, until `charge`.
+RESERVED_TOKENS = web.RequestKey("reserved_tokens", int)
 
 
 def invalid_key(message: str) -> ApiError:
@@ -58,28 +59,6 @@ def body_limits(config: AccessConfig, raft_body_bytes: int):
         return await handler(request)
 
     return middleware
-
-
-def _json(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None  # the handler answers with its own 400
-
-
-def _tokens_used(response: web.StreamResponse, asked: dict | None) -> int:
-    """Tokens a finished request used: the usage of a JSON answer; for a stream (whose
-    usage the entry peer does not see) its max_tokens, the most it could have used."""
-    if isinstance(response, web.Response) and isinstance(response.body, bytes):
-        usage = (_json(response.body) or {}).get("usage") if response.status == 200 else None
-        if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
-            return usage["total_tokens"]
-        return 0
-    if isinstance(asked, dict):
-        for field in ("max_completion_tokens", "max_tokens"):
-            if isinstance(asked.get(field), int):
-                return asked[field]
-    return 0
 
 
 class AccessGuard:
@@ -146,42 +125,52 @@ class AccessGuard:
         return await self._inference(request, handler, record)
 
     async def _inference(self, request: web.Request, handler, record: KeyRecord):
-        asked = None
-        if request.method == "POST" and request.can_read_body and (record.models or record.tpm):
-            asked = _json(await request.read())  # cached for the handler; route-limited
-            model = asked.get("model") if isinstance(asked, dict) else None
-            if isinstance(model, str) and not record.may_use(model):
-                raise forbidden(f"this key may not use the model '{model}'", "model_not_allowed")
-        card = request.path.removeprefix("/v1/models/")
-        if card != request.path and not record.may_use(card):
-            raise forbidden(f"this key may not use the model '{card}'", "model_not_allowed")
+        """Requests per minute, from the headers alone; the model and tokens are decided by
+        `admit` once the route has parsed its body into the typed request."""
         wait = self.limiter.admit(record, self._clock())
         if wait is not None:
-            raise ApiError(
-                429,
-                f"rate limit of key {record.id} reached ({record.rpm or '-'} requests, "
-                f"{record.tpm or '-'} tokens per minute); retry in {wait:.0f} s",
-                type="rate_limit_error",
-                code="rate_limit_exceeded",
-                retry_after=wait,
-            )
-        response = await handler(request)
-        if request.path == "/v1/models" and record.models:
-            _only_models(response, record)
-        self.limiter.spent(record, _tokens_used(response, asked), self._clock())
-        return response
+            raise _rate_limited(record, wait)
+        return await handler(request)
+
+    # --- the gate of aivailable/api/inference.py: decisions from the typed request ---------
+
+    def admit(self, request: web.Request, parsed) -> None:
+        """May this caller run `parsed` (its `model`, its `max_tokens` bound)? Reserves the
+        bound against the key's tpm until `charge` says what the request really cost."""
+        record = request.get(KEY_RECORD)
+        if record is None:
+            return  # auth off, or a peer's signed request (its entry peer decided)
+        if not record.may_use(parsed.model):
+            raise forbidden(f"this key may not use the model '{parsed.model}'", "model_not_allowed")
+        wait = self.limiter.reserve(record, parsed.max_tokens, self._clock())
+        if wait is not None:
+            raise _rate_limited(record, wait)
+        request[RESERVED_TOKENS] = parsed.max_tokens
+
+    def charge(self, request: web.Request, parsed, usage) -> None:
+        """The engine's counts (`usage`: peer.usage.Usage), or the reserved bound when no
+        engine said (a host that died mid-answer): the most it could have cost."""
+        record = request.get(KEY_RECORD)
+        reserved = request.pop(RESERVED_TOKENS, None)
+        if record is None or reserved is None:
+            return
+        spent = usage.total if usage is not None else reserved
+        self.limiter.settle(record, reserved, spent, self._clock())
+
+    def visible(self, request: web.Request, model: str) -> bool:
+        record = request.get(KEY_RECORD)
+        return record is None or record.may_use(model)
 
 
-def _only_models(response: web.StreamResponse, record: KeyRecord) -> None:
-    """A model-scoped key lists only its models."""
-    if not isinstance(response, web.Response) or not isinstance(response.body, bytes):
-        return
-    listing = _json(response.body)
-    if isinstance(listing, dict) and isinstance(listing.get("data"), list):
-        listing["data"] = [
-            m for m in listing["data"] if isinstance(m, dict) and record.may_use(m.get("id", ""))
-        ]
-        response.body = json.dumps(listing).encode()
+def _rate_limited(record: KeyRecord, wait: float) -> ApiError:
+    return ApiError(
+        429,
+        f"rate limit of key {record.id} reached ({record.rpm or '-'} requests, "
+        f"{record.tpm or '-'} tokens per minute); retry in {wait:.0f} s",
+        type="rate_limit_error",
+        code="rate_limit_exceeded",
+        retry_after=wait,
+    )
 
 
 class UsageGossip:

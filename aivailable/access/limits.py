@@ -51,6 +51,8 @@ class RateLimiter:
         # Since start, per key id: what /metrics and `keys list` show.
         self.requests: collections.Counter[str] = collections.Counter()
         self.tokens: collections.Counter[str] = collections.Counter()
+        # Per key id: the token bounds of its requests running on this peer (`reserve`).
+        self._held: collections.Counter[str] = collections.Counter()
 
     def _used(self, key_id: str, now: float) -> tuple[int, int, float]:
         window = self._local.get(key_id)
@@ -71,6 +73,25 @@ class RateLimiter:
         self._local.setdefault(key.id, _Window()).add(int(now), 1, 0)
         self.requests[key.id] += 1
         return None
+
+    def reserve(self, key: KeyRecord, bound: int, now: float) -> float | None:
+        """A request about to run that may cost up to `bound` tokens: None and the bound
+        held against the key's tpm until `settle`, or the seconds to wait. Holding the bound
+        keeps a burst of concurrent requests from all passing before any of them is charged;
+        a request is refused only once the key's tokens (used and held) reach its tpm."""
+        if key.tpm:
+            _, tok, wait = self._used(key.id, now)
+            if tok + self._held[key.id] >= key.tpm:
+                return max(1.0, math.ceil(wait or 1.0))
+        self._held[key.id] += bound
+        return None
+
+    def settle(self, key: KeyRecord, reserved: int, tokens: int, now: float) -> None:
+        """A request that reserved `reserved` tokens is over and cost `tokens`."""
+        self._held[key.id] = max(0, self._held[key.id] - reserved)
+        if not self._held[key.id]:
+            del self._held[key.id]
+        self.spent(key, tokens, now)
 
     def spent(self, key: KeyRecord, tokens: int, now: float) -> None:
         """Tokens a finished request used, counted against the key's tpm."""

@@ -22,12 +22,14 @@ from aiohttp import web
 
 from aivailable.api.body import parse_json
 from aivailable.api.errors import ApiError, bad_request, not_found
+from aivailable.api.inference import Metered, visible_models
 from aivailable.api.openai_api import OpenAIApi, engine_error
 from aivailable.api.reads import marked, read_mode
 from aivailable.api.validate import Parsed, parse_chat, parse_completion, parse_embeddings
 from aivailable.backends.base import EngineError, Finished, TextDelta
 from peer.forward import HeadersWithFirstChunk
 
+NUM_PREDICT = "num_predict"  # Ollama's name for max_tokens, named in its errors
 OLLAMA_VERSION = "0.6.0"  # the Ollama API level this speaks; clients check only its form
 # Ollama option -> our request field (num_predict is handled apart: -1 means no limit).
 OPTIONS = {
@@ -56,6 +58,7 @@ class OllamaApi:
     def __init__(self, openai: OpenAIApi, model_info: Callable[[str], dict] | None = None):
         """`model_info(name)`: what the cluster knows of a model (size, sha256, n_ctx)."""
         self._openai = openai
+        self._limit = openai.max_tokens_limit  # Config.max_tokens_limit, as for /v1
         self._info = model_info or (lambda name: {})
 
     def routes(self) -> list[web.RouteDef]:
@@ -82,11 +85,12 @@ class OllamaApi:
 
     # --- models -------------------------------------------------------------------------
 
-    def resolve(self, name: Any) -> str:
-        """An Ollama-style `name[:tag]` to the cluster's model name."""
+    def resolve(self, request: web.Request, name: Any) -> str:
+        """An Ollama-style `name[:tag]` to the cluster's model name, among those this
+        caller may see (a scoped key is told a model it may not use does not exist)."""
         if not isinstance(name, str) or not name:
             raise bad_request("'model' is required", param="model")
-        names = self._openai.model_names()
+        names = self._openai.model_names(request)
         if name in names:
             return name
         base = name.rsplit(":", 1)[0]
@@ -119,11 +123,11 @@ class OllamaApi:
             mode = await read_mode(request, self._openai.read_barrier)
         except ApiError as exc:
             return _ollama_error(exc)
-        names = sorted(self._openai.model_names())
+        names = self._openai.model_names(request)
         return marked(web.json_response({"models": [self._card(n) for n in names]}), mode)
 
     async def ps(self, request: web.Request) -> web.Response:
-        local = self._openai.local_models()
+        local = visible_models(self._openai.gate, request, self._openai.local_models())
         models = [
             {**self._card(n), "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0} for n in local
         ]
@@ -131,7 +135,7 @@ class OllamaApi:
 
     async def show(self, request: web.Request) -> web.Response:
         body, _ = await self._body(request)
-        name = self.resolve(body.get("model") or body.get("name"))
+        name = self.resolve(request, body.get("model") or body.get("name"))
         info = self._info(name)
         return web.json_response(
             {
@@ -161,8 +165,11 @@ class OllamaApi:
         for ours, theirs in OPTIONS.items():
             if options.get(ours) is not None:
                 out[theirs] = options[ours]
+        # -1 (and Ollama's -2, "fill the context") mean "no bound of mine": the limit's.
         predict = options.get("num_predict")
-        if isinstance(predict, int) and not isinstance(predict, bool) and predict > 0:
+        if predict is not None and (not isinstance(predict, int) or isinstance(predict, bool)):
+            raise bad_request("'options.num_predict' must be an integer", param="num_predict")
+        if predict is not None and predict > 0:
             out["max_tokens"] = predict
         fmt = body.get("format")
         if fmt == "json":
@@ -180,7 +187,7 @@ class OllamaApi:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body, raw = await self._body(request)
-        model = self.resolve(body.get("model"))
+        model = self.resolve(request, body.get("model"))
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise bad_request("'messages' must be a non-empty list", param="messages")
@@ -194,60 +201,67 @@ class OllamaApi:
                 fn = call.get("function", {}) if isinstance(call, dict) else {}
                 if isinstance(fn.get("arguments"), dict):
                     fn["arguments"] = json.dumps(fn["arguments"])
-        parsed = parse_chat({**self._openai_body(body, model), "messages": clean}, 1 << 20)
+        parsed = parse_chat(
+            {**self._openai_body(body, model), "messages": clean}, self._limit, NUM_PREDICT
+        )
         return await self._run(request, body, raw, parsed, chat=True)
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body, raw = await self._body(request)
-        model = self.resolve(body.get("model"))
+        model = self.resolve(request, body.get("model"))
         prompt = body.get("prompt") or ""
         if not isinstance(prompt, str):
             raise bad_request("'prompt' must be a string", param="prompt")
         base = self._openai_body(body, model)
         if body.get("raw"):
-            parsed = parse_completion({**base, "prompt": prompt or " "}, 1 << 20)
+            parsed = parse_completion({**base, "prompt": prompt or " "}, self._limit, NUM_PREDICT)
         else:
             messages = [{"role": "system", "content": body["system"]}] if body.get("system") else []
             messages.append({"role": "user", "content": prompt})
-            parsed = parse_chat({**base, "messages": messages}, 1 << 20)
+            parsed = parse_chat({**base, "messages": messages}, self._limit, NUM_PREDICT)
         return await self._run(request, body, raw, parsed, chat=False)
 
     async def embed(self, request: web.Request) -> web.StreamResponse:
-        body, model, result = await self._embeddings(request, "input")
-        if isinstance(result, web.StreamResponse):
-            return result
-        vectors = [list(v) for v in result.vectors]
-        return web.json_response(
-            {
+        def answer(body: dict, result) -> dict:
+            return {
                 "model": body.get("model"),
-                "embeddings": vectors,
+                "embeddings": [list(v) for v in result.vectors],
                 "prompt_eval_count": result.prompt_tokens,
             }
-        )
+
+        return await self._embeddings(request, "input", answer)
 
     async def embeddings_legacy(self, request: web.Request) -> web.StreamResponse:
         """The older /api/embeddings: one `prompt`, one `embedding`."""
-        _, _, result = await self._embeddings(request, "prompt")
-        if isinstance(result, web.StreamResponse):
-            return result
-        return web.json_response({"embedding": list(result.vectors[0])})
+        return await self._embeddings(
+            request, "prompt", lambda body, result: {"embedding": list(result.vectors[0])}
+        )
 
-    async def _embeddings(self, request: web.Request, field: str):
-        """(body, model, Embeddings or a forwarded answer) for the inputs under `field`."""
+    async def _embeddings(self, request: web.Request, field: str, answer) -> web.StreamResponse:
+        """The embeddings of the inputs under `field`, rendered by `answer(body, result)`."""
         body, raw = await self._body(request)
-        model = self.resolve(body.get("model"))
-        _, inputs, _, _ = parse_embeddings({"model": model, "input": body.get(field)})
-        target = await self._openai.engine_or_forward(request, raw, model)
-        if isinstance(target, web.StreamResponse):
-            return body, model, target
-        return body, model, await self._openai.embed(target, model, inputs)
+        model = self.resolve(request, body.get("model"))
+        parsed = parse_embeddings({"model": model, "input": body.get(field)})
+        async with Metered(self._openai.gate, request, parsed) as meter:
+            target = await self._openai.engine_or_forward(request, raw, model)
+            if isinstance(target, web.StreamResponse):
+                return target
+            result = await self._openai.embed(target, model, parsed.request.inputs, meter)
+            return meter.json_response(answer(body, result))
 
     async def _run(
         self, request: web.Request, body: dict, raw: bytes, parsed: Parsed, chat: bool
     ) -> web.StreamResponse:
-        target = await self._openai.engine_or_forward(request, raw, parsed.model)
-        if isinstance(target, web.StreamResponse):
-            return target
+        async with Metered(self._openai.gate, request, parsed) as meter:
+            target = await self._openai.engine_or_forward(request, raw, parsed.model)
+            if isinstance(target, web.StreamResponse):
+                return target
+            return await self._generate(request, body, target, meter, chat)
+
+    async def _generate(
+        self, request: web.Request, body: dict, target, meter: Metered, chat: bool
+    ) -> web.StreamResponse:
+        parsed = meter.parsed
         stream = body.get("stream", True) is not False
         started = time.monotonic()
         name = body.get("model")
@@ -290,6 +304,7 @@ class OllamaApi:
             }
 
         response: web.StreamResponse | None = None
+        ndjson = {"Content-Type": "application/x-ndjson", **meter.headers()}
         pieces: list[str] = []
         try:
             async with contextlib.aclosing(target.generate(parsed.request)) as events:
@@ -298,22 +313,19 @@ class OllamaApi:
                         pieces.append(event.text)
                         if stream and not parsed.functions:
                             if response is None:
-                                response = HeadersWithFirstChunk(
-                                    headers={"Content-Type": "application/x-ndjson"}
-                                )
+                                response = HeadersWithFirstChunk(headers=ndjson)
                                 await response.prepare(request)
                             await response.write(json.dumps(piece(event.text)).encode() + b"\n")
                     elif isinstance(event, Finished):
+                        self._openai.count(meter, event)
                         text = "" if stream and not parsed.functions else "".join(pieces)
                         last = final(text, event)
                         if not stream:
-                            return web.json_response(last)
+                            return meter.json_response(last)
                         if response is None:
-                            response = HeadersWithFirstChunk(
-                                headers={"Content-Type": "application/x-ndjson"}
-                            )
+                            response = HeadersWithFirstChunk(headers=ndjson)
                             await response.prepare(request)
-                        await response.write(json.dumps(last).encode() + b"\n")
+                        await response.write(json.dumps(last).encode() + b"\n" + meter.trailer())
         except EngineError as exc:
             error = engine_error(exc)
             if response is None:

@@ -20,6 +20,7 @@ from aiohttp import web
 from aivailable.api import body as body_reader
 from aivailable.api import openai_render as render
 from aivailable.api.errors import ApiError, bad_request, not_found
+from aivailable.api.inference import Gate, Metered, OpenGate, visible_models
 from aivailable.api.reads import Barrier, marked, read_mode
 from aivailable.api.validate import Parsed, parse_chat, parse_completion, parse_embeddings
 from aivailable.backends.base import (
@@ -112,15 +113,18 @@ class OpenAIApi:
         catalog: Callable[[], Iterable[str]] | None = None,
         max_body: int = MAX_BODY,
         read_barrier: Barrier | None = None,
+        gate: Gate | None = None,
     ):
         """`catalog`: the model names the cluster serves (default: the local instances).
         `max_body`: bytes of a request body at most (413 beyond). `read_barrier`: what a
-        `?consistent=1` model listing awaits first (aivailable/api/reads.py; None: refused)."""
+        `?consistent=1` model listing awaits first (aivailable/api/reads.py; None: refused).
+        `gate`: who may run and see what (aivailable/api/inference.py; None: everyone)."""
         self.read_barrier = read_barrier
+        self.gate: Gate = gate or OpenGate()
         self._max_body = max_body
         self._lookup = lookup
         self._metrics = metrics
-        self._max_tokens_limit = max_tokens_limit
+        self.max_tokens_limit = max_tokens_limit
         self._timeout = request_timeout_s
         self._owner = owner
         self._forwarder = forwarder
@@ -140,14 +144,14 @@ class OpenAIApi:
 
     async def list_models(self, request: web.Request) -> web.Response:
         mode = await read_mode(request, self.read_barrier)
-        names = sorted(set(self._catalog()))
+        names = self.model_names(request)
         listing = {"object": "list", "data": [self._model_card(n) for n in names]}
         return marked(web.json_response(listing), mode)
 
     async def get_model(self, request: web.Request) -> web.Response:
         mode = await read_mode(request, self.read_barrier)
         name = request.match_info["model"]
-        if name not in set(self._catalog()):
+        if name not in self.model_names(request):
             raise not_found(f"the model '{name}' does not exist", param="model")
         return marked(web.json_response(self._model_card(name)), mode)
 
@@ -164,25 +168,34 @@ class OpenAIApi:
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         raw = await self.read_body(request)
-        model, inputs, encoding, dimensions = parse_embeddings(body_reader.parse_json(raw))
-        engine = await self.engine_or_forward(request, raw, model)
-        if isinstance(engine, web.StreamResponse):
-            return engine
-        result = await self.embed(engine, model, inputs)
-        width = len(result.vectors[0]) if result.vectors else 0
-        if dimensions is not None and dimensions != width:
-            raise bad_request(
-                f"the model '{model}' gives {width} dimensions, not {dimensions}", "dimensions"
-            )
-        data = [
-            {"object": "embedding", "index": i, "embedding": render.embedding(v, encoding)}
-            for i, v in enumerate(result.vectors)
-        ]
-        usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
-        return web.json_response({"object": "list", "data": data, "model": model, "usage": usage})
+        parsed = parse_embeddings(body_reader.parse_json(raw))
+        model, asked = parsed.model, parsed.request
+        async with Metered(self.gate, request, parsed) as meter:
+            engine = await self.engine_or_forward(request, raw, model)
+            if isinstance(engine, web.StreamResponse):
+                return engine
+            result = await self.embed(engine, model, asked.inputs, meter)
+            width = len(result.vectors[0]) if result.vectors else 0
+            if asked.dimensions is not None and asked.dimensions != width:
+                raise bad_request(
+                    f"the model '{model}' gives {width} dimensions, not {asked.dimensions}",
+                    "dimensions",
+                )
+            data = [
+                {
+                    "object": "embedding",
+                    "index": i,
+                    "embedding": render.embedding(v, asked.encoding),
+                }
+                for i, v in enumerate(result.vectors)
+            ]
+            usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
+            answer = {"object": "list", "data": data, "model": model, "usage": usage}
+            return meter.json_response(answer)
 
-    async def embed(self, engine: Engine, model: str, inputs: list[str]):
-        """An engine's embeddings, its errors as HTTP errors, counted in the metrics."""
+    async def embed(self, engine: Engine, model: str, inputs, meter: Metered):
+        """An engine's embeddings, its errors as HTTP errors, counted in the metrics and
+        charged to the caller."""
         status = "200"
         try:
             async with asyncio.timeout(self._timeout):
@@ -196,6 +209,7 @@ class OpenAIApi:
         finally:
             self._metrics.requests.labels("embeddings", model, status).inc()
         self._metrics.tokens.labels(model, "prompt").inc(result.prompt_tokens)
+        meter.used(result.prompt_tokens)
         return result
 
     async def engine_or_forward(
@@ -223,9 +237,9 @@ class OpenAIApi:
             raise engine_error(EngineUnavailable(instance.state, instance.error))
         return engine
 
-    def model_names(self) -> set[str]:
-        """Every model the cluster serves."""
-        return set(self._catalog())
+    def model_names(self, request: web.Request) -> list[str]:
+        """Every model the cluster serves that this caller may see."""
+        return visible_models(self.gate, request, self._catalog())
 
     def local_models(self) -> list[str]:
         """The models this peer runs itself, ready or not."""
@@ -234,16 +248,23 @@ class OpenAIApi:
     async def _serve(self, request: web.Request, endpoint: str, parse) -> web.StreamResponse:
         raw = await self.read_body(request)
         body = body_reader.parse_json(raw)  # deep or odd JSON: a 400, never a 500
-        parsed: Parsed = parse(body, self._max_tokens_limit)
-        engine = await self.engine_or_forward(request, raw, parsed.model)
-        if isinstance(engine, web.StreamResponse):
-            return engine
+        parsed: Parsed = parse(body, self.max_tokens_limit)
+        async with Metered(self.gate, request, parsed) as meter:
+            engine = await self.engine_or_forward(request, raw, parsed.model)
+            if isinstance(engine, web.StreamResponse):
+                return engine
+            return await self._local(request, engine, meter, endpoint)
+
+    async def _local(
+        self, request: web.Request, engine: Engine, meter: Metered, endpoint: str
+    ) -> web.StreamResponse:
+        parsed = meter.parsed
         started = time.monotonic()
         status = "200"
         try:
             if parsed.stream:
-                return await self._stream(request, engine, parsed, started)
-            return await self._complete(engine, parsed, started)
+                return await self._stream(request, engine, meter, started)
+            return await self._complete(engine, meter, started)
         except ApiError as exc:
             status = str(exc.status)
             raise
@@ -255,11 +276,15 @@ class OpenAIApi:
             self._metrics.requests.labels(endpoint, parsed.model, status).inc()
             self._metrics.latency.labels(endpoint, parsed.model).observe(time.monotonic() - started)
 
-    def _count(self, model: str, finished: Finished) -> None:
+    def count(self, meter: Metered, finished: Finished) -> None:
+        """The engine's counts of a finished generation: in the metrics, and charged."""
+        model = meter.parsed.model
         self._metrics.tokens.labels(model, "prompt").inc(finished.prompt_tokens)
         self._metrics.tokens.labels(model, "completion").inc(finished.completion_tokens)
+        meter.used(finished.prompt_tokens, finished.completion_tokens)
 
-    async def _complete(self, engine: Engine, parsed: Parsed, started: float) -> web.Response:
+    async def _complete(self, engine: Engine, meter: Metered, started: float) -> web.Response:
+        parsed = meter.parsed
         n = parsed.request.params.n
         texts: list[list[str]] = [[] for _ in range(n)]
         logprobs: list[list[dict]] = [[] for _ in range(n)]
@@ -285,7 +310,7 @@ class OpenAIApi:
             ) from exc
         if finished is None:
             raise ApiError(500, "the engine ended without finishing", type="server_error")
-        self._count(parsed.model, finished)
+        self.count(meter, finished)
         is_chat = isinstance(parsed.request, ChatRequest)
         reasons = finished.finish_reasons or (finished.finish_reason,)
         choices = []
@@ -299,7 +324,7 @@ class OpenAIApi:
                 lp = render.completion_logprobs(logprobs[i], parsed.request.params)
                 choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
             choices.append(choice)
-        return web.json_response(
+        return meter.json_response(
             {
                 "id": ("chatcmpl-" if is_chat else "cmpl-") + uuid.uuid4().hex,
                 "object": "chat.completion" if is_chat else "text_completion",
@@ -311,8 +336,9 @@ class OpenAIApi:
         )
 
     async def _stream(
-        self, request: web.Request, engine: Engine, parsed: Parsed, started: float
+        self, request: web.Request, engine: Engine, meter: Metered, started: float
     ) -> web.StreamResponse:
+        parsed = meter.parsed
         is_chat = isinstance(parsed.request, ChatRequest)
         params = parsed.request.params
         base = {
@@ -344,6 +370,7 @@ class OpenAIApi:
                     headers={
                         "Content-Type": "text/event-stream",
                         "Cache-Control": "no-cache",
+                        **meter.headers(),
                     }
                 )
                 await response.prepare(request)
@@ -367,7 +394,7 @@ class OpenAIApi:
                             out = chunk(event.index, delta, event.text, None, event.logprobs)
                             await response.write(_sse(out))
                     else:
-                        self._count(parsed.model, event)
+                        self.count(meter, event)
                         reasons = event.finish_reasons or (event.finish_reason,)
                         for i in range(params.n):
                             reason = reasons[min(i, len(reasons) - 1)]
@@ -400,6 +427,6 @@ class OpenAIApi:
             if response is None:
                 raise error from exc
             await response.write(_sse(error.body()))
-        await response.write(b"data: [DONE]\n\n")
+        await response.write(b"data: [DONE]\n\n" + meter.trailer())
         await response.write_eof()
         return response

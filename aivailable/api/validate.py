@@ -17,13 +17,36 @@ ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
 @dataclass(frozen=True)
+class EmbeddingRequest:
+    inputs: tuple[str, ...]
+    encoding: str = "float"  # "float" | "base64"
+    dimensions: int | None = None  # what the caller expects; checked against the model
+
+
+@dataclass(frozen=True)
 class Parsed:
+    """The one typed request of an inference call, whatever API it came through: access
+    decides from it (aivailable/api/inference.py), the engine runs its `request`."""
+
     model: str
-    request: ChatRequest | CompletionRequest
+    request: ChatRequest | CompletionRequest | EmbeddingRequest
     stream: bool
-    include_usage: bool  # stream_options.include_usage: a last chunk carries usage
+    include_usage: bool = False  # stream_options.include_usage: a last chunk carries usage
     functions: tuple[dict, ...] = ()  # tools the model may call (chat)
     tool_mode: str | None = None  # None (text or a call), "required", or a function name
+
+    @property
+    def kind(self) -> str:
+        if isinstance(self.request, ChatRequest):
+            return "chat"
+        return "completion" if isinstance(self.request, CompletionRequest) else "embedding"
+
+    @property
+    def max_tokens(self) -> int:
+        """The most completion tokens it may cost: max_tokens for each of its n choices."""
+        if isinstance(self.request, EmbeddingRequest):
+            return 0
+        return self.request.params.max_tokens * self.request.params.n
 
 
 def _is_number(value: Any) -> bool:
@@ -41,11 +64,14 @@ def _number(body: dict, name: str, default: float, low: float, high: float) -> f
     return float(value)
 
 
-def _max_tokens(body: dict, limit: int) -> int:
+def _max_tokens(body: dict, limit: int, said_as: str | None) -> int:
+    """The bound on completion tokens, never above `limit` (Config.max_tokens_limit), for
+    every API; `said_as`: the field's name in the caller's API (Ollama's num_predict)."""
     name = (
         "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     )
     value = body.get(name)
+    name = said_as or name
     if value is None:
         return limit
     if not isinstance(value, int) or isinstance(value, bool):
@@ -118,7 +144,7 @@ def _logprobs(body: dict, chat: bool) -> tuple[bool, int]:
 
 
 def _common(
-    body: Any, max_tokens_limit: int, chat: bool, grammar: str | None = None
+    body: Any, max_tokens_limit: int, chat: bool, grammar: str | None, said_as: str | None
 ) -> tuple[str, SamplingParams, bool, bool]:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
@@ -134,7 +160,7 @@ def _common(
     if not isinstance(options, dict):
         raise bad_request("'stream_options' must be an object", param="stream_options")
     params = SamplingParams(
-        max_tokens=_max_tokens(body, max_tokens_limit),
+        max_tokens=_max_tokens(body, max_tokens_limit, said_as),
         temperature=_number(body, "temperature", 0.8, 0.0, 2.0),
         top_p=_number(body, "top_p", 0.95, 0.0, 1.0),
         stop=_stop(body),
@@ -175,12 +201,12 @@ def _content_text(content: Any, index: int) -> str:
     raise bad_request("'content' must be a string or a list of parts", param=f"messages[{index}]")
 
 
-def parse_chat(body: Any, max_tokens_limit: int) -> Parsed:
+def parse_chat(body: Any, max_tokens_limit: int, said_as: str | None = None) -> Parsed:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     functions, tool_mode = structured.parse_tools(body.get("tools"), body.get("tool_choice"))
     grammar = structured.tool_call_grammar(functions, tool_mode) if tool_mode else None
-    model, params, stream, include_usage = _common(body, max_tokens_limit, True, grammar)
+    model, params, stream, include_usage = _common(body, max_tokens_limit, True, grammar, said_as)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' is required and must be a non-empty list", param="messages")
@@ -208,8 +234,8 @@ def parse_chat(body: Any, max_tokens_limit: int) -> Parsed:
     return Parsed(model, request, stream, include_usage, tuple(functions), tool_mode)
 
 
-def parse_completion(body: Any, max_tokens_limit: int) -> Parsed:
-    model, params, stream, include_usage = _common(body, max_tokens_limit, False)
+def parse_completion(body: Any, max_tokens_limit: int, said_as: str | None = None) -> Parsed:
+    model, params, stream, include_usage = _common(body, max_tokens_limit, False, None, said_as)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -221,8 +247,8 @@ def parse_completion(body: Any, max_tokens_limit: int) -> Parsed:
 MAX_EMBEDDING_INPUTS = 256  # inputs per request; each is one decode in the worker
 
 
-def parse_embeddings(body: Any) -> tuple[str, list[str], str, int | None]:
-    """model, inputs, encoding_format, dimensions of a /v1/embeddings body."""
+def parse_embeddings(body: Any, max_tokens_limit: int = 0) -> Parsed:
+    """A /v1/embeddings body (`max_tokens_limit` is unused: embeddings generate nothing)."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     model = body.get("model")
@@ -249,4 +275,4 @@ def parse_embeddings(body: Any) -> tuple[str, list[str], str, int | None]:
         not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 1
     ):
         raise bad_request("'dimensions' must be a positive integer", param="dimensions")
-    return model, inputs, encoding, dimensions
+    return Parsed(model, EmbeddingRequest(tuple(inputs), encoding, dimensions), stream=False)

@@ -3,6 +3,7 @@ limits, and peer signatures that name their target, all checked before a body is
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -15,11 +16,14 @@ from aivailable.access.guard import AccessGuard, body_limits, usage_metrics
 from aivailable.access.keys_api import KeysApi, bootstrap_admin_key
 from aivailable.access.limits import RateLimiter
 from aivailable.api.app import build_app
+from aivailable.api.openai_api import OpenAIApi
+from aivailable.backends.fake_engine import FakeEngine
 from aivailable.cluster.state import ClusterState
 from aivailable.metrics import Metrics
 from peer.auth import Identity, PeerAuth
 
 SECRET = b"s" * 32
+HI = [{"role": "user", "content": "hi"}]
 LIMITS = AccessConfig(max_body_bytes=64 << 10, max_peer_body_bytes=64 << 10)
 
 
@@ -32,14 +36,6 @@ class Clock:
 
 
 def stub_routes(seen: list) -> list[web.RouteDef]:
-    async def models(request):
-        return web.json_response({"object": "list", "data": [{"id": "a"}, {"id": "b"}]})
-
-    async def chat(request):
-        body = await request.json()
-        seen.append(body)
-        return web.json_response({"model": body["model"], "usage": {"total_tokens": 40}})
-
     async def status(request):
         return web.json_response({"node_id": "n1"})
 
@@ -48,8 +44,6 @@ def stub_routes(seen: list) -> list[web.RouteDef]:
         return web.json_response({"ok": True})
 
     return [
-        web.get("/v1/models", models),
-        web.post("/v1/chat/completions", chat),
         web.get("/cluster/status", status),
         web.post("/raft/messages", raft),
     ]
@@ -78,11 +72,18 @@ class Peer:
             enabled, access, self.limiter, self.clock, caught_up=lambda: self.caught_up
         )
         keys_api = KeysApi(access, propose, self.limiter, self.clock)
+        # The real OpenAI API over fake engines: the guard decides from its typed requests.
+        self.engines = {name: FakeEngine(name) for name in ("a", "b")}
+        instances = {
+            name: SimpleNamespace(engine=e, error="", state="ready")
+            for name, e in self.engines.items()
+        }
+        openai = OpenAIApi(lambda: instances, self.metrics, 64, 5, gate=guard)
         refresh = usage_metrics(self.metrics.registry, self.limiter, access)
         self.app = build_app(
             self.metrics,
             lambda: True,
-            [stub_routes(self.seen), keys_api.routes()],
+            [stub_routes(self.seen), openai.routes(), keys_api.routes()],
             on_scrape=refresh,
             middlewares=[body_limits(LIMITS, 1 << 20), self.peer_auth.middleware, guard.middleware],
         )
@@ -99,6 +100,8 @@ async def serve():
     servers = []
 
     async def start(peer: Peer, port: int = 0) -> str:
+        for engine in peer.engines.values():
+            await engine.start()
         server = TestServer(peer.app, port=port)
         await server.start_server()
         servers.append(server)
@@ -156,18 +159,18 @@ async def test_roles_and_model_scopes(serve):
     status, listing, _ = await call("GET", base + "/v1/models", {"x-api-key": user})
     assert status == 200 and [m["id"] for m in listing["data"]] == ["a"]
     status, body, _ = await call("GET", base + "/v1/models/b", bearer(user))
-    assert status == 403 and body["error"]["code"] == "model_not_allowed"
+    assert status == 404 and body["error"]["code"] == "model_not_found"  # hidden
     status, body, _ = await call("GET", base + "/cluster/status", bearer(user))
     assert status == 403 and body["error"]["type"] == "permission_error"
     status, body, _ = await call(
-        "POST", base + "/v1/chat/completions", bearer(user), json={"model": "b", "messages": []}
+        "POST", base + "/v1/chat/completions", bearer(user), json={"model": "b", "messages": HI}
     )
     assert status == 403 and body["error"]["code"] == "model_not_allowed"
-    assert peer.seen == []  # the handler never ran
+    assert peer.engines["b"].requests == []  # the engine never ran
     status, _, _ = await call(
-        "POST", base + "/v1/chat/completions", bearer(user), json={"model": "a", "messages": []}
+        "POST", base + "/v1/chat/completions", bearer(user), json={"model": "a", "messages": HI}
     )
-    assert status == 200 and peer.seen[-1]["model"] == "a"
+    assert status == 200 and len(peer.engines["a"].requests) == 1
     assert (await call("GET", base + "/v1/models", bearer(metrics)))[0] == 403
     async with aiohttp.ClientSession() as s, s.get(base + "/metrics", headers=bearer(metrics)) as r:
         assert r.status == 200
@@ -194,12 +197,19 @@ async def test_tpm_counts_the_tokens_of_answers(serve):
     peer = Peer()
     base = await serve(peer)
     user, record = peer.add_key("user", tpm=50)
-    chat = {"model": "a", "messages": []}
-    assert (await call("POST", base + "/v1/chat/completions", bearer(user), json=chat))[0] == 200
-    assert (await call("POST", base + "/v1/chat/completions", bearer(user), json=chat))[0] == 200
-    status, _, headers = await call("POST", base + "/v1/chat/completions", bearer(user), json=chat)
+    chat = {"model": "a", "messages": HI}
+    charged = []
+    for _ in range(50):
+        status, body, headers = await call(
+            "POST", base + "/v1/chat/completions", bearer(user), json=chat
+        )
+        if status == 429:
+            break
+        assert status == 200
+        charged.append(body["usage"]["total_tokens"])
     assert status == 429 and "Retry-After" in headers
-    assert peer.limiter.tokens[record.id] == 80
+    # The engine's counts, answer by answer, until they reached the key's 50.
+    assert peer.limiter.tokens[record.id] == sum(charged) >= 50 > sum(charged[:-1])
 
 
 async def test_keys_are_created_listed_used_and_revoked_over_http(serve):
@@ -288,7 +298,7 @@ async def test_big_bodies_are_refused_before_they_are_read(serve, path, extra, l
     )
     status_line = await raw_request(base, head, 1024)
     assert expected in status_line.split(b"\r\n")[0]
-    assert peer.seen == []
+    assert peer.seen == [] and all(not e.requests for e in peer.engines.values())
 
 
 async def test_a_chunked_body_over_the_route_limit_is_refused(serve):
