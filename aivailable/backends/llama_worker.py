@@ -144,7 +144,7 @@ class Worker:
             self.inbox.put(None)
 
     def _prepare(self, message: dict) -> None:
-        from aivailable.backends.scheduler import SeqRequest
+        from aivailable.backends.scheduler import PromptTooLong, SeqRequest
 
         request_id = message.get("id")
         try:
@@ -161,13 +161,12 @@ class Worker:
             n = max(1, int(params.get("n") or 1))
             max_tokens = params.get("max_tokens")
             limit = self.sched.n_ctx if max_tokens is None else max(1, int(max_tokens))
-            why = self.sched.check(SeqRequest(request_id, tuple(prompt), limit, n))
-        except (ValueError, TypeError, KeyError) as e:
-            self.error(request_id, BAD_REQUEST, str(e))
+            self.sched.check(SeqRequest(request_id, tuple(prompt), limit, n))
+        except PromptTooLong as e:
+            self.error(request_id, CONTEXT_OVERFLOW, str(e))
             return
-        if why is not None:
-            kind = CONTEXT_OVERFLOW if "context" in why else BAD_REQUEST
-            self.error(request_id, kind, why)
+        except (ValueError, TypeError, KeyError) as e:  # Unschedulable among them
+            self.error(request_id, BAD_REQUEST, str(e))
             return
         live = _Live(request_id, prompt, {**params, "n": n, "max_tokens": limit})
         try:  # here, not in the decode loop: a big schema's grammar takes a while to parse
