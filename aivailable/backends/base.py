@@ -36,11 +36,6 @@ class SamplingParams:
     n: int = 1  # choices; the prompt is evaluated once
     grammar: str | None = None  # GBNF the output must match (JSON, a schema, tool calls)
 
-    def wire(self) -> dict:
-        """The map the worker protocol carries."""
-        out = {k: v for k, v in self.__dict__.items() if k not in ("stop", "logit_bias")}
-        return {**out, "stop": list(self.stop), "logit_bias": [list(b) for b in self.logit_bias]}
-
 
 @dataclass(frozen=True)
 class ChatRequest:

@@ -28,9 +28,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgpack
-
-from aivailable.backends import llama_worker as proto
+from aivailable.backends import worker_protocol as wire
 from aivailable.backends.base import (
     ChatRequest,
     CompletionRequest,
@@ -226,7 +224,7 @@ class LlamaEngine(Engine):
         proc = self._proc
         if proc is not None:
             if was_ready:  # let it finish cleanly: it exits on SHUTDOWN or end of input
-                self._send_quietly(proc, {"type": proto.SHUTDOWN})
+                self._send_quietly(proc, wire.Shutdown())
                 with contextlib.suppress(Exception):
                     proc.stdin.close()
             else:  # still loading: nothing worth waiting for
@@ -369,10 +367,13 @@ class LlamaEngine(Engine):
             return f"the model did not load within {self.config.load_timeout:.0f}s"
         if first is None:
             return ""
-        if first.get("type") == proto.ERROR:
-            return f"cannot load {self.model_path.name}: {first.get('message')}"
-        if first.get("type") != proto.READY:
-            return f"worker sent {first!r:.100} before ready"
+        match first:
+            case wire.Error(message=message):
+                return f"cannot load {self.model_path.name}: {message}"
+            case wire.Ready():
+                pass
+            case _:
+                return f"worker sent {first!r:.100} before ready"
         self.last_error = ""
         if self._stop_requested.is_set():  # stopped while loading: never "ready" again
             return ""
@@ -381,16 +382,10 @@ class LlamaEngine(Engine):
             self._route(frame)
         return ""
 
-    async def _read_frame(self, stdout: asyncio.StreamReader) -> dict | None:
+    async def _read_frame(self, stdout: asyncio.StreamReader) -> wire.Message | None:
         try:
-            header = await stdout.readexactly(proto.HEADER.size)
-            (length,) = proto.HEADER.unpack(header)
-            if length > proto.MAX_FRAME:
-                raise ValueError(f"frame of {length} bytes")
-            return proto.decode_body(await stdout.readexactly(length))
-        except asyncio.IncompleteReadError:
-            return None
-        except (ValueError, msgpack.UnpackException) as e:
+            return await wire.read_frame_async(stdout)
+        except wire.ProtocolError as e:  # the stream cannot be trusted: end this child
             log.error("model %s: corrupt frame from the worker: %s", self.name, e)
             return None
 
@@ -408,47 +403,61 @@ class LlamaEngine(Engine):
                 self._stderr_tail.append(text)
                 worker_log.info("%s", text)
 
-    def _route(self, frame: dict) -> None:
-        kind = frame.get("type")
-        if kind == proto.CANCELLED:
-            self.cancelled += 1  # the worker stopped a generation we gave up on
-        if kind == proto.DELTAS:
-            for request_id, index, text, logprobs in frame.get("items", ()):
-                events = self._pending.get(request_id)
-                if events is not None:  # else cancelled or failed already: dropped
-                    events.put_nowait(TextDelta(text, index, (logprobs,) if logprobs else ()))
-            return
-        events = self._pending.get(frame.get("id"))
-        if events is None:  # cancelled or failed already: late frames are dropped
-            return
-        del self._pending[frame["id"]]
-        if kind == proto.DONE:
-            finish = "stop" if frame.get("finish_reason") == "stop" else "length"
-            prompt, completion = frame.get("prompt_tokens", 0), frame.get("completion_tokens", 0)
-            reasons = tuple(frame.get("finish_reasons") or (finish,))
-            cached = frame.get("cached_tokens", 0)
-            events.put_nowait(Finished(finish, prompt, completion, cached, reasons))
-        elif kind == proto.EMBEDDINGS:
-            vectors = tuple(tuple(v) for v in frame.get("vectors", ()))
-            events.put_nowait(Embeddings(vectors, frame.get("prompt_tokens", 0)))
-        elif kind == proto.ERROR and frame.get("kind") == proto.QUEUE_FULL:
-            events.put_nowait(QueueFull(self._admission.hold_estimate))
-        elif kind == proto.ERROR and frame.get("kind") == proto.CONTEXT_OVERFLOW:
-            events.put_nowait(ContextOverflow(frame.get("message", "prompt too long")))
-        elif kind == proto.ERROR and frame.get("kind") == proto.BAD_REQUEST:
-            events.put_nowait(InvalidRequest(frame.get("message", "the model rejected it")))
-        elif kind == proto.ERROR:
-            events.put_nowait(EngineError(frame.get("message", "generation failed")))
-        else:  # CANCELLED without our asking, or unknown: end the stream
-            events.put_nowait(EngineUnavailable(self.state, "the worker dropped the request"))
+    def _route(self, frame: wire.Message) -> None:
+        match frame:
+            case wire.Deltas(items=items):
+                for delta in items:
+                    events = self._pending.get(delta.id)
+                    if events is not None:  # else cancelled or failed already: dropped
+                        logprobs = (delta.logprobs,) if delta.logprobs else ()
+                        events.put_nowait(TextDelta(delta.text, delta.choice, logprobs))
+                return
+            case wire.Cancelled():
+                self.cancelled += 1  # the worker stopped a generation we gave up on
+            case wire.Done() | wire.Embeddings() | wire.Error():
+                pass
+            case _:
+                log.warning("model %s: unexpected %r from the worker", self.name, frame)
+                return
+        events = self._pending.pop(frame.id, None)
+        if events is not None:  # else cancelled or failed already: late frames are dropped
+            events.put_nowait(self._outcome(frame))
+
+    def _outcome(
+        self, frame: wire.Done | wire.Embeddings | wire.Error | wire.Cancelled
+    ) -> Finished | Embeddings | EngineError:
+        """What a request's last frame means to its caller."""
+        match frame:
+            case wire.Done():
+                reasons = frame.finish_reasons or ("length",)
+                finish = "stop" if reasons[0] == "stop" else "length"
+                return Finished(
+                    finish,
+                    frame.prompt_tokens,
+                    frame.completion_tokens,
+                    frame.cached_tokens,
+                    reasons,
+                )
+            case wire.Embeddings(vectors=vectors, prompt_tokens=prompt_tokens):
+                return Embeddings(vectors, prompt_tokens)
+            case wire.Error(code=wire.ErrorCode.QUEUE_FULL):
+                return QueueFull(self._admission.hold_estimate)
+            case wire.Error(code=wire.ErrorCode.CONTEXT_OVERFLOW, message=message):
+                return ContextOverflow(message)
+            case wire.Error(code=wire.ErrorCode.BAD_REQUEST, message=message):
+                return InvalidRequest(message)
+            case wire.Error(message=message):  # INTERNAL, or a load error after ready
+                return EngineError(message)
+        # CANCELLED without our asking: end the stream
+        return EngineUnavailable(self.state, "the worker dropped the request")
 
     def _fail_all(self, error: EngineError) -> None:
         pending, self._pending = self._pending, {}
         for events in pending.values():
             events.put_nowait(error)
 
-    def _send(self, proc: asyncio.subprocess.Process, message: dict) -> None:
-        self._write(proc, proto.encode_frame(message))
+    def _send(self, proc: asyncio.subprocess.Process, message: wire.Message) -> None:
+        self._write(proc, wire.encode(message))
 
     def _write(self, proc: asyncio.subprocess.Process, frame: bytes) -> None:
         if proc.stdin is None or proc.stdin.is_closing() or proc.returncode is not None:
@@ -457,7 +466,7 @@ class LlamaEngine(Engine):
             )
         proc.stdin.write(frame)
 
-    def _send_quietly(self, proc: asyncio.subprocess.Process, message: dict) -> None:
+    def _send_quietly(self, proc: asyncio.subprocess.Process, message: wire.Message) -> None:
         with contextlib.suppress(EngineError, OSError, RuntimeError):
             self._send(proc, message)
 
@@ -476,9 +485,7 @@ class LlamaEngine(Engine):
         if self.kind != "embedding":
             return await super().embed(inputs)
         proc = self._ready_proc()
-        request_id, events = self._submit(
-            proc, lambda rid: {"type": proto.EMBED, "id": rid, "inputs": inputs}
-        )
+        request_id, events = self._submit(proc, lambda rid: wire.Embed(rid, tuple(inputs)))
         try:
             result = await events.get()
         finally:
@@ -499,9 +506,10 @@ class LlamaEngine(Engine):
         """Send a request to the worker; its events arrive on the returned queue. The
         caller owns one unit of queue depth until it is done."""
         request_id = next(self._ids)
-        frame = proto.encode_frame(message_for(request_id))
-        if len(frame) > proto.MAX_FRAME:
-            raise InvalidRequest(f"the request is too large ({len(frame)} bytes)")
+        try:
+            frame = wire.encode(message_for(request_id))
+        except wire.FrameTooLarge as e:
+            raise InvalidRequest(f"the request is too large ({e.size} bytes)") from None
         events: asyncio.Queue = asyncio.Queue()
         self._write(proc, frame)
         self._pending[request_id] = events
@@ -534,7 +542,7 @@ class LlamaEngine(Engine):
             self._depth -= 1
             if self._pending.pop(request_id, None) is not None:
                 # Closed early (client gone): stop the worker's generation too.
-                self._send_quietly(proc, {"type": proto.CANCEL, "id": request_id})
+                self._send_quietly(proc, wire.Cancel(request_id))
 
 
 def _coalesce(event, events: asyncio.Queue):
@@ -551,16 +559,14 @@ def _coalesce(event, events: asyncio.Queue):
     return event, None
 
 
-def _generate_message(request_id: int, request: ChatRequest | CompletionRequest) -> dict:
-    message = {"type": proto.GENERATE, "id": request_id, "params": request.params.wire()}
+def _generate_message(request_id: int, request: ChatRequest | CompletionRequest) -> wire.Generate:
     if isinstance(request, ChatRequest):
-        message["kind"] = "chat"
-        message["messages"] = [dict(m) for m in request.messages]
-        if request.tools:
-            message["tools"] = [dict(t) for t in request.tools]
-        if request.continue_final_message:
-            message["continue_final_message"] = True
-    else:
-        message["kind"] = "completion"
-        message["prompt"] = request.prompt
-    return message
+        return wire.Generate(
+            request_id,
+            "chat",
+            request.params,
+            messages=request.messages,
+            tools=request.tools,
+            continue_final_message=request.continue_final_message,
+        )
+    return wire.Generate(request_id, "completion", request.params, prompt=request.prompt)

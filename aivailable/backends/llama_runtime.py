@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from aivailable.backends.base import SamplingParams
 from aivailable.backends.scheduler import Token
 
 # The ChatML template, for models whose GGUF carries none.
@@ -277,18 +279,23 @@ class LlamaRuntime:
 
     # --- sampling -----------------------------------------------------------------------
 
-    def sampler(self, params: dict, seed: int) -> int:
+    def sampler(self, params: SamplingParams | Mapping, seed: int) -> int:
         """A sampler chain for one sequence, as llama.cpp's server builds it: logit bias,
         penalties, grammar, then top-k, top-p, min-p, temperature and the draw (greedy
         at temperature 0). Returns the chain's pointer, or ARGMAX for plain greedy; free
-        it with free_sampler."""
-        bias = params.get("logit_bias") or []
-        repeat = float(params.get("repeat_penalty", 1.0))
-        freq = float(params.get("frequency_penalty", 0.0))
-        present = float(params.get("presence_penalty", 0.0))
+        it with free_sampler. A mapping is a few fields over SamplingParams' defaults (the
+        benchmark's raw decode asks with one)."""
+        if isinstance(params, Mapping):
+            params = SamplingParams(**params)
+        bias = params.logit_bias
+        repeat, freq, present = (
+            params.repeat_penalty,
+            params.frequency_penalty,
+            params.presence_penalty,
+        )
         penalties = repeat != 1.0 or freq or present
-        grammar = params.get("grammar")
-        temperature = float(params.get("temperature", 0.8))
+        grammar = params.grammar
+        temperature = params.temperature
         if temperature <= 0 and not (bias or penalties or grammar):
             return ARGMAX
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
@@ -309,13 +316,11 @@ class LlamaRuntime:
         if temperature <= 0:
             add(llama_cpp.llama_sampler_init_greedy())
             return chain
-        top_k = int(params.get("top_k") or 0)
-        if top_k > 0:
-            add(llama_cpp.llama_sampler_init_top_k(top_k))
-        add(llama_cpp.llama_sampler_init_top_p(float(params.get("top_p", 0.95)), 1))
-        min_p = float(params.get("min_p") or 0.0)
-        if min_p > 0:
-            add(llama_cpp.llama_sampler_init_min_p(min_p, 1))
+        if params.top_k > 0:
+            add(llama_cpp.llama_sampler_init_top_k(params.top_k))
+        add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0:
+            add(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
         add(llama_cpp.llama_sampler_init_temp(temperature))
         add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain

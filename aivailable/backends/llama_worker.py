@@ -4,7 +4,7 @@
 
 A crash here (llama.cpp aborts, out of GPU memory) ends only this process, and its exit
 frees the GPU memory. The parent (`llama_engine.LlamaEngine`) talks to it with
-length-prefixed msgpack frames (see `protocol` below).
+length-prefixed msgpack frames (`worker_protocol.py`).
 
 Continuous batching, as llama.cpp's server does it: one loop asks the scheduler core
 (`scheduler.py`) for each step's batch (the next token of every decoding sequence, then
@@ -21,66 +21,30 @@ import argparse
 import logging
 import os
 import queue
-import struct
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import BinaryIO
 
-import msgpack
-
-# --- protocol: shared with the parent ---------------------------------------------------
-PROTOCOL_VERSION = 2
-HEADER = struct.Struct(">I")  # frame length, big-endian
-# Bytes; a bigger length means a corrupt stream. The HTTP API refuses bodies far below
-# this (413), and the parent refuses to send a bigger frame, so any admitted request fits.
-MAX_FRAME = 64 << 20
-# Message types (append-only). Parent -> worker:
-GENERATE = 1  # id, kind "chat"|"completion", messages | prompt, params
-CANCEL = 2  # id
-SHUTDOWN = 3
-EMBED = 4  # id, inputs: [str]  (embedding instances)
-# Worker -> parent:
-READY = 10  # pid, n_ctx, n_gpu_layers, n_parallel
-DELTA = 11  # (protocol 1) id, text
-DONE = 12  # id, finish_reason, finish_reasons, prompt_tokens, completion_tokens, cached_tokens
-ERROR = 13  # id (absent for load errors), kind, message
-CANCELLED = 14  # id: the request was stopped (or dropped before it started)
-DELTAS = 15  # items: [[id, choice, text, logprobs | None], ...]: one step's output
-EMBEDDINGS = 16  # id, vectors: [[float]], prompt_tokens
-# ERROR kinds
-LOAD_FAILED = "load_failed"
-CONTEXT_OVERFLOW = "context_overflow"
-BAD_REQUEST = "bad_request"
-QUEUE_FULL = "queue_full"
-INTERNAL = "internal"
-
-
-def encode_frame(message: dict) -> bytes:
-    body = msgpack.packb({"v": PROTOCOL_VERSION, **message}, use_bin_type=True)
-    return HEADER.pack(len(body)) + body
-
-
-def decode_body(body: bytes) -> dict:
-    message = msgpack.unpackb(body, raw=False)
-    if not isinstance(message, dict) or message.get("v") != PROTOCOL_VERSION:
-        raise ValueError(f"bad frame: {message!r:.200}")
-    return message
-
-
-def read_frame(stream: BinaryIO) -> dict | None:
-    """Blocking read of one frame; None at a clean end of stream."""
-    header = stream.read(HEADER.size)
-    if len(header) < HEADER.size:
-        return None
-    (length,) = HEADER.unpack(header)
-    if length > MAX_FRAME:
-        raise ValueError(f"frame of {length} bytes")
-    body = stream.read(length)
-    if len(body) < length:
-        return None
-    return decode_body(body)
-
+from aivailable.backends.base import SamplingParams
+from aivailable.backends.worker_protocol import (
+    Cancel,
+    Cancelled,
+    Delta,
+    Deltas,
+    Done,
+    Embed,
+    Embeddings,
+    Error,
+    ErrorCode,
+    FrameTooLarge,
+    Generate,
+    Message,
+    Ready,
+    Shutdown,
+    encode,
+    read_frame,
+)
 
 # --- the worker -------------------------------------------------------------------------
 
@@ -95,13 +59,26 @@ class _Choice:
 
 @dataclass
 class _Live:
-    """A request in the worker: its prompt, parameters and per-choice output state."""
+    """A request in the worker: its prompt, parameters (n and max_tokens resolved) and
+    per-choice output state."""
 
     id: int
     prompt: list[int]
-    params: dict
+    params: SamplingParams
     choices: list[_Choice] = field(default_factory=list)
     cached: int = 0
+
+
+@dataclass(frozen=True)
+class _Tokenized:
+    """An Embed request whose inputs the reader thread has tokenized."""
+
+    id: int
+    inputs: tuple[list[int], ...]
+
+
+# What the reader thread hands the decode loop: typed, like the frames it came from.
+_InboxItem = _Live | _Tokenized | Cancel | Shutdown
 
 
 class Worker:
@@ -112,68 +89,72 @@ class Worker:
         self._out = out
         self._out_lock = threading.Lock()  # the reader thread answers bad requests too
         self.sched = Scheduler(n_parallel, n_ctx, n_batch, max_waiting=256)
-        self.inbox: queue.Queue = queue.Queue()  # _Live, ("cancel", id) or None
+        self.inbox: queue.Queue[_InboxItem] = queue.Queue()
         self.live: dict[int, _Live] = {}
+        self._apply = {  # the decode loop's table: inbox item type -> its handler
+            _Live: self._admit,
+            _Tokenized: self._embed,
+            Cancel: self._cancel,
+        }
 
-    def send(self, message: dict) -> None:
-        frame = encode_frame(message)
+    def send(self, message: Message) -> None:
+        frame = encode(message)
         with self._out_lock:
             self._out.write(frame)
             self._out.flush()
 
-    def error(self, request_id, kind: str, message: str) -> None:
-        self.send({"type": ERROR, "id": request_id, "kind": kind, "message": message})
+    def error(self, request_id: int | None, code: ErrorCode, message: str) -> None:
+        self.send(Error(request_id, code, message))
 
     # --- the reader thread: frames in, prompts rendered and tokenized -------------------
 
     def read_forever(self, stream: BinaryIO) -> None:
         try:
             while (message := read_frame(stream)) is not None:
-                kind = message.get("type")
-                if kind == GENERATE:
-                    self._prepare(message)
-                elif kind == EMBED:
-                    self._prepare_embed(message)
-                elif kind == CANCEL:
-                    self.inbox.put(("cancel", message.get("id")))
-                elif kind == SHUTDOWN:
-                    break
-        except (OSError, ValueError) as e:
+                match message:
+                    case Generate():
+                        self._prepare(message)
+                    case Embed():
+                        self._prepare_embed(message)
+                    case Cancel():
+                        self.inbox.put(message)
+                    case Shutdown():
+                        break
+                    case _:
+                        print(f"worker: the parent sent {message!r:.100}", file=sys.stderr)
+        except (OSError, ValueError) as e:  # ProtocolError is a ValueError
             print(f"worker: bad input from the parent: {e}", file=sys.stderr)
         finally:
-            self.inbox.put(None)
+            self.inbox.put(Shutdown())
 
-    def _prepare(self, message: dict) -> None:
-        from aivailable.backends.scheduler import SeqRequest
+    def _prepare(self, message: Generate) -> None:
+        from aivailable.backends.scheduler import PromptTooLong, SeqRequest
 
-        request_id = message.get("id")
+        params = message.params
         try:
-            params = dict(message.get("params") or {})
-            if message.get("kind") == "chat":
+            if message.kind == "chat":
                 text = self.rt.chat_prompt(
-                    list(message["messages"]),
-                    message.get("tools"),
-                    message.get("continue_final_message", False),
+                    [dict(m) for m in message.messages],
+                    [dict(t) for t in message.tools] or None,
+                    message.continue_final_message,
                 )
                 prompt = self.rt.tokenize(text, special=True)
             else:
-                prompt = self.rt.tokenize(str(message["prompt"]), special=False)
-            n = max(1, int(params.get("n") or 1))
-            max_tokens = params.get("max_tokens")
-            limit = self.sched.n_ctx if max_tokens is None else max(1, int(max_tokens))
-            why = self.sched.check(SeqRequest(request_id, tuple(prompt), limit, n))
-        except (ValueError, TypeError, KeyError) as e:
-            self.error(request_id, BAD_REQUEST, str(e))
+                prompt = self.rt.tokenize(message.prompt, special=False)
+            n = max(1, params.n)
+            limit = self.sched.n_ctx if params.max_tokens is None else max(1, params.max_tokens)
+            self.sched.check(SeqRequest(message.id, tuple(prompt), limit, n))
+        except PromptTooLong as e:
+            self.error(message.id, ErrorCode.CONTEXT_OVERFLOW, str(e))
             return
-        if why is not None:
-            kind = CONTEXT_OVERFLOW if "context" in why else BAD_REQUEST
-            self.error(request_id, kind, why)
+        except (ValueError, TypeError, KeyError) as e:  # Unschedulable among them
+            self.error(message.id, ErrorCode.BAD_REQUEST, str(e))
             return
-        live = _Live(request_id, prompt, {**params, "n": n, "max_tokens": limit})
+        live = _Live(message.id, prompt, replace(params, n=n, max_tokens=limit))
         try:  # here, not in the decode loop: a big schema's grammar takes a while to parse
             self._make_choices(live)
         except ValueError as e:  # a grammar llama.cpp refused: before it takes a slot
-            self.error(request_id, BAD_REQUEST, str(e))
+            self.error(message.id, ErrorCode.BAD_REQUEST, str(e))
             return
         self.inbox.put(live)
 
@@ -181,38 +162,25 @@ class Worker:
         """A sampler chain and a text stream per choice (seeds seed, seed+1, ...)."""
         from aivailable.backends.text_stream import TextStream
 
-        seed = live.params.get("seed")
+        seed = live.params.seed
         if seed is None:
             seed = int.from_bytes(os.urandom(4), "little")
-        stop = tuple(live.params.get("stop") or ())
         try:
-            for i in range(live.params["n"]):
+            for i in range(live.params.n):
                 sampler = self.rt.sampler(live.params, seed + i)
-                live.choices.append(_Choice(TextStream(stop), sampler))
+                live.choices.append(_Choice(TextStream(live.params.stop), sampler))
         except ValueError:
             for choice in live.choices:
                 self._free(choice)
             raise
 
-    def _prepare_embed(self, message: dict) -> None:
-        request_id = message.get("id")
+    def _prepare_embed(self, message: Embed) -> None:
         try:
-            inputs = [self.rt.tokenize(str(text), special=False) for text in message["inputs"]]
-        except (ValueError, TypeError, KeyError) as e:
-            self.error(request_id, BAD_REQUEST, str(e))
-            return
-        self.inbox.put(("embed", request_id, inputs))
-
-    def _embed(self, request_id, inputs: list[list[int]]) -> None:
-        try:
-            vectors = [self.rt.embed(tokens) for tokens in inputs]
+            inputs = tuple(self.rt.tokenize(text, special=False) for text in message.inputs)
         except ValueError as e:
-            self.error(request_id, BAD_REQUEST, str(e))
+            self.error(message.id, ErrorCode.BAD_REQUEST, str(e))
             return
-        total = sum(len(t) for t in inputs)
-        self.send(
-            {"type": EMBEDDINGS, "id": request_id, "vectors": vectors, "prompt_tokens": total}
-        )
+        self.inbox.put(_Tokenized(message.id, inputs))
 
     # --- the decode loop ----------------------------------------------------------------
 
@@ -233,42 +201,53 @@ class Worker:
                 message = f"{type(e).__name__}: {e}"
                 for request_id in list(self.live):
                     self._drop(request_id)
-                    self.error(request_id, INTERNAL, message)
+                    self.error(request_id, ErrorCode.INTERNAL, message)
                 self.rt.clear()  # what the cells hold is unknown now: start afresh
                 self.sched.forget_cache()
 
     def _take_inbox(self, block: bool) -> bool:
         """Apply what arrived; False on shutdown."""
-        from aivailable.backends.scheduler import SeqRequest
-
         while True:
             try:
                 item = self.inbox.get(block=block)
             except queue.Empty:
                 return True
             block = False
-            if item is None:  # the parent is gone or asked us to stop: end what runs
-                for request_id in list(self.live):
+            if type(item) is Shutdown:  # the parent is gone or asked us to stop
+                for request_id in list(self.live):  # end what runs
                     self._drop(request_id)
-                    self.send({"type": CANCELLED, "id": request_id})
+                    self.send(Cancelled(request_id))
                 return False
-            if isinstance(item, tuple) and item[0] == "embed":
-                self._embed(item[1], item[2])
-                continue
-            if isinstance(item, tuple):  # a cancel
-                if self._drop(item[1]):
-                    self.send({"type": CANCELLED, "id": item[1]})
-                continue
-            p = item.params
-            request = SeqRequest(item.id, tuple(item.prompt), p["max_tokens"], p["n"])
-            if not self.sched.submit(request):
-                for choice in item.choices:
-                    self._free(choice)
-                self.error(item.id, QUEUE_FULL, "the model's queue is full")
-                continue
-            self.live[item.id] = item
+            self._apply[type(item)](item)
 
-    def _drop(self, request_id) -> bool:
+    def _admit(self, live: _Live) -> None:
+        from aivailable.backends.scheduler import SeqRequest
+
+        p = live.params
+        if not self.sched.submit(SeqRequest(live.id, tuple(live.prompt), p.max_tokens, p.n)):
+            for choice in live.choices:
+                self._free(choice)
+            self.error(live.id, ErrorCode.QUEUE_FULL, "the model's queue is full")
+            return
+        self.live[live.id] = live
+
+    def _cancel(self, message: Cancel) -> None:
+        if self._drop(message.id):
+            self.send(Cancelled(message.id))
+
+    def _embed(self, request: _Tokenized) -> None:
+        try:
+            vectors = tuple(tuple(self.rt.embed(tokens)) for tokens in request.inputs)
+        except ValueError as e:
+            self.error(request.id, ErrorCode.BAD_REQUEST, str(e))
+            return
+        total = sum(len(t) for t in request.inputs)
+        try:
+            self.send(Embeddings(request.id, vectors, total))
+        except FrameTooLarge as e:  # so many inputs that the answer cannot travel
+            self.error(request.id, ErrorCode.BAD_REQUEST, f"the embeddings are too large: {e}")
+
+    def _drop(self, request_id: int) -> bool:
         live = self.live.pop(request_id, None)
         self.sched.cancel(request_id)
         if live is None:
@@ -318,34 +297,31 @@ class Worker:
                 choice.finish = reason
                 self._free(choice)
             if text or logprobs:
-                items.append([live.id, index, text, logprobs])
+                items.append(Delta(live.id, index, text, logprobs))
             if all(c.finish for c in live.choices):
                 finished.append(live)
         if items:
-            self.send({"type": DELTAS, "items": items})
+            self.send(Deltas(tuple(items)))
         for live in finished:
             del self.live[live.id]
-            reasons = [c.finish for c in live.choices]
             self.send(
-                {
-                    "type": DONE,
-                    "id": live.id,
-                    "finish_reason": reasons[0],
-                    "finish_reasons": reasons,
-                    "prompt_tokens": len(live.prompt),
-                    "completion_tokens": sum(c.tokens for c in live.choices),
-                    "cached_tokens": live.cached,
-                }
+                Done(
+                    live.id,
+                    finish_reasons=tuple(c.finish for c in live.choices),
+                    prompt_tokens=len(live.prompt),
+                    completion_tokens=sum(c.tokens for c in live.choices),
+                    cached_tokens=live.cached,
+                )
             )
 
     def _logprobs(self, live: _Live, row: int, token: int) -> dict | None:
         """OpenAI's shape for one token: its log-probability and the top alternatives."""
-        if not live.params.get("logprobs"):
+        if not live.params.logprobs:
             return None
         import numpy as np
 
         lp = self.rt.log_probs(row)
-        top_n = int(live.params.get("top_logprobs") or 0)
+        top_n = live.params.top_logprobs
         top = np.argpartition(lp, -top_n)[-top_n:] if top_n else []
         top = sorted(top, key=lambda t: -lp[t])
 
@@ -404,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         runtime = LlamaRuntime(config)
     except Exception as e:  # bad file, out of memory, no GPU backend: say so and exit
-        out.write(encode_frame({"type": ERROR, "kind": LOAD_FAILED, "message": str(e)}))
+        out.write(encode(Error(None, ErrorCode.LOAD_FAILED, str(e))))
         out.flush()
         return 2
     worker = Worker(runtime, out, args.n_ctx, args.n_parallel, args.n_batch)
@@ -413,14 +389,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     reader.start()
     worker.send(
-        {
-            "type": READY,
-            "pid": os.getpid(),
-            "n_ctx": args.n_ctx,
-            "n_parallel": args.n_parallel,
-            "n_gpu_layers": args.n_gpu_layers,
-            "n_threads": threads,
-        }
+        Ready(
+            pid=os.getpid(),
+            n_ctx=args.n_ctx,
+            n_parallel=args.n_parallel,
+            n_gpu_layers=args.n_gpu_layers,
+            n_threads=threads,
+        )
     )
     worker.serve()
     return 0

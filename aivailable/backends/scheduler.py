@@ -21,6 +21,14 @@ from collections import deque
 from dataclasses import dataclass, field
 
 
+class Unschedulable(ValueError):
+    """This request can never run on this scheduler, whatever else runs."""
+
+
+class PromptTooLong(Unschedulable):
+    """The prompt does not fit one sequence's context (a context overflow)."""
+
+
 @dataclass(frozen=True)
 class SeqRequest:
     """What the scheduler needs of a request: its id, prompt tokens and limits."""
@@ -103,24 +111,23 @@ class Scheduler:
 
     # --- requests in and out ------------------------------------------------------------
 
-    def check(self, request: SeqRequest) -> str | None:
-        """Why this request can never run here, or None: refused before it takes a slot."""
+    def check(self, request: SeqRequest) -> None:
+        """Raise Unschedulable if this request can never run here: refused before it
+        takes a slot."""
         if not request.prompt:
-            return "the prompt is empty"
+            raise Unschedulable("the prompt is empty")
         if len(request.prompt) >= self.n_ctx:
-            return (
+            raise PromptTooLong(
                 f"the prompt has {len(request.prompt)} tokens; this model's context holds "
                 f"{self.n_ctx} (prompt and answer together)"
             )
         if request.n > len(self.slots):
-            return f"n={request.n} is more than this model's {len(self.slots)} slots"
-        return None
+            raise Unschedulable(f"n={request.n} is more than this model's {len(self.slots)} slots")
 
     def submit(self, request: SeqRequest) -> bool:
-        """Queue a request; False if the waiting queue is full."""
-        why = self.check(request)
-        if why is not None:
-            raise ValueError(why)
+        """Queue a request; False if the waiting queue is full (Unschedulable if it can
+        never run)."""
+        self.check(request)
         if len(self.waiting) >= self.max_waiting:
             return False
         self.waiting.append(request)

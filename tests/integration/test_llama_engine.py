@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from aivailable.backends import llama_worker as proto
+from aivailable.backends import worker_protocol as wire
 from aivailable.backends.base import (
     ChatRequest,
     CompletionRequest,
@@ -207,21 +207,21 @@ def test_worker_exits_when_its_parent_goes_away(smollm2):
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        cwd=Path(proto.__file__).parents[2],  # python -m imports this checkout's package
+        cwd=Path(wire.__file__).parents[2],  # python -m imports this checkout's package
     )
     try:
-        assert proto.read_frame(worker.stdout)["type"] == proto.READY
-        generate = {"type": proto.GENERATE, "id": 1, "kind": "completion"}
-        generate |= {"prompt": "Once upon a time", "params": {"max_tokens": 400}}
-        worker.stdin.write(proto.encode_frame(generate))
+        assert isinstance(wire.read_frame(worker.stdout), wire.Ready)
+        params = SamplingParams(max_tokens=400)
+        generate = wire.Generate(1, "completion", params, prompt="Once upon a time")
+        worker.stdin.write(wire.encode(generate))
         worker.stdin.flush()
-        assert proto.read_frame(worker.stdout)["type"] == proto.DELTAS
+        assert isinstance(wire.read_frame(worker.stdout), wire.Deltas)
         worker.stdin.close()
         assert worker.wait(timeout=60) == 0
         frames = []
-        while (frame := proto.read_frame(worker.stdout)) is not None:
-            frames.append(frame["type"])
-        assert frames[-1] == proto.CANCELLED  # stopped, not run to the end
+        while (frame := wire.read_frame(worker.stdout)) is not None:
+            frames.append(frame)
+        assert frames[-1] == wire.Cancelled(1)  # stopped, not run to the end
         assert len(frames) < 400
     finally:
         worker.kill()
@@ -233,34 +233,33 @@ def test_worker_exits_when_its_parent_goes_away(smollm2):
 STAND_IN_WORKER = textwrap.dedent(
     """
     import sys, time
-    from aivailable.backends import llama_worker as p
+    from aivailable.backends import worker_protocol as p
 
     out = sys.stdout.buffer
     def send(message):
-        out.write(p.encode_frame(message))
+        out.write(p.encode(message))
         out.flush()
 
     mode = sys.argv[1]
     if mode == "hang":  # never becomes ready
         time.sleep(60)
-    send({"type": p.READY, "pid": 0, "n_ctx": 64, "n_gpu_layers": 0})
+    send(p.Ready(pid=0, n_ctx=64, n_parallel=1, n_gpu_layers=0, n_threads=1))
     if mode == "garbage":  # a frame that is not msgpack
         out.write(p.HEADER.pack(5) + b"hello")
         out.flush()
         time.sleep(60)
     while (m := p.read_frame(sys.stdin.buffer)) is not None:
-        if m["type"] == p.SHUTDOWN:
+        if isinstance(m, p.Shutdown):
             break
-        if m["type"] != p.GENERATE:
+        if not isinstance(m, p.Generate):
             continue
-        prompt = m.get("prompt", "")
-        if prompt in ("context_overflow", "internal"):
-            send({"type": p.ERROR, "id": m["id"], "kind": prompt, "message": prompt + "!"})
+        if m.prompt in ("context_overflow", "internal"):
+            send(p.Error(m.id, p.ErrorCode(m.prompt), m.prompt + "!"))
             continue
-        for word in prompt.split():
-            send({"type": p.DELTAS, "items": [[m["id"], 0, word, None]]})
-        send({"type": p.DONE, "id": m["id"], "finish_reason": "stop",
-              "prompt_tokens": len(prompt.split()), "completion_tokens": len(prompt.split())})
+        words = m.prompt.split()
+        for word in words:
+            send(p.Deltas((p.Delta(m.id, 0, word),)))
+        send(p.Done(m.id, ("stop",), prompt_tokens=len(words), completion_tokens=len(words)))
     """
 )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import llama_cpp
 import pytest
 
+from aivailable.backends.base import SamplingParams
 from aivailable.backends.llama_runtime import ARGMAX, LlamaRuntime, RuntimeConfig
 from aivailable.backends.scheduler import Token
 
@@ -36,10 +37,11 @@ def generate(rt: LlamaRuntime, chain: int, seq: int, n: int) -> list[int]:
 
 
 def test_plain_greedy_needs_no_chain_and_picks_llama_cpps_greedy_tokens(runtime):
-    assert runtime.sampler({"temperature": 0}, 7) == ARGMAX
+    assert runtime.sampler(SamplingParams(temperature=0.0), 7) == ARGMAX
+    assert runtime.sampler({"temperature": 0}, 7) == ARGMAX  # overrides of the defaults
     # Anything beyond the argmax keeps llama.cpp's chain.
-    for extra in ({"repeat_penalty": 1.3}, {"logit_bias": [[42, 5.0]]}, {"temperature": 0.7}):
-        chain = runtime.sampler({"temperature": 0, **extra}, 7)
+    for extra in ({"repeat_penalty": 1.3}, {"logit_bias": ((42, 5.0),)}, {"temperature": 0.7}):
+        chain = runtime.sampler(SamplingParams(**{"temperature": 0.0, **extra}), 7)
         assert chain != ARGMAX
         runtime.free_sampler(chain)
     runtime.free_sampler(ARGMAX)  # nothing to free, and no crash

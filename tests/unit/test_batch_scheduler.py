@@ -14,7 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aivailable.backends.scheduler import Admission, Scheduler, SeqRequest, common_prefix
+from aivailable.backends.scheduler import (
+    Admission,
+    PromptTooLong,
+    Scheduler,
+    SeqRequest,
+    Unschedulable,
+    common_prefix,
+)
 
 EOS = 0
 
@@ -158,10 +165,14 @@ def test_cancel_frees_the_slot_and_drops_waiting_requests():
 
 def test_prompts_that_cannot_fit_are_refused_before_taking_a_slot():
     sched = Scheduler(n_parallel=2, n_ctx=16, batch_tokens=4, max_waiting=1)
-    assert "context" in sched.check(SeqRequest(1, tuple(range(1, 17)), max_tokens=1))
-    assert "empty" in sched.check(SeqRequest(1, (), max_tokens=1))
-    assert "slots" in sched.check(SeqRequest(1, (1,), max_tokens=1, n=3))
-    with pytest.raises(ValueError):
+    with pytest.raises(PromptTooLong, match="context holds 16"):
+        sched.check(SeqRequest(1, tuple(range(1, 17)), max_tokens=1))
+    with pytest.raises(Unschedulable, match="empty") as empty:
+        sched.check(SeqRequest(1, (), max_tokens=1))
+    assert not isinstance(empty.value, PromptTooLong)  # a bad request, not an overflow
+    with pytest.raises(Unschedulable, match="slots"):
+        sched.check(SeqRequest(1, (1,), max_tokens=1, n=3))
+    with pytest.raises(PromptTooLong):
         sched.submit(SeqRequest(1, tuple(range(1, 17)), max_tokens=1))
     assert sched.free_slots == 2
     assert sched.submit(SeqRequest(2, (1,), max_tokens=1))
