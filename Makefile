@@ -2,16 +2,19 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# llama-cpp-python, built with llama.cpp's RPC backend by tools/llama_wheel.sh (split models).
+LLAMA_CPP_VERSION ?= 0.3.36
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml tools/llama_wheel.sh | cksum | cut -d' ' -f1)-$(LLAMA_CPP_VERSION)
 PYTEST_ARGS ?=
 
 .PHONY: setup run test test-fast lint bench bench-anchor clean
 
 setup: $(STAMP) model
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tools/llama_wheel.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	PY=$(PY) LLAMA_CPP_VERSION=$(LLAMA_CPP_VERSION) bash tools/llama_wheel.sh
 	$(PY) -m pip install --progress-bar on -e '.[dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
