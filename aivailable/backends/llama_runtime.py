@@ -56,6 +56,11 @@ class RuntimeConfig:
     main_gpu: int | None = None
     tensor_split: tuple[float, ...] | None = None
     embedding: bool = False  # an embedding instance: pooled vectors, no sampling
+    # llama.cpp RPC servers (host:port, loopback: the peer's tunnels to helper peers) whose
+    # devices hold part of the model; llama.cpp lists them before the local GPUs, so
+    # tensor_split's shares run [rpc..., local GPUs...] and layers fill them in that order
+    # after the n_layer + 1 - n_gpu_layers first layers, which stay on the CPU.
+    rpc_servers: tuple[str, ...] = ()
 
 
 def continued(prompt: str, messages: list[dict]) -> str:
@@ -86,6 +91,22 @@ def physical_cores() -> int:
 _backend_ready = False
 
 
+def add_rpc_devices(endpoints: tuple[str, ...]) -> None:
+    """Registers each RPC server's devices with ggml, so the next model load uses them
+    (what llama-server's --rpc does). Connects to each server."""
+    from aivailable.backends.rpc_server import ggml_lib
+
+    rpc, ggml = ggml_lib("libggml-rpc"), ggml_lib("libggml")
+    rpc.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
+    rpc.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
+    ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]
+    for endpoint in endpoints:
+        reg = rpc.ggml_backend_rpc_add_server(endpoint.encode())
+        if not reg:
+            raise LlamaCallError(f"no llama.cpp RPC server answers at {endpoint}")
+        ggml.ggml_backend_register(reg)
+
+
 class LlamaRuntime:
     """One model, one context of n_parallel sequences, and the ctypes around them."""
 
@@ -95,6 +116,10 @@ class LlamaRuntime:
             llama_cpp.llama_backend_init()
             _backend_ready = True
         self.config = config
+        if config.rpc_servers:
+            if not llama_cpp.llama_supports_rpc():
+                raise LlamaCallError("this llama.cpp was built without RPC (GGML_RPC=on)")
+            add_rpc_devices(config.rpc_servers)
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = config.n_gpu_layers
         if config.main_gpu is not None:

@@ -341,6 +341,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n-gpu-layers", type=int, default=0, help="-1: all layers on the GPU")
     p.add_argument("--main-gpu", type=int, default=None)
     p.add_argument("--tensor-split", default=None, help="comma-separated GPU shares")
+    p.add_argument("--rpc", default=None, help="comma-separated llama.cpp RPC servers (host:port)")
     p.add_argument("--n-threads", type=int, default=None, help="default: physical cores")
     p.add_argument("--n-threads-batch", type=int, default=None, help="default: n-threads")
     p.add_argument("--n-batch", type=int, default=512, help="tokens per decode at most")
@@ -377,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             tensor_split=tuple(float(x) for x in args.tensor_split.split(","))
             if args.tensor_split
             else None,
+            rpc_servers=tuple(args.rpc.split(",")) if args.rpc else (),
         )
         runtime = LlamaRuntime(config)
     except Exception as e:  # bad file, out of memory, no GPU backend: say so and exit
