@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from aivailable import cli, hub, store
-from aivailable.hub import HubSettings
-from aivailable.store import ModelSourceError
+from aivailable import cli
+from aivailable.models import hub, store
+from aivailable.models.hub import HubSettings
+from aivailable.models.store import ModelSourceError
 from tests.unit.hf_imitation import ImitationHub, Repo
-from tests.unit.test_store import write_tiny_gguf
+from tests.unit.test_models_store import write_tiny_gguf
 
 TOKEN = "hf_right_token"
 

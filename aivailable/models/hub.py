@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urljoin, urlsplit
 
-from aivailable.sources import ModelSourceError
+from aivailable.models.sources import ModelSourceError
 from placement.gguf_header import GgufFormatError, read_header
 
 log = logging.getLogger(__name__)
