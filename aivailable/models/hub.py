@@ -1,16 +1,36 @@
-"""Remote model files over HTTP: Hugging Face's metadata and resumable downloads.
+"""Remote model files: Hugging Face through huggingface_hub, and plain web servers.
 
-Blocking (the store runs in a worker thread, the CLI has no event loop), on urllib. Hugging
-Face is spoken the way its own client (huggingface_hub) speaks it:
+Blocking (the store runs in a worker thread, the CLI has no event loop). What huggingface_hub
+does, it does here:
 
-- `HEAD {endpoint}/{repo}/resolve/{rev}/{file}`, not following the redirect: an LFS file's
-  SHA-256 is its `X-Linked-Etag`, its size `X-Linked-Size`.
-- `GET {endpoint}/api/models/{repo}/tree/{rev}?recursive=true` lists the files, each LFS one
-  with `lfs.oid` (its SHA-256) and `lfs.size`; pages follow the `Link: rel="next"` header.
-- `GET` the resolve URL redirects to a CDN that honours `Range`. The token goes to the
-  endpoint's own host only, never to the CDN or any other host.
+- `HfApi.model_info(files_metadata=True)` lists a repo's files with `lfs.sha256` and
+  `lfs.size` (GET /api/models/{repo}/revision/{rev}?blobs=true) so that `hf://ORG/REPO:QUANT`
+  can pick its file (sources.pick_gguf). Not `list_repo_tree`: its pages go through
+  huggingface_hub's backoff, which retries a refused connection for about 23 s (1+2+4+8+8,
+  no knob), and a deploy request would wait that long before it goes on without a checksum;
+  model_info is one request under our timeout;
+- `get_hf_file_metadata` HEADs a named file (its SHA-256 is the `X-Linked-Etag` of an LFS
+  file, its size `X-Linked-Size`; the CDN redirect is not followed with the token);
+- `huggingface_hub.file_download.http_get` moves the bytes, for `https://` sources too: Range
+  requests, retries after a cut connection, a restart when a server ignores the Range, and
+  progress through its `tqdm_class` hook (which also feeds our rich bar and the registry);
+- its errors (gated, missing repo, file or revision) become ModelSourceError here.
 
-`HF_ENDPOINT` moves all of it (tests point it at an imitation server on loopback).
+`HF_ENDPOINT`, `HF_TOKEN` (or the token `hf auth login` saved) and `HF_HUB_OFFLINE` are
+read by HubSettings.from_env on every call and handed to huggingface_hub explicitly (its own
+constants are read once at import, too early for a peer's `offline` setting or a test's
+imitation server).
+
+Why `download()` wraps http_get instead of calling hf_hub_download (measured with
+huggingface_hub 2.5 against tests/unit/hf_imitation.py, pinned by
+tests/unit/test_models_hub.py::test_what_hf_hub_download_alone_would_do):
+- hf_hub_download deletes its partial file when a download fails (its process-unique temp
+  file), so a cut that outlasts its retries, a peer restart or our cancel at shutdown starts
+  a multi-GB model over; we keep `FILE.<sha256[:16]>.part` and resume it with `resume_size`;
+- it checks the size only: a file whose bytes differ from the published SHA-256 is kept and
+  served; we hash while writing and refuse (and delete) a mismatch;
+- it has no way to stop a download but raising from its progress bar, which loses the part.
+Its fcntl lock file stays ours too, so two peers on one machine download a file once.
 """
 
 from __future__ import annotations
@@ -18,19 +38,27 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import http.client
-import json
 import logging
 import os
 import re
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import urlsplit
+
+import httpx2  # huggingface_hub's HTTP client: its transport errors
+from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.file_download import http_get
+from huggingface_hub.utils import build_hf_headers
 
 from aivailable.models.sources import ModelSourceError
 from placement.gguf_header import GgufFormatError, read_header
@@ -38,13 +66,12 @@ from placement.gguf_header import GgufFormatError, read_header
 log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-CHUNK = 1 << 20  # bytes per read: bounds the buffer whatever the file's size
-MAX_LISTING_BYTES = 16 << 20  # one page of a repo listing; real pages are far smaller
-MAX_LISTING_PAGES = 50  # 1000 files a page: more than any model repo holds
-MAX_REDIRECTS = 5
+CHUNK = 1 << 20  # bytes per read when hashing a part file already on disk
 LOG_EVERY_S = 10.0  # a progress line in the peer's log this often during a download
+USER_AGENT = "aivailable"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _FORCED_OFFLINE = False
+_TRANSPORT_ERRORS = (httpx2.TransportError, OfflineModeIsEnabled)
 
 # (bytes done, bytes in all or None) after every chunk; raising from it stops the download
 # and leaves the part file for the next try to resume.
@@ -70,9 +97,7 @@ class HubSettings:
     endpoint: str = DEFAULT_ENDPOINT  # HF_ENDPOINT: a mirror, or a test's imitation server
     token: str | None = None  # HF_TOKEN: for gated and private repos
     offline: bool = False  # HF_HUB_OFFLINE / AIVAILABLE_OFFLINE: only the cache, no network
-    timeout_s: float = 30.0  # per connect or read: a stalled transfer is retried, resuming
-    retries: int = 5  # tries in a row without a byte of progress before giving up
-    retry_delay_s: float = 1.0  # first wait between tries; doubles, at most 30 s
+    timeout_s: float = 10.0  # a metadata request (HEAD, listing page); http_get has its own
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> HubSettings:
@@ -86,9 +111,14 @@ class HubSettings:
             or _truthy(env.get("AIVAILABLE_OFFLINE")),
         )
 
+    def api(self) -> HfApi:
+        # token=False, not None: None would make huggingface_hub look for one of its own.
+        return HfApi(endpoint=self.endpoint, token=self.token or False, library_name=USER_AGENT)
+
 
 def _token_file(env: Mapping[str, str]) -> str | None:
-    """The token `huggingface-cli login` saved, so a logged-in user needs no HF_TOKEN."""
+    """The token `hf auth login` saved, so a logged-in user needs no HF_TOKEN (read here,
+    not by huggingface_hub, so that a passed `environ` is the whole truth)."""
     home = env.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
     path = env.get("HF_TOKEN_PATH") or os.path.join(home, "token")
     try:
@@ -106,18 +136,7 @@ class Remote:
     label: str  # for messages and progress: "ORG/REPO/FILE" or the URL, never a local path
     sha256: str | None  # lower-case hex; None when the server gives none (a plain URL)
     size: int | None
-
-
-# ---------------------------------------------------------------- HTTP without surprises
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None  # a 3xx surfaces as an HTTPError; _open decides where the token goes
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect)
-_NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError)
+    repo: str | None = None  # ORG/REPO of a Hugging Face file: its token errors name it
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -125,64 +144,47 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return parts.scheme, (parts.hostname or "").lower(), parts.port
 
 
-def _open(
-    settings: HubSettings,
-    url: str,
-    method: str = "GET",
-    headers: Mapping[str, str] | None = None,
-    follow: Callable[[urllib.error.HTTPError], bool] = lambda exc: True,
-) -> http.client.HTTPResponse:
-    """urlopen following at most MAX_REDIRECTS redirects (while `follow` says so) itself, so
-    the token only ever goes to the endpoint's own scheme, host and port."""
-    for _ in range(MAX_REDIRECTS + 1):
-        sent = {"User-Agent": "aivailable", **(headers or {})}
-        if settings.token and _origin(url) == _origin(settings.endpoint):
-            sent["Authorization"] = f"Bearer {settings.token}"
-        request = urllib.request.Request(url, method=method, headers=sent)
-        try:
-            return _OPENER.open(request, timeout=settings.timeout_s)
-        except urllib.error.HTTPError as exc:
-            location = exc.headers.get("Location")
-            if exc.code not in (301, 302, 303, 307, 308) or not location or not follow(exc):
-                raise
-            exc.close()
-            url = urljoin(url, location)
-    raise Unreachable(f"more than {MAX_REDIRECTS} redirects")
+def _headers(settings: HubSettings, url: str) -> dict[str, str]:
+    """The token goes to the endpoint's own scheme, host and port only, never to a CDN."""
+    token = settings.token if _origin(url) == _origin(settings.endpoint) else None
+    return build_hf_headers(token=token or False, library_name=USER_AGENT)
 
 
-def _refusal(exc: urllib.error.HTTPError, what: str, repo: str | None, settings) -> Exception:
-    """A clear error for an HTTP refusal; the token itself never appears in it."""
-    if exc.code in (401, 403) and repo is not None:
+def _refusal(exc: Exception, what: str, repo: str | None, settings: HubSettings) -> Exception:
+    """A clear error for what huggingface_hub raised; the token itself never appears in it."""
+    if isinstance(exc, _TRANSPORT_ERRORS):
+        return Unreachable(f"cannot reach {settings.endpoint}: {exc!r}")
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if repo is not None and (status in (401, 403) or isinstance(exc, RepositoryNotFoundError)):
         if settings.token:
             return ModelSourceError(
-                f"{what}: Hugging Face refused the HF_TOKEN given (HTTP {exc.code}); "
+                f"{what}: Hugging Face refused the HF_TOKEN given (HTTP {status}); "
                 f"the token lacks access to {repo}: accept its terms on its model page "
                 "or use a token of an account that has"
             )
         return ModelSourceError(
-            f"{what}: {repo} is gated or private, or does not exist (HTTP {exc.code}); "
+            f"{what}: {repo} is gated or private, or does not exist (HTTP {status}); "
             "set HF_TOKEN to a Hugging Face access token with access to it"
         )
-    if exc.code in (401, 403):
-        return ModelSourceError(f"{what}: access refused (HTTP {exc.code})")
-    if exc.code == 404:
-        return ModelSourceError(f"{what}: not found (HTTP 404)")
-    if exc.code in (408, 429) or exc.code >= 500:
-        return Unreachable(f"{what}: the server answered HTTP {exc.code}")
-    return ModelSourceError(f"{what}: HTTP {exc.code} {exc.reason}")
+    if status in (401, 403):
+        return ModelSourceError(f"{what}: access refused (HTTP {status})")
+    if status == 404 or isinstance(exc, RemoteEntryNotFoundError | RevisionNotFoundError):
+        return ModelSourceError(f"{what}: not found (HTTP {status})")
+    if status is not None and (status in (408, 429) or status >= 500):
+        return Unreachable(f"{what}: the server answered HTTP {status}")
+    return ModelSourceError(f"{what}: HTTP {status}")
 
 
 # ---------------------------------------------------------------- Hugging Face metadata
 
 
 def resolve_url(settings: HubSettings, repo: str, revision: str, file: str) -> str:
-    return f"{settings.endpoint}/{repo}/resolve/{quote(revision, safe='')}/{quote(file)}"
+    return hf_hub_url(repo, file, revision=revision, endpoint=settings.endpoint)
 
 
 def _etag_sha256(value: str | None) -> str | None:
-    if not value:
-        return None
-    value = value.strip().removeprefix("W/").strip('"').lower()
+    value = (value or "").strip().removeprefix("W/").strip('"').lower()
     return value if _SHA256.match(value) else None  # a git blob's sha1 is not a checksum
 
 
@@ -191,73 +193,44 @@ def hf_file(settings: HubSettings, repo: str, revision: str, file: str) -> Remot
     repo listing); refuses a file Hugging Face gives no SHA-256 for."""
     url = resolve_url(settings, repo, revision, file)
     label = f"{repo}/{file}"
-
-    def relative_only(exc: urllib.error.HTTPError) -> bool:
-        # The CDN redirect of an LFS file carries the metadata; a relative one is a renamed repo.
-        return not exc.headers.get("X-Linked-Etag") and "://" not in exc.headers["Location"]
-
     try:
-        resp = _open(settings, url, "HEAD", follow=relative_only)
-        headers = resp.headers
-        resp.close()
-    except urllib.error.HTTPError as exc:
-        if exc.code not in (301, 302, 303, 307, 308):
-            raise _refusal(exc, f"cannot get {label}", repo, settings) from None
-        headers = exc.headers
-    except _NETWORK_ERRORS as exc:
-        raise Unreachable(f"cannot reach {settings.endpoint}: {exc}") from None
-    sha256 = _etag_sha256(headers.get("X-Linked-Etag"))
-    size = headers.get("X-Linked-Size") or headers.get("Content-Length")
+        meta = get_hf_file_metadata(
+            url,
+            token=settings.token or False,
+            timeout=settings.timeout_s,
+            endpoint=settings.endpoint,
+            library_name=USER_AGENT,
+        )
+    except (HfHubHTTPError, *_TRANSPORT_ERRORS) as exc:
+        raise _refusal(exc, f"cannot get {label}", repo, settings) from None
+    sha256, size = _etag_sha256(meta.etag), meta.size
     if sha256 is None:
         entry = next((e for e in hf_list(settings, repo, revision) if e["path"] == file), None)
         if entry is None or entry["sha256"] is None:
             raise ModelSourceError(f"Hugging Face gives no SHA-256 for {label}: cannot verify it")
         sha256, size = entry["sha256"], entry["size"]
-    return Remote(url, label, sha256, int(size) if size is not None else None)
+    # The CDN location the HEAD was sent to saves the GET a redirect.
+    return Remote(meta.location or url, label, sha256, size, repo)
 
 
 def hf_list(settings: HubSettings, repo: str, revision: str) -> list[dict]:
     """The repo's files: {"path", "size", "sha256" (None unless LFS)}."""
-    url = f"{settings.endpoint}/api/models/{repo}/tree/{quote(revision, safe='')}?recursive=true"
-    files: list[dict] = []
-    for _ in range(MAX_LISTING_PAGES):
-        try:
-            with _open(settings, url, headers={"Accept": "application/json"}) as resp:
-                raw = resp.read(MAX_LISTING_BYTES + 1)
-                link = resp.headers.get("Link", "")
-        except urllib.error.HTTPError as exc:
-            raise _refusal(exc, f"cannot list {repo}", repo, settings) from None
-        except _NETWORK_ERRORS as exc:
-            raise Unreachable(f"cannot reach {settings.endpoint}: {exc}") from None
-        if len(raw) > MAX_LISTING_BYTES:
-            raise ModelSourceError(
-                f"the listing of {repo} is larger than {MAX_LISTING_BYTES} bytes"
-            )
-        try:
-            page = json.loads(raw)
-        except (ValueError, RecursionError):
-            raise ModelSourceError(f"the listing of {repo} is not JSON") from None
-        if not isinstance(page, list):
-            raise ModelSourceError(f"the listing of {repo} is not a list of files")
-        for entry in page:
-            if not isinstance(entry, dict) or entry.get("type") != "file":
-                continue
-            lfs = entry.get("lfs") if isinstance(entry.get("lfs"), dict) else {}
-            sha = lfs.get("oid") or lfs.get("sha256")
-            files.append(
-                {
-                    "path": str(entry.get("path", "")),
-                    "size": lfs.get("size", entry.get("size")),
-                    "sha256": sha.lower()
-                    if isinstance(sha, str) and _SHA256.match(sha.lower())
-                    else None,
-                }
-            )
-        match = re.search(r'<([^>]+)>;\s*rel="next"', link)
-        if match is None:
-            return files
-        url = urljoin(url, match.group(1))
-    raise ModelSourceError(f"the listing of {repo} has more than {MAX_LISTING_PAGES} pages")
+    try:
+        info = settings.api().model_info(
+            repo, revision=revision, files_metadata=True, timeout=settings.timeout_s
+        )
+    except (HfHubHTTPError, *_TRANSPORT_ERRORS) as exc:
+        raise _refusal(exc, f"cannot list {repo}", repo, settings) from None
+    except (KeyError, TypeError, ValueError) as exc:  # a listing not shaped like Hugging Face's
+        raise ModelSourceError(f"the listing of {repo} is malformed: {exc!r}") from None
+    files = []
+    for entry in info.siblings or ():
+        sha = (entry.lfs.sha256 or "").lower() if entry.lfs is not None else ""
+        size = entry.lfs.size if entry.lfs is not None else entry.size
+        files.append(
+            {"path": entry.rfilename, "size": size, "sha256": sha if _SHA256.match(sha) else None}
+        )
+    return files
 
 
 # ---------------------------------------------------------------- downloads
@@ -352,9 +325,8 @@ def download(
                 if time.monotonic() - last_log[0] >= LOG_EVERY_S:
                     last_log[0] = time.monotonic()
                     log.info("downloading %s: %d/%s MiB", remote.label, done >> 20, _mib(total))
-                tracked.check()  # a cancel that came meanwhile stops before the next chunk
 
-            digest, size = _fetch(settings, remote, part, report)
+            digest, size = _fetch(settings, remote, part, report, tracked.check)
         _check_and_place(remote, part, target, digest, size)
     log.info("downloaded %s (%d MiB, sha256 %s)", remote.label, size >> 20, digest[:12])
     return digest
@@ -395,86 +367,125 @@ def _check_and_place(remote: Remote, part: Path, target: Path, digest: str, size
     os.replace(part, target)
 
 
-def _fetch(settings: HubSettings, remote: Remote, part: Path, report: Progress) -> tuple[str, int]:
-    sha = hashlib.sha256()
-    done = _rehash(part, sha)
-    total = remote.size
-    stalled, last_error = 0, ""
-    best = done  # the most bytes ever held: a server that restarts us each time is no progress
-    while total is None or done < total:
-        if stalled > settings.retries:
-            raise Unreachable(
-                f"download of {remote.label} failed {stalled} times in a row ({last_error}); "
-                f"{done} bytes are kept and the next try resumes from there"
+def _fetch(
+    settings: HubSettings,
+    remote: Remote,
+    part: Path,
+    report: Progress,
+    after_write: Callable[[], None],
+) -> tuple[str, int]:
+    """Append the rest of `remote` to `part` with huggingface_hub's http_get (Range from the
+    bytes held, its retries after a cut); return the SHA-256 and size of what `part` holds.
+    `after_write` runs after every chunk lands (a cancel raises there, so the part keeps every
+    byte counted: http_get reports a chunk before it writes it)."""
+    with _Part(part, after_write) as out:
+        if remote.size is not None and out.size > remote.size:
+            out.seek(0)
+            out.truncate()  # longer than the file: not a prefix of it
+        held = out.size
+        try:
+            http_get(
+                remote.url,
+                out,
+                resume_size=held,
+                headers=_headers(settings, remote.url),
+                expected_size=remote.size,
+                displayed_filename=remote.label,
+                tqdm_class=_progress_class(report),
             )
-        if stalled:
-            time.sleep(min(30.0, settings.retry_delay_s * 2 ** (stalled - 1)))
+        except HfHubHTTPError as exc:
+            status = getattr(exc.response, "status_code", None)
+            if not (status == 416 and held and remote.size is None):
+                raise _refusal(
+                    exc, f"cannot download {remote.label}", remote.repo, settings
+                ) from None
+            # 416 for the bytes past what we hold: the part is the whole file.
+        except _TRANSPORT_ERRORS as exc:
+            raise Unreachable(
+                f"download of {remote.label} failed ({exc!r}); {out.size} bytes are kept and "
+                "the next try resumes from there"
+            ) from None
+        except OSError as exc:  # http_get's size check: the server sent less than it said
+            raise Unreachable(
+                f"download of {remote.label} ended early ({exc}); {out.size} bytes are kept and "
+                "the next try resumes from there"
+            ) from None
+        return out.sha.hexdigest(), out.size
+
+
+def _progress_class(report: Progress) -> type:
+    """A stand-in for http_get's tqdm_class: counts bytes and calls `report`, which may raise
+    to stop the download (the bytes written so far stay in the part file)."""
+
+    class Bar:
+        def __init__(self, *, total: int | None = None, initial: int = 0, **_: object):
+            self.n, self.total = initial, total
+
+        def __enter__(self) -> Bar:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def update(self, n: int) -> None:
+            self.n += n
+            report(self.n, self.total)
+
+        def close(self) -> None:
+            return None
+
+    return Bar
+
+
+class _Part:
+    """The part file as http_get sees it: appended to and hashed as it is written; when a
+    server ignores the Range, http_get seeks back and truncates, and the hash follows."""
+
+    def __init__(self, path: Path, after_write: Callable[[], None] = lambda: None):
+        self.path = path
+        self._after_write = after_write
+        self.sha = hashlib.sha256()
+        self.size = _rehash(path, self.sha)
+        self._pos = self.size
         try:
-            resp = _open(settings, remote.url, headers={"Range": f"bytes={done}-"} if done else {})
-        except urllib.error.HTTPError as exc:
-            if exc.code == 416 and done and total is None:
-                break  # nothing past what we hold: the part is the whole file
-            if exc.code == 416:  # the part is longer than the file: start over
-                done, sha = _restart(part)
-                stalled, last_error = stalled + 1, "HTTP 416"
-                continue
-            error = _refusal(exc, f"cannot download {remote.label}", _repo_of(remote), settings)
-            if not isinstance(error, Unreachable):
-                raise error from None
-            stalled, last_error = stalled + 1, str(error)
-            continue
-        except _NETWORK_ERRORS as exc:
-            stalled, last_error = stalled + 1, repr(exc)
-            continue
-        with resp:
-            if done and resp.status != 206:  # the server ignored the Range: all again
-                done, sha = _restart(part)
-            elif done and not resp.headers.get("Content-Range", "").startswith(f"bytes {done}-"):
-                done, sha = _restart(part)
-                stalled, last_error = stalled + 1, "a Content-Range not where we asked"
-                continue
-            total = total if total is not None else _total_of(resp, done)
-            try:
-                done = _copy(resp, part, sha, done, total, report)
-            except _NETWORK_ERRORS as exc:  # cut or stalled: resume from what arrived
-                last_error = repr(exc)
-            else:
-                if total is None:
-                    break  # no length given: the end of the body is the end of the file
-                last_error = f"connection closed at byte {done} of {total}"
-            stalled, best = (0, done) if done > best else (stalled + 1, best)
-    return sha.hexdigest(), done
+            self._file = open(path, "ab")  # noqa: SIM115 (closed by __exit__)
+        except OSError as exc:
+            raise ModelSourceError(f"cannot write {path.name}: {exc}") from None
 
+    def __enter__(self) -> _Part:
+        return self
 
-def _copy(resp, part: Path, sha, done: int, total: int | None, report: Progress) -> int:
-    """Append the body to `part`. Network errors propagate with what arrived kept; a disk
-    that fails is not the network's fault and ends the download."""
-    try:
-        out = open(part, "ab")  # noqa: SIM115 (closed by the with below)
-    except OSError as exc:
-        raise ModelSourceError(f"cannot write {part.name}: {exc}") from None
-    with out:
+    def __exit__(self, *exc: object) -> None:
+        with self._file:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def write(self, chunk: bytes) -> int:
         try:
-            while True:
-                chunk = resp.read(CHUNK)
-                if not chunk:
-                    break
-                try:
-                    out.write(chunk)
-                except OSError as exc:
-                    raise ModelSourceError(f"cannot write {part.name}: {exc}") from None
-                sha.update(chunk)
-                done += len(chunk)
-                report(done, total)
-        finally:
-            out.flush()
-            os.fsync(out.fileno())
-    return done
+            self._file.write(chunk)
+        except OSError as exc:  # a full disk is not the network's fault: no retry helps
+            raise ModelSourceError(f"cannot write {self.path.name}: {exc}") from None
+        self.sha.update(chunk)
+        self.size += len(chunk)
+        self._pos = self.size
+        self._after_write()
+        return len(chunk)
 
+    def tell(self) -> int:
+        return self._pos
 
-def _restart(part: Path):
-    part.unlink(missing_ok=True)
-    return 0, hashlib.sha256()
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = pos if whence == 0 else self.size + pos if whence == 2 else self._pos + pos
+        return self._pos
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._pos if size is None else size
+        self._file.flush()
+        self._file.truncate(size)
+        self.sha = hashlib.sha256()
+        self.size = _rehash(self.path, self.sha)
+        self._pos = self.size
+        return self.size
 
 
 def _rehash(part: Path, sha) -> int:
@@ -488,17 +499,3 @@ def _rehash(part: Path, sha) -> int:
     except FileNotFoundError:
         return 0
     return done
-
-
-def _total_of(resp, done: int) -> int | None:
-    content_range = resp.headers.get("Content-Range", "")
-    if "/" in content_range and content_range.rsplit("/", 1)[1].isdigit():
-        return int(content_range.rsplit("/", 1)[1])
-    length = resp.headers.get("Content-Length")
-    return done + int(length) if length and length.isdigit() else None
-
-
-def _repo_of(remote: Remote) -> str | None:
-    """ORG/REPO for a Hugging Face download (its token errors name the repo), else None."""
-    parts = remote.label.split("/")
-    return "/".join(parts[:2]) if "://" not in remote.label and len(parts) > 2 else None

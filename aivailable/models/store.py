@@ -283,7 +283,7 @@ def _hf_remote(settings: hub.HubSettings, spec: HfFile | HfQuant) -> tuple[str, 
         return file, hub.hf_file(settings, spec.repo, spec.revision, file)
     size = entry["size"] if isinstance(entry["size"], int) else None
     url = hub.resolve_url(settings, spec.repo, spec.revision, file)
-    return file, hub.Remote(url, f"{spec.repo}/{file}", entry["sha256"], size)
+    return file, hub.Remote(url, f"{spec.repo}/{file}", entry["sha256"], size, spec.repo)
 
 
 def _resolve_remote(
