@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from aivailable import hub
 from aivailable.access.guard import AccessGuard, UsageGossip, body_limits, usage_metrics
 from aivailable.access.keys_api import KeysApi, bootstrap_admin_key
 from aivailable.access.limits import RateLimiter
@@ -23,6 +22,7 @@ from aivailable.cluster.node import ClusterNode, EngineBuilder
 from aivailable.config import Config
 from aivailable.gpu import GpuInfo, cpu_device, probe_all
 from aivailable.metrics import Metrics
+from aivailable.models import hub
 from peer.auth import PeerAuth, machine_identity, make_peer_session
 from peer.crypto import Keyring
 from peer.discovery import Discovery

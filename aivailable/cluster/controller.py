@@ -16,12 +16,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from aivailable import store
 from aivailable.cluster import state as cs
 from aivailable.cluster.identity import node_of
 from aivailable.cluster.membership_policy import ConfChange, MembershipConfig, next_conf_change
 from aivailable.cluster.state import ClusterState, ModelRecord
 from aivailable.cluster.view import NodeView, member_of
+from aivailable.models import store
 from placement import Assignment, ModelSpec, Node, Plan, solve
 
 MIB = 1 << 20

@@ -21,7 +21,6 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
-from aivailable import store
 from aivailable.access.keys import stamp
 from aivailable.api.cluster_api import ClusterApi
 from aivailable.api.errors import ApiError
@@ -49,7 +48,8 @@ from aivailable.cluster.status import cluster_status
 from aivailable.cluster.view import ReadModel
 from aivailable.config import Config
 from aivailable.gpu import GpuInfo
-from aivailable.model_transfer import LocalModels, ModelFetcher, ModelTransferApi
+from aivailable.models import store
+from aivailable.models.transfer import LocalModels, ModelFetcher, ModelTransferApi
 from consensus import FileStorage, HardState
 from consensus.driver import MESSAGES_PATH, RaftDriver
 from peer.availability import Replica

@@ -19,7 +19,6 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from aivailable import hub, sources, store
 from aivailable.access.keys import stamped
 from aivailable.api.errors import ApiError, bad_request
 from aivailable.cluster import state as cs
@@ -27,6 +26,7 @@ from aivailable.cluster.identity import node_of
 from aivailable.cluster.state import ClusterState
 from aivailable.cluster.status import cluster_status
 from aivailable.cluster.view import ReadModel
+from aivailable.models import hub, sources, store
 
 log = logging.getLogger(__name__)
 

@@ -10,15 +10,15 @@ import hashlib
 import aiohttp
 import pytest
 
-from aivailable import hub, store
 from aivailable.api.errors import ApiError
 from aivailable.cluster.raft import Proposer, RaftClusterView, apply_entry
 from aivailable.cluster.state import ClusterState
 from aivailable.cluster.view import ReadModel
-from aivailable.model_transfer import LocalModels
+from aivailable.models import hub, store
+from aivailable.models.transfer import LocalModels
 from tests.unit.hf_imitation import ImitationHub, Repo
 from tests.unit.test_cluster_view import FakeDriver
-from tests.unit.test_store import write_tiny_gguf
+from tests.unit.test_models_store import write_tiny_gguf
 
 
 @pytest.fixture
