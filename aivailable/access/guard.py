@@ -15,10 +15,10 @@ from typing import Any
 from aiohttp import web
 
 from aivailable.access.config import AccessConfig
-from aivailable.access.keys import AccessState, KeyRecord
+from aivailable.access.errors import AccessError as ApiError
 from aivailable.access.limits import RateLimiter
 from aivailable.access.policy import allowed, area, presented_key
-from aivailable.api.errors import ApiError
+from aivailable.cluster.keys import AccessState, KeyRecord
 from peer.auth import requires_signature
 
 # request[KEY_RECORD]: the caller's KeyRecord, once checked.

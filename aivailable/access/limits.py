@@ -12,7 +12,7 @@ import collections
 import math
 from collections.abc import Iterable, Mapping
 
-from aivailable.access.keys import KeyRecord
+from aivailable.cluster.keys import KeyRecord
 
 WINDOW_S = 60  # the limits are per minute
 # Keys in one gossip payload (about 25 bytes each): bounds the payload under any load; the

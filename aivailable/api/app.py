@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterable
 from aiohttp import web
 
 from aivailable.api.cors import add_cors_headers, cors_middleware
-from aivailable.api.errors import ApiError, error_response
+from aivailable.api.errors import ApiError
 from aivailable.api.request_id import add_request_id_header, request_id_middleware
 from aivailable.metrics import Metrics
-from peer.availability import ForwardError
+from peer.errors import ServiceError
 
 log = logging.getLogger(__name__)
 DASHBOARD = importlib.resources.files("aivailable.api") / "dashboard.html"
@@ -20,11 +20,12 @@ DASHBOARD = importlib.resources.files("aivailable.api") / "dashboard.html"
 
 @web.middleware
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """Every error leaves as an OpenAI-style JSON body; nothing crashes the peer."""
+    """Every error leaves as an OpenAI-style JSON body; nothing crashes the peer. The one
+    place an error of any floor (a peer.errors.ServiceError) becomes HTTP."""
     try:
         return await handler(request)
-    except (ApiError, ForwardError) as exc:
-        return error_response(exc)
+    except ServiceError as exc:
+        return exc.response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -17,7 +17,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from aivailable.api.errors import bad_request
+from aivailable.api.errors import ApiError, bad_request
+from peer.errors import ServiceError
 
 READ_HEADER = "X-Aivailable-Read"
 LOCAL, CONSISTENT = "local", "consistent"
@@ -35,7 +36,15 @@ async def read_mode(request: web.Request, barrier: Barrier | None) -> str:
         return LOCAL
     if barrier is None:
         raise bad_request("this peer cannot serve consistent reads", param="consistent")
-    await barrier()
+    try:
+        await barrier()
+    except ApiError:
+        raise
+    except ServiceError as exc:  # the cluster's no_leader: as the API's own, since the
+        # Ollama routes answer an ApiError in Ollama's shape
+        raise ApiError(
+            exc.status, exc.message, exc.type, exc.param, exc.code, exc.retry_after
+        ) from exc
     return CONSISTENT
 
 

@@ -22,13 +22,13 @@ import aiohttp
 from aiohttp import web
 
 from aivailable import store
-from aivailable.access.keys import stamp
 from aivailable.api.cluster_api import ClusterApi
-from aivailable.api.errors import ApiError
 from aivailable.backends.base import Engine
 from aivailable.backends.llama_engine import LlamaEngine, n_gpu_layers_for
+from aivailable.cluster.errors import no_leader, not_joined
 from aivailable.cluster.identity import raft_identity
 from aivailable.cluster.instances import Instances
+from aivailable.cluster.keys import stamp
 from aivailable.cluster.membership_policy import FOUND, JOIN, RESUME, WAIT, bootstrap_action
 from aivailable.cluster.payload import node_payload, read_payload
 from aivailable.cluster.raft import (
@@ -40,7 +40,6 @@ from aivailable.cluster.raft import (
     caught_up,
     caught_up_learners,
     leader_ready,
-    no_leader,
     raft_conf_hooks,
 )
 from aivailable.cluster.runner import ControllerRunner, Reconciler, Trigger
@@ -50,7 +49,7 @@ from aivailable.cluster.view import ReadModel
 from aivailable.config import Config
 from aivailable.gpu import GpuInfo
 from aivailable.model_transfer import LocalModels, ModelFetcher, ModelTransferApi
-from consensus import FileStorage, HardState
+from consensus import FileStorage, HardState, NotLeader
 from consensus.driver import MESSAGES_PATH, RaftDriver
 from peer.availability import Replica
 from peer.forward import Forwarder
@@ -222,13 +221,7 @@ class ClusterNode:
     async def _delegate(self, request: web.Request) -> web.StreamResponse:
         handler = self._late_handlers.get(request.path)
         if handler is None:
-            raise ApiError(
-                503,
-                "this peer has not joined Raft yet",
-                type="service_unavailable",
-                code="not_joined",
-                retry_after=1,
-            )
+            raise not_joined()
         return await handler(request)
 
     def caught_up(self) -> bool:
@@ -258,9 +251,6 @@ class ClusterNode:
     async def read_barrier(self) -> None:
         """A linearizable read (Raft ReadIndex): once this returns, status() reflects every
         write committed anywhere before the call."""
-        from aivailable.cluster.raft import no_leader
-        from consensus import NotLeader
-
         await self._until_ready()
         raft = self.config.raft
         try:
