@@ -11,9 +11,18 @@ import abc
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Literal
 
-InstanceState = Literal["pending", "loading", "ready", "failed", "stopping"]
+
+class InstanceState(StrEnum):
+    """An instance's state (DESIGN.md); the moves between them: backends/lifecycle.py."""
+
+    PENDING = "pending"  # planned here; the model file is being fetched, or stopped
+    LOADING = "loading"  # the worker is loading the model
+    READY = "ready"  # takes requests
+    FAILED = "failed"  # the load or the worker failed; retried with backoff
+    STOPPING = "stopping"  # being stopped; takes no new requests
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import msgpack
 
+from aivailable.backends import lifecycle
 from aivailable.backends import llama_worker as proto
 from aivailable.backends.base import (
     ChatRequest,
@@ -47,7 +48,6 @@ from aivailable.backends.base import (
     TextDelta,
 )
 from aivailable.backends.scheduler import Admission
-from aivailable.cluster import lifecycle
 from aivailable.gpu.info import GpuInfo
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ class LlamaEngine(Engine):
     def _set_state(self, state: InstanceState) -> None:
         if state == self.state:
             return
-        try:  # the one lifecycle table (aivailable/cluster/lifecycle.py): a skip is a bug
+        try:  # the one lifecycle table (backends/lifecycle.py): a skip is a bug
             lifecycle.advance(self.state, state)
         except lifecycle.IllegalTransition as exc:
             log.error("model %s: %s", self.name, exc)

@@ -16,7 +16,6 @@ PURE = [
     "peer/resume.py",
     # The cluster floor's read model and pure steps (their runner does the I/O).
     "aivailable/cluster/controller.py",
-    "aivailable/cluster/lifecycle.py",
     "aivailable/cluster/membership_policy.py",
     "aivailable/cluster/payload.py",
     "aivailable/cluster/reconciler.py",
