@@ -48,17 +48,10 @@ from aivailable.backends.base import (
     TextDelta,
 )
 from aivailable.backends.scheduler import Admission
-from aivailable.gpu.info import GpuInfo
 
 log = logging.getLogger(__name__)
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # so the child imports this code
 WORKER_ARGV = (sys.executable, "-m", "aivailable.backends.llama_worker")
-
-
-def n_gpu_layers_for(gpus: Sequence[GpuInfo]) -> int:
-    """-1 (offload every layer) on a node with a real GPU, 0 (CPU only) otherwise.
-    Fake GPUs are for placement demos; their models still run on the CPU."""
-    return -1 if any(gpu.vendor in ("nvidia", "amd") for gpu in gpus) else 0
 
 
 @dataclass(frozen=True)
