@@ -22,18 +22,27 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
 
 from aivailable import sources, store
-from aivailable.cluster.state import ModelRecord
 
 log = logging.getLogger(__name__)
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1 << 20
 MIB = 1 << 20
+
+
+class ModelRecord(Protocol):
+    """What this module reads of a deployed model (cluster/state.py's ModelRecord has it):
+    the models floor stands below the cluster and does not import it."""
+
+    name: str
+    source: str
+    sha256: str | None
 
 
 class TransferError(Exception):
