@@ -1,4 +1,5 @@
-"""API keys and proposal ids in the replicated state. Pure: deterministic, no I/O.
+"""API keys and proposal ids in the replicated state: no I/O, and applying is deterministic
+(new secrets, key ids and proposal ids are random: `secrets`, so the module is not pure).
 
 The key set is replicated cluster state (ClusterState.access), so its model lives on the
 cluster floor; access/ (the guard, /cluster/keys, the limits) reads it from here.
