@@ -13,5 +13,5 @@
 - `keys`: the replicated API keys and proposal ids (read by access/);
 - `errors`: the cluster's own ServiceError (no leader, not joined);
 - `instances`: the engines this peer runs;
-- `node`: wiring only.
+- `node`: one peer's cluster parts together (server.py builds it, with an engine factory).
 """

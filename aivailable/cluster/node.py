@@ -1,5 +1,6 @@
-"""One peer's cluster parts wired together, and nothing else: gossip -> the read model ->
-the controller and reconciler runners -> instances; Raft; model transfer; forwarding.
+"""One peer's cluster parts together: gossip -> the read model -> the controller and
+reconciler runners -> instances; Raft; model fetches; forwarding. server.py builds it and
+hands it its `NodeConfig` and an engine factory; the HTTP routes over it are built there too.
 
 `run()` is the node's life in the peer's TaskGroup: bootstrap (resume, join or found a Raft
 cluster), then Raft, the runners and the gossip event feed until cancelled. docs/cluster.md
@@ -144,6 +145,8 @@ class ClusterNode:
         self.raft_id: str | None = None
         self._driver: RaftDriver | None = None
         self._proposer: Proposer | None = None
+        # The ClusterView backed by Raft, once it runs; self.view is the one read model.
+        self._raft: RaftClusterView | None = None
         self._ready = asyncio.Event()  # set once Raft runs: status and deploys can be served
         self._late_handlers: dict[str, Callable] = {}
         self._leaving = False
@@ -238,10 +241,10 @@ class ClusterNode:
 
     # ClusterView (aivailable.api.cluster_api), backed by RaftClusterView once Raft runs.
     def status(self) -> dict:
-        if self._driver is None:
+        if self._raft is None:
             status = cluster_status(self.me, None, 0, self.state, self.view)
         else:
-            status = self._view.status()
+            status = self._raft.status()
         # This node's own instances in full (pid, restarts, errors), not as gossiped.
         for node in status["nodes"]:
             if node["id"] == self.me:
@@ -263,11 +266,11 @@ class ClusterNode:
         self, name: str, source: str, replicas: int, n_ctx: int, **options: Any
     ) -> dict:
         await self._until_ready()
-        return await self._view.deploy(name, source, replicas, n_ctx, **options)
+        return await self._raft.deploy(name, source, replicas, n_ctx, **options)
 
     async def undeploy(self, name: str) -> bool:
         await self._until_ready()
-        return await self._view.undeploy(name)
+        return await self._raft.undeploy(name)
 
     async def propose(self, data: bytes) -> int:
         """Commit a command from any peer (the API keys' create and revoke use it)."""
@@ -486,7 +489,7 @@ class ClusterNode:
                 self._late_handlers = {
                     r.path: r.handler for r in driver.routes() + proposer.routes()
                 }
-                self._view = RaftClusterView(
+                self._raft = RaftClusterView(
                     self.me, self.state, driver, proposer, self.view, self.local_models
                 )
                 self._ready.set()
