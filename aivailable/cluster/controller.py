@@ -1,4 +1,4 @@
-"""The SDAI controller as a pure step: `step(view, state, now, ctx) -> actions`.
+"""The SDAI controller as a step: `step(view, state, now, ctx) -> actions`. Pure.
 
 The Raft leader's runner (aivailable/cluster/runner.py) calls it whenever gossip or the log
 changes, carries out the first action (a proposal, or a voter change) and calls it again, so
