@@ -49,6 +49,9 @@ class Estimate:
     total: int  # weights + kv_cache + compute + overhead: what to reserve on one GPU
     overhead: int = 0  # bytes the GPU runtime itself takes per process
     host_weights: int = 0  # bytes of weights kept in host RAM (input embeddings)
+    # compute buffer of a device that holds layers but not the output head (no logits):
+    # what each helper of a split needs (placement/split.py)
+    compute_body: int = 0
 
     @property
     def split_overhead(self) -> int:
@@ -133,15 +136,60 @@ def estimate(
     n_kv = cells if kv_unified else cells // n_parallel
     ubatch = min(n_ubatch, n_ctx * n_parallel)  # llama.cpp caps the batch at the context
     n_embd_kv = head_k * max(n_head_kv)
-    steps = [n_vocab + 3 * n_embd]
+    body = []
     if flash_attn:
-        steps.append(n_kv // 2 + 3 * n_ff + 4 * n_embd)
+        body.append(n_kv // 2 + 3 * n_ff + 4 * n_embd)
     else:
-        steps.append(n_kv * (max(n_head) + 1) + 5 * n_embd + 2 * n_embd_kv)
-        steps.append(n_kv + 3 * n_ff + 2 * n_embd)
-        if n_vocab <= 3 * n_ff:  # the logits then land above the FFN step's freed buffers
-            steps.append(n_vocab + 2 * n_ff)
+        body.append(n_kv * (max(n_head) + 1) + 5 * n_embd + 2 * n_embd_kv)
+        body.append(n_kv + 3 * n_ff + 2 * n_embd)
+    steps = [n_vocab + 3 * n_embd, *body]
+    if not flash_attn and n_vocab <= 3 * n_ff:  # the logits land above the FFN's freed buffers
+        steps.append(n_vocab + 2 * n_ff)
     compute = 4 * ubatch * max(steps)
 
     total = weights + kv_cache + compute + overhead
-    return Estimate(weights, kv_cache, compute, total, overhead=overhead, host_weights=host)
+    return Estimate(
+        weights,
+        kv_cache,
+        compute,
+        total,
+        overhead=overhead,
+        host_weights=host,
+        compute_body=4 * ubatch * max(body),
+    )
+
+
+def layer_profile(
+    gguf: str | Path | GgufHeader,
+    n_ctx: int,
+    n_parallel: int = 1,
+    **options,
+):
+    """The per-slot bytes of one instance for split plans (placement.split.LayerProfile):
+    each repeating layer's weights and KV cache, the output head, the compute buffers.
+    `options` as for estimate()."""
+    from placement.split import LayerProfile
+
+    header = gguf if isinstance(gguf, GgufHeader) else read_header(gguf, check_data=False)
+    e = estimate(header, n_ctx, n_parallel, **options)
+    n_layer = int(header.arch_value("block_count", 0))
+    weights = [0] * n_layer
+    output = 0
+    for name, t in header.tensors.items():
+        if name.startswith("blk."):
+            index = int(name.split(".")[1])
+            if index < n_layer:
+                weights[index] += t.nbytes
+        elif name.startswith("output"):
+            output += t.nbytes
+    if "output.weight" not in header.tensors and "token_embd.weight" in header.tensors:
+        output += header.tensors["token_embd.weight"].nbytes  # tied: a copy on that device
+    kv = [e.kv_cache // n_layer] * n_layer
+    kv[0] += e.kv_cache - sum(kv)
+    return LayerProfile(
+        tuple(w + k for w, k in zip(weights, kv, strict=True)),
+        output,
+        compute=e.compute_body,
+        compute_output=e.compute,
+        overhead=e.overhead,
+    )

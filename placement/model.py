@@ -7,7 +7,10 @@ Raft log as they are (`Plan.to_dict` / `Plan.from_dict` give msgpack-friendly ma
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from placement.split import LayerProfile, Split
 
 Vendor = Literal["nvidia", "amd", "cpu", "fake"]
 VENDORS = ("nvidia", "amd", "cpu", "fake")
@@ -50,8 +53,14 @@ class ModelSpec:
     # Extra bytes per additional GPU when one instance is split over several GPUs of a node:
     # every GPU holds its own compute buffer (placement.estimate(...).compute is a good value).
     split_overhead: int = 0
+    # Over several nodes through llama.cpp RPC (placement/split.py): "auto" when no one node
+    # fits, "always" (tests, demos), "never". Only with `layers`, the per-slot bytes.
+    split: str = "auto"
+    layers: LayerProfile | None = None
 
     def __post_init__(self) -> None:
+        if self.split not in ("auto", "never", "always"):
+            raise ValueError(f"model {self.name}: split must be auto, never or always")
         if self.vram < 0 or self.split_overhead < 0:
             raise ValueError(f"model {self.name}: negative vram")
         if self.replicas < 0:
@@ -93,6 +102,11 @@ class Unplaced:
 class Plan:
     assignments: tuple[Assignment, ...] = ()
     unplaced: tuple[Unplaced, ...] = ()
+    splits: tuple[Split, ...] = ()  # instances over several nodes (placement/split.py)
+
+    def splits_for_node(self, node_id: str) -> tuple[Split, ...]:
+        """The splits this node takes part in, as primary or helper."""
+        return tuple(s for s in self.splits if node_id in s.nodes)
 
     def for_node(self, node_id: str) -> tuple[Assignment, ...]:
         return tuple(a for a in self.assignments if a.node == node_id)
@@ -106,6 +120,9 @@ class Plan:
         for a in self.assignments:
             for gpu, vram in zip(a.gpus, a.vram, strict=True):
                 out[gpu] = out.get(gpu, 0) + vram
+        for s in self.splits:
+            for p in s.parts:
+                out[p.gpu] = out.get(p.gpu, 0) + p.vram
         return out
 
     def to_dict(self) -> dict:
@@ -118,10 +135,13 @@ class Plan:
                 {"model": u.model, "missing_replicas": u.missing_replicas, "reason": u.reason}
                 for u in self.unplaced
             ],
+            **({"splits": [s.to_dict() for s in self.splits]} if self.splits else {}),
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
+        from placement.split import Split
+
         return cls(
             assignments=tuple(
                 Assignment(a["model"], a["node"], tuple(a["gpus"]), tuple(a["vram"]))
@@ -131,4 +151,5 @@ class Plan:
                 Unplaced(u["model"], u["missing_replicas"], u["reason"])
                 for u in data.get("unplaced", ())
             ),
+            splits=tuple(Split.from_dict(s) for s in data.get("splits", ())),
         )

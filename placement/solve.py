@@ -500,6 +500,28 @@ def solve(
     policy: str = "pack",
     rebalance: bool = True,
 ) -> Plan:
+    """Place `models` on `nodes` (see _solve_single); a model with a layer profile whose
+    `split` allows it may also be split over several nodes (placement/split.py)."""
+    nodes, specs = tuple(nodes), tuple(models)
+    splittable = any(s.layers is not None and s.split != "never" for s in specs)
+    if not splittable and not (current is not None and current.splits):
+        return _solve_single(nodes, specs, current, policy=policy, rebalance=rebalance)
+    from placement.split import solve_with_splits
+
+    def single(n, m, c):
+        return _solve_single(n, m, c, policy=policy, rebalance=rebalance)
+
+    return solve_with_splits(nodes, specs, current, single)
+
+
+def _solve_single(
+    nodes: Iterable[Node],
+    models: Iterable[ModelSpec],
+    current: Plan | None = None,
+    *,
+    policy: str = "pack",
+    rebalance: bool = True,
+) -> Plan:
     """Place `models` on `nodes`, keeping what `current` already placed where it still fits.
 
     policy: "pack" (best fit; keeps large holes for large models) or "spread" (the least
