@@ -26,7 +26,9 @@ from aivailable.api.ollama_api import OllamaApi
 from aivailable.api.openai_api import OpenAIApi
 from aivailable.backends.base import EngineFactory
 from aivailable.backends.llama_factory import llama_factory
+from aivailable.backends.rpc_server import RpcServerProcess, library_rpc_version
 from aivailable.cluster.node import ClusterNode, NodeConfig
+from aivailable.cluster.split_side import SplitSide
 from aivailable.config import Config
 from aivailable.gpu import GpuInfo, cpu_device, probe_all
 from aivailable.metrics import Metrics
@@ -45,6 +47,31 @@ log = logging.getLogger(__name__)
 # Seconds requests in flight may take to finish on shutdown: a short answer from a small
 # model; a long generation is cut rather than holding a restart up for minutes.
 DRAIN_S = 5.0
+
+
+def split_side(config: Config, real_engines: bool) -> SplitSide:
+    """This peer's part in split models: an RPC server child (loopback only, its tensor
+    cache in the data dir), for peers that run real llama.cpp workers."""
+    if not real_engines:
+        return SplitSide(None)
+    server = RpcServerProcess(
+        config.data_dir / "rpc-cache",
+        log_path=config.data_dir / "rpc-server.log",
+    )
+    return SplitSide(server)
+
+
+async def probe_rpc_version(split: SplitSide, config: Config, publish: Callable[[], None]):
+    """The RPC protocol version of this peer's llama.cpp, from a short-lived server's
+    HELLO answer (a second or so, so not before the peer serves); then gossiped."""
+    try:
+        version = await library_rpc_version(config.data_dir / "rpc-probe")
+    except Exception as exc:  # no RPC here: this peer takes no part in splits
+        log.warning("llama.cpp RPC unavailable: %s", exc)
+        return
+    split.version = str(version) if version is not None else None
+    log.info("llama.cpp RPC protocol %s", split.version)
+    publish()
 
 
 def node_config(config: Config) -> NodeConfig:
@@ -148,6 +175,7 @@ async def serve(
             engine_factory or llama_factory(gpus, config.n_ctx, config.queue_limit, config.engine),
             probe,
             upstream,
+            split=(split := split_side(config, engine_factory is None)),
         )
         guard = AccessGuard(
             config.auth_on, lambda: node.state.access, limiter, caught_up=node.caught_up
@@ -244,6 +272,9 @@ async def serve(
                 )
                 tasks.append(tg.create_task(discovery.run(), name="mdns"))
             tasks.append(tg.create_task(node.run(), name="cluster"))
+            if split.server is not None:
+                probing = probe_rpc_version(split, config, node.publish)
+                tasks.append(tg.create_task(probing, name="rpc version"))
             if config.auth_on:
                 first_key = bootstrap_admin_key(
                     config.admin_key_path,

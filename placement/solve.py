@@ -499,9 +499,11 @@ def solve(
     *,
     policy: str = "pack",
     rebalance: bool = True,
+    split_nodes: Iterable[str] | None = None,
 ) -> Plan:
     """Place `models` on `nodes` (see _solve_single); a model with a layer profile whose
-    `split` allows it may also be split over several nodes (placement/split.py)."""
+    `split` allows it may also be split over several nodes (placement/split.py), of
+    `split_nodes` only when given (the nodes whose llama.cpp RPC versions pair)."""
     nodes, specs = tuple(nodes), tuple(models)
     splittable = any(s.layers is not None and s.split != "never" for s in specs)
     if not splittable and not (current is not None and current.splits):
@@ -511,7 +513,8 @@ def solve(
     def single(n, m, c):
         return _solve_single(n, m, c, policy=policy, rebalance=rebalance)
 
-    return solve_with_splits(nodes, specs, current, single)
+    pairable = frozenset(split_nodes) if split_nodes is not None else None
+    return solve_with_splits(nodes, specs, current, single, pairable)
 
 
 def _solve_single(

@@ -280,6 +280,7 @@ def solve_with_splits(
     specs: Sequence[ModelSpec],
     current: Plan | None,
     single: Callable[[Sequence[Node], Sequence[ModelSpec], Plan | None], Plan],
+    pairable: frozenset[str] | None = None,
 ) -> Plan:
     """solve() for models that may be split (`ModelSpec.split`, `ModelSpec.layers`):
 
@@ -292,6 +293,8 @@ def solve_with_splits(
        plans, highest priority first, each instance on nodes not hosting that model."""
     by_name = {s.name: s for s in specs}
     free = {g.id: g.capacity for n in nodes for g in n.gpus}
+    # nodes a split may not use (their RPC version does not pair)
+    unpaired = frozenset(n.id for n in nodes if pairable is not None and n.id not in pairable)
     old_splits = current.splits if current is not None else ()
     kept: list[Split] = []
     for old in sorted(old_splits, key=lambda x: (-_prio(by_name, x.model), x.model, x.nodes)):
@@ -300,7 +303,9 @@ def solve_with_splits(
             continue
         if _count(old.model, (), kept) >= spec.replicas:
             continue
-        if split_valid(old, spec.layers, devices_of(nodes, free)):
+        if unpaired.isdisjoint(old.nodes) and split_valid(
+            old, spec.layers, devices_of(nodes, free)
+        ):
             kept.append(old)
             _take(free, old)
     singles = [
@@ -333,6 +338,7 @@ def solve_with_splits(
         while _count(spec.name, assignments, splits) < spec.replicas:
             hosting = {a.node for a in assignments if a.model == spec.name}
             hosting |= {n for x in splits if x.model == spec.name for n in x.nodes}
+            hosting |= unpaired
             previous = next(
                 (x for x in old_splits if x.model == spec.name and x not in splits), None
             )
@@ -352,7 +358,9 @@ def solve_with_splits(
         reason = next((u.reason for u in plan.unplaced if u.model == spec.name), None)
         if reason is None or spec.split == "always":
             empty = {g.id: g.capacity for n in nodes for g in n.gpus}
-            fits = spec.layers is not None and plan_split(spec.name, spec.layers, nodes, empty)
+            fits = spec.layers is not None and plan_split(
+                spec.name, spec.layers, nodes, empty, avoid=unpaired
+            )
             reason = OUT_OF_CAPACITY if fits else TOO_LARGE
         unplaced.append(Unplaced(spec.name, missing, reason))
     return Plan(

@@ -75,8 +75,9 @@ def parse_deploy(body: object, max_ctx: int = 131072) -> tuple[str, str, int, in
 
 
 def deploy_options(body: dict) -> dict:
-    """`kind` ("chat" or "embedding") and `n_parallel` (slots per instance; placement plans
-    the KV cache of that many sequences)."""
+    """`kind` ("chat" or "embedding"), `n_parallel` (slots per instance; placement plans
+    the KV cache of that many sequences) and `split` ("auto": over several nodes through
+    llama.cpp RPC when no one node fits; "always"; "never")."""
     kind = body.get("kind", "chat")
     if kind not in ("chat", "embedding"):
         raise bad_request("'kind' must be 'chat' or 'embedding'", param="kind")
@@ -85,7 +86,10 @@ def deploy_options(body: dict) -> dict:
         not isinstance(n_parallel, int) or isinstance(n_parallel, bool) or not 1 <= n_parallel <= 64
     ):
         raise bad_request("'n_parallel' must be an integer from 1 to 64", param="n_parallel")
-    return {"kind": kind, "n_parallel": n_parallel}
+    split = body.get("split", "auto")
+    if split not in ("auto", "never", "always"):
+        raise bad_request("'split' must be 'auto', 'never' or 'always'", param="split")
+    return {"kind": kind, "n_parallel": n_parallel, "split": split}
 
 
 class ClusterApi:

@@ -186,6 +186,12 @@ class EngineSpec:
     tensor_split: tuple[float, ...] = ()  # proportions per gpu when it spans several
     n_parallel: int | None = None  # slots; None: the engine's default for the device
     kind: str = "chat"  # "chat" | "embedding"
+    # A split instance's primary (placement/split.py): llama.cpp RPC servers (loopback
+    # tunnels to the helper peers, in layer order), `tensor_split` then holds the layer
+    # slots of [rpc devices..., local gpus...], and `host_layers` the first slots, kept on
+    # this host's CPU (a primary without a real GPU).
+    rpc_servers: tuple[str, ...] = ()
+    host_layers: int = 0
 
 
 # What the wiring (server.py) hands the cluster floor: a spec in, an engine (not started) out.

@@ -113,13 +113,16 @@ class LlamaEngine(Engine):
         kind: str = "chat",
         on_state_change: Callable[[InstanceState], None] | None = None,
         worker_argv: Sequence[str] | None = None,
+        rpc_servers: Sequence[str] = (),
     ):
         """`n_gpu_layers`: -1 offloads every layer (a node with a GPU), 0 keeps all on the
         CPU. `queue_limit`: requests waiting or running before QueueFull. `env`: added to
         the child's environment (CUDA_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES, ...).
         `worker_argv`: the command that starts a worker (the model arguments follow);
         tests put stand-in workers here. `n_parallel`: slots (default from config).
-        `kind`: "chat" generates text, "embedding" serves pooled embeddings."""
+        `kind`: "chat" generates text, "embedding" serves pooled embeddings.
+        `rpc_servers`: llama.cpp RPC servers (host:port) holding layers of a split model;
+        `tensor_split` then runs over [their devices..., local gpus...]."""
         self.name = name
         self.model_path = Path(model_path)
         self.n_ctx = n_ctx
@@ -128,13 +131,16 @@ class LlamaEngine(Engine):
         self.env = dict(env or {})
         self.main_gpu = main_gpu
         self.tensor_split = tuple(tensor_split) if tensor_split else None
+        self.rpc_servers = tuple(rpc_servers)
         self.config = config or EngineConfig()
         self.on_state_change = on_state_change
         self.worker_argv = list(worker_argv or WORKER_ARGV)
         self.state: InstanceState = "pending"
         self.kind = kind
         self.n_parallel = n_parallel or self.config.n_parallel or (8 if n_gpu_layers else 4)
-        self.n_threads = self.config.n_threads or (4 if n_gpu_layers else None)
+        # a split whose first layers stay on this host's CPU computes them here: all cores
+        on_gpu = n_gpu_layers and not (self.rpc_servers and not self.env)
+        self.n_threads = self.config.n_threads or (4 if on_gpu else None)
         self._admission = Admission(self.n_parallel, self.config.max_queue_wait)
         self.restarts = 0  # children started after the first one
         self.last_error = ""  # why the last child failed, for status pages and logs
@@ -292,6 +298,8 @@ class LlamaEngine(Engine):
             cmd += ["--main-gpu", str(self.main_gpu)]
         if self.tensor_split:
             cmd += ["--tensor-split", ",".join(str(x) for x in self.tensor_split)]
+        if self.rpc_servers:
+            cmd += ["--rpc", ",".join(self.rpc_servers)]
         if self.n_threads:
             cmd += ["--n-threads", str(self.n_threads)]
         if self.config.verbose:

@@ -40,6 +40,8 @@ def llama_factory(
 
     def build(spec: EngineSpec) -> Engine:
         assigned = [by_id[g] for g in spec.gpus if g in by_id]
+        if spec.rpc_servers:
+            return split_engine(spec, assigned, n_ctx, queue_limit, config)
         several = sum(g.vendor in REAL_VENDORS for g in assigned) > 1
         return LlamaEngine(
             spec.model,
@@ -55,3 +57,41 @@ def llama_factory(
         )
 
     return build
+
+
+def split_layers(path, host_layers: int, shares: Sequence[float]) -> tuple[int, tuple[float, ...]]:
+    """(n_gpu_layers, tensor_split) for a split's primary. The plan counts layer slots of
+    its own profile (n_layer + 1 with the output head); scaled to this file's n_layer, the
+    first `host_layers` stay on the CPU and the rest go to the devices in `shares`' order."""
+    from placement.gguf_header import read_header
+
+    header = read_header(path, check_data=False)
+    slots = int(header.arch_value("block_count", 0)) + 1
+    planned = host_layers + sum(shares)
+    host = round(host_layers * slots / planned) if planned else 0
+    return slots - host, tuple(shares)
+
+
+def split_engine(
+    spec: EngineSpec,
+    assigned: Sequence[GpuInfo],
+    n_ctx: int,
+    queue_limit: int,
+    config: EngineConfig,
+) -> Engine:
+    """The primary's worker of a split instance: its layers here (a real GPU's, or the
+    CPU's first layers), the rest on the helpers' RPC servers through the tunnels."""
+    n_gpu_layers, shares = split_layers(spec.path, spec.host_layers, spec.tensor_split)
+    return LlamaEngine(
+        spec.model,
+        spec.path,
+        n_ctx=spec.n_ctx or n_ctx,
+        n_gpu_layers=n_gpu_layers,
+        queue_limit=queue_limit,
+        env=device_env(assigned),
+        config=config,
+        tensor_split=shares,
+        n_parallel=spec.n_parallel,
+        kind=spec.kind,
+        rpc_servers=spec.rpc_servers,
+    )

@@ -238,6 +238,13 @@ class RpcServerProcess:
                     ) from exc
                 await asyncio.sleep(0.05)
 
+    def kill(self) -> None:
+        """At once, for a peer on its way out (no loop to wait in)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
     async def stop(self, grace_s: float = 2.0) -> None:
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:

@@ -20,9 +20,10 @@ from aivailable.cluster import state as cs
 from aivailable.cluster.identity import node_of
 from aivailable.cluster.membership_policy import ConfChange, MembershipConfig, next_conf_change
 from aivailable.cluster.state import ClusterState, ModelRecord
-from aivailable.cluster.view import NodeView, member_of
+from aivailable.cluster.view import NodeView, member_of, rpc_pairing
 from aivailable.models import store
 from placement import Assignment, ModelSpec, Node, Plan, solve
+from placement.split import LayerProfile
 
 MIB = 1 << 20
 DEFAULT_MODEL_SOURCE = "builtin:smollm2-135m"
@@ -92,6 +93,7 @@ class LocalFile:
     size: int
     vram: int | None = None  # placement.estimate(...).total; None: the header was unreadable
     split_overhead: int | None = None
+    profile: tuple[int, ...] | None = None  # state.ModelRecord.profile, from the header
 
 
 @dataclass(frozen=True)
@@ -154,11 +156,29 @@ def _known_size(source: str) -> int | None:
     return known.size if known is not None else None
 
 
+def layer_profile(record: ModelRecord, local: LocalFile | None, vram: int, split: int):
+    """The per-slot bytes of a model for split plans: from its header when known (the
+    record, or the leader's file), else equal slots from the totals."""
+    wire = record.profile or (local.profile if local is not None else None)
+    if wire is None:
+        return LayerProfile.uniform(vram, split)
+    *layers, output, compute, compute_output, overhead = wire
+    return LayerProfile(tuple(layers), output, compute, compute_output, overhead)
+
+
 def model_specs(
     models: Iterable[ModelRecord], local: Mapping[str, LocalFile], config: ControllerConfig
 ) -> list[ModelSpec]:
     return [
-        ModelSpec(m.name, vram, m.replicas, m.priority, split_overhead=split)
+        ModelSpec(
+            m.name,
+            vram,
+            m.replicas,
+            m.priority,
+            split_overhead=split,
+            split=m.split,
+            layers=layer_profile(m, local.get(m.name), vram, split) if m.split != "never" else None,
+        )
         for m in models
         for vram, split in [model_vram(m, local.get(m.name), config)]
     ]
@@ -203,7 +223,9 @@ def keep_until_ready(
                     used[g] = used.get(g, 0) + v
     if not kept:
         return plan
-    return Plan(assignments=plan.assignments + tuple(kept), unplaced=plan.unplaced)
+    return Plan(
+        assignments=plan.assignments + tuple(kept), unplaced=plan.unplaced, splits=plan.splits
+    )
 
 
 def decide(
@@ -222,8 +244,14 @@ def decide(
     models = list(models)
     usable = usable_nodes(nodes, now, config.suspect_grace_s)
     base = _without_extras(current, models)
+    ids = {n.id for n in usable}
+    _, skipped = rpc_pairing([n for n in nodes if n.id in ids])
     plan = solve(
-        usable, model_specs(models, local or {}, config), current=base, policy=config.policy
+        usable,
+        model_specs(models, local or {}, config),
+        current=base,
+        policy=config.policy,
+        split_nodes=ids - set(skipped),
     )
     plan = keep_until_ready(plan, current, nodes, {m.name: m for m in models})
     return None if plan == current else plan
@@ -241,7 +269,7 @@ def _without_extras(current: Plan | None, models: Sequence[ModelRecord]) -> Plan
         count[a.model] = count.get(a.model, 0) + 1
         if count[a.model] <= wanted.get(a.model, 0):
             keep.append(a)
-    return Plan(assignments=tuple(keep), unplaced=current.unplaced)
+    return Plan(assignments=tuple(keep), unplaced=current.unplaced, splits=current.splits)
 
 
 def model_file_updates(
@@ -269,7 +297,13 @@ def model_file_updates(
                 if held.vram is not None or m.sha256 is None:
                     out.append(
                         cs.encode_model_file(
-                            m.name, m.source, sha, size, held.vram, held.split_overhead
+                            m.name,
+                            m.source,
+                            sha,
+                            size,
+                            held.vram,
+                            held.split_overhead,
+                            held.profile,
                         )
                     )
                 continue
@@ -342,6 +376,10 @@ def step(
     plan = decide(state.desired(), members, state.plan, now, config, ctx.local_files)
     if plan is not None:
         why = f"plan: {len(plan.assignments)} instances, {len(plan.unplaced)} unplaced"
+        if plan.splits:
+            why += ", split: " + "; ".join(
+                f"{x.model} over {', '.join(x.nodes)}" for x in plan.splits
+            )
         out.append(Propose(cs.encode_plan(plan, ctx.term), why))
     if ctx.voters:
         change = next_conf_change(

@@ -51,6 +51,7 @@ from aivailable.cluster.raft import (
 )
 from aivailable.cluster.reconciler import ReconcilerConfig
 from aivailable.cluster.runner import ControllerRunner, Reconciler, Trigger
+from aivailable.cluster.split_side import SplitSide
 from aivailable.cluster.state import ClusterState
 from aivailable.cluster.status import cluster_status
 from aivailable.cluster.view import ReadModel
@@ -125,6 +126,7 @@ class ClusterNode:
         engine_factory: EngineFactory,
         probe: Callable[[], list[GpuInfo]] | None = None,
         upstream: UpstreamPool | None = None,
+        split: SplitSide | None = None,
     ):
         """`engine_factory` builds the engine of an instance this node runs (the wiring's
         choice: llama.cpp workers, or fakes in tests). `probe` re-reads the devices (blocking; run in a thread) so that free VRAM taken
@@ -153,6 +155,9 @@ class ClusterNode:
         self._others_logged: set[str] = set()
 
         self._engine_factory = engine_factory
+        # split models: this peer's RPC server and its tunnels (none: it takes no part)
+        self.split = split or SplitSide(None)
+        self.split.bind(session, self._node_addr)
         self.instances = Instances(self.local_models.resolve, self._engine, tg)
         self.fetcher = ModelFetcher(
             self.local_models, session, lambda: self.view.peer_files(self.our_cluster())
@@ -166,6 +171,8 @@ class ClusterNode:
             config.reconciler,
             discover=self.fetcher.discover,
             ready=self.caught_up,
+            rpc_server=self.split.server,
+            rpc_ready=self._rpc_ready,
         )
         self.forwarder = Forwarder(
             upstream or UpstreamPool(),
@@ -190,7 +197,25 @@ class ClusterNode:
                 n_parallel=step.n_parallel,
                 kind=step.kind,
             )
+            if step.rpc_helpers:  # a split's primary: tunnels to the helpers' RPC servers
+                spec = dataclasses.replace(
+                    spec,
+                    rpc_servers=self.split.endpoints(step.rpc_helpers),
+                    host_layers=step.host_layers,
+                )
         return self._engine_factory(spec)
+
+    def _node_addr(self, node_id: str) -> str | None:
+        node = self.view.node(node_id)
+        return node.addr if node is not None and node.addr else None
+
+    def _rpc_ready(self) -> set[str]:
+        """Nodes of this cluster whose RPC server runs now (their gossip says so)."""
+        return {
+            n.id
+            for n in self.view.members(self.our_cluster())
+            if n.state == "alive" and n.rpc_ready
+        }
 
     # ---- what the other parts read ------------------------------------------------------------
 
@@ -219,7 +244,7 @@ class ClusterNode:
     def routes(self) -> list[web.RouteDef]:
         """Mounted before run(), since gossip needs the HTTP server to bootstrap: Raft's and
         the proposer's routes are served by delegates until Raft starts (503 before)."""
-        return [web.post(path, self._delegate) for path in LATE_ROUTES]
+        return [web.post(path, self._delegate) for path in LATE_ROUTES] + self.split.routes()
 
     async def _delegate(self, request: web.Request) -> web.StreamResponse:
         handler = self._late_handlers.get(request.path)
@@ -303,6 +328,8 @@ class ClusterNode:
             self.config.reconciler.headroom,
             self.config.reconciler.capacity_step,
             member=self.raft_id,
+            rpc_version=self.split.version,
+            rpc_ready=self.reconciler.rpc_serving(),
         )
         self.gossip.set_payload(payload)
         if self.view.set_own(read_payload(self.me, payload), time.monotonic()):
@@ -495,6 +522,7 @@ class ClusterNode:
                 self._ready.set()
                 tg.create_task(driver.run(), name="raft")
                 tg.create_task(controller.run(), name="controller")
+                tg.create_task(self.split.run(), name="split")  # before the reconciler
                 tg.create_task(self.reconciler.run(), name="reconciler")
         finally:
             storage.close()

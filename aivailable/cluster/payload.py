@@ -46,6 +46,10 @@ class PeerPayload:
     instances: tuple[InstanceView, ...] = ()
     files: tuple[tuple[str, int, str], ...] = ()  # (sha256, size, source) it can share
     member: str | None = None  # its Raft id (aivailable/cluster/identity.py); None: not known
+    # The llama.cpp RPC protocol version its library speaks ("7.0.0"; None: no RPC), and
+    # whether its RPC server runs now: split models pair only equal versions.
+    rpc_version: str | None = None
+    rpc_ready: bool = False
 
 
 def node_payload(
@@ -58,6 +62,8 @@ def node_payload(
     headroom: int = 256 * MIB,
     capacity_step: int = 64 * MIB,
     member: str | None = None,
+    rpc_version: str | None = None,
+    rpc_ready: bool = False,
 ) -> dict:
     """The gossip payload (a msgpack-friendly map). gpus: aivailable.gpu.GpuInfo items (id,
     vendor, name, vram_total, vram_free); own_used: bytes our instances hold per local gpu
@@ -98,6 +104,8 @@ def node_payload(
     }
     if member is not None:
         payload["member"] = member
+    if rpc_version is not None:
+        payload["rpc"] = [rpc_version, bool(rpc_ready)]
     return payload
 
 
@@ -125,6 +133,8 @@ def read_payload(node_id: str, payload: Mapping[str, Any] | None) -> PeerPayload
         )
         cluster = payload.get("cluster")
         member = payload.get("member")
+        rpc = payload.get("rpc")
+        rpc_version, rpc_ready = (str(rpc[0]), bool(rpc[1])) if rpc else (None, False)
         return PeerPayload(
             str(payload.get("addr", "")),
             cluster if isinstance(cluster, str) else None,
@@ -134,6 +144,8 @@ def read_payload(node_id: str, payload: Mapping[str, Any] | None) -> PeerPayload
             instances,
             files,
             member if isinstance(member, str) and member else None,
+            rpc_version,
+            rpc_ready,
         )
     except (TypeError, ValueError):
         return PeerPayload()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from aivailable.cluster.state import ModelRecord
 from placement import Assignment
+from placement.split import Split
 
 MIB = 1 << 20
 
@@ -41,6 +42,7 @@ class Running:
     state: str
     n_ctx: int | None = None  # None: not started by the reconciler (unknown)
     options: tuple[str, int | None] | None = None  # (kind, n_parallel) it was started with
+    split_key: tuple = ()  # the split it was started as (Step.split_key)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,33 @@ class Step:
     n_ctx: int = 0
     kind: str = "chat"
     n_parallel: int | None = None  # None: the engine's default for this node's device
+    # A split's primary: the helper nodes in llama.cpp's --rpc order, the layer slots of
+    # [their devices..., this node's gpus...] (as tensor_split), the slots kept on the CPU.
+    rpc_helpers: tuple[str, ...] = ()
+    host_layers: int = 0
+    split_key: tuple = ()  # (node, gpu, layers) of every part: any change restarts it
+
+
+def split_step(node_id: str, split: Split, record: ModelRecord) -> Step:
+    """The start of a split instance on its primary (placement/split.py's layer order:
+    a host primary's slots first and on the CPU, else the helpers' first)."""
+    mine = [p for p in split.parts if p.node == node_id]
+    theirs = [p for p in split.parts if p.node != node_id]
+    host_first = split.primary_first()
+    counts = [p.layers for p in theirs] + ([] if host_first else [p.layers for p in mine])
+    return Step(
+        "start",
+        split.model,
+        record.source,
+        tuple(local_gpu_id(node_id, p.gpu) for p in mine),
+        tuple(float(c) for c in counts),
+        record.n_ctx,
+        record.kind,
+        record.n_parallel,
+        rpc_helpers=split.helpers,
+        host_layers=sum(p.layers for p in mine) if host_first else 0,
+        split_key=tuple((p.node, p.gpu, p.layers) for p in split.parts),
+    )
 
 
 def local_gpu_id(node_id: str, gpu_id: str) -> str:
@@ -67,6 +96,8 @@ def plan_steps(
     models: Mapping[str, ModelRecord],
     running: Mapping[str, Running],
     retry_due: Iterable[str] = (),
+    splits: Iterable[Split] = (),
+    rpc_ready: Iterable[str] = (),
 ) -> list[Step]:
     """The stops, then the starts, that turn `running` into this node's part of the plan.
 
@@ -75,8 +106,13 @@ def plan_steps(
     runs rather than diffing two plans with placement.diff, whose key includes the bytes).
     A failed instance is restarted only when its model is in `retry_due`. Assignments of a
     model no longer deployed are ignored (the next plan drops them).
+
+    `splits` this node is the primary of start only once every helper's RPC server is
+    ready (`rpc_ready`: nodes gossiping a running one), so the load finds them all; one
+    already running as planned is left alone meanwhile.
     """
-    due = set(retry_due)
+    due, ready = set(retry_due), set(rpc_ready)
+    held: set[str] = set()
     want: dict[str, Step] = {}
     for a in wanted:
         record = models.get(a.model)
@@ -92,6 +128,13 @@ def plan_steps(
             record.kind,
             record.n_parallel,
         )
+    for split in splits:
+        record = models.get(split.model)
+        if split.primary != node_id or record is None or split.model in want:
+            continue
+        want[split.model] = split_step(node_id, split, record)
+        if not set(split.helpers) <= ready:
+            held.add(split.model)
     stops, starts = [], []
     for model in sorted(running):
         have, need = running[model], want.get(model)
@@ -101,11 +144,17 @@ def plan_steps(
             and have.gpus == need.gpus
             and have.n_ctx in (None, need.n_ctx)
             and have.options in (None, (need.kind, need.n_parallel))
+            and have.split_key == need.split_key
         )
         if not same or (have.state == "failed" and model in due):
             stops.append(Step("stop", model))
     stopped = {s.model for s in stops}
     for model in sorted(want):
-        if model not in running or model in stopped:
+        if (model not in running or model in stopped) and model not in held:
             starts.append(want[model])
     return stops + starts
+
+
+def rpc_server_wanted(node_id: str, splits: Iterable[Split], models: Mapping) -> bool:
+    """This node helps a split of a deployed model: its RPC server should run."""
+    return any(node_id in s.helpers and s.model in models for s in splits)

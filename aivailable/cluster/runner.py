@@ -29,6 +29,7 @@ from aivailable.cluster.reconciler import (
     Step,
     local_gpu_id,
     plan_steps,
+    rpc_server_wanted,
 )
 from aivailable.cluster.state import ClusterState, ModelRecord
 from aivailable.cluster.view import NodeView
@@ -90,11 +91,23 @@ def read_local_files(
             if estimator is None:
                 from placement import estimate as estimator
             est = estimator(path, m.n_ctx, ctl.planned_parallel(m))
-            out[m.name] = ctl.LocalFile(size, est.total, est.split_overhead)
+            out[m.name] = ctl.LocalFile(size, est.total, est.split_overhead, _profile(path, m))
         except Exception as exc:  # commit what is certain; the size-based guess stays
             log.warning("cannot estimate %s from %s: %s", m.name, path, exc)
             out[m.name] = ctl.LocalFile(size)
     return out
+
+
+def _profile(path: Path, m: ModelRecord) -> tuple[int, ...] | None:
+    """The record's wire form of placement.estimate.layer_profile (None if unreadable)."""
+    try:
+        from placement.estimate import layer_profile
+
+        p = layer_profile(path, m.n_ctx, ctl.planned_parallel(m))
+    except Exception as exc:
+        log.info("no layer profile of %s: %s", m.name, exc)
+        return None
+    return (*p.layers, p.output, p.compute, p.compute_output, p.overhead)
 
 
 class ControllerRunner:
@@ -224,9 +237,16 @@ class Reconciler:
         clock: Callable[[], float] = time.monotonic,
         discover: Discover | None = None,
         ready: Callable[[], bool] = lambda: True,
+        rpc_server: Any | None = None,
+        rpc_ready: Callable[[], set[str]] = set,
     ):
         """`ready()`: this peer's state may be acted on (raft.caught_up); until it first
-        says so, a restarted peer does not act on the old plan it restored."""
+        says so, a restarted peer does not act on the old plan it restored.
+        `rpc_server`: this peer's llama.cpp RPC server (backends.rpc_server.RpcServerProcess:
+        start(), stop(), alive()), run while this node helps a split; None: it helps none.
+        `rpc_ready()`: the nodes gossiping a running RPC server."""
+        self.rpc_server = rpc_server
+        self._rpc_ready = rpc_ready
         self.node_id = node_id
         self.state = state
         self.instances = instances
@@ -280,7 +300,19 @@ class Reconciler:
                 for gpu, vram in zip(a.gpus, a.vram, strict=True):
                     local = local_gpu_id(self.node_id, gpu)
                     used[local] = used.get(local, 0) + vram
+        # split parts: the primary's while it runs, a helper's while its RPC server does
+        plan = self.state.plan
+        helping = self.rpc_server is not None and self.rpc_server.alive()
+        for split in plan.splits_for_node(self.node_id) if plan is not None else ():
+            if split.model in self._started or (helping and self.node_id != split.primary):
+                for part in split.parts:
+                    if part.node == self.node_id:
+                        local = local_gpu_id(self.node_id, part.gpu)
+                        used[local] = used.get(local, 0) + part.vram
         return used
+
+    def rpc_serving(self) -> bool:
+        return self.rpc_server is not None and self.rpc_server.alive()
 
     # -- doing
 
@@ -307,14 +339,17 @@ class Reconciler:
             started = self._started.get(model)
             n_ctx = started.n_ctx if started is not None else None
             options = (started.kind, started.n_parallel) if started is not None else None
-            running[model] = Running(inst.source, tuple(inst.gpus), inst.state, n_ctx, options)
+            key = started.split_key if started is not None else ()
+            running[model] = Running(inst.source, tuple(inst.gpus), inst.state, n_ctx, options, key)
         for model, step in list(self._started.items()):
             if model in running:
                 continue
             if model in self._fetching or model in self._failed:
                 state = "failed" if model in self._failed else "pending"
                 options = (step.kind, step.n_parallel)
-                running[model] = Running(step.source, step.gpus, state, step.n_ctx, options)
+                running[model] = Running(
+                    step.source, step.gpus, state, step.n_ctx, options, step.split_key
+                )
             else:  # a fetch that gave up because the model went away: forget it
                 del self._started[model]
         return running
@@ -350,6 +385,7 @@ class Reconciler:
             if not self._caught_up:
                 return []
         now = self._clock()
+        await self._rpc_pass()
         running = self._running()
         # No plan yet (a new cluster): nothing to match, and a preloaded default model
         # stays up for the first plan to adopt.
@@ -360,6 +396,8 @@ class Reconciler:
                 self.state.models,
                 running,
                 self._retry_due(running, now),
+                self.state.plan.splits,
+                self._rpc_ready(),
             )
             if self.state.plan is not None
             else []
@@ -379,6 +417,26 @@ class Reconciler:
         if unknown and self._discover is not None and self._tg is not None and not busy:
             self._discovering = self._tg.create_task(self._discover(unknown), name="discover")
         return steps
+
+    async def _rpc_pass(self) -> None:
+        """Runs the RPC server while this node helps a split, restarts it if it died, and
+        stops it once no split needs it. Its start returns once it answers, so a primary
+        that sees it ready in gossip finds it serving."""
+        if self.rpc_server is None:
+            return
+        plan = self.state.plan
+        wanted = plan is not None and rpc_server_wanted(
+            self.node_id, plan.splits, self.state.models
+        )
+        if wanted and not self.rpc_server.alive():
+            try:
+                version = await self.rpc_server.start()
+                log.info("RPC server %s up (protocol %s)", self.rpc_server.endpoint, version)
+            except Exception as exc:  # retried on the next pass
+                log.error("RPC server did not start: %s", exc)
+        elif not wanted and self.rpc_server.alive():
+            await self.rpc_server.stop()
+            log.info("RPC server stopped: no split needs this node")
 
     async def _stop(self, model: str) -> None:
         task = self._fetching.pop(model, None)

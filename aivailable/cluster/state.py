@@ -21,6 +21,7 @@ import msgpack
 
 from aivailable.cluster import keys as access_keys
 from placement import Assignment, Plan, Unplaced
+from placement.split import Part, Split
 
 PROTOCOL = 1
 # Command type numbers: append-only, never reuse or renumber.
@@ -72,6 +73,12 @@ class ModelRecord:
     split_overhead: int | None = None  # extra bytes per extra GPU when split
     kind: str = "chat"  # "chat" generates text; "embedding" serves /v1/embeddings
     n_parallel: int | None = None  # slots per instance; None: the engine's default
+    # Over several nodes through llama.cpp RPC: "auto" (only when no one node fits),
+    # "always" (tests, demos), "never".
+    split: str = "auto"
+    # Per-slot bytes for split plans, once a leader read the header (placement.estimate.
+    # layer_profile): [layer bytes..., output, compute, compute_output, overhead].
+    profile: tuple[int, ...] | None = None
 
     def to_wire(self) -> dict:
         return {
@@ -86,6 +93,8 @@ class ModelRecord:
             "split_overhead": self.split_overhead,
             "kind": self.kind,
             "n_parallel": self.n_parallel,
+            "split": self.split,
+            "profile": list(self.profile) if self.profile is not None else None,
         }
 
 
@@ -107,6 +116,8 @@ def _model_record(fields: dict, measured: bool = False) -> ModelRecord:
         else None,
         kind=_kind(fields.get("kind", "chat")),
         n_parallel=_opt_int(fields.get("n_parallel"), "n_parallel"),
+        split=_split(fields.get("split", "auto")),
+        profile=_profile(fields.get("profile")) if measured else None,
     )
 
 
@@ -141,6 +152,7 @@ def encode_deploy(
     default: bool = False,
     kind: str = "chat",
     n_parallel: int | None = None,
+    split: str = "auto",
 ) -> bytes:
     """`default`: this is the controller deploying the embedded model on a new cluster;
     applying it records that, so the default is never deployed again after an undeploy."""
@@ -156,6 +168,7 @@ def encode_deploy(
         default=default,
         kind=kind,
         n_parallel=n_parallel,
+        split=split,
     )
 
 
@@ -167,6 +180,16 @@ def plan_to_wire(plan: Plan) -> dict:
     return {
         "a": [[a.model, a.node, list(a.gpus), list(a.vram)] for a in plan.assignments],
         "u": [[u.model, u.missing_replicas, u.reason] for u in plan.unplaced],
+        **(
+            {
+                "s": [
+                    [s.model, s.primary, [[p.node, p.gpu, p.layers, p.vram] for p in s.parts]]
+                    for s in plan.splits
+                ]
+            }
+            if plan.splits
+            else {}
+        ),
     }
 
 
@@ -187,7 +210,24 @@ def plan_from_wire(data: Any) -> Plan:
         unplaced.append(
             Unplaced(_text(model, "model"), _int(missing, "missing", 0), _text(reason, "reason"))
         )
-    return Plan(assignments=tuple(assignments), unplaced=tuple(unplaced))
+    splits = []
+    for item in _list(data.get("s", []), "plan splits"):
+        model, primary, parts = _list(item, "split")
+        split_parts = []
+        for part in _list(parts, "split parts"):
+            node, gpu, layers, vram = _list(part, "split part")
+            split_parts.append(
+                Part(
+                    _text(node, "node"),
+                    _text(gpu, "gpu id"),
+                    _int(layers, "layers", 1),
+                    _int(vram, "vram", 0),
+                )
+            )
+        if not split_parts:
+            raise CommandError("a split needs parts")
+        splits.append(Split(_text(model, "model"), _text(primary, "primary"), split_parts))
+    return Plan(assignments=tuple(assignments), unplaced=tuple(unplaced), splits=tuple(splits))
 
 
 def encode_plan(plan: Plan, term: int) -> bytes:
@@ -202,6 +242,7 @@ def encode_model_file(
     size: int,
     vram: int | None = None,
     split_overhead: int | None = None,
+    profile: tuple[int, ...] | None = None,
 ) -> bytes:
     """Applies only while `name` is still deployed from `source` (a later redeploy wins)."""
     return _pack(
@@ -212,6 +253,7 @@ def encode_model_file(
         size=size,
         vram=vram,
         split_overhead=split_overhead,
+        **({"profile": list(profile)} if profile is not None else {}),
     )
 
 
@@ -266,6 +308,22 @@ def _kind(value: Any) -> str:
     if value not in ("chat", "embedding"):
         raise CommandError(f"kind must be chat or embedding, not {value!r}")
     return value
+
+
+def _split(value: Any) -> str:
+    if value not in ("auto", "never", "always"):
+        raise CommandError(f"split must be auto, never or always, not {value!r}")
+    return value
+
+
+def _profile(value: Any) -> tuple[int, ...] | None:
+    """[layer bytes..., output, compute, compute_output, overhead]: 1 layer at least."""
+    if value is None:
+        return None
+    items = tuple(_int(v, "profile bytes", 0) for v in _list(value, "profile"))
+    if len(items) < 5:
+        raise CommandError("a layer profile needs a layer, output, compute buffers, overhead")
+    return items
 
 
 def _opt_int(value: Any, what: str) -> int | None:
@@ -359,7 +417,12 @@ class ClusterState:
             if (old.n_ctx, old.n_parallel) == (record.n_ctx, record.n_parallel) and (
                 record.sha256 == old.sha256
             ):
-                record = replace(record, vram=old.vram, split_overhead=old.split_overhead)
+                record = replace(
+                    record,
+                    vram=old.vram,
+                    split_overhead=old.split_overhead,
+                    profile=old.profile,
+                )
         changed = default and not self.default_applied
         if default:
             self.default_applied = True
@@ -402,6 +465,7 @@ class ClusterState:
         size = _int(cmd.get("size"), "size", 0)
         vram = _opt_int(cmd.get("vram"), "vram")
         split = _opt_int(cmd.get("split_overhead"), "split_overhead")
+        profile = _profile(cmd.get("profile"))
         old = self.models.get(name)
         if old is None or old.source != source:
             raise CommandError(f"{name} is no longer deployed from {source}")
@@ -413,6 +477,7 @@ class ClusterState:
             size=size,
             vram=vram if vram is not None else old.vram,
             split_overhead=split if split is not None else old.split_overhead,
+            profile=profile if profile is not None else old.profile,
         )
         if new == old:
             return False

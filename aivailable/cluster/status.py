@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from aivailable.cluster.state import ClusterState
-from aivailable.cluster.view import ReadModel
+from aivailable.cluster.view import ReadModel, rpc_pairing
 
 # What to tell someone who sees another cluster with the same key: its nodes are ignored
 # until they are made to join this one on purpose.
@@ -30,6 +30,8 @@ def cluster_status(
     committed state and plan, each placement with its instance's state as gossiped."""
     cid = state.cluster_id
     instance_state = view.instance_states(cid)
+    members = [e for e in view.nodes() if e.cluster_id in (None, cid) or cid is None]
+    rpc_version, rpc_skipped = rpc_pairing([e for e in members if e.state == "alive"])
     nodes = []
     # Nodes of this cluster, and those of none yet (a peer still listening, a payload this
     # version cannot read): shown, though never placed on. Other clusters are listed apart.
@@ -63,6 +65,14 @@ def cluster_status(
                     }
                     for i in p.instances
                 ],
+                # llama.cpp RPC: the version this node speaks, whether its RPC server runs,
+                # and why split models leave it out (another version, no RPC backend)
+                "rpc": {
+                    "version": p.rpc_version,
+                    "server": p.rpc_ready,
+                    "paired": rpc_version is not None and p.rpc_version == rpc_version,
+                    **({"skipped": rpc_skipped[e.id]} if e.id in rpc_skipped else {}),
+                },
             }
         )
     unplaced = {u.model: u for u in state.plan.unplaced} if state.plan else {}
@@ -77,12 +87,27 @@ def cluster_status(
             }
             for a in (state.plan.for_model(record.name) if state.plan else ())
         ]
+        # A split instance is one placement on its primary, with its parts listed.
+        for split in state.plan.splits if state.plan else ():
+            if split.model != record.name:
+                continue
+            placements.append(
+                {
+                    "node": split.primary,
+                    "gpus": [p.gpu for p in split.parts if p.node == split.primary],
+                    "vram": sum(p.vram for p in split.parts),
+                    "state": instance_state.get((split.primary, split.model), "pending"),
+                    "split": True,
+                    "parts": [p.to_dict() for p in split.parts],
+                }
+            )
         model = {
             "name": record.name,
             "source": record.source,
             "replicas": record.replicas,
             "n_ctx": record.n_ctx,
             "priority": record.priority,
+            "split": record.split,
             "placements": placements,
         }
         if record.name in unplaced:
@@ -100,6 +125,7 @@ def cluster_status(
         "learners": sorted(learners),
         "nodes": nodes,
         "models": models,
+        "rpc": {"version": rpc_version, "skipped": rpc_skipped},
         "other_clusters": [
             {"cluster_id": other, "nodes": ids, "hint": JOIN_HINT}
             for other, ids in sorted(view.other_clusters(cid).items())

@@ -9,7 +9,7 @@ comes in as `now`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,14 @@ class NodeView:
     @property
     def files(self) -> tuple[tuple[str, int, str], ...]:
         return self.payload.files
+
+    @property
+    def rpc_version(self) -> str | None:
+        return self.payload.rpc_version
+
+    @property
+    def rpc_ready(self) -> bool:
+        return self.payload.rpc_ready
 
 
 def node_view(member: Any, now: float, previous: NodeView | None = None) -> NodeView:
@@ -195,3 +203,27 @@ class ReadModel:
             "",
         )
         return summarize_availability(True, found or (["pending"] if placements else []), unplaced)
+
+
+def rpc_pairing(nodes: Sequence[NodeView]) -> tuple[str | None, dict[str, str]]:
+    """The llama.cpp RPC version split models use (the one most usable nodes speak; the
+    highest on a tie), and for every other node why it is left out of splits. llama.cpp
+    refuses a server of another major version and the wire format changes with any."""
+    count: dict[str, int] = {}
+    for n in nodes:
+        if n.rpc_version:
+            count[n.rpc_version] = count.get(n.rpc_version, 0) + 1
+    if not count:
+        return None, {n.id: "no llama.cpp RPC backend" for n in nodes}
+
+    def key(v: str) -> tuple:
+        return (count[v], tuple(int(x) for x in v.split(".") if x.isdigit()))
+
+    chosen = max(count, key=key)
+    skipped = {}
+    for n in nodes:
+        if not n.rpc_version:
+            skipped[n.id] = "no llama.cpp RPC backend"
+        elif n.rpc_version != chosen:
+            skipped[n.id] = f"RPC protocol {n.rpc_version} differs from the cluster's {chosen}"
+    return chosen, skipped

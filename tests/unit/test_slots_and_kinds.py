@@ -28,13 +28,15 @@ def test_a_deploy_records_kind_and_slots_and_a_snapshot_keeps_them():
 
 
 def test_deploy_options_are_checked():
-    assert deploy_options({}) == {"kind": "chat", "n_parallel": None}
-    assert deploy_options({"kind": "embedding", "n_parallel": 8}) == {
+    assert deploy_options({}) == {"kind": "chat", "n_parallel": None, "split": "auto"}
+    assert deploy_options({"kind": "embedding", "n_parallel": 8, "split": "always"}) == {
         "kind": "embedding",
         "n_parallel": 8,
+        "split": "always",
     }
     for body, param in (
         ({"kind": "x"}, "kind"),
+        ({"split": "sometimes"}, "split"),
         ({"n_parallel": 0}, "n_parallel"),
         ({"n_parallel": True}, "n_parallel"),
     ):

@@ -1,0 +1,91 @@
+"""This peer's side of split models (placement/split.py): its llama.cpp RPC server, for the
+splits it helps, and its tunnels to other peers' RPC servers, for the splits it is the
+primary of. Both through peer/rpc_tunnel.py: no RPC port is ever reachable but on
+loopback, and between peers the bytes travel only inside the TLS peer channel.
+
+The wiring (server.py) builds it with the RPC server process (backends/rpc_server.py)
+and the protocol version it read from the library; the node hands it to the reconciler
+and mounts its route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from peer.rpc_tunnel import TUNNEL_PATH, TunnelListener, tunnel_handler
+
+log = logging.getLogger(__name__)
+
+
+class SplitSide:
+    def __init__(self, server: Any | None, version: str | None = None):
+        """`server`: an RpcServerProcess (start, stop, alive, port, kill); `version`: the
+        RPC protocol this library speaks (None until probed, or without RPC)."""
+        self.server = server
+        self.version = version
+        self._session: aiohttp.ClientSession | None = None
+        self._address_of: Callable[[str], str | None] = lambda node: None
+        self._tunnels: dict[str, TunnelListener] = {}  # helper node -> its tunnel here
+        self._tg: asyncio.TaskGroup | None = None
+
+    def bind(self, session: aiohttp.ClientSession, address_of: Callable[[str], str | None]):
+        """The peer session (TLS, signed) and how to find a node's host:port."""
+        self._session, self._address_of = session, address_of
+
+    # -- helper side
+
+    def local_rpc(self) -> tuple[str, int] | None:
+        """Where the tunnel route joins a peer: this node's RPC server, if it runs."""
+        if self.server is None or not self.server.alive():
+            return None
+        return ("127.0.0.1", self.server.port)
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get(TUNNEL_PATH, tunnel_handler(self.local_rpc))]
+
+    # -- primary side
+
+    def endpoints(self, helpers: tuple[str, ...]) -> tuple[str, ...]:
+        """A loopback endpoint per helper node, each a tunnel to that node's RPC server,
+        for the worker's --rpc list. Raises LookupError for a helper without an address."""
+        return tuple(self._tunnel(node).endpoint for node in helpers)
+
+    def _tunnel(self, node: str) -> TunnelListener:
+        addr = self._address_of(node)
+        if not addr or self._session is None or self._tg is None:
+            raise LookupError(f"no route to the RPC server of {node}")
+        url = f"http://{addr}"
+        tunnel = self._tunnels.get(node)
+        if tunnel is None or tunnel.peer_url != url:
+            if tunnel is not None:
+                tunnel.close()
+            tunnel = TunnelListener(self._session, url)
+            tunnel.start()
+            self._tunnels[node] = tunnel
+            self._tg.create_task(tunnel.serve(), name=f"rpc tunnel to {node}")
+        return tunnel
+
+    def tunnels(self) -> dict[str, dict]:
+        return {
+            node: {"endpoint": t.endpoint, "connections": t.connections, "failures": t.failures}
+            for node, t in self._tunnels.items()
+        }
+
+    async def run(self) -> None:
+        """Owns the tunnels' tasks; on the way out, closes them and kills the RPC server."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                await asyncio.Event().wait()
+        finally:
+            self._tg = None
+            for tunnel in self._tunnels.values():
+                tunnel.close()
+            if self.server is not None:
+                self.server.kill()
