@@ -201,6 +201,10 @@ class RpcServerProcess:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def ready(self) -> bool:
+        """Running and it answered HELLO: a primary may connect now."""
+        return self.version is not None and self.alive()
+
     def _spawn(self) -> None:
         from aivailable.backends.llama_runtime import physical_cores
 
@@ -219,9 +223,10 @@ class RpcServerProcess:
 
     async def start(self, timeout_s: float = 30.0) -> RpcVersion:
         """Spawns the child and returns once it answers HELLO (its version)."""
-        if self.alive():
+        if self.ready():
             assert self.version is not None
             return self.version
+        self.version = None
         self._spawn()
         deadline = time.monotonic() + timeout_s
         while True:
@@ -240,13 +245,13 @@ class RpcServerProcess:
 
     def kill(self) -> None:
         """At once, for a peer on its way out (no loop to wait in)."""
-        proc, self._proc = self._proc, None
+        proc, self._proc, self.version = self._proc, None, None
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
 
     async def stop(self, grace_s: float = 2.0) -> None:
-        proc, self._proc = self._proc, None
+        proc, self._proc, self.version = self._proc, None, None
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(signal.SIGTERM)

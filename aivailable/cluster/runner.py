@@ -312,7 +312,8 @@ class Reconciler:
         return used
 
     def rpc_serving(self) -> bool:
-        return self.rpc_server is not None and self.rpc_server.alive()
+        """The RPC server answers (gossiped: a primary starts only once it does)."""
+        return self.rpc_server is not None and self.rpc_server.ready()
 
     # -- doing
 
@@ -428,7 +429,7 @@ class Reconciler:
         wanted = plan is not None and rpc_server_wanted(
             self.node_id, plan.splits, self.state.models
         )
-        if wanted and not self.rpc_server.alive():
+        if wanted and not self.rpc_server.ready():
             try:
                 version = await self.rpc_server.start()
                 log.info("RPC server %s up (protocol %s)", self.rpc_server.endpoint, version)

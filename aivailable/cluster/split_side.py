@@ -42,7 +42,7 @@ class SplitSide:
 
     def local_rpc(self) -> tuple[str, int] | None:
         """Where the tunnel route joins a peer: this node's RPC server, if it runs."""
-        if self.server is None or not self.server.alive():
+        if self.server is None or not self.server.ready():
             return None
         return ("127.0.0.1", self.server.port)
 

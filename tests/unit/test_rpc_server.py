@@ -51,8 +51,8 @@ async def test_the_child_answers_hello_and_stops(tmp_path):
     server = RpcServerProcess(tmp_path / "cache", log_path=tmp_path / "rpc.log", n_threads=1)
     version = await server.start()
     assert version.major >= 7
-    assert server.alive() and rpc_hello("127.0.0.1", server.port) == version
+    assert server.ready() and rpc_hello("127.0.0.1", server.port) == version
     assert version == await library_rpc_version(tmp_path / "probe")
     await server.stop()
-    assert not server.alive()
+    assert not server.alive() and not server.ready()
     assert b"Starting RPC server" in (tmp_path / "rpc.log").read_bytes()
