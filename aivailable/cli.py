@@ -138,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--name", help="model name (default from the source)")
             p.add_argument("--replicas", type=int, default=1)
             p.add_argument("--n-ctx", type=int, default=2048)
+            p.add_argument(
+                "--split",
+                choices=("auto", "never", "always"),
+                default="auto",
+                help="over several peers through llama.cpp RPC: auto (when no one peer "
+                "fits), always, never",
+            )
         if name == "undeploy":
             p.add_argument("name")
     for p, _ in clients:
@@ -321,6 +328,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     body = {"source": args.source, "replicas": args.replicas, "n_ctx": args.n_ctx}
+    if args.split != "auto":
+        body["split"] = args.split
     if args.name:
         body["name"] = args.name
     result = request_json(args.url.rstrip("/") + "/cluster/models", "POST", body)

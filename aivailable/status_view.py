@@ -93,6 +93,35 @@ def render_models(status: dict, console: Console | None = None) -> None:
             escape(model.get("unplaced", "")),
         )
     console.print(table)
+    render_splits(status, console)
+
+
+def render_splits(status: dict, console: Console) -> None:
+    """A split instance's parts (placement/split.py): node, device, layers and bytes each."""
+    rows = [
+        (model.get("name", "?"), p)
+        for model in status.get("models", [])
+        for p in model.get("placements", [])
+        if p.get("split")
+    ]
+    if not rows:
+        return
+    table = Table(title="Split instances")
+    for col in ("model", "state", "part", "node", "device", "layers", "VRAM"):
+        table.add_column(col)
+    for name, placement in rows:
+        for i, part in enumerate(placement.get("parts", [])):
+            role = "primary" if part.get("node") == placement.get("node") else "helper"
+            table.add_row(
+                escape(str(name)) if i == 0 else "",
+                _styled(placement.get("state", "?")) if i == 0 else "",
+                role,
+                escape(str(part.get("node"))),
+                escape(str(part.get("gpu"))),
+                str(part.get("layers")),
+                f"{part.get('vram', 0) / (1 << 20):.0f} MiB",
+            )
+    console.print(table)
 
 
 def _percent(done: int, total: int | None) -> str:
@@ -117,6 +146,7 @@ def render_ps(status: dict, console: Console | None = None) -> None:
                 str(inst.get("queue_depth", 0)) if inst else "",
             )
     console.print(table)
+    render_splits(status, console)
     downloads = status.get("downloads") or []
     if downloads:
         table = Table(title=f"Downloads on {escape(str(status.get('node_id')))}")

@@ -100,3 +100,33 @@ async def test_the_commands_read_a_real_peer(capsys):
         assert [m["name"] for m in json.loads(capsys.readouterr().out)] == ["chat-big", "huge"]
     assert cli.main(["ps", "--url", "http://127.0.0.1:9"]) == 1
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_a_split_instance_shows_its_parts():
+    status = {
+        "nodes": [],
+        "models": [
+            {
+                "name": "big",
+                "replicas": 1,
+                "placements": [
+                    {
+                        "node": "a",
+                        "gpus": ["a/gpu0"],
+                        "state": "ready",
+                        "split": True,
+                        "parts": [
+                            {"node": "a", "gpu": "a/gpu0", "layers": 20, "vram": 300 << 20},
+                            {"node": "b", "gpu": "b/gpu0", "layers": 11, "vram": 420 << 20},
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    for render in (render_models, render_ps):
+        out = io.StringIO()
+        render(status, Console(file=out, width=140))
+        text = out.getvalue()
+        assert "Split instances" in text and "primary" in text and "helper" in text
+        assert "420 MiB" in text and "11" in text
