@@ -49,16 +49,17 @@ log = logging.getLogger(__name__)
 DRAIN_S = 5.0
 
 
-def split_side(config: Config, real_engines: bool) -> SplitSide:
+def split_side(config: Config, real_engines: bool, auth: PeerAuth, tls) -> SplitSide:
     """This peer's part in split models: an RPC server child (loopback only, its tensor
-    cache in the data dir), for peers that run real llama.cpp workers."""
+    cache in the data dir) and tunnels signed by `auth` inside the peer TLS `tls`, for
+    peers that run real llama.cpp workers."""
     if not real_engines:
         return SplitSide(None)
     server = RpcServerProcess(
         config.data_dir / "rpc-cache",
         log_path=config.data_dir / "rpc-server.log",
     )
-    return SplitSide(server)
+    return SplitSide(server, auth, tls)
 
 
 async def probe_rpc_version(split: SplitSide, config: Config, publish: Callable[[], None]):
@@ -175,7 +176,7 @@ async def serve(
             engine_factory or llama_factory(gpus, config.n_ctx, config.queue_limit, config.engine),
             probe,
             upstream,
-            split=(split := split_side(config, engine_factory is None)),
+            split=(split := split_side(config, engine_factory is None, auth, tls_client)),
         )
         guard = AccessGuard(
             config.auth_on, lambda: node.state.access, limiter, caught_up=node.caught_up

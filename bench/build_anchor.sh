@@ -18,21 +18,28 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 if [ -n "${LLAMA_SRC:-}" ]; then
   src=$LLAMA_SRC
-else
-  echo "fetching the llama-cpp-python $version sdist"
-  $PY -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$work"
-  tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
-  src=$(echo "$work"/llama_cpp_python-*/vendor/llama.cpp)
+else  # unpacked into the cache, beside the kept build tree that refers to it
+  src=$cache/src/llama_cpp_python-$version/vendor/llama.cpp
+  if [ ! -d "$src" ]; then
+    echo "fetching the llama-cpp-python $version sdist"
+    $PY -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$work"
+    mkdir -p "$cache/src"
+    tar -xzf "$work"/llama_cpp_python-"$version".tar.gz -C "$cache/src"
+  fi
+fi
+build=$cache/build  # kept: a repeated build (new flags, a failed step) resumes
+if [ -f "$build/CMakeCache.txt" ] && ! grep -q "CMAKE_HOME_DIRECTORY:INTERNAL=$src\$" "$build/CMakeCache.txt"; then
+  rm -rf "$build"  # built from other sources
 fi
 echo "building llama-server and rpc-server (a few minutes on 2 cores)"
-cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_RPC=ON \
+cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_RPC=ON \
   -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
   -DLLAMA_BUILD_TOOLS=ON -DGGML_NATIVE=ON >/dev/null
-cmake --build "$work/build" --target llama-server rpc-server -j "$(nproc)" >/dev/null
+cmake --build "$build" --target llama-server ggml-rpc-server -j "$(nproc)" >/dev/null
 mkdir -p "$cache/bin"
-cp "$work/build/bin/llama-server" "$bin"
-cp "$work/build/bin/rpc-server" "$cache/bin/rpc-server"
+cp "$build/bin/llama-server" "$bin"
+cp "$build/bin/ggml-rpc-server" "$cache/bin/rpc-server"
 # the shared libraries it links, beside it
-find "$work/build" -name '*.so*' -exec cp -P {} "$cache/bin/" \;
+find "$build" -name '*.so*' -exec cp -P {} "$cache/bin/" \;
 echo "$stamp" >"$cache/version"
 echo "built $bin"

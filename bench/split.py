@@ -63,21 +63,17 @@ async def serve_engine(port: int, threads: int, rpc: str, via: str, secret: byte
     from aivailable.api.openai_api import OpenAIApi
     from aivailable.backends.llama_engine import EngineConfig, LlamaEngine
     from aivailable.metrics import Metrics
-    from peer.auth import PeerAuth, make_peer_session
+    from peer.auth import PeerAuth
     from peer.rpc_tunnel import TunnelListener
     from peer.tls import peer_contexts, write_credentials
 
     path = store.resolve(f"builtin:{MODEL}").path
     config = EngineConfig(n_threads=threads, max_queue_wait=600)
     endpoints = [e for e in rpc.split(",") if e]
-    tls_dir = Path(tempfile.mkdtemp())
-    _, tls_client = peer_contexts(*write_credentials(secret, tls_dir))
-    async with (
-        make_peer_session(PeerAuth(secret), tls_client) as session,
-        asyncio.TaskGroup() as tg,
-    ):
+    _, tls_client = peer_contexts(*write_credentials(secret, Path(tempfile.mkdtemp())))
+    async with asyncio.TaskGroup() as tg:
         if via == "tunnel":
-            tunnels = [TunnelListener(session, f"http://{e}") for e in endpoints]
+            tunnels = [TunnelListener(PeerAuth(secret), tls_client, e) for e in endpoints]
             for t in tunnels:
                 t.start()
                 tg.create_task(t.serve())

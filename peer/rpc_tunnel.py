@@ -1,18 +1,21 @@
 """llama.cpp RPC between peers, carried inside the peer channel.
 
 llama.cpp's RPC protocol has no authentication and no encryption. So no RPC server ever
-listens beyond loopback; a split model's bytes travel between peers only as a WebSocket
-inside the peers' TLS 1.3 channel (peer/tls.py: both ends must hold the cluster
-certificate), opened by a request signed with the cluster key (peer/auth.py: the path is
-under /internal/, so an unsigned, replayed or misaddressed opening gets a 401):
+listens beyond loopback; a split model's bytes travel between peers only inside the peers'
+TLS 1.3 channel (peer/tls.py: both ends must hold the cluster certificate), on a
+connection opened by an HTTP/1.1 upgrade request signed with the cluster key
+(peer/auth.py: the path is under /internal/, so an unsigned, replayed or misaddressed
+opening gets a 401 before anything is joined):
 
     primary's worker --TCP 127.0.0.1:L--> TunnelListener (primary peer)
-        --TLS, WebSocket GET /internal/rpc/tunnel--> tunnel_handler (helper peer)
-        --TCP 127.0.0.1:R--> llama.cpp RPC server (helper's child process)
+        --TLS: GET /internal/rpc/tunnel, 101, then raw bytes-->
+        tunnel_handler (helper peer) --TCP 127.0.0.1:R--> llama.cpp RPC server
 
-Each TCP connection the worker opens gets a WebSocket of its own, so the RPC stream's
-order is kept. Bytes are passed on as they come: RPC is many small request/answer
-rounds (a graph per token), so a hop must not wait to fill a buffer.
+Each TCP connection the worker opens gets a connection of its own, so the RPC stream's
+order is kept. After the 101 answer the bytes go through as they are, without framing:
+RPC is many small request/answer rounds (a graph per token), each paying every hop's
+cost, so a hop must add as little as it can (a WebSocket's frames and masks cost about a
+fifth of the tokens per second here; bench/split.py).
 """
 
 from __future__ import annotations
@@ -21,92 +24,191 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 
-import aiohttp
 from aiohttp import web
+
+from peer.auth import PeerAuth, authority, peer_socket
+from peer.tls import PEER_SNI
 
 log = logging.getLogger(__name__)
 
 TUNNEL_PATH = "/internal/rpc/tunnel"
+# Names the tunnelled protocol and its version, asked for in TUNNEL_HEADER and answered in
+# the 101's Upgrade. Not an HTTP Upgrade request: aiohttp's parser switches protocols only
+# for websocket; the handler takes the connection over itself (as aiohttp's WebSocket
+# support does), before the 101 leaves, so no byte after it is read as HTTP.
+UPGRADE = "aivailable-rpc/1"
+TUNNEL_HEADER = "X-Aivailable-Tunnel"
 # Bytes read from a socket at once: a weight upload moves tens of MB, a token's round a
-# few KB; 256 KiB keeps an upload to few WebSocket frames without holding up small ones.
+# few KB; 256 KiB keeps an upload to few writes without holding up small ones.
 CHUNK = 256 << 10
+# Bytes from the peer held for a slow local RPC server before the TLS side stops reading.
+HIGH_WATER = 4 << 20
+MAX_HEAD_BYTES = 16 << 10
 
 
-async def _tcp_to_ws(reader: asyncio.StreamReader, ws) -> None:
-    while data := await reader.read(CHUNK):
-        await ws.send_bytes(data)
+class TunnelRefused(Exception):
+    """The helper peer did not open the tunnel (its status line says why)."""
 
 
-async def _ws_to_tcp(ws, writer: asyncio.StreamWriter) -> None:
-    async for msg in ws:
-        if msg.type != aiohttp.WSMsgType.BINARY:
-            break
-        writer.write(msg.data)
-        await writer.drain()
+async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(CHUNK):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        with contextlib.suppress(OSError, RuntimeError):
+            if writer.can_write_eof():
+                writer.write_eof()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ws) -> None:
-    """Both directions until either side ends; then both are closed."""
+async def _pipe(a: tuple, b: tuple) -> None:
+    """Both directions between two (reader, writer) pairs until either side ends."""
     try:
         async with asyncio.TaskGroup() as tg:
-            up = tg.create_task(_tcp_to_ws(reader, ws))
-            down = tg.create_task(_ws_to_tcp(ws, writer))
-            await asyncio.wait([up, down], return_when=asyncio.FIRST_COMPLETED)
-            up.cancel()
-            down.cancel()
-    except* (ConnectionError, OSError, aiohttp.ClientError) as exc:
+            one = tg.create_task(_copy(a[0], b[1]))
+            two = tg.create_task(_copy(b[0], a[1]))
+            await asyncio.wait([one, two], return_when=asyncio.FIRST_COMPLETED)
+            one.cancel()
+            two.cancel()
+    except* (ConnectionError, OSError, ssl.SSLError) as exc:
         log.debug("RPC tunnel ended: %r", exc.exceptions[0])
     finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await writer.wait_closed()
-        await ws.close()
+        for writer in (a[1], b[1]):
+            writer.close()
+
+
+def _nodelay(sock: socket.socket | None) -> None:
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _Inbound:
+    """The helper's side of an upgraded aiohttp connection as a StreamReader: aiohttp
+    hands bytes after the upgrade to a payload parser (as it does for WebSockets); this
+    one passes them on, pausing the TLS transport above HIGH_WATER."""
+
+    def __init__(self, transport: asyncio.Transport):
+        self.transport = transport
+        self.reader = asyncio.StreamReader(limit=HIGH_WATER)
+        self.reader.set_transport(transport)  # resume_reading once drained below the limit
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self.reader.feed_data(data)
+        return False, b""
+
+    def feed_eof(self) -> None:
+        self.reader.feed_eof()
+
+
+class _Outbound:
+    """Writes to the upgraded transport with StreamWriter's interface (write, drain)."""
+
+    def __init__(self, request: web.Request):
+        self._request, self.transport = request, request.transport
+
+    def write(self, data: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.transport.is_closing():
+            raise ConnectionResetError("the peer closed the tunnel")
+        writer = self._request._payload_writer  # the response's writer: its drain helper
+        if writer is not None:
+            await writer.drain()
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.transport.close()
 
 
 def tunnel_handler(local_rpc: Callable[[], tuple[str, int] | None]):
-    """The helper's route: upgrades a signed peer request to a WebSocket and joins it to
+    """The helper's route: upgrades a signed peer request to a raw byte stream joined to
     the local RPC server that `local_rpc()` names (None: this peer runs none, 503)."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
+        if request.headers.get(TUNNEL_HEADER, "").lower() != UPGRADE:
+            return _error(426, f"expected {TUNNEL_HEADER}: {UPGRADE}", "upgrade_required")
         target = local_rpc()
         if target is None:
-            return web.json_response(
-                {"error": {"message": "no RPC server on this peer", "code": "no_rpc"}},
-                status=503,
-            )
+            return _error(503, "no RPC server on this peer", "no_rpc")
         try:
             reader, writer = await asyncio.open_connection(*target)
         except OSError as exc:
-            return web.json_response(
-                {"error": {"message": f"RPC server unreachable: {exc}", "code": "no_rpc"}},
-                status=503,
-            )
-        _nodelay(writer)
-        ws = web.WebSocketResponse(max_msg_size=0, compress=False, autoping=True)
-        await ws.prepare(request)
-        await _pipe(reader, writer, ws)
-        return ws
+            return _error(503, f"RPC server unreachable: {exc}", "no_rpc")
+        _nodelay(writer.get_extra_info("socket"))
+        assert request.transport is not None
+        inbound = _Inbound(request.transport)
+        # from here on every byte of this connection is the tunnel's
+        request.protocol.set_parser(inbound)  # type: ignore[arg-type]
+        response = web.StreamResponse(
+            status=101, headers={"Upgrade": UPGRADE, "Connection": "Upgrade"}
+        )
+        await response.prepare(request)
+        await _pipe((inbound.reader, _Outbound(request)), (reader, writer))
+        return response
 
     return handler
 
 
-def _nodelay(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def _error(status: int, message: str, code: str) -> web.Response:
+    return web.json_response({"error": {"message": message, "code": code}}, status=status)
+
+
+async def open_tunnel(
+    auth: PeerAuth, tls: ssl.SSLContext | None, host: str, port: int, timeout_s: float = 10
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The primary's side: TLS to the helper peer, the signed upgrade, its 101 read."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    sock = peer_socket(infos[0])
+    sock.setblocking(False)
+    async with asyncio.timeout(timeout_s):
+        await loop.sock_connect(sock, infos[0][4])
+        reader, writer = await asyncio.open_connection(
+            sock=sock, ssl=tls, server_hostname=PEER_SNI if tls is not None else None
+        )
+        _nodelay(writer.get_extra_info("socket"))
+        target = authority(host, port)
+        head = [
+            f"GET {TUNNEL_PATH} HTTP/1.1",
+            f"Host: {target}",
+            f"{TUNNEL_HEADER}: {UPGRADE}",
+            *(f"{k}: {v}" for k, v in auth.signed_headers("GET", TUNNEL_PATH, b"", target).items()),
+        ]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
+        try:
+            answer = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            writer.close()
+            raise TunnelRefused("the helper peer closed before answering") from exc
+    status = answer.split(b"\r\n", 1)[0]
+    if len(answer) > MAX_HEAD_BYTES or b" 101 " not in status + b" ":
+        writer.close()
+        raise TunnelRefused(status.decode("latin-1", errors="replace"))
+    return reader, writer
 
 
 class TunnelListener:
     """The primary's end: a loopback port that the worker takes for a helper's RPC server.
 
-    Every connection accepted is carried to `peer_url` (http://host:port of the helper
-    peer; the session turns it into TLS and signs the opening). `start()` binds; `serve()`
-    accepts until cancelled, run by its owner's TaskGroup, which owns the pipes too."""
+    Every connection accepted is carried to the helper peer at `peer_addr` (host:port)
+    through open_tunnel. `start()` binds; `serve()` accepts until cancelled, run by its
+    owner's TaskGroup, which owns the pipes too."""
 
-    def __init__(self, session: aiohttp.ClientSession, peer_url: str, host: str = "127.0.0.1"):
-        self.session, self.peer_url = session, peer_url.rstrip("/")
+    def __init__(
+        self,
+        auth: PeerAuth,
+        tls: ssl.SSLContext | None,
+        peer_addr: str,
+        host: str = "127.0.0.1",
+    ):
+        self.auth, self.tls, self.peer_addr = auth, tls, peer_addr
         self.host, self.port = host, 0
         self._sock: socket.socket | None = None
         self.connections = 0  # tunnels opened, for status and tests
@@ -143,16 +245,15 @@ class TunnelListener:
             self.close()
 
     async def _carry(self, conn: socket.socket) -> None:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        reader, writer = await asyncio.open_connection(sock=conn)
+        _nodelay(conn)
+        local = await asyncio.open_connection(sock=conn)
+        host, _, port = self.peer_addr.rpartition(":")
         try:
-            ws = await self.session.ws_connect(
-                self.peer_url + TUNNEL_PATH, max_msg_size=0, compress=0, autoping=True
-            )
-        except (aiohttp.ClientError, OSError) as exc:
+            remote = await open_tunnel(self.auth, self.tls, host, int(port))
+        except (OSError, TimeoutError, ssl.SSLError, TunnelRefused) as exc:
             self.failures += 1
-            log.warning("RPC tunnel to %s refused: %r", self.peer_url, exc)
-            writer.close()
+            log.warning("RPC tunnel to %s refused: %r", self.peer_addr, exc)
+            local[1].close()
             return
         self.connections += 1
-        await _pipe(reader, writer, ws)
+        await _pipe(local, remote)

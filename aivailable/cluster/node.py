@@ -157,7 +157,7 @@ class ClusterNode:
         self._engine_factory = engine_factory
         # split models: this peer's RPC server and its tunnels (none: it takes no part)
         self.split = split or SplitSide(None)
-        self.split.bind(session, self._node_addr)
+        self.split.bind(self._node_addr)
         self.instances = Instances(self.local_models.resolve, self._engine, tg)
         self.fetcher = ModelFetcher(
             self.local_models, session, lambda: self.view.peer_files(self.our_cluster())

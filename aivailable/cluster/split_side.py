@@ -12,31 +12,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
+from peer.auth import PeerAuth
 from peer.rpc_tunnel import TUNNEL_PATH, TunnelListener, tunnel_handler
 
 log = logging.getLogger(__name__)
 
 
 class SplitSide:
-    def __init__(self, server: Any | None, version: str | None = None):
-        """`server`: an RpcServerProcess (start, stop, alive, port, kill); `version`: the
-        RPC protocol this library speaks (None until probed, or without RPC)."""
+    def __init__(
+        self,
+        server: Any | None,
+        auth: PeerAuth | None = None,
+        tls: ssl.SSLContext | None = None,
+        version: str | None = None,
+    ):
+        """`server`: an RpcServerProcess (start, stop, ready, port, kill); `auth` signs the
+        tunnels' openings, `tls` is the peer channel's client context (peer/tls.py);
+        `version`: the RPC protocol this library speaks (None until probed, or none)."""
         self.server = server
         self.version = version
-        self._session: aiohttp.ClientSession | None = None
+        self._auth, self._tls = auth, tls
         self._address_of: Callable[[str], str | None] = lambda node: None
         self._tunnels: dict[str, TunnelListener] = {}  # helper node -> its tunnel here
         self._tg: asyncio.TaskGroup | None = None
 
-    def bind(self, session: aiohttp.ClientSession, address_of: Callable[[str], str | None]):
-        """The peer session (TLS, signed) and how to find a node's host:port."""
-        self._session, self._address_of = session, address_of
+    def bind(self, address_of: Callable[[str], str | None]) -> None:
+        """How to find a node's host:port (the read model)."""
+        self._address_of = address_of
 
     # -- helper side
 
@@ -58,14 +66,13 @@ class SplitSide:
 
     def _tunnel(self, node: str) -> TunnelListener:
         addr = self._address_of(node)
-        if not addr or self._session is None or self._tg is None:
+        if not addr or self._auth is None or self._tg is None:
             raise LookupError(f"no route to the RPC server of {node}")
-        url = f"http://{addr}"
         tunnel = self._tunnels.get(node)
-        if tunnel is None or tunnel.peer_url != url:
+        if tunnel is None or tunnel.peer_addr != addr:
             if tunnel is not None:
                 tunnel.close()
-            tunnel = TunnelListener(self._session, url)
+            tunnel = TunnelListener(self._auth, self._tls, addr)
             tunnel.start()
             self._tunnels[node] = tunnel
             self._tg.create_task(tunnel.serve(), name=f"rpc tunnel to {node}")

@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from peer.auth import PeerAuth, make_peer_session
-from peer.rpc_tunnel import TUNNEL_PATH, TunnelListener, tunnel_handler
+from peer.auth import PeerAuth
+from peer.rpc_tunnel import TUNNEL_PATH, TunnelListener, TunnelRefused, open_tunnel, tunnel_handler
 from peer.tls import DualSite, peer_contexts, write_credentials
 
 SECRET = b"t" * 32
@@ -106,10 +106,9 @@ async def test_bytes_cross_the_tunnel_in_order_and_only_as_tls(tmp_path):
         echo_server() as rpc_port,
         helper_peer(tmp_path, rpc_port) as helper_port,
         sniffing_relay(helper_port, seen) as relay_port,
-        make_peer_session(PeerAuth(SECRET), tls_client) as session,
         asyncio.TaskGroup() as tg,
     ):
-        tunnel = TunnelListener(session, f"http://127.0.0.1:{relay_port}")
+        tunnel = TunnelListener(PeerAuth(SECRET), tls_client, f"127.0.0.1:{relay_port}")
         tunnel.start()
         serving = tg.create_task(tunnel.serve())
         assert await roundtrip(tunnel.port, payload) == payload
@@ -119,7 +118,7 @@ async def test_bytes_cross_the_tunnel_in_order_and_only_as_tls(tmp_path):
     wire = b"".join(seen)
     assert len(wire) > 2 * len(payload)  # both directions went through the relay
     assert MARK not in wire and payload[100:200] not in wire
-    assert b"GET " not in wire and b"Upgrade" not in wire  # even the opening is encrypted
+    assert b"GET " not in wire and b"101" not in wire  # even the opening is encrypted
 
 
 async def test_a_tunnel_without_the_cluster_key_is_refused(tmp_path):
@@ -127,21 +126,20 @@ async def test_a_tunnel_without_the_cluster_key_is_refused(tmp_path):
     _, wrong_tls = peer_contexts(*write_credentials(other, tmp_path / "stranger"))
     _, right_tls = peer_contexts(*write_credentials(SECRET, tmp_path / "primary"))
     async with echo_server() as rpc_port, helper_peer(tmp_path, rpc_port) as port:
-        url = f"http://127.0.0.1:{port}{TUNNEL_PATH}"
         # right TLS, a request signed with another key: 401 before any RPC byte
-        async with make_peer_session(PeerAuth(other), right_tls) as session:
-            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-                await session.ws_connect(url)
-            assert refused.value.status == 401
+        with pytest.raises(TunnelRefused, match="401"):
+            await open_tunnel(PeerAuth(other), right_tls, "127.0.0.1", port)
         # plain HTTP, unsigned: 401 too
-        async with aiohttp.ClientSession() as plain:
-            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-                await plain.ws_connect(url)
-            assert refused.value.status == 401
+        url = f"http://127.0.0.1:{port}{TUNNEL_PATH}"
+        async with aiohttp.ClientSession() as plain, plain.get(url) as answer:
+            assert answer.status == 401
         # another cluster's certificate: no TLS session at all
-        async with make_peer_session(PeerAuth(other), wrong_tls) as session:
-            with pytest.raises((aiohttp.ClientError, ssl.SSLError, OSError)):
-                await session.ws_connect(url)
+        with pytest.raises((ssl.SSLError, OSError, TunnelRefused)):
+            await open_tunnel(PeerAuth(other), wrong_tls, "127.0.0.1", port)
+        # the right key, without asking for the tunnel: 426, nothing joined
+        signed = aiohttp.ClientSession(middlewares=(PeerAuth(SECRET).client_middleware,))
+        async with signed as session, session.get(url) as answer:
+            assert answer.status == 426
         # raw TCP speaking RPC (a HELLO): an HTTP 400, never an RPC answer
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(bytes([14]) + (24).to_bytes(8, "little") + bytes(24))
@@ -156,10 +154,6 @@ async def test_a_helper_without_an_rpc_server_answers_503(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]
-    async with (
-        helper_peer(tmp_path, closed_port) as port,
-        make_peer_session(PeerAuth(SECRET), tls_client) as session,
-    ):
-        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-            await session.ws_connect(f"http://127.0.0.1:{port}{TUNNEL_PATH}")
-        assert refused.value.status == 503
+    async with helper_peer(tmp_path, closed_port) as port:
+        with pytest.raises(TunnelRefused, match="503"):
+            await open_tunnel(PeerAuth(SECRET), tls_client, "127.0.0.1", port)
