@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -194,12 +195,44 @@ async def open_tunnel(
     return reader, writer
 
 
+def connecting_pid_in(conn: socket.socket, pids: set[int]) -> bool:
+    """Whether the loopback client at the other end of `conn` is one of `pids` (Linux:
+    its socket's inode from /proc/net/tcp, looked for among those processes' fds)."""
+    try:
+        host, port = conn.getpeername()[:2]
+        mine = conn.getsockname()[1]
+        theirs = f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
+        with open("/proc/net/tcp") as fh:
+            inode = next(
+                f[9]
+                for f in (line.split() for line in fh.readlines()[1:])
+                if f[1] == theirs and f[2].endswith(f":{mine:04X}")
+            )
+    except (OSError, StopIteration, ValueError):
+        return False
+    wanted = f"socket:[{inode}]"
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == wanted:
+                    return True
+    return False
+
+
 class TunnelListener:
     """The primary's end: a loopback port that the worker takes for a helper's RPC server.
 
     Every connection accepted is carried to the helper peer at `peer_addr` (host:port)
     through open_tunnel. `start()` binds; `serve()` accepts until cancelled, run by its
-    owner's TaskGroup, which owns the pipes too."""
+    owner's TaskGroup, which owns the pipes too.
+
+    The port is on loopback, so any local process could dial it and reach the helper with
+    this peer's credentials: with `allowed_pids` (the model workers), a connection from any
+    other process is closed unanswered."""
 
     def __init__(
         self,
@@ -207,8 +240,11 @@ class TunnelListener:
         tls: ssl.SSLContext | None,
         peer_addr: str,
         host: str = "127.0.0.1",
+        allowed_pids: Callable[[], set[int]] | None = None,
     ):
         self.auth, self.tls, self.peer_addr = auth, tls, peer_addr
+        self.allowed_pids = allowed_pids
+        self.refused = 0  # local connections from other processes
         self.host, self.port = host, 0
         self._sock: socket.socket | None = None
         self.connections = 0  # tunnels opened, for status and tests
@@ -245,6 +281,13 @@ class TunnelListener:
             self.close()
 
     async def _carry(self, conn: socket.socket) -> None:
+        if self.allowed_pids is not None and not connecting_pid_in(conn, self.allowed_pids()):
+            self.refused += 1
+            log.warning(
+                "RPC tunnel to %s: a connection from another process refused", self.peer_addr
+            )
+            conn.close()
+            return
         _nodelay(conn)
         local = await asyncio.open_connection(sock=conn)
         host, _, port = self.peer_addr.rpartition(":")

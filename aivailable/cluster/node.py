@@ -157,7 +157,7 @@ class ClusterNode:
         self._engine_factory = engine_factory
         # split models: this peer's RPC server and its tunnels (none: it takes no part)
         self.split = split or SplitSide(None)
-        self.split.bind(self._node_addr)
+        self.split.bind(self._node_addr, self._worker_pids)
         self.instances = Instances(self.local_models.resolve, self._engine, tg)
         self.fetcher = ModelFetcher(
             self.local_models, session, lambda: self.view.peer_files(self.our_cluster())
@@ -204,6 +204,10 @@ class ClusterNode:
                     host_layers=step.host_layers,
                 )
         return self._engine_factory(spec)
+
+    def _worker_pids(self) -> set[int]:
+        pids = (getattr(i.engine, "pid", None) for i in self.instances.by_model().values())
+        return {pid for pid in pids if pid}
 
     def _node_addr(self, node_id: str) -> str | None:
         node = self.view.node(node_id)

@@ -39,12 +39,19 @@ class SplitSide:
         self.version = version
         self._auth, self._tls = auth, tls
         self._address_of: Callable[[str], str | None] = lambda node: None
+        self._worker_pids: Callable[[], set[int]] | None = None
         self._tunnels: dict[str, TunnelListener] = {}  # helper node -> its tunnel here
         self._tg: asyncio.TaskGroup | None = None
 
-    def bind(self, address_of: Callable[[str], str | None]) -> None:
-        """How to find a node's host:port (the read model)."""
+    def bind(
+        self,
+        address_of: Callable[[str], str | None],
+        worker_pids: Callable[[], set[int]] | None = None,
+    ) -> None:
+        """How to find a node's host:port (the read model), and the model workers' pids:
+        the only processes whose connections the tunnels carry."""
         self._address_of = address_of
+        self._worker_pids = worker_pids
 
     # -- helper side
 
@@ -72,7 +79,7 @@ class SplitSide:
         if tunnel is None or tunnel.peer_addr != addr:
             if tunnel is not None:
                 tunnel.close()
-            tunnel = TunnelListener(self._auth, self._tls, addr)
+            tunnel = TunnelListener(self._auth, self._tls, addr, allowed_pids=self._worker_pids)
             tunnel.start()
             self._tunnels[node] = tunnel
             self._tg.create_task(tunnel.serve(), name=f"rpc tunnel to {node}")
@@ -80,7 +87,12 @@ class SplitSide:
 
     def tunnels(self) -> dict[str, dict]:
         return {
-            node: {"endpoint": t.endpoint, "connections": t.connections, "failures": t.failures}
+            node: {
+                "endpoint": t.endpoint,
+                "connections": t.connections,
+                "failures": t.failures,
+                "refused": t.refused,
+            }
             for node, t in self._tunnels.items()
         }
 

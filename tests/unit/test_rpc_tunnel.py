@@ -157,3 +157,27 @@ async def test_a_helper_without_an_rpc_server_answers_503(tmp_path):
     async with helper_peer(tmp_path, closed_port) as port:
         with pytest.raises(TunnelRefused, match="503"):
             await open_tunnel(PeerAuth(SECRET), tls_client, "127.0.0.1", port)
+
+
+async def test_only_the_allowed_processes_may_use_a_tunnel(tmp_path):
+    """The listener is on loopback: another local process must not ride the peer's keys."""
+    _, tls_client = peer_contexts(*write_credentials(SECRET, tmp_path / "primary"))
+    allowed: set[int] = {os.getpid()}
+    async with (
+        echo_server() as rpc_port,
+        helper_peer(tmp_path, rpc_port) as helper_port,
+        asyncio.TaskGroup() as tg,
+    ):
+        tunnel = TunnelListener(
+            PeerAuth(SECRET), tls_client, f"127.0.0.1:{helper_port}", allowed_pids=lambda: allowed
+        )
+        tunnel.start()
+        serving = tg.create_task(tunnel.serve())
+        assert await roundtrip(tunnel.port, b"from the worker") == b"from the worker"
+        allowed = {os.getpid() + 100000}  # some other process: this one is refused now
+        reader, writer = await asyncio.open_connection("127.0.0.1", tunnel.port)
+        writer.write(b"hello?")
+        assert await asyncio.wait_for(reader.read(100), 5) == b""
+        writer.close()
+        assert tunnel.refused == 1 and tunnel.connections == 1
+        serving.cancel()
