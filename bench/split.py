@@ -166,8 +166,11 @@ def anchor_server(port: int, threads: int, rpc: str) -> tuple[Child, float] | No
     path = store.resolve(f"builtin:{MODEL}").path
     argv = [str(BIN / "llama-server"), "-m", str(path), "--host", "127.0.0.1"]
     argv += ["--port", str(port), "-np", "1", "-c", str(N_CTX), "-t", str(threads)]
-    argv += ["-tb", str(threads), "--no-webui", "--rpc", rpc, "-ngl", str(sum(SHARES))]
-    argv += ["-ts", ",".join(str(s) for s in SHARES)]
+    argv += ["-tb", str(threads), "--no-webui"]
+    if rpc:  # else unsplit, on the CPU: how far our serving stack is from llama.cpp's own
+        argv += ["--rpc", rpc, "-ngl", str(sum(SHARES)), "-ts", ",".join(str(s) for s in SHARES)]
+    else:
+        argv += ["-ngl", "0"]
     os.environ["LD_LIBRARY_PATH"] = f"{BIN}:{os.environ.get('LD_LIBRARY_PATH', '')}"
     started = time.perf_counter()
     child = drained(Child(argv, ready_line=None))
@@ -239,6 +242,13 @@ def main() -> int:
             anchor = anchor_server(
                 port, args.threads, ",".join(f"127.0.0.1:{p}" for _, p in anchor_rpc)
             )
+        if anchor is not None:
+            port1 = free_port()
+            alone = anchor_server(port1, args.threads, "")
+            if alone is not None:
+                children.append(alone[0])
+                paths["llama-server unsplit"] = f"http://127.0.0.1:{port1}"
+                loads["llama-server unsplit"] = alone[1]
         if anchor is None:
             notes.append(
                 f"llama-server --rpc not measured: no {BIN}/llama-server and rpc-server (make bench-anchor)"
@@ -291,13 +301,17 @@ def load_times(work: Path, threads: int, secret: bytes) -> dict:
 
 
 def print_table(table: dict, loads: dict, cache: dict, notes: list[str]) -> None:
-    print(f"\n{'path':<22}{'tok/s':>9}{'TTFT ms':>10}{'load s':>9}")
+    print(f"\n{'path':<24}{'tok/s':>9}{'TTFT ms':>10}{'load s':>9}")
     for name, row in table.items():
-        print(f"{name:<22}{row['tok_s']:>9.1f}{row['ttft_ms']:>10.1f}{loads.get(name, 0):>9.2f}")
+        print(f"{name:<24}{row['tok_s']:>9.1f}{row['ttft_ms']:>10.1f}{loads.get(name, 0):>9.2f}")
     anchor = table.get("llama-server --rpc")
     if anchor:
         ratio = table["split, secured"]["tok_s"] / anchor["tok_s"]
         print(f"secured split / llama-server --rpc tok/s: {ratio:.2f}x (target >= 0.9x)")
+    alone = table.get("llama-server unsplit")
+    if alone:
+        ratio = table["unsplit"]["tok_s"] / alone["tok_s"]
+        print(f"our unsplit / llama-server unsplit tok/s: {ratio:.2f}x (the serving stacks)")
     ratio = table["split, secured"]["tok_s"] / table["split, plain RPC"]["tok_s"]
     print(f"secured split / plain-RPC split tok/s: {ratio:.2f}x (the tunnel's and TLS's cost)")
     print(
