@@ -42,11 +42,6 @@ TUNNEL_PATH = "/internal/rpc/tunnel"
 # support does), before the 101 leaves, so no byte after it is read as HTTP.
 UPGRADE = "aivailable-rpc/1"
 TUNNEL_HEADER = "X-Aivailable-Tunnel"
-# Bytes read from a socket at once: a weight upload moves tens of MB, a token's round a
-# few KB; 256 KiB keeps an upload to few writes without holding up small ones.
-CHUNK = 256 << 10
-# Bytes from the peer held for a slow local RPC server before the TLS side stops reading.
-HIGH_WATER = 4 << 20
 MAX_HEAD_BYTES = 16 << 10
 
 
@@ -54,31 +49,40 @@ class TunnelRefused(Exception):
     """The helper peer did not open the tunnel (its status line says why)."""
 
 
-async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(CHUNK):
-            writer.write(data)
-            await writer.drain()
-    finally:
-        with contextlib.suppress(OSError, RuntimeError):
-            if writer.can_write_eof():
-                writer.write_eof()
+class _Forward(asyncio.Protocol):
+    """One direction of a pipe, at the protocol level: what arrives on this connection is
+    written to `to` from within the callback, with no task to wake per message (a hop's
+    cost, paid on each of the many small rounds of a token). Backpressure: when this
+    connection's own send buffer fills, `to` stops being read until it drains."""
 
+    def __init__(self, to: asyncio.BaseTransport | None = None):
+        self.to = to
+        self.transport: asyncio.BaseTransport | None = None
+        self.closed = asyncio.get_running_loop().create_future()
 
-async def _pipe(a: tuple, b: tuple) -> None:
-    """Both directions between two (reader, writer) pairs until either side ends."""
-    try:
-        async with asyncio.TaskGroup() as tg:
-            one = tg.create_task(_copy(a[0], b[1]))
-            two = tg.create_task(_copy(b[0], a[1]))
-            await asyncio.wait([one, two], return_when=asyncio.FIRST_COMPLETED)
-            one.cancel()
-            two.cancel()
-    except* (ConnectionError, OSError, ssl.SSLError) as exc:
-        log.debug("RPC tunnel ended: %r", exc.exceptions[0])
-    finally:
-        for writer in (a[1], b[1]):
-            writer.close()
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.to is not None and not self.to.is_closing():
+            self.to.write(data)  # type: ignore[attr-defined]
+
+    def eof_received(self) -> bool:
+        return False  # closes this side; connection_lost closes the other
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.to is not None:
+            self.to.close()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self.to is not None:
+            self.to.pause_reading()  # type: ignore[attr-defined]
+
+    def resume_writing(self) -> None:
+        if self.to is not None and not self.to.is_closing():
+            self.to.resume_reading()  # type: ignore[attr-defined]
 
 
 def _nodelay(sock: socket.socket | None) -> None:
@@ -86,46 +90,21 @@ def _nodelay(sock: socket.socket | None) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class _Inbound:
-    """The helper's side of an upgraded aiohttp connection as a StreamReader: aiohttp
-    hands bytes after the upgrade to a payload parser (as it does for WebSockets); this
-    one passes them on, pausing the TLS transport above HIGH_WATER."""
+class _Feed:
+    """The helper's side of a taken-over aiohttp connection: aiohttp hands every byte
+    after the request to a payload parser (as it does for WebSockets); this one writes
+    them straight to the RPC server's connection."""
 
-    def __init__(self, transport: asyncio.Transport):
-        self.transport = transport
-        self.reader = asyncio.StreamReader(limit=HIGH_WATER)
-        self.reader.set_transport(transport)  # resume_reading once drained below the limit
+    def __init__(self, to: asyncio.Transport):
+        self.to = to
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
-        self.reader.feed_data(data)
+        if not self.to.is_closing():
+            self.to.write(data)
         return False, b""
 
     def feed_eof(self) -> None:
-        self.reader.feed_eof()
-
-
-class _Outbound:
-    """Writes to the upgraded transport with StreamWriter's interface (write, drain)."""
-
-    def __init__(self, request: web.Request):
-        self._request, self.transport = request, request.transport
-
-    def write(self, data: bytes) -> None:
-        if not self.transport.is_closing():
-            self.transport.write(data)
-
-    async def drain(self) -> None:
-        if self.transport.is_closing():
-            raise ConnectionResetError("the peer closed the tunnel")
-        writer = self._request._payload_writer  # the response's writer: its drain helper
-        if writer is not None:
-            await writer.drain()
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        self.transport.close()
+        self.to.close()
 
 
 def tunnel_handler(local_rpc: Callable[[], tuple[str, int] | None]):
@@ -138,20 +117,26 @@ def tunnel_handler(local_rpc: Callable[[], tuple[str, int] | None]):
         target = local_rpc()
         if target is None:
             return _error(503, "no RPC server on this peer", "no_rpc")
+        assert request.transport is not None
+        loop = asyncio.get_running_loop()
         try:
-            reader, writer = await asyncio.open_connection(*target)
+            rpc, answers = await loop.create_connection(
+                lambda: _Forward(request.transport), *target
+            )
         except OSError as exc:
             return _error(503, f"RPC server unreachable: {exc}", "no_rpc")
-        _nodelay(writer.get_extra_info("socket"))
-        assert request.transport is not None
-        inbound = _Inbound(request.transport)
+        _nodelay(rpc.get_extra_info("socket"))
         # from here on every byte of this connection is the tunnel's
-        request.protocol.set_parser(inbound)  # type: ignore[arg-type]
+        request.protocol.set_parser(_Feed(rpc))  # type: ignore[arg-type]
         response = web.StreamResponse(
             status=101, headers={"Upgrade": UPGRADE, "Connection": "Upgrade"}
         )
         await response.prepare(request)
-        await _pipe((inbound.reader, _Outbound(request)), (reader, writer))
+        try:
+            await answers.closed  # the RPC server hung up, or the peer did (feed_eof)
+        finally:
+            rpc.close()
+            request.transport.close()
         return response
 
     return handler
@@ -289,14 +274,27 @@ class TunnelListener:
             conn.close()
             return
         _nodelay(conn)
-        local = await asyncio.open_connection(sock=conn)
         host, _, port = self.peer_addr.rpartition(":")
         try:
-            remote = await open_tunnel(self.auth, self.tls, host, int(port))
+            reader, writer = await open_tunnel(self.auth, self.tls, host, int(port))
         except (OSError, TimeoutError, ssl.SSLError, TunnelRefused) as exc:
             self.failures += 1
             log.warning("RPC tunnel to %s refused: %r", self.peer_addr, exc)
-            local[1].close()
+            conn.close()
             return
         self.connections += 1
-        await _pipe(local, remote)
+        loop = asyncio.get_running_loop()
+        remote = writer.transport
+        # the worker's bytes waited in the kernel meanwhile; now both sides forward
+        local, _ = await loop.connect_accepted_socket(lambda: _Forward(remote), sock=conn)
+        back = _Forward(local)
+        back.connection_made(remote)
+        remote.set_protocol(back)
+        leftover = bytes(reader._buffer)  # after the 101, if the helper sent any
+        if leftover:
+            local.write(leftover)
+        try:
+            await back.closed
+        finally:
+            local.close()
+            remote.close()
