@@ -291,8 +291,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def die_with_parent() -> None:
+    """A peer killed with -9 must not leave its RPC server listening (Linux: the kernel
+    kills this process when its parent dies; elsewhere nothing is done)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    die_with_parent()
     # SIGTERM ends the process at once: llama.cpp's accept loop never returns by itself.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     with contextlib.suppress(KeyboardInterrupt):

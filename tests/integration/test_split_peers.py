@@ -77,6 +77,15 @@ def listening_ports(pid: int) -> set[tuple[str, int]]:
     return out
 
 
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def rpc_server_pids(peer: PeerProcess) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):
@@ -145,9 +154,8 @@ def test_a_model_too_big_for_any_peer_is_split_served_and_re_placed(cluster, tmp
     assert rpc_server_pids(helper), "the helper runs an RPC server"
 
     # kill -9 of the helper: re-placed on the third peer, serving again
-    os.kill(helper.pid, signal.SIGKILL)
-    for pid in rpc_server_pids(helper):
-        os.kill(pid, signal.SIGKILL)
+    helper_rpc = rpc_server_pids(helper)
+    os.kill(helper.pid, signal.SIGKILL)  # its RPC server dies with it (PR_SET_PDEATHSIG)
     killed = time.monotonic()
     survivors = [p for p in peers if p is not helper]
 
@@ -156,6 +164,7 @@ def test_a_model_too_big_for_any_peer_is_split_served_and_re_placed(cluster, tmp
         return now is not None and helper.name not in {part["node"] for part in now["parts"]}
 
     survivors[0].wait_until(lambda: replaced(survivors[0]), 180, "split re-placed")
+    assert not any(alive(pid) for pid in helper_rpc), "the dead helper's RPC server lives"
     replace_s = time.monotonic() - killed
     assert greedy(survivors[0]) == expected
     print(f"\nsplit load {load_s:.1f} s, re-placed after kill -9 in {replace_s:.1f} s")

@@ -56,3 +56,40 @@ async def test_the_child_answers_hello_and_stops(tmp_path):
     await server.stop()
     assert not server.alive() and not server.ready()
     assert b"Starting RPC server" in (tmp_path / "rpc.log").read_bytes()
+
+
+@pytest.mark.skipif(not llama_cpp.llama_supports_rpc(), reason="llama.cpp without RPC")
+def test_the_child_dies_with_its_parent(tmp_path):
+    """A peer killed with -9 leaves no RPC server listening."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import asyncio, pathlib, sys\n"
+        "from aivailable.backends.rpc_server import RpcServerProcess\n"
+        "async def main():\n"
+        f"    s = RpcServerProcess(pathlib.Path({str(tmp_path)!r}) / 'c', n_threads=1)\n"
+        "    await s.start()\n"
+        "    print(s.pid, flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    child = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        with open(f"/proc/{child}/stat") as fh:  # a zombie until reaped counts as gone
+            if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the RPC server outlived its parent")
