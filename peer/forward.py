@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from peer import resume
+from peer.affinity import prefix_key
 from peer.auth import FORWARDED_HEADER
 from peer.availability import ForwardError, ModelAvailability, Replica, order_replicas
 from peer.upstream import Unreachable, UpstreamError, UpstreamPool, UpstreamResponse
@@ -53,6 +54,8 @@ def request_key(name: str, kind: type = str):
 
 
 REQUEST_ID_KEY = request_key("request_id")
+# The conversation's prefix key (peer/affinity.py), computed once per request; "" for none.
+AFFINITY_KEY = request_key("affinity_key")
 # What the hosts of a forwarded answer said it cost (peer/usage.py), summed over a resume;
 # absent when no host said (one died mid-answer). The entry peer charges the caller from it.
 FORWARDED_USAGE_KEY = request_key("forwarded_usage", Usage)
@@ -227,6 +230,11 @@ class ForwardConfig:
     # Times a streaming answer whose replica died mid-way is resumed on another replica
     # from the text already sent (peer/resume.py). 0 ends such a stream with an error.
     max_resumes: int = 2
+    # How the replica is picked (peer/availability.py ROUTINGS): "affinity" sends a
+    # conversation's turns to the replica that holds its prefix in cache while that
+    # replica's load stays under 1.25x the mean (a later turn then evaluates only its new
+    # tokens), else the one with a free slot; "least_loaded" ignores the prefix.
+    routing: str = "affinity"
 
 
 ReplicasOf = Callable[[str], list[Replica]]
@@ -275,13 +283,49 @@ class Forwarder:
     def inflight(self) -> dict[str, int]:
         return {node: n for node, n in self._inflight.items() if n}
 
-    def _candidates(self, model: str, exclude: set[str]) -> list[Replica]:
-        ordered = order_replicas(self._replicas_of(model), self._inflight)
+    def _key(self, request: web.Request, body: bytes) -> str | None:
+        """The request's prefix key, parsed from the body once (None: no affinity)."""
+        if self._config.routing != "affinity":
+            return None
+        key = request.get(AFFINITY_KEY)
+        if key is None:
+            try:
+                key = prefix_key(json.loads(body)) or ""
+            except ValueError:
+                key = ""
+            request[AFFINITY_KEY] = key
+        return key or None
+
+    def _candidates(self, model: str, exclude: set[str], key: str | None = None) -> list[Replica]:
+        ordered = order_replicas(
+            self._replicas_of(model), self._inflight, key, self._config.routing
+        )
         return [r for r in ordered if not r.local and r.node_id not in exclude]
+
+    def serves_here(self, request: web.Request, body: bytes, model: str, engine) -> bool:
+        """Whether this peer's own ready instance (`engine`, read live) is the best replica
+        for the request: it is while the prefix's replica is this one, or it can start the
+        request at once, or it would queue it and no other replica has a free slot."""
+        if self._config.routing == "local_first":
+            return True
+        mine = Replica(
+            self._node_id,
+            "",
+            True,
+            "ready",
+            engine.queue_depth,
+            free_slots=engine.free_slots,
+            admits=engine.admits(),
+        )
+        others = [r for r in self._replicas_of(model) if not r.local]
+        best = order_replicas(
+            [mine, *others], self._inflight, self._key(request, body), self._config.routing
+        )
+        return best[0].local
 
     async def forward(self, request: web.Request, body: bytes, model: str) -> web.StreamResponse:
         """Send the request to the best remote replica and stream its answer back."""
-        candidates = self._candidates(model, set())
+        candidates = self._candidates(model, set(), self._key(request, body))
         if not candidates:
             raise self._availability_of(model).error(model)
         headers = self._upstream_headers(request)
@@ -509,7 +553,8 @@ class Forwarder:
         if rest is None:
             return None
         data = json.dumps(rest).encode()
-        candidates = self._candidates(model, tried)[: max(1, self._config.max_attempts)]
+        key = self._key(request, body)
+        candidates = self._candidates(model, tried, key)[: max(1, self._config.max_attempts)]
         for i, replica in enumerate(candidates):
             # The last one left waits as long as the request may (a busy replica queues
             # the rest of the answer behind its other requests).

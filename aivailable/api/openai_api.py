@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -36,6 +37,8 @@ from aivailable.backends.base import (
 )
 from aivailable.metrics import Metrics
 from peer.forward import HeadersWithFirstChunk
+
+log = logging.getLogger(__name__)
 
 # Bytes of a /v1 request body: a 128k-token context is about 0.5 MB of text, and JSON
 # escaping may make that a few MB; an 8 MiB body is never a prompt a model could take.
@@ -64,6 +67,10 @@ class Forwarding(Protocol):
     async def forward(
         self, request: web.Request, body: bytes, model: str
     ) -> web.StreamResponse: ...
+
+    def serves_here(self, request: web.Request, body: bytes, model: str, engine: Engine) -> bool:
+        """Whether this peer's own ready engine is the best replica for the request."""
+        ...
 
 
 def engine_error(exc: EngineError) -> ApiError:
@@ -222,7 +229,7 @@ class OpenAIApi:
         # replica serves it; a request already forwarded to us is never forwarded again.
         if (
             self._forwarder is not None
-            and (instance is None or instance.state != "ready" or instance.engine is None)
+            and not self._serves_here(request, raw, model, instance)
             and self._forwarder.forwardable(request)
         ):
             return await self._forwarder.forward(request, raw, model)
@@ -236,6 +243,16 @@ class OpenAIApi:
         if engine is None or instance.error:
             raise engine_error(EngineUnavailable(instance.state, instance.error))
         return engine
+
+    def _serves_here(self, request: web.Request, raw: bytes, model: str, instance) -> bool:
+        """A ready instance here serves the request unless the forwarder knows a better
+        replica: the one holding its prefix, or one with a free slot while this one is
+        full (issue 22: no refusal while a slot is free anywhere)."""
+        if instance is None or instance.state != "ready" or instance.engine is None:
+            return False
+        if not self._forwarder.forwardable(request):
+            return True  # forwarded here: serve or refuse, never forward again
+        return self._forwarder.serves_here(request, raw, model, instance.engine)
 
     def model_names(self, request: web.Request) -> list[str]:
         """Every model the cluster serves that this caller may see."""
@@ -281,7 +298,19 @@ class OpenAIApi:
         model = meter.parsed.model
         self._metrics.tokens.labels(model, "prompt").inc(finished.prompt_tokens)
         self._metrics.tokens.labels(model, "completion").inc(finished.completion_tokens)
+        self._count_cache(model, finished)
         meter.used(finished.prompt_tokens, finished.completion_tokens)
+
+    def _count_cache(self, model: str, finished: Finished) -> None:
+        hit = finished.cached_tokens > 0
+        self._metrics.prefix_cache.labels(model, "yes" if hit else "no").inc()
+        self._metrics.cached_tokens.labels(model).inc(finished.cached_tokens)
+        log.debug(
+            "prefix cache: %s reused %d of %d prompt tokens",
+            model,
+            finished.cached_tokens,
+            finished.prompt_tokens,
+        )
 
     async def _complete(self, engine: Engine, meter: Metered, started: float) -> web.Response:
         parsed = meter.parsed

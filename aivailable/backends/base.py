@@ -174,6 +174,11 @@ class Engine(abc.ABC):
         """Requests that would start at once (gossip and forwarding prefer more)."""
         return max(0, self.n_parallel - self.queue_depth)
 
+    def admits(self) -> bool:
+        """Whether a request now would be queued rather than refused with QueueFull: a peer
+        serves its own instance before a free one elsewhere only while this holds."""
+        return True
+
 
 @dataclass(frozen=True)
 class EngineSpec:

@@ -110,6 +110,9 @@ class FakeEngine(Engine):
     def queue_depth(self) -> int:
         return self._depth
 
+    def admits(self) -> bool:
+        return self._depth < self.queue_limit
+
     def _text_for(self, request: ChatRequest | CompletionRequest) -> tuple[list[str], str]:
         text = self.reply(request) if callable(self.reply) else self.reply
         finish = "stop"

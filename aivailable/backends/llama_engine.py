@@ -165,6 +165,10 @@ class LlamaEngine(Engine):
     def queue_depth(self) -> int:
         return self._depth
 
+    def admits(self) -> bool:
+        """generate()'s own test of the queue bound, without a request."""
+        return self._depth < self.queue_limit and self._admission.retry_after(self._depth) is None
+
     def _set_state(self, state: InstanceState) -> None:
         if state == self.state:
             return

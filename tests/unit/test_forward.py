@@ -486,6 +486,9 @@ class RecordingForwarder:
         self.calls.append((model, body))
         return web.json_response({"forwarded": model})
 
+    def serves_here(self, request, body, model, engine):
+        return True
+
 
 @pytest.fixture
 async def hooked():
