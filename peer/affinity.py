@@ -10,10 +10,17 @@ request alone and the load already in gossip, so no routing state is shared:
 - `affinity_order(key, replicas, load)`: consistent hashing with bounded load (Mirrokni,
   Thorup and Zadimoghaddam, 2018) over rendezvous hashing: each key ranks the replicas by
   a hash of (key, node), the same ranking on every peer, and moving a replica in or out
-  moves only the keys it ranked first. A replica takes its affinity traffic only while its
-  load stays under `ceil(factor * (total load + 1) / replicas)`; past that, the next one
-  in the key's ranking. With few replicas a rendezvous ranking spreads keys more evenly
-  than a ring of virtual nodes, and walking it is the ring's "next node".
+  moves only the keys it ranked first. A replica takes its affinity traffic while it has
+  a free slot, or while its load stays under `ceil(factor * (total load + 1) / replicas)`;
+  past both, the next one in the key's ranking. With few replicas a rendezvous ranking
+  spreads keys more evenly than a ring of virtual nodes, and walking it is the ring's
+  "next node".
+
+  Why a free slot also counts as room: a request that starts at once costs its replica one
+  more sequence in the batch, not a wait, so sending it elsewhere would only trade its
+  cached prefix for a full prefill. With 2 replicas the bound alone is harsh (loads 2 and
+  0 give a bound of 2), and it moved 2 of 8 later turns off their cache in bench/affinity.py
+  while their home had slots free. The bound decides among replicas that would queue.
 """
 
 from __future__ import annotations
@@ -77,18 +84,17 @@ def affinity_order(
     replicas: Sequence[R],
     node_of: Callable[[R], str],
     load_of: Callable[[R], int],
-    has_room: Callable[[R], bool] = lambda r: True,
+    has_room: Callable[[R], bool] = lambda r: False,
     factor: float = LOAD_FACTOR,
 ) -> list[R]:
-    """`replicas` best first for `key`: in the key's ranking, those under the load bound
-    that can start it at once (`has_room`), then those under the bound that would queue
-    it, then the rest, least loaded first (tried only when the better ones fail)."""
+    """`replicas` best first for `key`: in the key's ranking, those that can start it at
+    once (`has_room`; unknown: none), then those under the load bound that would queue it,
+    then the rest, least loaded first (tried only when the better ones fail)."""
     if not replicas:
         return []
     bound = load_bound([load_of(r) for r in replicas], factor)
     ranked = sorted(replicas, key=lambda r: (-_rank(key, node_of(r)), node_of(r)))
-    under = [r for r in ranked if load_of(r) < bound]
-    over = sorted(
-        (r for r in ranked if load_of(r) >= bound), key=lambda r: (load_of(r), node_of(r))
-    )
-    return [r for r in under if has_room(r)] + [r for r in under if not has_room(r)] + over
+    roomy = [r for r in ranked if has_room(r)]
+    queue = [r for r in ranked if not has_room(r) and load_of(r) < bound]
+    over = [r for r in ranked if not has_room(r) and load_of(r) >= bound]
+    return roomy + queue + sorted(over, key=lambda r: (load_of(r), node_of(r)))

@@ -32,7 +32,13 @@ from aiohttp import web
 from peer import resume
 from peer.affinity import prefix_key
 from peer.auth import FORWARDED_HEADER
-from peer.availability import ForwardError, ModelAvailability, Replica, order_replicas
+from peer.availability import (
+    ROUTINGS,
+    ForwardError,
+    ModelAvailability,
+    Replica,
+    order_replicas,
+)
 from peer.upstream import Unreachable, UpstreamError, UpstreamPool, UpstreamResponse
 from peer.usage import USAGE_TRAILER_HEADER, TrailerSplitter, Usage
 
@@ -235,6 +241,10 @@ class ForwardConfig:
     # replica's load stays under 1.25x the mean (a later turn then evaluates only its new
     # tokens), else the one with a free slot; "least_loaded" ignores the prefix.
     routing: str = "affinity"
+
+    def __post_init__(self) -> None:
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, not {self.routing!r}")
 
 
 ReplicasOf = Callable[[str], list[Replica]]

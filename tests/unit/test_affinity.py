@@ -60,6 +60,32 @@ def test_no_replica_is_ever_given_more_than_the_bound(stream, n):
 
 
 @settings(max_examples=200, deadline=None)
+@given(st.lists(keys, min_size=1, max_size=200), st.integers(1, 8), st.integers(1, 8))
+def test_with_slots_a_replica_takes_more_only_while_it_has_a_free_one(stream, n, slots):
+    """The bound with slots: a replica past 1.25x the mean takes more only into a free
+    slot, so its load never exceeds the larger of its slots and the bound."""
+    loads = dict.fromkeys(NODES[:n], 0)
+    for key in stream:
+        bound = load_bound(list(loads.values()))
+        chosen = affinity_order(
+            key, list(loads), lambda x: x, loads.__getitem__, lambda x: loads[x] < slots
+        )[0]
+        loads[chosen] += 1
+        assert max(loads.values()) <= max(bound, slots)
+
+
+def test_a_free_slot_keeps_the_conversation_home_whatever_the_mean():
+    key = prefix_key(chat("hello"))
+    loads = {"a": 0, "b": 0}
+    home = first(key, loads)
+    other = "b" if home == "a" else "a"
+    busier = {home: 3, other: 0}  # bound ceil(1.25 * 4 / 2) = 3: over it
+    assert first(key, busier) == other  # without slots known: the bound moves it
+    order = affinity_order(key, list(busier), lambda x: x, busier.__getitem__, lambda x: True)
+    assert order[0] == home  # with a free slot it stays where its prefix is cached
+
+
+@settings(max_examples=200, deadline=None)
 @given(keys, st.permutations(NODES[:5]), st.integers(0, 3))
 def test_the_same_conversation_goes_to_the_same_replica_from_any_entry_peer(key, order, load):
     """No shared state: any peer, listing the replicas in any order, picks the same one."""
