@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--name", help="model name (default from the source)")
             p.add_argument("--replicas", type=int, default=1)
             p.add_argument("--n-ctx", type=int, default=2048)
+            p.add_argument(
+                "--kv-type",
+                choices=("f16", "q8_0", "q4_0"),
+                default=None,
+                help="KV cache type: q8_0 halves the cache per slot, q4_0 quarters it",
+            )
         if name == "undeploy":
             p.add_argument("name")
     for p, _ in clients:
@@ -323,6 +329,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     body = {"source": args.source, "replicas": args.replicas, "n_ctx": args.n_ctx}
     if args.name:
         body["name"] = args.name
+    if args.kv_type:
+        body["kv_type"] = args.kv_type
     result = request_json(args.url.rstrip("/") + "/cluster/models", "POST", body)
     print(f"deployed {result.get('name')} ({result.get('replicas')} replica(s))")
     return 0

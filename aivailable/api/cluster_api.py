@@ -24,6 +24,7 @@ from aivailable.api.reads import marked, read_mode
 from aivailable.models import hub, sources
 from aivailable.models.check import refuse_reason
 from aivailable.models.store import model_name
+from placement.estimate import KV_TYPES
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
@@ -75,8 +76,8 @@ def parse_deploy(body: object, max_ctx: int = 131072) -> tuple[str, str, int, in
 
 
 def deploy_options(body: dict) -> dict:
-    """`kind` ("chat" or "embedding") and `n_parallel` (slots per instance; placement plans
-    the KV cache of that many sequences)."""
+    """`kind` ("chat" or "embedding"), `n_parallel` (slots per instance; placement plans
+    the KV cache of that many sequences) and `kv_type` (f16, q8_0, q4_0)."""
     kind = body.get("kind", "chat")
     if kind not in ("chat", "embedding"):
         raise bad_request("'kind' must be 'chat' or 'embedding'", param="kind")
@@ -85,7 +86,12 @@ def deploy_options(body: dict) -> dict:
         not isinstance(n_parallel, int) or isinstance(n_parallel, bool) or not 1 <= n_parallel <= 64
     ):
         raise bad_request("'n_parallel' must be an integer from 1 to 64", param="n_parallel")
-    return {"kind": kind, "n_parallel": n_parallel}
+    options = {"kind": kind, "n_parallel": n_parallel}
+    if "kv_type" in body:  # KV cache type; without it the leader's default, f16
+        if body["kv_type"] not in KV_TYPES:
+            raise bad_request(f"'kv_type' must be one of {', '.join(KV_TYPES)}", param="kv_type")
+        options["kv_type"] = body["kv_type"]
+    return options
 
 
 class ClusterApi:

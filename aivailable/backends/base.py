@@ -191,6 +191,7 @@ class EngineSpec:
     tensor_split: tuple[float, ...] = ()  # proportions per gpu when it spans several
     n_parallel: int | None = None  # slots; None: the engine's default for the device
     kind: str = "chat"  # "chat" | "embedding"
+    kv_type: str = "f16"  # KV cache type: "f16" | "q8_0" | "q4_0"
 
 
 # What the wiring (server.py) hands the cluster floor: a spec in, an engine (not started) out.

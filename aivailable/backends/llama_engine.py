@@ -111,6 +111,7 @@ class LlamaEngine(Engine):
         config: EngineConfig | None = None,
         n_parallel: int | None = None,
         kind: str = "chat",
+        kv_type: str = "f16",
         on_state_change: Callable[[InstanceState], None] | None = None,
         worker_argv: Sequence[str] | None = None,
     ):
@@ -133,6 +134,7 @@ class LlamaEngine(Engine):
         self.worker_argv = list(worker_argv or WORKER_ARGV)
         self.state: InstanceState = "pending"
         self.kind = kind
+        self.kv_type = kv_type  # K and V cache type (llama_runtime.KV_GGML_TYPES)
         self.n_parallel = n_parallel or self.config.n_parallel or (8 if n_gpu_layers else 4)
         self.n_threads = self.config.n_threads or (4 if n_gpu_layers else None)
         self._admission = Admission(self.n_parallel, self.config.max_queue_wait)
@@ -292,6 +294,8 @@ class LlamaEngine(Engine):
         cmd += ["--n-parallel", str(self.n_parallel)]
         if self.kind == "embedding":
             cmd.append("--embedding")
+        if self.kv_type != "f16":
+            cmd += ["--kv-type", self.kv_type]
         if self.main_gpu is not None:
             cmd += ["--main-gpu", str(self.main_gpu)]
         if self.tensor_split:

@@ -52,6 +52,7 @@ def llama_factory(
             tensor_split=(spec.tensor_split or None) if several else None,
             n_parallel=spec.n_parallel,
             kind=spec.kind,
+            kv_type=spec.kv_type,
         )
 
     return build

@@ -135,13 +135,27 @@ def model_vram(
     if size is None:
         size = 1 << 30  # nothing known yet: a 1 GiB file until someone resolves the source
     kv = record.n_ctx * planned_parallel(record) * config.kv_bytes_per_token
-    return int(size * config.size_factor) + kv + config.fallback_overhead, config.fallback_overhead
+    kv = kv * KV_BYTES_PER_F16[record.kv_type]
+    return int(size * config.size_factor + kv) + config.fallback_overhead, config.fallback_overhead
 
 
 # Slots placement plans each instance's KV cache for when its deploy names none: a GPU
 # node's default (LlamaEngine: 8 on a GPU, 4 on a CPU), so a GPU never loads more than
 # was planned for it.
 PLANNED_PARALLEL = 8
+
+
+# Bytes of a KV element of each deploy kv_type per byte of f16 (ggml's q8_0 block: 34
+# bytes for 32 elements, q4_0: 18), for the size-based guess before the header is read.
+KV_BYTES_PER_F16 = {"f16": 1.0, "q8_0": 34 / 64, "q4_0": 18 / 64}
+
+
+def kv_estimate_args(record: ModelRecord) -> dict:
+    """placement.estimate's cache arguments for a deploy: a quantized cache runs with flash
+    attention (llama_runtime.apply_kv_type), whose compute buffer is smaller too."""
+    if record.kv_type == "f16":
+        return {}
+    return {"cache_type": record.kv_type, "flash_attn": True}
 
 
 def planned_parallel(record: ModelRecord) -> int:

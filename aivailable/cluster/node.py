@@ -189,6 +189,7 @@ class ClusterNode:
                 tensor_split=step.tensor_split,
                 n_parallel=step.n_parallel,
                 kind=step.kind,
+                kv_type=step.kv_type,
             )
         return self._engine_factory(spec)
 

@@ -215,6 +215,7 @@ class RaftClusterView:
         n_ctx: int,
         kind: str = "chat",
         n_parallel: int | None = None,
+        kv_type: str = "f16",
     ) -> dict:
         sha256 = size = None
         if source.startswith(store.BUILTIN_PREFIX):
@@ -253,6 +254,7 @@ class RaftClusterView:
                 size=size,
                 kind=kind,
                 n_parallel=n_parallel,
+                kv_type=kv_type,
             )
         )
         return {
@@ -262,6 +264,7 @@ class RaftClusterView:
             "n_ctx": n_ctx,
             "kind": kind,
             "n_parallel": n_parallel,
+            "kv_type": kv_type,
             "state": "pending",
         }
 

@@ -40,7 +40,7 @@ class Running:
     gpus: tuple[str, ...]  # local gpu ids
     state: str
     n_ctx: int | None = None  # None: not started by the reconciler (unknown)
-    options: tuple[str, int | None] | None = None  # (kind, n_parallel) it was started with
+    options: tuple | None = None  # Step.options it was started with
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,15 @@ class Step:
     n_ctx: int = 0
     kind: str = "chat"
     n_parallel: int | None = None  # None: the engine's default for this node's device
+    kv_type: str = "f16"
+
+    @property
+    def options(self) -> tuple:
+        """What else than file, GPUs and context an instance is started with: a change
+        restarts it. The default cache type is left out, as a peer before it had none."""
+        if self.kv_type == "f16":
+            return (self.kind, self.n_parallel)
+        return (self.kind, self.n_parallel, self.kv_type)
 
 
 def local_gpu_id(node_id: str, gpu_id: str) -> str:
@@ -91,6 +100,7 @@ def plan_steps(
             record.n_ctx,
             record.kind,
             record.n_parallel,
+            record.kv_type,
         )
     stops, starts = [], []
     for model in sorted(running):
@@ -100,7 +110,7 @@ def plan_steps(
             and have.source == need.source
             and have.gpus == need.gpus
             and have.n_ctx in (None, need.n_ctx)
-            and have.options in (None, (need.kind, need.n_parallel))
+            and have.options in (None, need.options)
         )
         if not same or (have.state == "failed" and model in due):
             stops.append(Step("stop", model))

@@ -89,7 +89,7 @@ def read_local_files(
         try:
             if estimator is None:
                 from placement import estimate as estimator
-            est = estimator(path, m.n_ctx, ctl.planned_parallel(m))
+            est = estimator(path, m.n_ctx, ctl.planned_parallel(m), **ctl.kv_estimate_args(m))
             out[m.name] = ctl.LocalFile(size, est.total, est.split_overhead)
         except Exception as exc:  # commit what is certain; the size-based guess stays
             log.warning("cannot estimate %s from %s: %s", m.name, path, exc)
@@ -306,14 +306,14 @@ class Reconciler:
         for model, inst in self.instances.by_model().items():
             started = self._started.get(model)
             n_ctx = started.n_ctx if started is not None else None
-            options = (started.kind, started.n_parallel) if started is not None else None
+            options = started.options if started is not None else None
             running[model] = Running(inst.source, tuple(inst.gpus), inst.state, n_ctx, options)
         for model, step in list(self._started.items()):
             if model in running:
                 continue
             if model in self._fetching or model in self._failed:
                 state = "failed" if model in self._failed else "pending"
-                options = (step.kind, step.n_parallel)
+                options = step.options
                 running[model] = Running(step.source, step.gpus, state, step.n_ctx, options)
             else:  # a fetch that gave up because the model went away: forget it
                 del self._started[model]

@@ -21,6 +21,7 @@ import msgpack
 
 from aivailable.cluster import keys as access_keys
 from placement import Assignment, Plan, Unplaced
+from placement.estimate import KV_TYPES
 
 PROTOCOL = 1
 # Command type numbers: append-only, never reuse or renumber.
@@ -72,6 +73,7 @@ class ModelRecord:
     split_overhead: int | None = None  # extra bytes per extra GPU when split
     kind: str = "chat"  # "chat" generates text; "embedding" serves /v1/embeddings
     n_parallel: int | None = None  # slots per instance; None: the engine's default
+    kv_type: str = "f16"  # KV cache element type: f16, q8_0 or q4_0 (issue 22)
 
     def to_wire(self) -> dict:
         return {
@@ -86,6 +88,7 @@ class ModelRecord:
             "split_overhead": self.split_overhead,
             "kind": self.kind,
             "n_parallel": self.n_parallel,
+            "kv_type": self.kv_type,
         }
 
 
@@ -107,6 +110,7 @@ def _model_record(fields: dict, measured: bool = False) -> ModelRecord:
         else None,
         kind=_kind(fields.get("kind", "chat")),
         n_parallel=_opt_int(fields.get("n_parallel"), "n_parallel"),
+        kv_type=_kv_type(fields.get("kv_type", "f16")),
     )
 
 
@@ -141,6 +145,7 @@ def encode_deploy(
     default: bool = False,
     kind: str = "chat",
     n_parallel: int | None = None,
+    kv_type: str = "f16",
 ) -> bytes:
     """`default`: this is the controller deploying the embedded model on a new cluster;
     applying it records that, so the default is never deployed again after an undeploy."""
@@ -156,6 +161,7 @@ def encode_deploy(
         default=default,
         kind=kind,
         n_parallel=n_parallel,
+        kv_type=kv_type,
     )
 
 
@@ -268,6 +274,12 @@ def _kind(value: Any) -> str:
     return value
 
 
+def _kv_type(value: Any) -> str:
+    if value not in KV_TYPES:
+        raise CommandError(f"kv_type must be one of {', '.join(KV_TYPES)}, not {value!r}")
+    return value
+
+
 def _opt_int(value: Any, what: str) -> int | None:
     return None if value is None else _int(value, what, 0)
 
@@ -356,9 +368,11 @@ class ClusterState:
                 sha256=record.sha256 or old.sha256,
                 size=record.size if record.size is not None else old.size,
             )
-            if (old.n_ctx, old.n_parallel) == (record.n_ctx, record.n_parallel) and (
-                record.sha256 == old.sha256
-            ):
+            if (old.n_ctx, old.n_parallel, old.kv_type) == (
+                record.n_ctx,
+                record.n_parallel,
+                record.kv_type,
+            ) and (record.sha256 == old.sha256):
                 record = replace(record, vram=old.vram, split_overhead=old.split_overhead)
         changed = default and not self.default_applied
         if default:
