@@ -78,6 +78,9 @@ LATE_ROUTES = (MESSAGES_PATH, PROPOSE_PATH)
 # only: Membership.set_payload ignores an unchanged payload, so nothing is sent. Other
 # members' changes need no polling: gossip events push them into the read model.
 PUBLISH_INTERVAL_S = 0.1
+# Seconds between republishing an unchanged payload of a peer that hosts nothing (routing
+# only, or no model placed here): ten a second cost an idle peer a tenth of its CPU.
+PUBLISH_IDLE_S = 1.0
 # Seconds between full resyncs of the read model from gossip's member list: only a safety
 # net for events a slow subscriber dropped (gossip counts them in events_dropped).
 RESYNC_INTERVAL_S = 5.0
@@ -316,7 +319,11 @@ class ClusterNode:
     async def _publish_loop(self) -> None:
         while not self._leaving:
             self.publish()
-            await asyncio.sleep(PUBLISH_INTERVAL_S)
+            # Queue depths and free slots change by the request and steer every peer's
+            # routing: fresh while this peer hosts an instance. Without one the payload
+            # changes only with a GPU probe or a start, which publish themselves soon enough.
+            busy = bool(self.instances.by_model())
+            await asyncio.sleep(PUBLISH_INTERVAL_S if busy else PUBLISH_IDLE_S)
 
     async def _event_loop(self) -> None:
         """Gossip events -> the read model -> wake the runners (push, not poll)."""
@@ -467,6 +474,7 @@ class ClusterNode:
                     driver.node.campaign()  # the only voter: no election timeout to wait
                 proposer = Proposer(driver, self.session, self._address_of)
                 apply = apply_entry(self.state, [self.ctrl_wake, self.rec_wake], proposer)
+                driver.on_change(self.ctrl_wake.fire)  # leadership usable: plan at once
                 controller_config = self.config.controller
                 voters_of, change_conf = raft_conf_hooks(driver)
                 controller = ControllerRunner(
@@ -485,6 +493,7 @@ class ClusterNode:
                     caught_up_learners(driver, controller_config.promote_max_lag),
                     local_path=self.local_models.local_path,
                     found_cluster_id=self.cluster_id if decision.action == FOUND else None,
+                    pushed=True,
                 )
                 self._driver, self._proposer = driver, proposer
                 self._late_handlers = {
