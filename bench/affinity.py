@@ -2,7 +2,7 @@
 
 One cluster per routing and trial, three peers (`python -m aivailable up`): "route" (no
 device), "gpu1" and "gpu2" (a simulated GPU each; llama.cpp on the CPU), the embedded
-model deployed with 2 replicas of 4 slots. Then 8 concurrent 5-turn chats: each turn
+model deployed with 2 replicas of 4 slots (`--slots`). Then 8 concurrent 5-turn chats: each turn
 resends the whole history (long user turns, answers of up to 48 tokens, so histories grow
 to about 1.5k tokens) and enters through a peer picked at random (seeded, the same picks
 for every routing). Streams with `include_usage`, so each answer says how many prompt
@@ -122,9 +122,9 @@ class Cluster:
             p.start()
         wait("all peers serving", lambda: all(status(p) for p in self.peers), 90)
 
-    def deploy(self) -> None:
+    def deploy(self, slots: int) -> None:
         body = {"name": MODEL, "source": f"builtin:{MODEL}", "replicas": 2}
-        body.update(n_parallel=4, n_ctx=2048)
+        body.update(n_parallel=slots, n_ctx=2048)
         post(self.peers[0].url + "/cluster/models", body)
 
         def ready() -> bool:
@@ -210,13 +210,16 @@ def stream_chat(url: str, messages: list[dict], max_tokens: int) -> dict:
     return out
 
 
-def conversation(cid: int, entries: list[str], seed: int, words: int, results: list) -> None:
+def conversation(
+    cid: int, entries: list[tuple[str, str]], seed: int, words: int, results: list
+) -> None:
     rng = random.Random(seed * 1000 + cid)
     messages = [{"role": "system", "content": f"You are assistant number {cid}."}]
     prev_prompt = 0
-    for turn, url in enumerate(entries):
+    for turn, (name, url) in enumerate(entries):
         messages.append({"role": "user", "content": turn_text(rng, words)})
         r = stream_chat(url, messages, 48)
+        r["replica"] = r["replica"] or name  # no header: the entry peer served it itself
         usage = r["usage"] or {}
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
         prompt = usage.get("prompt_tokens", 0)
@@ -241,13 +244,13 @@ def conversation(cid: int, entries: list[str], seed: int, words: int, results: l
         messages.append({"role": "assistant", "content": r["text"]})
 
 
-def run(routing: str, seed: int, chats: int, turns: int, words: int) -> dict:
+def run(routing: str, seed: int, chats: int, turns: int, words: int, slots: int) -> dict:
     base = Path(tempfile.mkdtemp(prefix=f"aiv-affinity-{routing}-"))
     cluster = Cluster(base, routing)
     try:
         cluster.start()
-        cluster.deploy()
-        urls = [p.url for p in cluster.peers]
+        cluster.deploy(slots)
+        urls = [(p.name, p.url) for p in cluster.peers]
         rng = random.Random(seed)
         plans = [[rng.randrange(len(urls)) for _ in range(turns)] for _ in range(chats)]
         results: list[dict] = []
@@ -322,6 +325,7 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument("--words", type=int, default=220, help="words per user turn")
     ap.add_argument("--seed", type=int, default=22)
+    ap.add_argument("--slots", type=int, default=4, help="per replica (a CPU node's default)")
     ap.add_argument("--quick", action="store_true", help="4 chats of 3 short turns")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "affinity.json"))
     args = ap.parse_args()
@@ -331,7 +335,9 @@ def main() -> None:
     for trial in range(args.trials):
         for routing in ROUTINGS:
             print(f"trial {trial + 1}: {routing} ...", flush=True)
-            trials.append(run(routing, args.seed + trial, args.chats, args.turns, args.words))
+            trials.append(
+                run(routing, args.seed + trial, args.chats, args.turns, args.words, args.slots)
+            )
     print_table(trials)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
