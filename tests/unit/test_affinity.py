@@ -1,10 +1,14 @@
 """Prefix-affinity routing (peer/affinity.py) and its place in order_replicas."""
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aivailable.api.openai_api import OpenAIApi
+from aivailable.backends.base import Finished
+from aivailable.metrics import Metrics
 from peer.affinity import affinity_order, load_bound, prefix_key
 from peer.availability import Replica, order_replicas
 
@@ -139,3 +143,16 @@ def test_order_replicas_by_affinity_prefers_a_free_slot_under_the_bound():
     assert order_replicas(suspect, key=key, routing="affinity")[0].node_id == "b"
     # Without a key (embeddings) or with affinity off: the most free capacity.
     assert order_replicas(full, routing="affinity")[0].node_id == other
+
+
+async def test_prefix_cache_use_is_counted_in_the_metrics():
+    """What affinity routing is for shows in /metrics where the generation ran."""
+    metrics = Metrics()
+    api = OpenAIApi(lambda: {}, metrics, 64, 5)
+    meter = SimpleNamespace(parsed=SimpleNamespace(model="m"), used=lambda *a: None)
+    api.count(meter, Finished("stop", 100, 5, cached_tokens=80))
+    api.count(meter, Finished("stop", 40, 5))
+    text = metrics.render().decode()
+    assert 'aivailable_prefix_cache_tokens_total{model="m"} 80.0' in text
+    assert 'aivailable_prefix_cache_requests_total{hit="yes",model="m"} 1.0' in text
+    assert 'aivailable_prefix_cache_requests_total{hit="no",model="m"} 1.0' in text
