@@ -85,6 +85,8 @@ def cluster_status(
             "priority": record.priority,
             "placements": placements,
         }
+        if record.kv_type != "f16":  # shown when it differs from llama.cpp's default
+            model["kv_type"] = record.kv_type
         if record.name in unplaced:
             u = unplaced[record.name]
             model["unplaced"] = f"{u.missing_replicas} replica(s) unplaced: {u.reason}"
