@@ -108,7 +108,8 @@ async def serve(
 
     def probe() -> list[GpuInfo]:
         gpus = probe_all(list(config.gpu))
-        if config.cpu == "yes" or (config.cpu == "auto" and not gpus):
+        # A card this build cannot drive is no GPU to run on: "auto" still adds the CPU.
+        if config.cpu == "yes" or (config.cpu == "auto" and not any(g.usable for g in gpus)):
             gpus.append(cpu_device())
         return gpus
 

@@ -389,7 +389,8 @@ class ClusterNode:
         source = self.config.default_model
         if source is None or not self.local_models.held_locally(source):
             return None
-        devices = sorted(self.gpus, key=lambda g: (-g.vram_free, g.id))
+        usable = [g for g in self.gpus if getattr(g, "usable", True)]
+        devices = sorted(usable, key=lambda g: (-g.vram_free, g.id))
         if not devices:
             return None  # no device at all: this peer only routes
         name = store.model_name(source)

@@ -46,6 +46,9 @@ class PeerPayload:
     instances: tuple[InstanceView, ...] = ()
     files: tuple[tuple[str, int, str], ...] = ()  # (sha256, size, source) it can share
     member: str | None = None  # its Raft id (aivailable/cluster/identity.py); None: not known
+    # Cards it has but its llama.cpp build cannot drive: (gpu id, vendor, name, reason).
+    # Never in `gpus`, so placement never sees them.
+    unusable: tuple[tuple[str, str, str, str], ...] = ()
 
 
 def node_payload(
@@ -62,7 +65,11 @@ def node_payload(
     """The gossip payload (a msgpack-friendly map). gpus: aivailable.gpu.GpuInfo items (id,
     vendor, name, vram_total, vram_free); own_used: bytes our instances hold per local gpu
     id (Reconciler.own_vram); instances: Instances views (+ pending fetches); member: this
-    node's Raft id (identity.py), so the leader maps gossip members to Raft members."""
+    node's Raft id (identity.py), so the leader maps gossip members to Raft members.
+    Only usable GPUs go in "gpus" (older peers place on exactly those); "gb" holds their
+    llama.cpp backends, "nogpu" the cards this build cannot drive, with the reason."""
+    unusable = [g for g in gpus if not getattr(g, "usable", True)]
+    gpus = [g for g in gpus if getattr(g, "usable", True)]
     payload = {
         "v": PAYLOAD_VERSION,
         "addr": addr,
@@ -95,7 +102,10 @@ def node_payload(
             for v in instances
         ],
         "files": [[sha, size, source] for sha, size, source in files],
+        "gb": [getattr(g, "backend", "") for g in gpus],
     }
+    if unusable:
+        payload["nogpu"] = [[g.id, g.vendor, g.name, getattr(g, "reason", "")] for g in unusable]
     if member is not None:
         payload["member"] = member
     return payload
@@ -108,6 +118,24 @@ def _instance(entry: Sequence[Any]) -> InstanceView:
     return InstanceView(str(model), str(state), int(depth), tuple(str(g) for g in gpus), free)
 
 
+def _backends(raw: Any) -> list[str]:
+    """The "gb" list; absent (an older peer) or malformed means no backend known."""
+    if not isinstance(raw, list | tuple):
+        return []
+    return [b if isinstance(b, str) else "" for b in raw]
+
+
+def _unusable(raw: Any) -> tuple[tuple[str, str, str, str], ...]:
+    """The "nogpu" list, for status and the dashboard; a malformed one reads as empty."""
+    if not isinstance(raw, list | tuple):
+        return ()
+    out = []
+    for entry in raw:
+        if isinstance(entry, list | tuple) and len(entry) >= 4:
+            out.append(tuple(str(x) for x in entry[:4]))
+    return tuple(out)
+
+
 def read_payload(node_id: str, payload: Mapping[str, Any] | None) -> PeerPayload:
     """A peer's payload, checked; anything malformed reads as empty (a peer running another
     version never crashes this one, it just offers nothing to place on)."""
@@ -115,8 +143,10 @@ def read_payload(node_id: str, payload: Mapping[str, Any] | None) -> PeerPayload
         return PeerPayload()
     try:
         gpus, totals, frees = [], [], []
-        for gid, vendor, name, capacity, total, free in payload.get("gpus", ()):
-            gpus.append(Gpu(f"{node_id}/{gid}", vendor, str(name), int(capacity)))
+        backends = _backends(payload.get("gb"))
+        for i, (gid, vendor, name, capacity, total, free) in enumerate(payload.get("gpus", ())):
+            backend = backends[i] if i < len(backends) else ""
+            gpus.append(Gpu(f"{node_id}/{gid}", vendor, str(name), int(capacity), backend))
             totals.append(int(total))
             frees.append(int(free))
         instances = tuple(_instance(entry) for entry in payload.get("inst", ()))
@@ -134,6 +164,7 @@ def read_payload(node_id: str, payload: Mapping[str, Any] | None) -> PeerPayload
             instances,
             files,
             member if isinstance(member, str) and member else None,
+            _unusable(payload.get("nogpu")),
         )
     except (TypeError, ValueError):
         return PeerPayload()

@@ -50,8 +50,13 @@ def cluster_status(
                         "vram_total": total,
                         "vram_free": free,
                         "capacity": g.capacity,
+                        "backend": g.backend,
                     }
                     for g, total, free in zip(p.gpus, p.vram_total, p.vram_free, strict=False)
+                ],
+                "unusable_gpus": [
+                    {"id": gid, "vendor": vendor, "name": name, "reason": reason}
+                    for gid, vendor, name, reason in p.unusable
                 ],
                 "instances": [
                     {
