@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _up_parser(sub)
     sub.add_parser("demo", help="three peers on 127.0.0.1 with simulated mixed GPUs")
+    sub.add_parser(
+        "doctor", help="which GPUs this machine's llama.cpp build can drive, and why not"
+    )
     token = sub.add_parser("token", help="print a join token for another machine")
     for flag in ("--config", "--data-dir", "--cluster-key-file", "--bind", "--advertise", "--port"):
         token.add_argument(flag, type=int if flag == "--port" else str)
@@ -383,8 +386,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main()
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from aivailable.gpu import doctor, probe_all, registry
+
+    reg = registry.probe()
+    print(doctor.report(reg, probe_all(reg=reg)))
+    return 0
+
+
 COMMANDS = {
     "demo": cmd_demo,
+    "doctor": cmd_doctor,
     "token": cmd_token,
     "up": cmd_up,
     "status": cmd_status,
@@ -400,7 +412,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command not in ("up", "demo", "token"):
+    if args.command not in ("up", "demo", "token", "doctor"):
         set_api_key(client_key(args))
     try:
         return COMMANDS[args.command](args)

@@ -138,3 +138,13 @@ def test_an_unreadable_answer_is_an_error(monkeypatch, text):
     done = SimpleNamespace(returncode=0, stdout=text, stderr="")
     monkeypatch.setattr(registry.subprocess, "run", lambda *a, **k: done)
     assert registry.probe().error
+
+
+def test_doctor_names_the_backends_each_card_and_why_one_is_not_usable():
+    from aivailable.gpu import doctor
+
+    reg = Registry((CPU,), ("RPC", "CPU", "Vulkan"), library="/x/libggml.so")
+    text = doctor.report(reg, merge(reg, [GTX]))
+    assert "backends: RPC, CPU, Vulkan" in text
+    assert "GGML_VK_VISIBLE_DEVICES" in text  # Vulkan built in, no device listed
+    assert "NVIDIA GeForce GTX 1080: NOT usable" in text and "-DGGML_CUDA=on" in text
