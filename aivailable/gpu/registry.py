@@ -3,7 +3,7 @@
 NVML and amdsmi say which cards are in the machine; only ggml's device registry says
 which of them this llama-cpp-python build can use (a CPU-only wheel on a CUDA box drives
 none; a Vulkan build drives an RX 580 that amdsmi cannot see). The registry is read
-through ctypes in a child process (`python -m aivailable.gpu.registry` prints JSON):
+through ctypes in a child process (`main(["--json"])` prints it as JSON):
 a GPU driver may hang or crash on init, and a library without some symbol must not take
 the peer down. Nothing here loads a model.
 
@@ -212,7 +212,9 @@ def from_json(text: str) -> Registry:
 def probe(python: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> Registry:
     """The registry as a child process sees it, with this process's environment. A child
     that hangs, crashes or prints nonsense gives a Registry with `error` set, never raises."""
-    cmd = [python or sys.executable, "-m", "aivailable.gpu.registry", "--json"]
+    # -c, not -m: the package imports this module first, and runpy would warn of it.
+    code = "import sys; from aivailable.gpu.registry import main; sys.exit(main(['--json']))"
+    cmd = [python or sys.executable, "-c", code]
     env = dict(os.environ)
     # The child must import this package even when the peer runs from a source tree.
     root = str(Path(__file__).resolve().parents[2])
