@@ -33,8 +33,8 @@ def probe_all(
 
     Raises ValueError for a bad fake spec; a missing vendor library is never an error.
     `include_cpu` appends the CPU as a device with the machine's RAM, for nodes that may
-    run models on the CPU. `reg`: llama.cpp's registry (default: read in a child process,
-    cached for a minute). Unusable cards are in the list; callers place only `usable` ones.
+    run models on the CPU. `reg`: llama.cpp's registry (default: read in a child process
+    once per process). Unusable cards are in the list; callers place only `usable` ones.
     """
     fakes = [
         replace(parse_fake_gpu(spec, i), backend="fake", key=f"fake{i}")

@@ -25,7 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 PROBE_TIMEOUT_S = 30.0  # lavapipe's first init compiles nothing; a stuck driver does hang
-CACHE_TTL_S = 60.0  # the peer re-reads free memory every 5 s; the registry itself rarely changes
+# Read once per process: each read inits every backend (a CUDA context on every card, held
+# memory for a second), and the peer's 5 s polls get fresh free memory from NVML/amdsmi.
+CACHE_TTL_S: float | None = None
 
 # ggml_backend_dev_type (ggml-backend.h), in enum order.
 _KINDS = ("cpu", "gpu", "igpu", "accel", "meta")
@@ -243,11 +245,11 @@ _cache: tuple[float, Registry] | None = None
 _cache_lock = threading.Lock()
 
 
-def cached(ttl: float = CACHE_TTL_S) -> Registry:
-    """probe(), at most once per `ttl` seconds per process (the peer polls every 5 s)."""
+def cached(ttl: float | None = CACHE_TTL_S) -> Registry:
+    """probe(), once per process, or once per `ttl` seconds."""
     global _cache
     with _cache_lock:
-        if _cache is not None and time.monotonic() - _cache[0] < ttl:
+        if _cache is not None and (ttl is None or time.monotonic() - _cache[0] < ttl):
             return _cache[1]
         reg = probe()
         _cache = (time.monotonic(), reg)

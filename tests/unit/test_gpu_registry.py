@@ -148,3 +148,12 @@ def test_doctor_names_the_backends_each_card_and_why_one_is_not_usable():
     assert "backends: RPC, CPU, Vulkan" in text
     assert "GGML_VK_VISIBLE_DEVICES" in text  # Vulkan built in, no device listed
     assert "NVIDIA GeForce GTX 1080: NOT usable" in text and "-DGGML_CUDA=on" in text
+
+
+def test_the_peer_reads_the_registry_once(monkeypatch):
+    """Each read inits every backend (a CUDA context per card): once per process."""
+    calls = []
+    monkeypatch.setattr(registry, "_cache", None)
+    monkeypatch.setattr(registry, "probe", lambda: calls.append(1) or Registry(backends=("CPU",)))
+    assert registry.cached() is registry.cached()
+    assert len(calls) == 1
