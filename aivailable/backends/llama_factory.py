@@ -23,6 +23,9 @@ VISIBLE_ENV = {
     "HIP": "HIP_VISIBLE_DEVICES",
     "Vulkan": "GGML_VK_VISIBLE_DEVICES",
 }
+# What hides every device of a backend: CUDA and ggml-vulkan read "" as none; ROCm stops
+# at the first invalid index (an empty HIP_VISIBLE_DEVICES is not documented as none).
+HIDE_ALL = {"CUDA": "", "HIP": "-1", "Vulkan": ""}
 _LEGACY_BACKEND = {"nvidia": "CUDA", "amd": "HIP"}  # GpuInfo made before backends existed
 _NOT_GPU = ("", "CPU", "fake")
 
@@ -72,7 +75,7 @@ def device_env(
         pins = [_pin(backend, i, parent) for i in wanted]
         if wanted and None in pins:
             continue  # cannot name them: the default set, as the probe saw it
-        env[VISIBLE_ENV[backend]] = ",".join(p for p in pins if p is not None)
+        env[VISIBLE_ENV[backend]] = ",".join(p for p in pins if p) if wanted else HIDE_ALL[backend]
     return env
 
 

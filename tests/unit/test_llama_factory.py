@@ -64,3 +64,9 @@ def test_a_card_the_build_cannot_drive_gets_no_offload():
     dead = vk("gpu0", 0, usable=False)
     assert n_gpu_layers_for([dead]) == 0 and device_env([dead], [dead], parent={}) == {}
     assert n_gpu_layers_for([vk("gpu0", 0)]) == -1
+
+
+def test_a_worker_hides_amd_gpus_with_an_invalid_index():
+    amd = GpuInfo("gpu0", "amd", "Radeon VII", 16 * GIB, 16 * GIB, "", "gfx906", 0, "HIP")
+    assert device_env([cpu_device()], [amd], parent={}) == {"HIP_VISIBLE_DEVICES": "-1"}
+    assert device_env([amd], [amd], parent={}) == {"HIP_VISIBLE_DEVICES": "0"}
