@@ -31,6 +31,7 @@ SET_PLAN = 4  # the leader's placement plan, fenced by its term
 SET_MODEL_FILE = 5  # what a model's file turned out to be: checksum, size, VRAM estimate
 NODE_ADDR = 6  # a node's HTTP address, so a restarted cluster finds its members without mDNS
 NODE_FORGET = 7  # drop a node from the registry (it left for good)
+SET_SCALE = 8  # the replicas demand scaling wants for a model, and why
 
 TYPE_NAMES = {
     INIT: "init",
@@ -40,6 +41,7 @@ TYPE_NAMES = {
     SET_MODEL_FILE: "set_model_file",
     NODE_ADDR: "node_addr",
     NODE_FORGET: "node_forget",
+    SET_SCALE: "set_scale",
     **access_keys.TYPE_NAMES,  # 32-47: API keys (aivailable/access/keys.py)
 }
 
@@ -47,6 +49,10 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 MAX_REPLICAS = 64
 MAX_TEXT = 4096  # longest source / address / id string accepted in a command
+# Seconds an idle scaled model stays loaded unless its deploy says otherwise: Ollama's
+# keep_alive default, which its users are used to.
+DEFAULT_IDLE_UNLOAD_S = 300.0
+MAX_IDLE_UNLOAD_S = float(1 << 31)
 
 
 class CommandError(ValueError):
@@ -72,6 +78,17 @@ class ModelRecord:
     split_overhead: int | None = None  # extra bytes per extra GPU when split
     kind: str = "chat"  # "chat" generates text; "embedding" serves /v1/embeddings
     n_parallel: int | None = None  # slots per instance; None: the engine's default
+    # Demand scaling (cluster/scaling.py): None for both keeps `replicas` fixed. Otherwise
+    # the replicas follow the load between min and max; `replicas` is where they start.
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    # Seconds without a request before a scaled model goes down to min (0 unloads at once;
+    # negative: never). Ollama's keep_alive on a request overrides it for that model.
+    idle_unload_s: float = DEFAULT_IDLE_UNLOAD_S
+
+    @property
+    def scaled(self) -> bool:
+        return self.min_replicas is not None
 
     def to_wire(self) -> dict:
         return {
@@ -86,17 +103,67 @@ class ModelRecord:
             "split_overhead": self.split_overhead,
             "kind": self.kind,
             "n_parallel": self.n_parallel,
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "idle_unload_s": self.idle_unload_s,
         }
+
+
+@dataclass(frozen=True)
+class ScaleRecord:
+    """What demand scaling last committed for a model: the count, when, and why."""
+
+    wanted: int
+    at: float = 0.0  # the leader's wall clock (seconds since the epoch)
+    reason: str = ""
+    previous: int | None = None  # the count before this change
+
+    def to_wire(self) -> dict:
+        return {
+            "wanted": self.wanted,
+            "at": self.at,
+            "reason": self.reason,
+            "previous": self.previous,
+        }
+
+
+def _bounds(fields: dict, replicas: int) -> tuple[int | None, int | None, int]:
+    """(min, max, starting replicas) of a deploy: `replicas` (default 1) clamped to the
+    bounds. Either bound alone implies the other: min alone scales up to max(min,
+    replicas, 1); max alone down to 1 (0 only when asked for)."""
+    lo, hi = fields.get("min_replicas"), fields.get("max_replicas")
+    if lo is None and hi is None:
+        return None, None, replicas
+    lo = _int(lo if lo is not None else min(1, hi), "min_replicas", 0, MAX_REPLICAS)
+    hi = _int(hi if hi is not None else max(lo, replicas, 1), "max_replicas", 1, MAX_REPLICAS)
+    if lo > hi:
+        raise CommandError(f"min_replicas {lo} is above max_replicas {hi}")
+    return lo, hi, max(lo, min(hi, replicas))
+
+
+def _seconds(value: Any, what: str) -> float:
+    """Seconds, the default for None; any negative reads as -1 (never)."""
+    if value is None:
+        return DEFAULT_IDLE_UNLOAD_S
+    if not isinstance(value, int | float) or isinstance(value, bool) or value != value:
+        raise CommandError(f"{what} must be a number of seconds")
+    if value > MAX_IDLE_UNLOAD_S:
+        raise CommandError(f"{what} out of range: {value}")
+    return float(value) if value >= 0 else -1.0
 
 
 def _model_record(fields: dict, measured: bool = False) -> ModelRecord:
     """A ModelRecord from a deploy command's fields, checked, with the defaults a deploy
     leaves out. `measured`: also what a leader measured of the file (a snapshot carries
     it; a deploy command may not set it)."""
+    replicas = _int(fields.get("replicas", 1), "replicas", 0, MAX_REPLICAS)
+    lo, hi, replicas = _bounds(fields, replicas)
+    if lo is None and replicas < 1:
+        raise CommandError("replicas out of range: 0 (a fixed deploy needs 1; use min_replicas 0)")
     return ModelRecord(
         name=_name(fields.get("name")),
         source=_text(fields.get("source"), "source"),
-        replicas=_int(fields.get("replicas", 1), "replicas", 1, MAX_REPLICAS),
+        replicas=replicas,
         n_ctx=_int(fields.get("n_ctx", 2048), "n_ctx", 1, 1 << 24),
         priority=_int(fields.get("priority", 0), "priority", -(1 << 31), 1 << 31),
         sha256=_sha(fields.get("sha256")),
@@ -107,6 +174,9 @@ def _model_record(fields: dict, measured: bool = False) -> ModelRecord:
         else None,
         kind=_kind(fields.get("kind", "chat")),
         n_parallel=_opt_int(fields.get("n_parallel"), "n_parallel"),
+        min_replicas=lo,
+        max_replicas=hi,
+        idle_unload_s=_seconds(fields.get("idle_unload_s"), "idle_unload_s"),
     )
 
 
@@ -141,9 +211,22 @@ def encode_deploy(
     default: bool = False,
     kind: str = "chat",
     n_parallel: int | None = None,
+    min_replicas: int | None = None,
+    max_replicas: int | None = None,
+    idle_unload_s: float | None = None,
 ) -> bytes:
     """`default`: this is the controller deploying the embedded model on a new cluster;
-    applying it records that, so the default is never deployed again after an undeploy."""
+    applying it records that, so the default is never deployed again after an undeploy.
+    `min_replicas`/`max_replicas`: scale with demand (None for both: `replicas` fixed)."""
+    scaling = {
+        k: v
+        for k, v in (
+            ("min_replicas", min_replicas),
+            ("max_replicas", max_replicas),
+            ("idle_unload_s", idle_unload_s),
+        )
+        if v is not None
+    }
     return _pack(
         DEPLOY,
         name=name,
@@ -156,7 +239,13 @@ def encode_deploy(
         default=default,
         kind=kind,
         n_parallel=n_parallel,
+        **scaling,
     )
+
+
+def encode_scale(name: str, wanted: int, at: float, reason: str, previous: int | None) -> bytes:
+    """Demand scaling's count for a scaled model; applies while the model is deployed."""
+    return _pack(SET_SCALE, name=name, wanted=wanted, at=at, reason=reason, previous=previous)
 
 
 def encode_undeploy(name: str) -> bytes:
@@ -301,12 +390,23 @@ class ClusterState:
         self.models_version = 0  # bumps on every change to the desired models
         self.default_applied = False  # the embedded model was deployed once (undeploy sticks)
         self.nodes: dict[str, str] = {}  # node id -> HTTP address "host:port"
+        self.scale: dict[str, ScaleRecord] = {}  # model -> demand scaling's last decision
         self.access = access_keys.AccessState()  # API keys and applied proposal ids
 
     # -- reading
 
     def desired(self) -> list[ModelRecord]:
         return [self.models[k] for k in sorted(self.models)]
+
+    def wanted_replicas(self, name: str) -> int:
+        """The replicas placement should give `name`: a fixed deploy's count, or what
+        demand scaling committed last (within the deploy's bounds; its start before)."""
+        record = self.models[name]
+        if not record.scaled:
+            return record.replicas
+        scale = self.scale.get(name)
+        wanted = scale.wanted if scale is not None else record.replicas
+        return max(record.min_replicas, min(record.max_replicas, wanted))
 
     def assignments_for(self, node: str) -> tuple[Assignment, ...]:
         return self.plan.for_node(node) if self.plan is not None else ()
@@ -369,12 +469,41 @@ class ClusterState:
             self.models[name] = record
             self.models_version += 1
             changed = True
+            if old is None or (old.source, old.min_replicas, old.max_replicas) != (
+                record.source,
+                record.min_replicas,
+                record.max_replicas,
+            ):
+                self.scale.pop(name, None)  # new bounds: start again from `replicas`
         return changed
 
     def _apply_undeploy(self, cmd: dict, term: int) -> bool:
         name = _name(cmd.get("name"))
         if self.models.pop(name, None) is None:
             return False
+        self.scale.pop(name, None)
+        self.models_version += 1
+        return True
+
+    def _apply_set_scale(self, cmd: dict, term: int) -> bool:
+        name = _name(cmd.get("name"))
+        record = self.models.get(name)
+        if record is None or not record.scaled:
+            raise CommandError(f"{name} is not deployed with min_replicas/max_replicas")
+        wanted = _int(cmd.get("wanted"), "wanted", record.min_replicas, record.max_replicas)
+        at = cmd.get("at", 0.0)
+        if not isinstance(at, int | float) or isinstance(at, bool):
+            raise CommandError("at must be a number")
+        reason = cmd.get("reason", "")
+        if not isinstance(reason, str) or len(reason) > MAX_TEXT:
+            raise CommandError("reason must be a string")
+        previous = cmd.get("previous")
+        new = ScaleRecord(
+            wanted, float(at), reason, None if previous is None else _int(previous, "previous", 0)
+        )
+        if self.scale.get(name) == new:
+            return False
+        self.scale[name] = new
         self.models_version += 1
         return True
 
@@ -445,6 +574,7 @@ class ClusterState:
             "default_applied": self.default_applied,
             "nodes": [[k, self.nodes[k]] for k in sorted(self.nodes)],
             "access": self.access.to_wire(),
+            "scale": [[k, self.scale[k].to_wire()] for k in sorted(self.scale)],
         }
 
     def snapshot(self) -> bytes:
@@ -472,6 +602,16 @@ class ClusterState:
             for node, addr in _list(wire.get("nodes", []), "nodes"):
                 fresh.nodes[_text(node, "node")] = _text(addr, "addr")
             fresh.access = access_keys.AccessState.from_wire(wire.get("access"))
+            for name, rec in _list(wire.get("scale", []), "scale"):
+                if not isinstance(rec, dict):
+                    raise CommandError("a scale record must be a map")
+                prev = rec.get("previous")
+                fresh.scale[_name(name)] = ScaleRecord(
+                    _int(rec.get("wanted"), "wanted", 0, MAX_REPLICAS),
+                    float(rec.get("at", 0.0)),
+                    str(rec.get("reason", "")),
+                    None if prev is None else _int(prev, "previous", 0),
+                )
         except Exception as exc:
             raise SnapshotError(f"cannot restore cluster state: {exc}") from exc
         self.__dict__.update(fresh.__dict__)
@@ -485,11 +625,13 @@ __all__ = [
     "PROTOCOL",
     "SET_MODEL_FILE",
     "SET_PLAN",
+    "SET_SCALE",
     "UNDEPLOY",
     "ApplyResult",
     "ClusterState",
     "CommandError",
     "ModelRecord",
+    "ScaleRecord",
     "SnapshotError",
     "decode",
     "encode_deploy",
@@ -498,6 +640,7 @@ __all__ = [
     "encode_node_addr",
     "encode_node_forget",
     "encode_plan",
+    "encode_scale",
     "encode_undeploy",
     "plan_from_wire",
     "plan_to_wire",
