@@ -21,6 +21,8 @@ from dataclasses import dataclass
 WINDOW_S = 30.0
 # Seconds of the long window: a replica is removed only after this long under a low mark.
 LONG_S = 180.0
+# Seconds per step of the long window: its occupancy is the highest of these steps'.
+STEP_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -29,9 +31,12 @@ class Signals:
     so a steady instance does not change its payload every refresh."""
 
     occupancy: float = 0.0  # busy slots / slots, mean over the short window (0..1)
-    occupancy_long: float = 0.0  # the same over the long window
+    # The highest occupancy of any 10 s of the long window: below a low mark only when
+    # the instance stayed below it for the whole window, not just on average.
+    occupancy_long: float = 0.0
     queue_depth: float = 0.0  # requests waiting for a slot, mean over the short window
     refused: int = 0  # admission refusals (429) in the short window
+    refusing_s: int = 0  # whole seconds of the short window that had a refusal
     ttft_p90: float | None = None  # seconds to the first token, p90 over the short window
     rpm: float = 0.0  # requests admitted per minute, over the short window
     idle_s: float = 0.0  # seconds without a request in flight (0 while one runs)
@@ -53,6 +58,7 @@ class Signals:
             5 * math.floor(self.age_s / 5),
             self.active,
             self.keep_alive_s,
+            self.refusing_s,
         ]
 
     @classmethod
@@ -61,17 +67,19 @@ class Signals:
         if not isinstance(data, list | tuple) or len(data) < 10:
             return None
         occ, occ_long, queue, refused, ttft, rpm, idle, age, active, keep = data[:10]
+        refusing = int(data[10]) if len(data) > 10 else 0
         return cls(
-            float(occ),
-            float(occ_long),
-            float(queue),
-            int(refused),
-            None if ttft is None else float(ttft),
-            float(rpm),
-            float(idle),
-            float(age),
-            int(active),
-            None if keep is None else float(keep),
+            occupancy=float(occ),
+            occupancy_long=float(occ_long),
+            queue_depth=float(queue),
+            refused=int(refused),
+            refusing_s=refusing,
+            ttft_p90=None if ttft is None else float(ttft),
+            rpm=float(rpm),
+            idle_s=float(idle),
+            age_s=float(age),
+            active=int(active),
+            keep_alive_s=None if keep is None else float(keep),
         )
 
 
@@ -132,18 +140,19 @@ class DemandWindow:
     def signals(self, now: float) -> Signals:
         self._prune(now)
         short = self._span(now, self.window_s)
-        busy, queued = self._integral(now, self.window_s)
-        busy_long, _ = self._integral(now, self.long_s)
-        long_span = self._span(now, self.long_s)
+        busy, queued = self._integral(now - self.window_s, now)
+        peak = self._peak(now)
         ttfts = sorted(t for at, t in self._ttft if at > now - self.window_s)
         p90 = ttfts[min(len(ttfts) - 1, math.ceil(0.9 * len(ttfts)) - 1)] if ttfts else None
         admitted = sum(1 for at in self._admitted if at > now - self.window_s)
+        recent_refusals = [at for at in self._refused if at > now - self.window_s]
         idle = 0.0 if self._idle_since is None else now - self._idle_since
         return Signals(
             occupancy=busy / (short * self.n_parallel) if short > 0 else 0.0,
-            occupancy_long=busy_long / (long_span * self.n_parallel) if long_span > 0 else 0.0,
+            occupancy_long=peak,
             queue_depth=queued / short if short > 0 else 0.0,
-            refused=sum(1 for at in self._refused if at > now - self.window_s),
+            refused=sum(1 for at in recent_refusals),
+            refusing_s=len({math.floor(at) for at in recent_refusals}),
             ttft_p90=p90,
             rpm=admitted * 60.0 / max(short, 1.0),
             idle_s=max(0.0, idle) if self._depth == 0 else 0.0,
@@ -156,18 +165,44 @@ class DemandWindow:
         """The part of the window this instance has lived (a new one averages over less)."""
         return max(0.0, min(window, now - self.started))
 
-    def _integral(self, now: float, window: float) -> tuple[float, float]:
-        """Slot-seconds busy and request-seconds queued over [now - window, now]."""
-        start = max(now - window, self.started)
+    def _integral(self, start: float, end: float) -> tuple[float, float]:
+        """Slot-seconds busy and request-seconds queued over [start, end]."""
+        start = max(start, self.started)
         busy = queued = 0.0
         points = list(self._changes)
         for i, (t, depth) in enumerate(points):
-            end = points[i + 1][0] if i + 1 < len(points) else now
-            lo, hi = max(t, start), min(end, now)
+            until = points[i + 1][0] if i + 1 < len(points) else end
+            lo, hi = max(t, start), min(until, end)
             if hi > lo:
                 busy += (hi - lo) * min(depth, self.n_parallel)
                 queued += (hi - lo) * max(0, depth - self.n_parallel)
         return busy, queued
+
+    def _peak(self, now: float) -> float:
+        """The highest occupancy of the long window's STEP_S steps (counted back from now),
+        in one pass over the changes."""
+        steps = math.ceil(self.long_s / STEP_S)
+        busy = [0.0] * steps
+        start = max(now - steps * STEP_S, self.started)
+        points = list(self._changes)
+        for i, (t, depth) in enumerate(points):
+            lo = max(t, start)
+            hi = min(points[i + 1][0] if i + 1 < len(points) else now, now)
+            used = min(depth, self.n_parallel)
+            while hi > lo and used:  # from hi back to lo, one step at a time
+                k = min(steps - 1, int((now - hi) // STEP_S))
+                bottom = max(lo, now - (k + 1) * STEP_S)
+                if bottom >= hi:  # float rounding at a step's edge
+                    bottom = lo
+                busy[k] += (hi - bottom) * used
+                hi = bottom
+        peak = 0.0
+        for k in range(steps):
+            span = min(now - k * STEP_S, now) - max(now - (k + 1) * STEP_S, self.started)
+            if span <= 0:
+                break
+            peak = max(peak, busy[k] / (span * self.n_parallel))
+        return peak
 
     def _prune(self, now: float) -> None:
         horizon = now - self.long_s

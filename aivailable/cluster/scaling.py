@@ -31,10 +31,10 @@ class ScalingConfig:
     # Mean occupancy over the long window (180 s) below which a replica is removed, if the
     # others would then stay below `high`: the gap to `high` is the hysteresis.
     low: float = 0.3
-    # Admission refusals per minute that add a replica even below `high` (short requests
-    # keep occupancy lower than the queue they build), when occupancy is at least `busy`.
-    refused_per_min: float = 2.0
-    busy: float = 0.5
+    # Share of the short window's seconds with an admission refusal that adds a replica
+    # even below `high` (short requests keep occupancy lower than the queue they build):
+    # refusals must last, as occupancy must, so a burst of a few seconds adds nothing.
+    refusing: float = 0.8
     # Seconds after any change before a replica is added again: the new replica must load
     # and take its share before the window says whether one more is needed.
     up_cooldown_s: float = WINDOW_S
@@ -73,6 +73,7 @@ class Demand:
     occupancy_long: float = 0.0
     queue_depth: float = 0.0  # summed
     refused: int = 0  # summed, in the short window
+    refusing_s: int = 0  # the most of any instance: seconds of the window with a refusal
     ttft_p90: float | None = None  # the worst instance's
     rpm: float = 0.0  # summed
     idle_s: float = 0.0  # the least idle instance's
@@ -114,6 +115,7 @@ def aggregate(signals: Iterable[Signals], waiting: int = 0) -> Demand:
         occupancy_long=sum(s.occupancy_long for s in sig) / len(sig),
         queue_depth=sum(s.queue_depth for s in sig),
         refused=sum(s.refused for s in sig),
+        refusing_s=max(s.refusing_s for s in sig),
         ttft_p90=max(ttfts) if ttfts else None,
         rpm=sum(s.rpm for s in sig),
         idle_s=latest.idle_s,
@@ -167,19 +169,24 @@ def scale(
         return Decision(
             bounds.min_replicas, f"no request for {demand.idle_s:.0f} s (idle time {limit:.0f} s)"
         )
-    settled = ready >= w and demand.instances >= w  # every wanted replica serves
-    if settled and w < bounds.max_replicas and since >= config.up_cooldown_s:
+    # Every wanted replica serves, and the youngest has measured a whole window.
+    settled = ready >= w and demand.instances >= w
+    measured = settled and demand.age_s >= WINDOW_S
+    if measured and w < bounds.max_replicas and since >= config.up_cooldown_s:
         if demand.occupancy >= config.high:
             return Decision(w + 1, f"occupancy {demand.occupancy:.2f} for {WINDOW_S:.0f} s")
-        per_min = demand.refused * 60.0 / WINDOW_S
-        if per_min >= config.refused_per_min and demand.occupancy >= config.busy:
+        if demand.refusing_s >= config.refusing * WINDOW_S:
             return Decision(
                 w + 1,
-                f"{demand.refused} refusals and occupancy {demand.occupancy:.2f} "
-                f"in {WINDOW_S:.0f} s",
+                f"{demand.refused} refusals in {demand.refusing_s} of {WINDOW_S:.0f} s",
             )
     if w > bounds.min_replicas and since >= config.down_cooldown_s:
-        if ready < w and demand.occupancy < config.high and not (demand.refused or demand.waiting):
+        if (
+            ready < w
+            and last_change_at is not None  # a count scaling chose, not the deploy's own
+            and demand.occupancy < config.high
+            and not (demand.refused or demand.waiting)
+        ):
             # A wanted replica that has not served for the whole window (no VRAM for it)
             # is withdrawn once the load no longer asks for it.
             return Decision(w - 1, f"replica {w} not serving for {since:.0f} s, load fell")
@@ -241,11 +248,15 @@ def contend(
         key=lambda m: (-bounds[m].priority, m),
     ):
         for donor in yield_order(needy, counts, bounds, demand, config):
-            while gaps.get(needy, 0) > 0 and counts[donor] > bounds[donor].min_replicas:
-                trial = {**counts, donor: counts[donor] - 1}
+            n = counts[donor]
+            while gaps.get(needy, 0) > 0 and n > bounds[donor].min_replicas:
+                # Fewer of the donor until the needy model gains: the first one taken may
+                # be one of its own unplaced replicas, which frees nothing.
+                n -= 1
+                trial = {**counts, donor: n}
                 after = missing(trial)
                 if after.get(needy, 0) >= gaps.get(needy, 0):
-                    break  # its VRAM does not help (another node, too small): keep it
+                    continue
                 counts, gaps = trial, after
                 reasons[donor] = (
                     f"yielded VRAM to {needy} (priority {bounds[needy].priority} "

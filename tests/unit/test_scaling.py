@@ -43,8 +43,12 @@ def test_the_long_window_remembers_what_the_short_one_forgot():
     w.set_depth(60.0, 0)
     s = w.signals(180.0)
     assert s.occupancy == 0.0
-    assert s.occupancy_long == pytest.approx(60 / 180)
+    assert s.occupancy_long == pytest.approx(1.0)  # its busiest 10 s
     assert s.idle_s == pytest.approx(120.0)
+    assert w.signals(245.0).occupancy_long == 0.0  # 180 s below the mark
+    w.set_depth(245.0, 1)
+    w.set_depth(250.0, 0)  # 5 s of one slot in a 10 s step
+    assert w.signals(255.0).occupancy_long == pytest.approx(0.5)
 
 
 def test_refusals_rate_and_ttft_p90_count_only_inside_the_short_window():
@@ -53,11 +57,15 @@ def test_refusals_rate_and_ttft_p90_count_only_inside_the_short_window():
         w.admitted(float(t))
         w.first_token(float(t), 0.1 * (t + 1))
     w.refused(5.0)
+    w.refused(5.5)
+    w.refused(7.0)
     s = w.signals(10.0)
-    assert s.refused == 1 and s.rpm == pytest.approx(60.0)
+    assert s.refused == 3 and s.refusing_s == 2 and s.rpm == pytest.approx(60.0)
     assert s.ttft_p90 == pytest.approx(0.9)
     later = w.signals(10.0 + WINDOW_S)
-    assert later.refused == 0 and later.ttft_p90 is None and later.rpm == 0
+    assert (
+        later.refused == 0 and later.refusing_s == 0 and later.ttft_p90 is None and later.rpm == 0
+    )
 
 
 def test_keep_alive_of_the_last_request_is_reported():
@@ -105,9 +113,9 @@ def test_no_second_add_before_the_new_replica_serves_or_within_the_cooldown():
     assert scale(3, 3, B13, busy(1.0, 3), 0.0, 100.0).wanted == 3  # max
 
 
-def test_refusals_add_a_replica_only_when_the_instance_is_busy_too():
-    assert scale(1, 1, B13, busy(0.6, refused=5), None, 100.0).wanted == 2
-    assert scale(1, 1, B13, busy(0.2, refused=5), None, 100.0).wanted == 1
+def test_refusals_add_a_replica_only_when_they_last_most_of_the_window():
+    assert scale(1, 1, B13, busy(0.6, refused=90, refusing_s=25), None, 100.0).wanted == 2
+    assert scale(1, 1, B13, busy(0.6, refused=90, refusing_s=5), None, 100.0).wanted == 1
 
 
 def test_low_occupancy_for_the_long_window_removes_one_and_hysteresis_holds():
