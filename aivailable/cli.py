@@ -335,7 +335,7 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from aivailable import store
+    from aivailable.models import store
 
     try:
         model = store.resolve(args.source, args.cache_dir, progress=True)

@@ -1,28 +1,37 @@
 """The peer process: one TaskGroup owns the HTTP server, discovery, gossip, Raft, the
 controller, the reconciler and the model workers (DESIGN.md rule 3).
+
+The one place that builds the parts and hands them to each other (docs/contracts.md, the
+floors): each part gets its own small config from the peer's `Config`, and the cluster gets
+its engine factory from here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 from collections.abc import Callable
 
 from aiohttp import web
 
-from aivailable import hub
 from aivailable.access.guard import AccessGuard, UsageGossip, body_limits, usage_metrics
 from aivailable.access.keys_api import KeysApi, bootstrap_admin_key
 from aivailable.access.limits import RateLimiter
 from aivailable.api.app import build_app
+from aivailable.api.cluster_api import ClusterApi
 from aivailable.api.ollama_api import OllamaApi
 from aivailable.api.openai_api import OpenAIApi
-from aivailable.cluster.node import ClusterNode, EngineBuilder
+from aivailable.backends.base import EngineFactory
+from aivailable.backends.llama_factory import llama_factory
+from aivailable.cluster.node import ClusterNode, NodeConfig
 from aivailable.config import Config
 from aivailable.gpu import GpuInfo, cpu_device, probe_all
 from aivailable.metrics import Metrics
+from aivailable.models import hub
+from aivailable.models.transfer import ModelTransferApi
 from peer.auth import PeerAuth, machine_identity, make_peer_session
 from peer.crypto import Keyring
 from peer.discovery import Discovery
@@ -36,6 +45,25 @@ log = logging.getLogger(__name__)
 # Seconds requests in flight may take to finish on shutdown: a short answer from a small
 # model; a long generation is cut rather than holding a restart up for minutes.
 DRAIN_S = 5.0
+
+
+def node_config(config: Config) -> NodeConfig:
+    """The cluster floor's settings out of the peer's Config."""
+    default = None if config.model.lower() in ("", "none") else config.model
+    return NodeConfig(
+        name=config.name,
+        advertise_addr=config.advertise_addr,
+        data_dir=config.data_dir,
+        cache_dir=config.cache_dir,
+        default_model=default,
+        raft=config.raft,
+        forward=config.forward,
+        reconciler=config.reconciler,
+        controller=dataclasses.replace(
+            config.controller, default_source=default, default_n_ctx=config.n_ctx
+        ),
+        membership=config.membership,
+    )
 
 
 async def announce_ready(node: ClusterNode, config: Config, announce) -> None:
@@ -60,12 +88,13 @@ async def announce_ready(node: ClusterNode, config: Config, announce) -> None:
 
 async def serve(
     config: Config,
-    build_engine: EngineBuilder | None = None,
+    engine_factory: EngineFactory | None = None,
     announce: Callable[[str], None] = print,
     stop: asyncio.Event | None = None,
 ) -> None:
     """Run the peer until SIGINT/SIGTERM (or `stop` is set); then leave the cluster
-    gracefully, stop the model workers and close the server."""
+    gracefully, stop the model workers and close the server. `engine_factory`: None for
+    llama.cpp workers on this machine's devices (tests hand fakes)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -111,12 +140,12 @@ async def serve(
             advertise_host=config.advertise_host,
         )
         node = ClusterNode(
-            config,
+            node_config(config),
             gpus,
             session,
             UsageGossip(gossip, limiter, config.name),
             tg,
-            build_engine,
+            engine_factory or llama_factory(gpus, config.n_ctx, config.queue_limit, config.engine),
             probe,
             upstream,
         )
@@ -169,7 +198,9 @@ async def serve(
                 openai_api.routes(),
                 ollama_api.routes(),
                 gossip.routes(),
-                *node.routes(),
+                node.routes(),
+                ModelTransferApi(node.local_models).routes(),
+                ClusterApi(node).routes(),
                 keys_api.routes(),
             ],
             on_scrape=refresh_gauges,

@@ -69,8 +69,8 @@ async def serve_role(role: str, port: int, upstream: str, secret: bytes) -> None
     if role == "model":  # the serving stack of `aivailable up`, the real model, one process
         from types import SimpleNamespace
 
-        from aivailable import store
         from aivailable.backends.llama_engine import LlamaEngine
+        from aivailable.models import store
 
         path = store.resolve(f"builtin:{REAL_MODEL}").path
         engine = LlamaEngine(REAL_MODEL, path, n_ctx=2048, n_gpu_layers=0, queue_limit=64)

@@ -35,8 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aivailable import store  # noqa: E402
 from aivailable.local_peers import free_port  # noqa: E402
+from aivailable.models import store  # noqa: E402
 from bench.forward import Child, start_role, wait_port  # noqa: E402
 
 MODEL = "smollm2-135m"

@@ -3,14 +3,16 @@
 - `order_replicas`: the ready replicas, best first;
 - `summarize_availability` / `ModelAvailability`: why a model has no ready replica, as the
   error a client gets (`NoReadyReplica`, a 503 naming the model's state, or a 404);
-- `ForwardError`: forwarding's own error (status and OpenAI-style body); aivailable/api
-  turns it into an HTTP response, so peer/ needs nothing of the API.
+- `ForwardError`: forwarding's own error, a `peer.errors.ServiceError` (status and
+  OpenAI-style body), so peer/ needs nothing of the API.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+from peer.errors import ServiceError
 
 
 @dataclass(frozen=True)
@@ -51,36 +53,10 @@ def order_replicas(
     )
 
 
-class ForwardError(Exception):
-    """A request that cannot be forwarded: an HTTP status and an OpenAI-style error body,
-    which aivailable/api sends (peer/ knows nothing of the API's error types)."""
+class ForwardError(ServiceError):
+    """A request that cannot be forwarded (peer/errors.py's status and OpenAI-style body)."""
 
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "server_error",
-        param: str | None = None,
-        code: str | None = None,
-        retry_after: float | None = None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.retry_after = retry_after
-
-    def body(self) -> dict:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+    TYPE = "server_error"
 
 
 # What the client should wait before asking again, by model state, in seconds: a model

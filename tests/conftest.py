@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from aivailable import store
+from aivailable.models import store
 
 EMBEDDED_SOURCE = "builtin:smollm2-135m"
 

@@ -14,10 +14,10 @@ from typing import Any
 from aiohttp import web
 
 from aivailable.access.config import AccessConfig
-from aivailable.access.keys import AccessState, KeyRecord
+from aivailable.access.errors import AccessError
 from aivailable.access.limits import RateLimiter
 from aivailable.access.policy import allowed, area, presented_key
-from aivailable.api.errors import ApiError
+from aivailable.cluster.keys import AccessState, KeyRecord
 from peer.auth import requires_signature
 
 # request[KEY_RECORD]: the caller's KeyRecord, once checked.
@@ -26,12 +26,12 @@ KEY_RECORD = web.RequestKey("api_key", KeyRecord)
 RESERVED_TOKENS = web.RequestKey("reserved_tokens", int)
 
 
-def invalid_key(message: str) -> ApiError:
-    return ApiError(401, message, type="invalid_request_error", code="invalid_api_key")
+def invalid_key(message: str) -> AccessError:
+    return AccessError(401, message, type="invalid_request_error", code="invalid_api_key")
 
 
-def forbidden(message: str, code: str = "insufficient_permissions") -> ApiError:
-    return ApiError(403, message, type="permission_error", code=code)
+def forbidden(message: str, code: str = "insufficient_permissions") -> AccessError:
+    return AccessError(403, message, type="permission_error", code=code)
 
 
 def body_limits(config: AccessConfig, raft_body_bytes: int):
@@ -50,7 +50,7 @@ def body_limits(config: AccessConfig, raft_body_bytes: int):
         limit = limit_for(request.path)
         length = request.content_length
         if length is not None and length > limit:
-            raise ApiError(
+            raise AccessError(
                 413,
                 f"request body of {length} bytes exceeds this route's {limit}",
                 code="too_large",
@@ -91,7 +91,7 @@ class AccessGuard:
             )
         record = self._access().lookup(secret, int(self._clock() * 1000))
         if record is None and not self._caught_up():
-            raise ApiError(
+            raise AccessError(
                 503,
                 "this peer is catching up with the cluster and does not know this key yet; "
                 "try again shortly",
@@ -113,7 +113,7 @@ class AccessGuard:
             return await handler(request)
         try:
             record = self.identify(request)
-        except ApiError as exc:
+        except AccessError as exc:
             response = exc.response()
             response.headers["WWW-Authenticate"] = 'Bearer realm="aivailable"'
             return response
@@ -162,8 +162,8 @@ class AccessGuard:
         return record is None or record.may_use(model)
 
 
-def _rate_limited(record: KeyRecord, wait: float) -> ApiError:
-    return ApiError(
+def _rate_limited(record: KeyRecord, wait: float) -> AccessError:
+    return AccessError(
         429,
         f"rate limit of key {record.id} reached ({record.rpm or '-'} requests, "
         f"{record.tpm or '-'} tokens per minute); retry in {wait:.0f} s",

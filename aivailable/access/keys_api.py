@@ -17,7 +17,9 @@ from typing import Any
 
 from aiohttp import web
 
-from aivailable.access.keys import (
+from aivailable.access.errors import AccessError
+from aivailable.access.limits import RateLimiter
+from aivailable.cluster.keys import (
     MAX_MODELS_PER_KEY,
     MAX_NAME,
     ROLES,
@@ -31,8 +33,7 @@ from aivailable.access.keys import (
     new_secret,
     parse_expires,
 )
-from aivailable.access.limits import RateLimiter
-from aivailable.api.errors import ApiError, bad_request, not_found
+from peer.errors import ServiceError
 
 log = logging.getLogger(__name__)
 ADMIN_KEY_FILE = "admin.key"
@@ -43,10 +44,10 @@ def parse_create(body: Any, now_ms: int) -> KeyRecord:
     """A create request {"role", "models"?, "rpm"?, "tpm"?, "expires"?, "name"?} -> the key
     (without its hash). 400 on anything malformed."""
     if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object")
+        raise AccessError.bad_request("the request body must be a JSON object")
     role = body.get("role", "user")
     if role not in ROLES:
-        raise bad_request(f"'role' must be one of {', '.join(ROLES)}", "role")
+        raise AccessError.bad_request(f"'role' must be one of {', '.join(ROLES)}", "role")
     models = body.get("models") or []
     if isinstance(models, str):
         models = [m.strip() for m in models.split(",") if m.strip()]
@@ -55,28 +56,34 @@ def parse_create(body: Any, now_ms: int) -> KeyRecord:
         or len(models) > MAX_MODELS_PER_KEY
         or not all(isinstance(m, str) and 0 < len(m) <= 128 for m in models)
     ):
-        raise bad_request("'models' must be a list of model names", "models")
+        raise AccessError.bad_request("'models' must be a list of model names", "models")
     if models and role != "user":
-        raise bad_request("only user keys are limited to models", "models")
+        raise AccessError.bad_request("only user keys are limited to models", "models")
     limits = {}
     for field in ("rpm", "tpm"):
         value = body.get(field) or 0
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_LIMIT:
-            raise bad_request(f"'{field}' must be a non-negative integer (0: unlimited)", field)
+            raise AccessError.bad_request(
+                f"'{field}' must be a non-negative integer (0: unlimited)", field
+            )
         limits[field] = value
     name = body.get("name") or ""
     if not isinstance(name, str) or len(name) > MAX_NAME:
-        raise bad_request(f"'name' must be text of at most {MAX_NAME} characters", "name")
+        raise AccessError.bad_request(
+            f"'name' must be text of at most {MAX_NAME} characters", "name"
+        )
     expires_ms = 0
     if body.get("expires"):
         if not isinstance(body["expires"], str):
-            raise bad_request("'expires' must be a date or a duration like 30d", "expires")
+            raise AccessError.bad_request(
+                "'expires' must be a date or a duration like 30d", "expires"
+            )
         try:
             expires_ms = parse_expires(body["expires"], now_ms)
         except AccessCommandError as exc:
-            raise bad_request(str(exc), "expires") from exc
+            raise AccessError.bad_request(str(exc), "expires") from exc
         if expires_ms <= now_ms:
-            raise bad_request("'expires' is in the past", "expires")
+            raise AccessError.bad_request("'expires' is in the past", "expires")
     return KeyRecord(
         new_key_id(), "", role, name, tuple(models), expires_ms=expires_ms, created_ms=now_ms,
         **limits,
@@ -120,20 +127,22 @@ class KeysApi:
         try:
             body = await request.json()
         except ValueError as exc:
-            raise bad_request(f"the request body is not valid JSON: {exc}") from exc
+            raise AccessError.bad_request(f"the request body is not valid JSON: {exc}") from exc
         record = parse_create(body, int(self._clock() * 1000))
         secret = new_secret()
         record = KeyRecord(**{**record.__dict__, "hash": hash_secret(secret)})
         await self._propose(encode_key_create(record))
         if record.id not in self._access().keys:
-            raise ApiError(500, "the key was not stored; try again", type="server_error")
+            raise AccessError(500, "the key was not stored; try again", type="server_error")
         # The only time the secret is shown: the cluster keeps its hash alone.
         return web.json_response({**record.public(), "key": secret}, status=201)
 
     async def revoke(self, request: web.Request) -> web.Response:
         key_id = request.match_info["id"]
         if key_id not in self._access().keys:
-            raise not_found(f"no key with id '{key_id}'", param="id", code="key_not_found")
+            raise AccessError.not_found(
+                f"no key with id '{key_id}'", param="id", code="key_not_found"
+            )
         await self._propose(encode_key_revoke(key_id))
         return web.json_response({"id": key_id, "revoked": True})
 
@@ -173,7 +182,7 @@ async def bootstrap_admin_key(
         try:
             await propose(encode_key_create(record, bootstrap=True))
             break  # applied: ours, or another peer's first key came first
-        except ApiError as exc:  # no leader yet: keep trying
+        except ServiceError as exc:  # no leader yet: keep trying
             log.info("first admin key not committed yet: %s", exc.message)
             await asyncio.sleep(1)
     if digest in access().by_hash:

@@ -1,4 +1,4 @@
-"""Requests and tokens per minute per key, counted cluster-wide: pure, time comes in as `now`.
+"""Requests and tokens per minute per key, counted cluster-wide. Pure: time comes in as `now`.
 
 Each peer counts what its own clients used in one-second buckets over the last minute and
 gossips the sums; a peer admits a request while its own count plus the others' last gossiped
@@ -12,7 +12,7 @@ import collections
 import math
 from collections.abc import Iterable, Mapping
 
-from aivailable.access.keys import KeyRecord
+from aivailable.cluster.keys import KeyRecord
 
 WINDOW_S = 60  # the limits are per minute
 # Keys in one gossip payload (about 25 bytes each): bounds the payload under any load; the

@@ -1,4 +1,4 @@
-"""Which credentials a request needs: pure functions of the bind address, path and headers."""
+"""Which credentials a request needs. Pure functions of the bind address, path and headers."""
 
 from __future__ import annotations
 

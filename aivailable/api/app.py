@@ -9,22 +9,24 @@ from collections.abc import Callable, Iterable
 from aiohttp import web
 
 from aivailable.api.cors import add_cors_headers, cors_middleware
-from aivailable.api.errors import ApiError, error_response
+from aivailable.api.errors import ApiError
 from aivailable.api.request_id import add_request_id_header, request_id_middleware
 from aivailable.metrics import Metrics
-from peer.availability import ForwardError
+from peer.errors import ServiceError
 
 log = logging.getLogger(__name__)
 DASHBOARD = importlib.resources.files("aivailable.api") / "dashboard.html"
+OLLAMA_PREFIX = "/api/"  # the Ollama API's routes (aivailable/api/ollama_api.py)
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """Every error leaves as an OpenAI-style JSON body; nothing crashes the peer."""
+    """Every error leaves as an OpenAI-style JSON body; nothing crashes the peer. The one
+    place an error of any floor (a peer.errors.ServiceError) becomes HTTP."""
     try:
         return await handler(request)
-    except (ApiError, ForwardError) as exc:
-        return error_response(exc)
+    except ServiceError as exc:
+        return error_response(request, exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -33,10 +35,18 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
             message = f"no route for {request.method} {request.path}"
         else:  # a handler's own HTTP error: keep what it said
             message = exc.text or exc.reason
-        return ApiError(exc.status, message, type=kind).response()
+        return error_response(request, ApiError(exc.status, message, type=kind))
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        return ApiError(500, "internal server error", type="server_error").response()
+        return error_response(request, ApiError(500, "internal server error", type="server_error"))
+
+
+def error_response(request: web.Request, exc: ServiceError) -> web.Response:
+    """An error in the shape of the API asked: Ollama's `{"error": "..."}` under /api/,
+    OpenAI's body everywhere else."""
+    if request.path.startswith(OLLAMA_PREFIX):
+        return web.json_response({"error": exc.message}, status=exc.status, headers=exc.headers())
+    return exc.response()
 
 
 def build_app(

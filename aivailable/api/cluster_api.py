@@ -17,13 +17,13 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from aivailable import hub, sources
 from aivailable.access.guard import KEY_RECORD
-from aivailable.access.sources import refuse_reason
 from aivailable.api.body import read_json
 from aivailable.api.errors import ApiError, bad_request, not_found
 from aivailable.api.reads import marked, read_mode
-from aivailable.store import model_name
+from aivailable.models import hub, sources
+from aivailable.models.check import refuse_reason
+from aivailable.models.store import model_name
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 

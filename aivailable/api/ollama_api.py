@@ -5,7 +5,7 @@
 OpenAI-style body that `validate.py` checks (Ollama's `options` become our sampling,
 `format` becomes `response_format`), so both APIs share every rule and the grammar
 sampler. Models keep their cluster names; an Ollama-style `name:tag` resolves to them.
-Errors leave in Ollama's shape, `{"error": "..."}`.
+Errors leave in Ollama's shape, `{"error": "..."}` (api/app.py's error middleware).
 """
 
 from __future__ import annotations
@@ -49,11 +49,6 @@ def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-def _ollama_error(exc: ApiError) -> web.Response:
-    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else {}
-    return web.json_response({"error": exc.message}, status=exc.status, headers=headers)
-
-
 class OllamaApi:
     def __init__(self, openai: OpenAIApi, model_info: Callable[[str], dict] | None = None):
         """`model_info(name)`: what the cluster knows of a model (size, sha256, n_ctx)."""
@@ -66,22 +61,12 @@ class OllamaApi:
             web.get("/api/version", self.version),
             web.get("/api/tags", self.tags),
             web.get("/api/ps", self.ps),
-            web.post("/api/show", self._guarded(self.show)),
-            web.post("/api/chat", self._guarded(self.chat)),
-            web.post("/api/generate", self._guarded(self.generate)),
-            web.post("/api/embed", self._guarded(self.embed)),
-            web.post("/api/embeddings", self._guarded(self.embeddings_legacy)),
+            web.post("/api/show", self.show),
+            web.post("/api/chat", self.chat),
+            web.post("/api/generate", self.generate),
+            web.post("/api/embed", self.embed),
+            web.post("/api/embeddings", self.embeddings_legacy),
         ]
-
-    @staticmethod
-    def _guarded(handler):
-        async def guarded(request: web.Request) -> web.StreamResponse:
-            try:
-                return await handler(request)
-            except ApiError as exc:
-                return _ollama_error(exc)
-
-        return guarded
 
     # --- models -------------------------------------------------------------------------
 
@@ -119,10 +104,7 @@ class OllamaApi:
 
     async def tags(self, request: web.Request) -> web.Response:
         """`?consistent=1`: a linearizable listing, as for /v1/models (api/reads.py)."""
-        try:
-            mode = await read_mode(request, self._openai.read_barrier)
-        except ApiError as exc:
-            return _ollama_error(exc)
+        mode = await read_mode(request, self._openai.read_barrier)
         names = self._openai.model_names(request)
         return marked(web.json_response({"models": [self._card(n) for n in names]}), mode)
 

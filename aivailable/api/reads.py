@@ -35,7 +35,7 @@ async def read_mode(request: web.Request, barrier: Barrier | None) -> str:
         return LOCAL
     if barrier is None:
         raise bad_request("this peer cannot serve consistent reads", param="consistent")
-    await barrier()
+    await barrier()  # the cluster's no_leader (a ServiceError) goes to the edge as it is
     return CONSISTENT
 
 

@@ -4,7 +4,8 @@ The JSON-schema-to-GBNF converter is llama.cpp's own (the Python port that
 llama-cpp-python ships); llama.cpp's grammar sampler in the worker then guarantees the
 answer parses. Tools are described to the model in a system message; when a call is
 required (`tool_choice` "required" or a named function) a grammar built from the tools'
-parameter schemas makes the answer one valid call. Pure, apart from the converter.
+parameter schemas makes the answer one valid call. No I/O, but not pure: the converter
+is llama.cpp's, and a tool call's id is random (uuid4).
 """
 
 from __future__ import annotations

@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
 from typing import Literal
 
-InstanceState = Literal["pending", "loading", "ready", "failed", "stopping"]
+
+class InstanceState(StrEnum):
+    """An instance's state (DESIGN.md); the moves between them: backends/lifecycle.py."""
+
+    PENDING = "pending"  # planned here; the model file is being fetched, or stopped
+    LOADING = "loading"  # the worker is loading the model
+    READY = "ready"  # takes requests
+    FAILED = "failed"  # the load or the worker failed; retried with backoff
+    STOPPING = "stopping"  # being stopped; takes no new requests
 
 
 @dataclass(frozen=True)
@@ -163,3 +173,20 @@ class Engine(abc.ABC):
     def free_slots(self) -> int:
         """Requests that would start at once (gossip and forwarding prefer more)."""
         return max(0, self.n_parallel - self.queue_depth)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One instance to start on this node, as the cluster asks an engine factory for it."""
+
+    model: str  # the model name clients use
+    path: Path  # the model file, already fetched
+    gpus: tuple[str, ...] = ()  # node-local device ids ("gpu0"), in the plan's order
+    n_ctx: int | None = None  # None: the node's default
+    tensor_split: tuple[float, ...] = ()  # proportions per gpu when it spans several
+    n_parallel: int | None = None  # slots; None: the engine's default for the device
+    kind: str = "chat"  # "chat" | "embedding"
+
+
+# What the wiring (server.py) hands the cluster floor: a spec in, an engine (not started) out.
+EngineFactory = Callable[[EngineSpec], Engine]

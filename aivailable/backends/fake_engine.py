@@ -14,6 +14,7 @@ import math
 import re
 from collections.abc import AsyncIterator, Callable
 
+from aivailable.backends import lifecycle
 from aivailable.backends.base import (
     ChatRequest,
     CompletionRequest,
@@ -28,7 +29,6 @@ from aivailable.backends.base import (
     QueueFull,
     TextDelta,
 )
-from aivailable.cluster import lifecycle
 
 DEFAULT_REPLY = "Hello! This is a canned reply from the fake engine."
 _TOKEN = re.compile(r"\s*\S+")

@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from aivailable.backends import lifecycle
 from aivailable.backends import worker_protocol as wire
 from aivailable.backends.base import (
     ChatRequest,
@@ -45,18 +46,10 @@ from aivailable.backends.base import (
     TextDelta,
 )
 from aivailable.backends.scheduler import Admission
-from aivailable.cluster import lifecycle
-from aivailable.gpu.info import GpuInfo
 
 log = logging.getLogger(__name__)
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # so the child imports this code
 WORKER_ARGV = (sys.executable, "-m", "aivailable.backends.llama_worker")
-
-
-def n_gpu_layers_for(gpus: Sequence[GpuInfo]) -> int:
-    """-1 (offload every layer) on a node with a real GPU, 0 (CPU only) otherwise.
-    Fake GPUs are for placement demos; their models still run on the CPU."""
-    return -1 if any(gpu.vendor in ("nvidia", "amd") for gpu in gpus) else 0
 
 
 @dataclass(frozen=True)
@@ -175,7 +168,7 @@ class LlamaEngine(Engine):
     def _set_state(self, state: InstanceState) -> None:
         if state == self.state:
             return
-        try:  # the one lifecycle table (aivailable/cluster/lifecycle.py): a skip is a bug
+        try:  # the one lifecycle table (backends/lifecycle.py): a skip is a bug
             lifecycle.advance(self.state, state)
         except lifecycle.IllegalTransition as exc:
             log.error("model %s: %s", self.name, exc)

@@ -1,4 +1,4 @@
-"""The batch scheduler's decisions, apart from llama.cpp: a pure, sans-IO core.
+"""The batch scheduler's decisions, apart from llama.cpp. Pure: a sans-IO core.
 
 One worker decodes many sequences at once (continuous batching, as llama.cpp's server
 does). Each step the worker asks this core for a `Step`: which KV cells to drop or copy,

@@ -10,7 +10,8 @@
   stops), woken by gossip events and Raft applies;
 - `raft`: the proposer, the API's view, and when this peer may act on its state;
 - `membership_policy`: voters, learners and bootstrap;
-- `lifecycle`: the instance states and their allowed transitions;
+- `keys`: the replicated API keys and proposal ids (read by access/);
+- `errors`: the cluster's own ServiceError (no leader, not joined);
 - `instances`: the engines this peer runs;
-- `node`: wiring only.
+- `node`: one peer's cluster parts together (server.py builds it, with an engine factory).
 """

@@ -1,4 +1,4 @@
-"""The SDAI controller as a pure step: `step(view, state, now, ctx) -> actions`.
+"""The SDAI controller as a step: `step(view, state, now, ctx) -> actions`. Pure.
 
 The Raft leader's runner (aivailable/cluster/runner.py) calls it whenever gossip or the log
 changes, carries out the first action (a proposal, or a voter change) and calls it again, so
@@ -16,13 +16,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from aivailable import store
 from aivailable.cluster import scaling
 from aivailable.cluster import state as cs
 from aivailable.cluster.identity import node_of
 from aivailable.cluster.membership_policy import ConfChange, MembershipConfig, next_conf_change
 from aivailable.cluster.state import ClusterState, ModelRecord
 from aivailable.cluster.view import NodeView, member_of
+from aivailable.models import store
 from placement import Assignment, ModelSpec, Node, Plan, solve
 
 MIB = 1 << 20

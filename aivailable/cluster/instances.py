@@ -13,7 +13,7 @@ import pathlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aivailable.backends.base import Engine
+from aivailable.backends.base import Engine, EngineFactory, EngineSpec, InstanceState
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,10 @@ class Instance:
     task: asyncio.Task | None = field(default=None, repr=False)
 
     @property
-    def state(self) -> str:
+    def state(self) -> InstanceState:
         if self.error:
-            return "failed"
-        return self.engine.state if self.engine is not None else "pending"
+            return InstanceState.FAILED
+        return self.engine.state if self.engine is not None else InstanceState.PENDING
 
     def view(self) -> dict:
         view = {
@@ -53,12 +53,11 @@ class Instance:
 
 # Fetches a model source to a local file path (the model store); blocking, run in a thread.
 Resolver = Callable[[str], pathlib.Path]
-# Builds an engine for (model name, model file, gpus); loading happens in its start().
-EngineFactory = Callable[[str, pathlib.Path, tuple[str, ...]], Engine]
 
 
 class Instances:
     def __init__(self, resolve: Resolver, factory: EngineFactory, task_group: asyncio.TaskGroup):
+        """`factory` builds an engine (loaded in its run()) for a spec; the wiring hands it."""
         self._resolve = resolve
         self._factory = factory
         self._tg = task_group
@@ -86,7 +85,7 @@ class Instances:
         """Fetch the model file, then supervise the engine in this TaskGroup until stopped."""
         try:
             path = await asyncio.to_thread(self._resolve, instance.source)
-            instance.engine = self._factory(instance.model, path, instance.gpus)
+            instance.engine = self._factory(EngineSpec(instance.model, path, instance.gpus))
         except Exception as exc:  # a model that cannot be fetched fails alone, never the peer
             instance.error = str(exc)
             log.error("model %s cannot be loaded: %s", instance.model, exc)

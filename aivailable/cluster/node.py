@@ -1,5 +1,6 @@
-"""One peer's cluster parts wired together, and nothing else: gossip -> the read model ->
-the controller and reconciler runners -> instances; Raft; model transfer; forwarding.
+"""One peer's cluster parts together: gossip -> the read model -> the controller and
+reconciler runners -> instances; Raft; model fetches; forwarding. server.py builds it and
+hands it its `NodeConfig` and an engine factory; the HTTP routes over it are built there too.
 
 `run()` is the node's life in the peer's TaskGroup: bootstrap (resume, join or found a Raft
 cluster), then Raft, the runners and the gossip event feed until cancelled. docs/cluster.md
@@ -15,21 +16,27 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
 
-from aivailable import store
-from aivailable.access.keys import stamp
-from aivailable.api.cluster_api import ClusterApi
-from aivailable.api.errors import ApiError
-from aivailable.backends.base import Engine
-from aivailable.backends.llama_engine import LlamaEngine, n_gpu_layers_for
+from aivailable.backends.base import Engine, EngineFactory, EngineSpec
+from aivailable.cluster.controller import ControllerConfig
+from aivailable.cluster.errors import no_leader, not_joined
 from aivailable.cluster.identity import raft_identity
 from aivailable.cluster.instances import Instances
-from aivailable.cluster.membership_policy import FOUND, JOIN, RESUME, WAIT, bootstrap_action
+from aivailable.cluster.keys import stamp
+from aivailable.cluster.membership_policy import (
+    FOUND,
+    JOIN,
+    RESUME,
+    WAIT,
+    MembershipConfig,
+    bootstrap_action,
+)
 from aivailable.cluster.payload import node_payload, read_payload
 from aivailable.cluster.raft import (
     PROPOSE_PATH,
@@ -40,20 +47,20 @@ from aivailable.cluster.raft import (
     caught_up,
     caught_up_learners,
     leader_ready,
-    no_leader,
     raft_conf_hooks,
 )
+from aivailable.cluster.reconciler import ReconcilerConfig
 from aivailable.cluster.runner import ControllerRunner, Reconciler, Trigger
 from aivailable.cluster.state import ClusterState
 from aivailable.cluster.status import cluster_status
 from aivailable.cluster.view import ReadModel
-from aivailable.config import Config
 from aivailable.gpu import GpuInfo
-from aivailable.model_transfer import LocalModels, ModelFetcher, ModelTransferApi
-from consensus import FileStorage, HardState
-from consensus.driver import MESSAGES_PATH, RaftDriver
+from aivailable.models import store
+from aivailable.models.transfer import LocalModels, ModelFetcher
+from consensus import FileStorage, HardState, NotLeader
+from consensus.driver import MESSAGES_PATH, RaftConfig, RaftDriver
 from peer.availability import Replica
-from peer.forward import Forwarder
+from peer.forward import ForwardConfig, Forwarder
 from peer.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -88,52 +95,39 @@ class GossipLike(Protocol):
     def report_unreachable(self, node_id: str) -> None: ...
 
 
-# (model, model file, node-local gpu ids, reconciler's launch step or None) -> Engine
-EngineBuilder = Callable[[str, Path, tuple[str, ...], Any], Engine]
+@dataclass(frozen=True)
+class NodeConfig:
+    """The cluster floor's own settings; the wiring (server.py) fills them from the peer's
+    Config, so cluster/ never reads the whole of it."""
 
-
-def llama_builder(config: Config, gpus: list[GpuInfo]) -> EngineBuilder:
-    """Real llama.cpp workers: full offload on the assigned real GPUs, else the CPU."""
-    by_id = {g.id: g for g in gpus}
-
-    def build(model: str, path: Path, gpu_ids: tuple[str, ...], step: Any) -> Engine:
-        assigned = [by_id[g] for g in gpu_ids if g in by_id]
-        real = [g for g in assigned if g.vendor in ("nvidia", "amd")]
-        env = {}
-        if real:
-            visible = ",".join(str(g.index) for g in real)
-            env["CUDA_VISIBLE_DEVICES" if real[0].vendor == "nvidia" else "HIP_VISIBLE_DEVICES"] = (
-                visible
-            )
-        return LlamaEngine(
-            model,
-            path,
-            n_ctx=getattr(step, "n_ctx", None) or config.n_ctx,
-            n_gpu_layers=n_gpu_layers_for(assigned),
-            queue_limit=config.queue_limit,
-            env=env,
-            config=config.engine,
-            tensor_split=getattr(step, "tensor_split", None) if len(real) > 1 else None,
-            n_parallel=getattr(step, "n_parallel", None),
-            kind=getattr(step, "kind", "chat"),
-        )
-
-    return build
+    name: str  # this node's name in gossip and the cluster
+    advertise_addr: str  # "host:port" other peers reach this one's HTTP API at
+    data_dir: Path  # raft/ and cluster_id live here
+    cache_dir: Path | None = None  # the model cache; None: the store's default
+    # The model source a brand-new peer preloads if the file is here; None: none. (The
+    # controller deploys it on a new cluster: controller.default_source.)
+    default_model: str | None = None
+    raft: RaftConfig = field(default_factory=RaftConfig)
+    forward: ForwardConfig = field(default_factory=ForwardConfig)
+    reconciler: ReconcilerConfig = field(default_factory=ReconcilerConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    membership: MembershipConfig = field(default_factory=MembershipConfig)
 
 
 class ClusterNode:
     def __init__(
         self,
-        config: Config,
+        config: NodeConfig,
         gpus: list[GpuInfo],
         session: aiohttp.ClientSession,
         gossip: GossipLike,
         tg: asyncio.TaskGroup,
-        build_engine: EngineBuilder | None = None,
+        engine_factory: EngineFactory,
         probe: Callable[[], list[GpuInfo]] | None = None,
         upstream: UpstreamPool | None = None,
     ):
-        """`probe` re-reads the devices (blocking; run in a thread) so that free VRAM taken
+        """`engine_factory` builds the engine of an instance this node runs (the wiring's
+        choice: llama.cpp workers, or fakes in tests). `probe` re-reads the devices (blocking; run in a thread) so that free VRAM taken
         by other programs since start-up is not planned for twice. `upstream` carries
         forwarded requests (signed, as `session` signs the rest); None: unsigned, for tests."""
         self.config = config
@@ -151,17 +145,15 @@ class ClusterNode:
         self.raft_id: str | None = None
         self._driver: RaftDriver | None = None
         self._proposer: Proposer | None = None
+        # The ClusterView backed by Raft, once it runs; self.view is the one read model.
+        self._raft: RaftClusterView | None = None
         self._ready = asyncio.Event()  # set once Raft runs: status and deploys can be served
         self._late_handlers: dict[str, Callable] = {}
         self._leaving = False
         self._others_logged: set[str] = set()
 
-        build = build_engine or llama_builder(config, gpus)
-        self.instances = Instances(
-            self.local_models.resolve,
-            lambda model, path, gpu_ids: build(model, path, gpu_ids, self.reconciler.launch(model)),
-            tg,
-        )
+        self._engine_factory = engine_factory
+        self.instances = Instances(self.local_models.resolve, self._engine, tg)
         self.fetcher = ModelFetcher(
             self.local_models, session, lambda: self.view.peer_files(self.our_cluster())
         )
@@ -185,6 +177,20 @@ class ClusterNode:
             report_unreachable=gossip.report_unreachable,
         )
         self._address_of = address_book(self.state, self.view.addresses, self.view.node_of_member)
+
+    def _engine(self, spec: EngineSpec) -> Engine:
+        """The engine of an instance, as the reconciler started it (gpus, context, split,
+        slots, kind); a preloaded model has the node's defaults."""
+        step = self.reconciler.launch(spec.model)
+        if step is not None:
+            spec = dataclasses.replace(
+                spec,
+                n_ctx=step.n_ctx or None,
+                tensor_split=step.tensor_split,
+                n_parallel=step.n_parallel,
+                kind=step.kind,
+            )
+        return self._engine_factory(spec)
 
     # ---- what the other parts read ------------------------------------------------------------
 
@@ -210,25 +216,15 @@ class ClusterNode:
 
     # ---- HTTP ---------------------------------------------------------------------------------
 
-    def routes(self) -> list[list[web.RouteDef]]:
+    def routes(self) -> list[web.RouteDef]:
         """Mounted before run(), since gossip needs the HTTP server to bootstrap: Raft's and
         the proposer's routes are served by delegates until Raft starts (503 before)."""
-        return [
-            [web.post(path, self._delegate) for path in LATE_ROUTES],
-            ModelTransferApi(self.local_models).routes(),
-            ClusterApi(self).routes(),
-        ]
+        return [web.post(path, self._delegate) for path in LATE_ROUTES]
 
     async def _delegate(self, request: web.Request) -> web.StreamResponse:
         handler = self._late_handlers.get(request.path)
         if handler is None:
-            raise ApiError(
-                503,
-                "this peer has not joined Raft yet",
-                type="service_unavailable",
-                code="not_joined",
-                retry_after=1,
-            )
+            raise not_joined()
         return await handler(request)
 
     def caught_up(self) -> bool:
@@ -245,10 +241,10 @@ class ClusterNode:
 
     # ClusterView (aivailable.api.cluster_api), backed by RaftClusterView once Raft runs.
     def status(self) -> dict:
-        if self._driver is None:
+        if self._raft is None:
             status = cluster_status(self.me, None, 0, self.state, self.view)
         else:
-            status = self._view.status()
+            status = self._raft.status()
         # This node's own instances in full (pid, restarts, errors), not as gossiped.
         for node in status["nodes"]:
             if node["id"] == self.me:
@@ -258,9 +254,6 @@ class ClusterNode:
     async def read_barrier(self) -> None:
         """A linearizable read (Raft ReadIndex): once this returns, status() reflects every
         write committed anywhere before the call."""
-        from aivailable.cluster.raft import no_leader
-        from consensus import NotLeader
-
         await self._until_ready()
         raft = self.config.raft
         try:
@@ -273,11 +266,11 @@ class ClusterNode:
         self, name: str, source: str, replicas: int, n_ctx: int, **options: Any
     ) -> dict:
         await self._until_ready()
-        return await self._view.deploy(name, source, replicas, n_ctx, **options)
+        return await self._raft.deploy(name, source, replicas, n_ctx, **options)
 
     async def undeploy(self, name: str) -> bool:
         await self._until_ready()
-        return await self._view.undeploy(name)
+        return await self._raft.undeploy(name)
 
     async def propose(self, data: bytes) -> int:
         """Commit a command from any peer (the API keys' create and revoke use it)."""
@@ -393,8 +386,8 @@ class ClusterNode:
         plan one after another. The reconciler owns it once this peer has caught up: kept
         if the plan puts the model here, stopped otherwise; a peer that finds a cluster to
         join stops it at once."""
-        source = self.config.model
-        if source.lower() in ("", "none") or not self.local_models.held_locally(source):
+        source = self.config.default_model
+        if source is None or not self.local_models.held_locally(source):
             return None
         devices = sorted(self.gpus, key=lambda g: (-g.vram_free, g.id))
         if not devices:
@@ -473,10 +466,7 @@ class ClusterNode:
                     driver.node.campaign()  # the only voter: no election timeout to wait
                 proposer = Proposer(driver, self.session, self._address_of)
                 apply = apply_entry(self.state, [self.ctrl_wake, self.rec_wake], proposer)
-                default = None if self.config.model.lower() in ("", "none") else self.config.model
-                controller_config = dataclasses.replace(
-                    self.config.controller, default_source=default, default_n_ctx=self.config.n_ctx
-                )
+                controller_config = self.config.controller
                 voters_of, change_conf = raft_conf_hooks(driver)
                 controller = ControllerRunner(
                     self.raft_id,
@@ -499,7 +489,7 @@ class ClusterNode:
                 self._late_handlers = {
                     r.path: r.handler for r in driver.routes() + proposer.routes()
                 }
-                self._view = RaftClusterView(
+                self._raft = RaftClusterView(
                     self.me, self.state, driver, proposer, self.view, self.local_models
                 )
                 self._ready.set()

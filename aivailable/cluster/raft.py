@@ -19,14 +19,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from aivailable import hub, sources, store
-from aivailable.access.keys import stamped
-from aivailable.api.errors import ApiError, bad_request
 from aivailable.cluster import state as cs
+from aivailable.cluster.errors import ClusterError, no_leader
 from aivailable.cluster.identity import node_of
+from aivailable.cluster.keys import stamped
 from aivailable.cluster.state import ClusterState
 from aivailable.cluster.status import cluster_status
 from aivailable.cluster.view import ReadModel
+from aivailable.models import hub, sources, store
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +52,6 @@ ConfHooks = tuple[
     Callable[[], tuple[tuple[str, ...], tuple[str, ...]]],  # () -> (voters, learners)
     Callable[[str, str, bool], Awaitable[Any]],  # propose_conf_change(op, node, voter)
 ]
-
-
-def no_leader(detail: str) -> ApiError:
-    return ApiError(
-        503,
-        f"the cluster has no reachable leader right now ({detail}); try again shortly",
-        type="server_error",
-        code="no_leader",
-        retry_after=2.0,
-    )
 
 
 class Proposer:
@@ -112,7 +102,7 @@ class Proposer:
 
     async def propose(self, data: bytes) -> int:
         """The log index once committed (and applied here). Retries through leader changes
-        until `timeout_s`; then a 503 ApiError."""
+        until `timeout_s`; then a 503 ClusterError (no_leader)."""
         index, _ = await self.commit(data)
         return index
 
@@ -231,7 +221,9 @@ class RaftClusterView:
             builtin = store.builtin(source)
             if builtin is None:
                 known = ", ".join(store.BUILTIN_PREFIX + k for k in store.BUILTINS)
-                raise bad_request(f"unknown built-in model {source!r} (known: {known})", "source")
+                raise ClusterError.bad_request(
+                    f"unknown built-in model {source!r} (known: {known})", "source"
+                )
             sha256, size = builtin.sha256, builtin.size
         elif sources.is_remote(source):
             # Hugging Face's published checksum: every replica runs these bytes, and peers
@@ -243,13 +235,13 @@ class RaftClusterView:
             except hub.Unreachable as exc:  # the nodes may reach it later: deploy anyway
                 log.warning("deploying %s without its checksum: %s", source, exc)
             except store.ModelSourceError as exc:  # gated, missing, no such quant, ...
-                raise bad_request(str(exc), "source") from exc
+                raise ClusterError.bad_request(str(exc), "source") from exc
         elif self._local is not None and self._local.held_locally(source):
             # The file is here: check it and record its checksum, so peers can copy it from us.
             try:
                 held = await asyncio.to_thread(self._local.resolve_with_store, source)
             except store.ModelSourceError as exc:
-                raise bad_request(str(exc), "source") from exc
+                raise ClusterError.bad_request(str(exc), "source") from exc
             sha256, size = held.sha256, held.size
         await self._proposer.propose(
             cs.encode_deploy(
@@ -280,7 +272,7 @@ class RaftClusterView:
         both have seen the model there."""
         _, result = await self._proposer.commit(cs.encode_undeploy(name))
         if result is None:
-            raise ApiError(
+            raise ClusterError(
                 503,
                 f"the undeploy of '{name}' was committed, but this peer cannot tell whether the "
                 "model was deployed (it caught up from a snapshot); it is not deployed now",

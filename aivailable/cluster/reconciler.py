@@ -1,6 +1,6 @@
 """The reconciler as a pure step, on every peer: this node's part of the committed plan and
 what runs now in, the stops and starts out (every stop before any start, so a GPU is freed
-before it is filled again). `runner.Reconciler` carries them out against `Instances`.
+before it is filled again). Pure: `runner.Reconciler` carries them out against `Instances`.
 """
 
 from __future__ import annotations

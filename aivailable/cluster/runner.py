@@ -197,7 +197,7 @@ class ControllerRunner:
 
 EnsureFile = Callable[[ModelRecord], Awaitable[Path]]
 # Checks the sources of deployed models whose checksum nobody knows yet and that this node
-# holds locally (model_transfer.ModelFetcher.discover), so they are gossiped and shared.
+# holds locally (models.transfer.ModelFetcher.discover), so they are gossiped and shared.
 Discover = Callable[[list[ModelRecord]], Awaitable[None]]
 
 
@@ -210,7 +210,7 @@ class _Failure:
 
 class Reconciler:
     """Runs on every peer. `instances` is the peer's aivailable.cluster.instances.Instances;
-    `ensure_file(record)` makes the model file local (model_transfer.ModelFetcher.ensure)
+    `ensure_file(record)` makes the model file local (models.transfer.ModelFetcher.ensure)
     and raises if it cannot; None leaves fetching to the Instances resolver."""
 
     def __init__(

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgpack
 
-from aivailable.access import keys as access_keys
+from aivailable.cluster import keys as access_keys
 from placement import Assignment, Plan, Unplaced
 
 PROTOCOL = 1
@@ -42,7 +42,7 @@ TYPE_NAMES = {
     NODE_ADDR: "node_addr",
     NODE_FORGET: "node_forget",
     SET_SCALE: "set_scale",
-    **access_keys.TYPE_NAMES,  # 32-47: API keys (aivailable/access/keys.py)
+    **access_keys.TYPE_NAMES,  # 32-47: API keys (cluster/keys.py)
 }
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")

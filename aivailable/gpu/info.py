@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
 
-Vendor = Literal["nvidia", "amd", "cpu", "fake"]
+from placement.model import Vendor  # one Vendor: placement plans with the same names
 
 
 @dataclass(frozen=True)

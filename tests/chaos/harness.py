@@ -24,8 +24,8 @@ from pathlib import Path
 
 import openai
 
-from aivailable.access.keys import new_secret
 from aivailable.access.keys_api import write_key_file
+from aivailable.cluster.keys import new_secret
 from aivailable.local_peers import PeerProcess, free_port, get_json
 
 MODEL = "smollm2-135m"

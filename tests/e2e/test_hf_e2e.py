@@ -13,8 +13,9 @@ import threading
 import openai
 import pytest
 
-from aivailable import cli, store
+from aivailable import cli
 from aivailable.local_peers import PeerProcess
+from aivailable.models import store
 from tests.unit.hf_imitation import ImitationHub, Repo
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from aivailable.access.keys import stamp
+from aivailable.cluster.keys import stamp
 from aivailable.cluster.state import encode_deploy
 from aivailable.local_peers import PeerProcess
 from peer.auth import PeerAuth

@@ -120,7 +120,7 @@ class BrainPeer:
             async with asyncio.TaskGroup() as tg:
                 instances = Instances(
                     lambda source: Path("/models/fake.gguf"),
-                    lambda model, path, gpus: FakeEngine(model, load_delay=0.05),
+                    lambda spec: FakeEngine(spec.model, load_delay=0.05),
                     tg,
                 )
                 self.reconciler = Reconciler(

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from aivailable import store
 from aivailable.local_peers import PeerProcess
+from aivailable.models import store
 from peer.secret import load_or_create_secret
 
 pytestmark = pytest.mark.slow

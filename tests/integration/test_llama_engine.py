@@ -33,8 +33,8 @@ from aivailable.backends.llama_engine import (
     WORKER_ARGV,
     EngineConfig,
     LlamaEngine,
-    n_gpu_layers_for,
 )
+from aivailable.backends.llama_factory import n_gpu_layers_for
 from aivailable.gpu import GpuInfo, cpu_device, parse_fake_gpu
 
 # Restart quickly: the test waits for it.

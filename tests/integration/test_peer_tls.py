@@ -69,8 +69,8 @@ class LoopbackCapture:
                 self.payload[port] += data
 
 
-def fake_engines(model, path, gpu_ids, step):
-    return FakeEngine(model, reply=lambda request: f"{ANSWER} (you said: {PROMPT})")
+def fake_engines(spec):
+    return FakeEngine(spec.model, reply=lambda request: f"{ANSWER} (you said: {PROMPT})")
 
 
 def self_signed(tmp_path) -> tuple[str, str]:

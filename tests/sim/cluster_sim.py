@@ -22,9 +22,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from aivailable.backends.demand import DemandWindow
+from aivailable.backends.lifecycle import advance
 from aivailable.cluster import state as cs
 from aivailable.cluster.controller import ChangeConf, Context, ControllerConfig, Propose, step
-from aivailable.cluster.lifecycle import advance
 from aivailable.cluster.payload import node_payload, read_payload
 from aivailable.cluster.reconciler import Running, plan_steps
 from aivailable.cluster.state import ClusterState

@@ -1,11 +1,16 @@
 """An IMITATION of Hugging Face's file endpoints, on 127.0.0.1, for tests (no internet here).
 
-It answers what the store asks the real one, the way the real one answers:
+It answers what huggingface_hub (which the store speaks through) asks the real one, the way
+the real one answers:
 - `HEAD|GET /{org}/{repo}/resolve/{rev}/{path}`: 302 to a CDN URL on another host name
-  (`localhost`, the same server), with `X-Linked-Etag: "<sha256>"` and `X-Linked-Size`;
-  401 for a gated repo without the right token, 404 for a missing file.
+  (`localhost`, the same server), with `X-Repo-Commit`, `X-Linked-Etag: "<sha256>"`,
+  `X-Linked-Size` and the git blob's `ETag`; 401 (`X-Error-Code: GatedRepo` or
+  `RepoNotFound`) for a gated repo without the right token, 404 (`EntryNotFound`) for a
+  missing file.
+- `GET /api/models/{org}/{repo}/revision/{rev}?blobs=true`: the repo's info, its files
+  (`siblings`) with `lfs.sha256` and `lfs.size` (what HfApi.model_info reads).
 - `GET /api/models/{org}/{repo}/tree/{rev}?recursive=true`: the file list with `lfs.oid`
-  and `lfs.size`, a few files a page with a `Link: <...>; rel="next"` header.
+  and `lfs.size`, a few files a page with an absolute `Link: <...>; rel="next"` header.
 - `GET /cdn/{sha256}`: the bytes, honouring `Range: bytes=N-` with a 206; `cut_next` makes
   the next answers stop after that many bytes and drop the connection.
 Everything it received is in `requests`, so a test can check what was asked and sent.
@@ -26,6 +31,9 @@ class Repo:
     files: dict[str, bytes]
     gated: bool = False
     lie_sha256: dict[str, str] = field(default_factory=dict)  # path -> a wrong checksum
+
+
+COMMIT = "5a6f0e1c2b3d4e5f60718293a4b5c6d7e8f90a1b"  # the one commit every repo here is at
 
 
 @functools.lru_cache(maxsize=64)
@@ -58,6 +66,7 @@ class ImitationHub:
         app.add_routes(
             [
                 web.get("/api/models/{org}/{repo}/tree/{rev}", self.tree),
+                web.get("/api/models/{org}/{repo}/revision/{rev}", self.info),
                 web.get("/cdn/{sha}", self.cdn),
                 web.get("/cdn/{sha}/{name}", self.cdn),  # a plain web server's file URL
                 web.get("/{org}/{repo}/resolve/{rev}/{path:.+}", self.resolve),
@@ -104,18 +113,39 @@ class ImitationHub:
         repo = self._repo(request)
         path = request.match_info["path"]
         if path not in repo.files:
-            raise web.HTTPNotFound(headers={"X-Error-Code": "EntryNotFound"})
+            raise web.HTTPNotFound(
+                headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT}
+            )
         data = repo.files[path]
         sha = sha256_of(data)
         claimed = repo.lie_sha256.get(path, sha)
         raise web.HTTPFound(
             f"http://localhost:{self.server.port}/cdn/{sha}",
             headers={
+                "X-Repo-Commit": COMMIT,
                 "X-Linked-Etag": f'"{claimed}"',
                 "X-Linked-Size": str(len(data)),
                 "ETag": '"0123456789abcdef0123456789abcdef01234567"',  # a git sha1
             },
         )
+
+    async def info(self, request: web.Request) -> web.Response:
+        self._seen(request)
+        repo = self._repo(request)
+        blobs = request.query.get("blobs", "").lower() == "true"
+        siblings = []
+        for path, data in sorted(repo.files.items()):
+            entry: dict = {"rfilename": path}
+            if blobs:
+                sha = repo.lie_sha256.get(path, sha256_of(data))
+                entry |= {
+                    "size": len(data),
+                    "blobId": "0123456789abcdef0123456789abcdef01234567",
+                    "lfs": {"sha256": sha, "size": len(data), "pointerSize": 134},
+                }
+            siblings.append(entry)
+        name = f"{request.match_info['org']}/{request.match_info['repo']}"
+        return web.json_response({"id": name, "sha": COMMIT, "siblings": siblings})
 
     async def tree(self, request: web.Request) -> web.Response:
         self._seen(request)
@@ -136,7 +166,7 @@ class ImitationHub:
         page = entries[start : start + self.page_size]
         headers = {}
         if start + self.page_size < len(entries):
-            nxt = request.rel_url.update_query(cursor=str(start + self.page_size))
+            nxt = request.url.update_query(cursor=str(start + self.page_size))
             headers["Link"] = f'<{nxt}>; rel="next"'
         return web.json_response(page, headers=headers)
 

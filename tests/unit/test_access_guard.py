@@ -10,7 +10,6 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from aivailable.access import keys as k
 from aivailable.access.config import AccessConfig
 from aivailable.access.guard import AccessGuard, body_limits, usage_metrics
 from aivailable.access.keys_api import KeysApi, bootstrap_admin_key
@@ -18,6 +17,7 @@ from aivailable.access.limits import RateLimiter
 from aivailable.api.app import build_app
 from aivailable.api.openai_api import OpenAIApi
 from aivailable.backends.fake_engine import FakeEngine
+from aivailable.cluster import keys as k
 from aivailable.cluster.state import ClusterState
 from aivailable.metrics import Metrics
 from peer.auth import Identity, PeerAuth

@@ -2,7 +2,6 @@
 
 import pytest
 
-from aivailable.access import keys as k
 from aivailable.access.limits import RateLimiter
 from aivailable.access.policy import (
     AuthModeError,
@@ -11,6 +10,7 @@ from aivailable.access.policy import (
     auth_enabled,
     presented_key,
 )
+from aivailable.cluster import keys as k
 from aivailable.cluster.state import ClusterState, encode_deploy, encode_undeploy
 from aivailable.config import ConfigError, load_config
 

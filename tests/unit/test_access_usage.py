@@ -15,7 +15,6 @@ from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aivailable.access import keys as k
 from aivailable.access.guard import AccessGuard
 from aivailable.access.limits import RateLimiter
 from aivailable.api.app import build_app
@@ -23,6 +22,7 @@ from aivailable.api.ollama_api import OllamaApi
 from aivailable.api.openai_api import OpenAIApi
 from aivailable.backends.base import Finished
 from aivailable.backends.fake_engine import FakeEngine
+from aivailable.cluster import keys as k
 from aivailable.cluster.state import ClusterState
 from aivailable.metrics import Metrics
 from peer.availability import ModelAvailability, Replica
@@ -206,8 +206,11 @@ async def test_tpm_holds_through_ollama_and_streams(cluster):
     answered = 0
     for _ in range(20):
         for path, body in OLLAMA_CALLS:
-            status, _ = await cluster.call("POST", path, key, body)
+            status, answer = await cluster.call("POST", path, key, body)
             if status == 429:
+                # Refused in the shape of the API that was asked.
+                error = answer["error"]
+                assert isinstance(error, str) if path.startswith("/api/") else error["code"]
                 break
             assert status == 200
             answered += 1

@@ -6,7 +6,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from aivailable.api.cluster_api import ClusterApi
-from aivailable.api.errors import ApiError
+from peer.errors import ServiceError
 
 
 class View:
@@ -28,7 +28,7 @@ async def client_for(view) -> TestClient:
     async def errors(request, handler):
         try:
             return await handler(request)
-        except ApiError as exc:
+        except ServiceError as exc:
             return exc.response()
 
     app = web.Application(middlewares=[errors])

@@ -6,9 +6,8 @@ from types import SimpleNamespace
 import aiohttp
 
 from aivailable.backends.fake_engine import FakeEngine
-from aivailable.cluster.node import ClusterNode
+from aivailable.cluster.node import ClusterNode, NodeConfig
 from aivailable.cluster.payload import node_payload
-from aivailable.config import Config
 from aivailable.gpu import GpuInfo
 
 GIB = 1 << 30
@@ -55,12 +54,10 @@ def member(node_id, state, cluster="c1", instances=()):
 
 
 async def test_a_gossip_event_updates_the_view_and_wakes_the_runners_at_once(tmp_path):
-    config = Config(name="me", data_dir=tmp_path / "d", cache_dir=tmp_path / "c", model="none")
+    config = NodeConfig("me", "127.0.0.1:1", tmp_path / "d", tmp_path / "c")
     gossip = FakeGossip()
     async with aiohttp.ClientSession() as session, asyncio.TaskGroup() as tg:
-        node = ClusterNode(
-            config, [], session, gossip, tg, build_engine=lambda *a: FakeEngine(a[0])
-        )
+        node = ClusterNode(config, [], session, gossip, tg, lambda spec: FakeEngine(spec.model))
         node.cluster_id = "c1"
         loop = tg.create_task(node._event_loop())
         ready = [{"model": "m", "state": "ready", "queue_depth": 0, "gpus": ["gpu0"]}]

@@ -10,9 +10,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from aivailable.access.keys import stamp
-from aivailable.api.errors import ApiError
 from aivailable.cluster import state as cs
+from aivailable.cluster.errors import ClusterError
+from aivailable.cluster.keys import stamp
 from aivailable.cluster.payload import node_payload, read_payload
 from aivailable.cluster.raft import (
     Proposer,
@@ -222,7 +222,7 @@ async def test_no_leader_is_a_503_with_retry_after():
     driver = FakeDriver(role="follower", leader_id=None)
     async with aiohttp.ClientSession() as session:
         proposer = Proposer(driver, session, lambda n: None, timeout_s=0.3, retry_s=0.05)
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(ClusterError) as info:
             await proposer.propose(cs.encode_undeploy("m"))
     assert info.value.status == 503 and info.value.retry_after and "no leader" in info.value.message
 
@@ -254,7 +254,7 @@ async def test_view_deploy_and_undeploy():
         assert result["replicas"] == 2 and result["state"] == "pending"
         rec = state.models["smollm2-135m"]
         assert rec.replicas == 2 and rec.sha256 and rec.size  # known for a built-in
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(ClusterError) as info:
             await view.deploy("x", "builtin:nope", 1, 1024)
         assert info.value.status == 400
         assert await view.undeploy("smollm2-135m") and state.models == {}
@@ -301,7 +301,7 @@ async def test_an_undeploy_whose_result_this_peer_cannot_know_is_a_503():
         proposer = Proposer(driver, session, lambda n: None, timeout_s=1.0)
         driver.appliers.append(apply_entry(state, [], None))  # applied, but not reported
         view = RaftClusterView("a", state, driver, proposer, ReadModel("a"))
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(ClusterError) as info:
             await view.undeploy("m")
     assert info.value.status == 503 and info.value.code == "outcome_unknown"
     assert "m" not in state.models

@@ -5,7 +5,6 @@ without a leader answers 503, never stale data; credentials are checked before a
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from aivailable.access import keys as k
 from aivailable.access.guard import AccessGuard
 from aivailable.access.limits import RateLimiter
 from aivailable.api.app import build_app
@@ -13,7 +12,8 @@ from aivailable.api.cluster_api import ClusterApi
 from aivailable.api.ollama_api import OllamaApi
 from aivailable.api.openai_api import OpenAIApi
 from aivailable.api.reads import READ_HEADER
-from aivailable.cluster.raft import no_leader
+from aivailable.cluster import keys as k
+from aivailable.cluster.errors import no_leader
 from aivailable.cluster.state import ClusterState
 from aivailable.metrics import Metrics
 

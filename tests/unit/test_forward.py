@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aivailable.api.app import build_app
-from aivailable.api.errors import error_response
 from aivailable.api.openai_api import OpenAIApi
 from aivailable.local_peers import free_port
 from aivailable.metrics import Metrics
@@ -84,7 +83,7 @@ def test_a_loading_model_gets_503_naming_its_state_with_retry_after():
     body = error.body()["error"]
     assert body["code"] == "model_loading" and body["state"] == "loading"
     assert "loading" in body["message"] and body["param"] == "model"
-    assert error_response(error).headers["Retry-After"] == "2"
+    assert error.response().headers["Retry-After"] == "2"
 
 
 def test_an_unplaced_model_gets_503_with_the_reason():
@@ -93,13 +92,13 @@ def test_an_unplaced_model_gets_503_with_the_reason():
     body = error.body()["error"]
     assert error.status == 503 and body["code"] == "model_unplaced"
     assert "needs 6 GiB" in body["message"] and body["reason"].startswith("needs 6 GiB")
-    assert int(error_response(error).headers["Retry-After"]) >= 1
+    assert int(error.response().headers["Retry-After"]) >= 1
 
 
 def test_an_absent_model_is_404_and_retry_after_can_be_set():
     assert ModelAvailability("absent").error("x").status == 404
     error = ModelAvailability("pending", retry_after=7).error("x")
-    assert error_response(error).headers["Retry-After"] == "7"
+    assert error.response().headers["Retry-After"] == "7"
 
 
 @pytest.mark.parametrize(

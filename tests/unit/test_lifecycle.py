@@ -2,8 +2,9 @@
 
 import pytest
 
+from aivailable.backends.base import InstanceState
 from aivailable.backends.fake_engine import FakeEngine
-from aivailable.cluster.lifecycle import TRANSITIONS, IllegalTransition, InstanceState, advance
+from aivailable.backends.lifecycle import TRANSITIONS, IllegalTransition, advance
 
 
 def test_every_state_can_be_stopped_and_only_ready_was_loaded_first():

@@ -168,9 +168,9 @@ class World:
                 raise FileNotFoundError(f"no such model file {source}")
             return Path("/models") / Path(source).name
 
-        def factory(model, path, gpus):
-            engine = FakeEngine(model, load_delay=load_delay)
-            self.engines.append((model, gpus, engine))
+        def factory(spec):
+            engine = FakeEngine(spec.model, load_delay=load_delay)
+            self.engines.append((spec.model, spec.gpus, engine))
             return engine
 
         self.instances = Instances(resolve, factory, tg)

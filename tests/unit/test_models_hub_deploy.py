@@ -10,15 +10,15 @@ import hashlib
 import aiohttp
 import pytest
 
-from aivailable import hub, store
-from aivailable.api.errors import ApiError
+from aivailable.cluster.errors import ClusterError
 from aivailable.cluster.raft import Proposer, RaftClusterView, apply_entry
 from aivailable.cluster.state import ClusterState
 from aivailable.cluster.view import ReadModel
-from aivailable.model_transfer import LocalModels
+from aivailable.models import hub, store
+from aivailable.models.transfer import LocalModels
 from tests.unit.hf_imitation import ImitationHub, Repo
 from tests.unit.test_cluster_view import FakeDriver
-from tests.unit.test_store import write_tiny_gguf
+from tests.unit.test_models_store import write_tiny_gguf
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ async def test_a_deploy_records_hugging_face_s_checksum_and_refuses_what_it_cann
             ("hf://org/Tiny-GGUF:Q2_K", "no Q2_K GGUF"),
             ("hf://org/Tiny-GGUF/None.gguf", "not found"),
         ):
-            with pytest.raises(ApiError, match=message) as info:
+            with pytest.raises(ClusterError, match=message) as info:
                 await view.deploy("x", source, 1, 1024)
             assert info.value.status == 400 and info.value.param == "source"
         # Hugging Face out of reach from this peer: deployed anyway, the nodes fetch it later.

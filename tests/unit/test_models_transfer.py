@@ -11,9 +11,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from aivailable import store
 from aivailable.cluster.state import ModelRecord
-from aivailable.model_transfer import (
+from aivailable.models import store
+from aivailable.models.transfer import (
     LocalModels,
     ModelFetcher,
     ModelTransferApi,

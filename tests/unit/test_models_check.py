@@ -4,10 +4,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from aivailable.access.sources import refuse_reason
 from aivailable.api.app import build_app
 from aivailable.api.cluster_api import ClusterApi
 from aivailable.metrics import Metrics
+from aivailable.models.check import refuse_reason
 
 
 @pytest.fixture

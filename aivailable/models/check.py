@@ -1,24 +1,26 @@
 """Whether a deploy's model source can work at all, decided when it is asked for: a source
-that can never load would otherwise be committed and then fail on every node forever."""
+that can never load would otherwise be committed and then fail on every node forever.
+
+It reads the one list of schemes (sources.SCHEMES): whatever a scheme claims is left to the
+store, which checks names and checksums itself; only local paths are looked at here.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-REMOTE_SCHEMES = ("hf://", "https://")  # fetched by the model store when placed
+from aivailable.models import sources
+
 GGUF_MAGIC = b"GGUF"
 
 
 def refuse_reason(source: str) -> str | None:
     """Blocking (reads 4 bytes of a local file): why the source is refused, or None.
     The reason may name a local path, so only admins may see it."""
-    if source.startswith("builtin:") or source.startswith(REMOTE_SCHEMES):
+    if sources.scheme_of(source) is not None:
         return None  # the store checks names and checksums of these itself
-    if "://" in source or source.startswith("//"):
-        return (
-            f"unknown model source {source!r}: use builtin:NAME, hf://ORG/REPO/FILE.gguf, "
-            "https://.../FILE.gguf or the path of a GGUF file"
-        )
+    if sources.has_unknown_scheme(source):
+        return f"unknown model source {source!r}: use {sources.shapes()}"
     path = Path(source).expanduser()
     try:
         if not path.is_file():

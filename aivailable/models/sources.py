@@ -7,6 +7,10 @@
     https://HOST/.../FILE.gguf        any web server; `#sha256=HEX` pins the checksum
     anything else                     a local path
 
+`SCHEMES` is the one list of source kinds: whether a source is remote, whether a deploy of
+it is refused (check.py), how it is parsed and which fetch the store runs all read it, so a
+new kind of source is added here.
+
 Pure: no I/O. The names checked here become cache paths, so nothing that could climb out
 of the cache (`..`, absolute parts, odd characters) gets through.
 """
@@ -19,7 +23,34 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
-HF_PREFIX = "hf://"
+
+@dataclass(frozen=True)
+class Scheme:
+    """One kind of model source, told by how its string starts."""
+
+    prefix: str  # e.g. "hf://"
+    kind: str  # "builtin" | "hf" | "url": which parser and which fetch of the store
+    remote: bool  # fetched over the network into the cache by the peer it is placed on
+    shape: str  # what such a source looks like, for messages
+    example: str  # a well-formed one, for tests and help
+
+
+SCHEMES: tuple[Scheme, ...] = (
+    Scheme("builtin:", "builtin", False, "builtin:NAME", "builtin:smollm2-135m"),
+    Scheme(
+        "hf://",
+        "hf",
+        True,
+        "hf://ORG/REPO/FILE.gguf or hf://ORG/REPO:QUANT",
+        "hf://bartowski/SmolLM2-135M-Instruct-GGUF:Q4_K_M",
+    ),
+    Scheme("https://", "url", True, "https://.../FILE.gguf", "https://h.example/m/model.gguf"),
+    # Plain HTTP too (a LAN mirror; the tests' imitation server): `#sha256=HEX` pins it.
+    Scheme("http://", "url", True, "http://.../FILE.gguf", "http://127.0.0.1:8080/model.gguf"),
+)
+LOCAL_SHAPE = "the path of a GGUF file"  # anything no scheme claims
+BUILTIN_PREFIX = SCHEMES[0].prefix
+HF_PREFIX = SCHEMES[1].prefix
 # llama.cpp's `-hf ORG/REPO` picks this quant when none is named; so do we.
 DEFAULT_QUANT = "Q4_K_M"
 
@@ -64,15 +95,45 @@ class UrlFile:
     sha256: str | None  # from `#sha256=HEX`, lower case
 
 
+def scheme_of(source: str) -> Scheme | None:
+    """The scheme `source` starts with; None for a local path (or an unknown scheme)."""
+    return next((s for s in SCHEMES if source.startswith(s.prefix)), None)
+
+
 def is_remote(source: str) -> bool:
-    return source.startswith(HF_PREFIX) or source.startswith(("https://", "http://"))
+    scheme = scheme_of(source)
+    return scheme is not None and scheme.remote
+
+
+def has_unknown_scheme(source: str) -> bool:
+    """Shaped like a URL (`x://`, `//host`) that no scheme claims: never a local path."""
+    return scheme_of(source) is None and ("://" in source or source.startswith("//"))
+
+
+def shapes() -> str:
+    """Every kind of source, for messages: "builtin:NAME, hf://..., or the path of a GGUF"."""
+    return ", ".join(s.shape for s in SCHEMES) + " or " + LOCAL_SHAPE
 
 
 def parse_remote(source: str) -> HfFile | HfQuant | UrlFile:
     """The remote source `source` names; ModelSourceError with the expected shape if malformed."""
-    if source.startswith(HF_PREFIX):
-        return _parse_hf(source)
-    return _parse_url(source)
+    scheme = scheme_of(source)
+    if scheme is None or not scheme.remote:
+        raise ModelSourceError(f"{source!r} is not a remote model source: {shapes()}")
+    return _PARSERS[scheme.kind](source)
+
+
+def model_name(source: str) -> str:
+    """The name clients use for a source, without fetching it: builtin:NAME -> NAME,
+    hf://ORG/REPO:QUANT -> REPO:QUANT, a file (path, URL or repo file) -> the file's stem."""
+    if source.startswith(BUILTIN_PREFIX):
+        return source[len(BUILTIN_PREFIX) :]
+    if is_remote(source):
+        try:
+            return remote_model_name(parse_remote(source))
+        except ModelSourceError:
+            pass  # the deploy's check of the source says what is wrong with it
+    return PurePosixPath(source).stem
 
 
 def _parse_hf(source: str) -> HfFile | HfQuant:
@@ -107,7 +168,8 @@ def _parse_url(source: str) -> UrlFile:
     except ValueError as exc:
         raise ModelSourceError(f"bad URL {source!r}: {exc}") from None
     del port
-    if parts.scheme not in ("https", "http") or not parts.hostname:
+    url_prefixes = {s.prefix for s in SCHEMES if s.kind == "url"}
+    if f"{parts.scheme}://" not in url_prefixes or not parts.hostname:
         raise ModelSourceError(f"bad URL {source!r}: expected https://HOST/.../FILE.gguf")
     file = PurePosixPath(parts.path).name
     if not _SEGMENT.match(file) or not file.lower().endswith(".gguf"):
@@ -121,6 +183,9 @@ def _parse_url(source: str) -> UrlFile:
             )
         sha256 = value.lower()
     return UrlFile(parts._replace(fragment="").geturl(), file, sha256)
+
+
+_PARSERS = {"hf": _parse_hf, "url": _parse_url}
 
 
 def remote_model_name(source: HfFile | HfQuant | UrlFile) -> str:

@@ -1,23 +1,14 @@
-"""An instance's lifecycle: one set of states and the transitions between them (h11-style).
+"""An instance's lifecycle: the transitions between its states (h11-style). Pure.
 
-The states are DESIGN.md's (`pending`, `loading`, `ready`, `failed`, `stopping`; only
-`ready` takes requests). An engine moves from one to the next only along `TRANSITIONS`;
+The states (`backends.base.InstanceState`) are DESIGN.md's (`pending`, `loading`, `ready`,
+`failed`, `stopping`; only `ready` takes requests). An engine moves from one to the next only along `TRANSITIONS`;
 `advance(old, new)` checks a move and raises `IllegalTransition` for any other, so a bug that
 skips a state (ready while never loaded, pending straight to ready) shows where it happens.
 """
 
 from __future__ import annotations
 
-from enum import StrEnum
-
-
-class InstanceState(StrEnum):
-    PENDING = "pending"  # planned here; the model file is being fetched, or stopped
-    LOADING = "loading"  # the worker is loading the model
-    READY = "ready"  # takes requests
-    FAILED = "failed"  # the load or the worker failed; retried with backoff
-    STOPPING = "stopping"  # being stopped; takes no new requests
-
+from aivailable.backends.base import InstanceState
 
 S = InstanceState
 TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
@@ -28,7 +19,6 @@ TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
     S.FAILED: frozenset({S.LOADING, S.STOPPING}),
     S.STOPPING: frozenset({S.PENDING}),
 }
-SERVING = frozenset({S.READY})
 
 
 class IllegalTransition(ValueError):

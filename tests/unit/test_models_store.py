@@ -20,8 +20,8 @@ import gguf
 import numpy as np
 import pytest
 
-from aivailable import store
-from aivailable.store import ModelFile, ModelSourceError, read_header, resolve
+from aivailable.models import store
+from aivailable.models.store import ModelFile, ModelSourceError, read_header, resolve
 from placement import estimate
 from placement.gguf_header import GgufFormatError
 
@@ -309,7 +309,7 @@ def test_real_smollm2_fetch_and_cli(tmp_path: Path):
     assert sha256_of(model.path) == store.BUILTINS["smollm2-135m"].sha256 == model.sha256
     assert read_header(model.path).architecture == "llama"
     out = subprocess.run(
-        [sys.executable, "-m", "aivailable.store", "fetch", "builtin:smollm2-135m"],
+        [sys.executable, "-m", "aivailable.models.store", "fetch", "builtin:smollm2-135m"],
         env={**os.environ, "AIVAILABLE_CACHE_DIR": str(cache)},
         capture_output=True,
         text=True,
@@ -318,7 +318,7 @@ def test_real_smollm2_fetch_and_cli(tmp_path: Path):
     )
     assert out.stdout.strip() == str(model.path)
     bad = subprocess.run(
-        [sys.executable, "-m", "aivailable.store", "fetch", str(tmp_path / "missing.gguf")],
+        [sys.executable, "-m", "aivailable.models.store", "fetch", str(tmp_path / "missing.gguf")],
         env={**os.environ, "AIVAILABLE_CACHE_DIR": str(cache)},
         capture_output=True,
         text=True,

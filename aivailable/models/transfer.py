@@ -22,12 +22,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
 
-from aivailable import sources, store
-from aivailable.cluster.state import ModelRecord
+from aivailable.models import sources, store
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,21 @@ class TransferError(Exception):
     """A copy from a peer failed: unreachable, refused, cut short or the wrong bytes."""
 
 
-def expected_sha256(record: ModelRecord) -> str | None:
+class Wanted(Protocol):
+    """What this module needs of a deployed model (cluster.state.ModelRecord has it): the
+    models floor never imports the cluster's state."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def sha256(self) -> str | None: ...  # recorded at deploy; None when not known yet
+
+
+def expected_sha256(record: Wanted) -> str | None:
     """The checksum the file must have: recorded in the cluster state, or a built-in's."""
     builtin = store.builtin(record.source)
     return record.sha256 or (builtin.sha256 if builtin is not None else None)
@@ -89,7 +103,7 @@ class LocalModels:
             held = self._by_source.get(source)
         return self._valid(held)
 
-    def local_path(self, record: ModelRecord) -> Path | None:
+    def local_path(self, record: Wanted) -> Path | None:
         """The file of `record` if held here (the controller reads its GGUF header)."""
         sha = expected_sha256(record)
         held = self.by_sha(sha) if sha else self.by_source(record.source)
@@ -101,7 +115,7 @@ class LocalModels:
             entries = sorted(self._by_sha.values(), key=lambda h: h.sha256)
         return [(h.sha256, h.size, h.source) for h in entries if self._valid(h)]
 
-    def dest_for(self, record: ModelRecord, sha256: str) -> Path:
+    def dest_for(self, record: Wanted, sha256: str) -> Path:
         """Where a copy from a peer goes: a built-in where the store keeps it (so the store
         finds it later without a download), anything else under its checksum."""
         builtin = store.builtin(record.source)
@@ -142,10 +156,10 @@ class ModelTransferApi:
     async def serve(self, request: web.Request) -> web.StreamResponse:
         sha = request.match_info["sha256"]
         if not SHA256_HEX.match(sha):
-            raise web.HTTPBadRequest(text="expected a lowercase hex sha256")
+            return web.Response(status=400, text="expected a lowercase hex sha256")
         held = self._local.by_sha(sha)
-        if held is None:
-            raise web.HTTPNotFound(text=f"no model file with sha256 {sha} here")
+        if held is None:  # answered, not raised: this floor raises only its own errors
+            return web.Response(status=404, text=f"no model file with sha256 {sha} here")
         return web.FileResponse(
             held.path,
             chunk_size=CHUNK,
@@ -227,14 +241,14 @@ class ModelFetcher:
         self._locks: dict[str, asyncio.Lock] = {}
         self._unusable: set[str] = set()  # local sources that failed the store's checks
 
-    async def ensure(self, record: ModelRecord) -> Path:
+    async def ensure(self, record: Wanted) -> Path:
         """The local path of `record`'s file: held already; else the local source when it
         is here and matches; else copied from a peer that has it; else from the source.
         Raises (store.ModelSourceError or TransferError) when none works."""
         async with self._locks.setdefault(record.source, asyncio.Lock()):
             return await self._ensure(record)
 
-    async def _ensure(self, record: ModelRecord) -> Path:
+    async def _ensure(self, record: Wanted) -> Path:
         sha = expected_sha256(record)
         held = self.local.by_sha(sha) if sha else self.local.by_source(record.source)
         if held is not None:
@@ -267,7 +281,7 @@ class ModelFetcher:
             )
         return held.path
 
-    async def discover(self, records: Iterable[ModelRecord]) -> None:
+    async def discover(self, records: Iterable[Wanted]) -> None:
         """Check the local sources of models whose checksum the cluster does not know yet
         (a GGUF path deployed through a peer that lacks it): once held, the file is gossiped,
         the leader records its checksum, and the node it is placed on can copy it from here."""

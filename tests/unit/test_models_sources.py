@@ -2,8 +2,8 @@
 
 import pytest
 
-from aivailable import store
-from aivailable.sources import (
+from aivailable.models import store
+from aivailable.models.sources import (
     HfFile,
     HfQuant,
     ModelSourceError,

@@ -1,4 +1,8 @@
-"""API keys and proposal ids in the replicated state: pure, deterministic, no I/O.
+"""API keys and proposal ids in the replicated state: no I/O, and applying is deterministic
+(new secrets, key ids and proposal ids are random: `secrets`, so the module is not pure).
+
+The key set is replicated cluster state (ClusterState.access), so its model lives on the
+cluster floor; access/ (the guard, /cluster/keys, the limits) reads it from here.
 
 A key is a random 256-bit secret shown once to whoever created it; the cluster keeps only
 its SHA-256 (a fast hash is enough for a 256-bit random secret: nothing to brute-force).
@@ -9,7 +13,7 @@ Every proposal carries a unique id (`stamp`); `AccessState.first_time` remembers
 PROPOSAL_IDS_KEPT ids, in log order, so a replayed proposal changes nothing. A replay of an
 older id would need that many proposals within the peer signatures' validity window.
 
-Command type numbers 32-47 are reserved for access commands (cluster/state.py keeps the
+Command type numbers 32-47 are reserved for access commands (state.py keeps the
 others); append-only like the rest.
 """
 
