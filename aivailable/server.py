@@ -63,6 +63,7 @@ def node_config(config: Config) -> NodeConfig:
             config.controller, default_source=default, default_n_ctx=config.n_ctx
         ),
         membership=config.membership,
+        max_queue_wait=config.engine.max_queue_wait,
     )
 
 
@@ -164,6 +165,7 @@ async def serve(
             catalog=node.catalog,
             read_barrier=node.read_barrier,
             gate=guard,
+            wait_for_replica=node.waiter.wait,
         )
 
         def model_info(name: str) -> dict:

@@ -283,6 +283,15 @@ class Forwarder:
         """Send the request to the best remote replica and stream its answer back."""
         candidates = self._candidates(model, set())
         if not candidates:
+            # This peer's view may lag (gossip reaches it a round late): a replica it knows
+            # as loading may serve by now, and a loading host holds the request until it
+            # does. Try it before answering 503.
+            candidates = [
+                r
+                for r in self._replicas_of(model)
+                if r.state == "loading" and not r.local and r.member_state == "alive"
+            ]
+        if not candidates:
             raise self._availability_of(model).error(model)
         headers = self._upstream_headers(request)
         tries = candidates[: max(1, self._config.max_attempts)]
@@ -296,7 +305,9 @@ class Forwarder:
                 continue
             return await self._relay(request, replica, attempt, deadline, body, model, headers)
         log.warning("no replica of %s answered: %s", model, "; ".join(failures))
-        if self._availability_of(model).state == "absent":  # undeployed meanwhile
+        # Undeployed meanwhile, or only loading replicas were tried: the model's own state
+        # says more than "unreachable".
+        if self._availability_of(model).state == "absent" or all(r.state != "ready" for r in tries):
             raise self._availability_of(model).error(model)
         raise ModelAvailability("unreachable", "; ".join(failures)).error(model)
 
