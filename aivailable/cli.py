@@ -136,8 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
                 "source", help="builtin:NAME, hf://ORG/REPO:QUANT, hf://ORG/REPO/FILE.gguf, a URL"
             )
             p.add_argument("--name", help="model name (default from the source)")
-            p.add_argument("--replicas", type=int, default=1)
+            p.add_argument("--replicas", type=int, help="a fixed count (default 1)")
             p.add_argument("--n-ctx", type=int, default=2048)
+            p.add_argument("--min", type=int, help="scale with demand: at least N replicas")
+            p.add_argument("--max", type=int, help="scale with demand: at most M replicas")
+            p.add_argument("--priority", type=int, help="higher keeps VRAM first (default 0)")
+            p.add_argument(
+                "--idle-unload",
+                type=float,
+                metavar="SECONDS",
+                help="seconds without requests before a scaled model goes down to --min "
+                "(default 300; negative: never)",
+            )
         if name == "undeploy":
             p.add_argument("name")
     for p, _ in clients:
@@ -320,11 +330,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    body = {"source": args.source, "replicas": args.replicas, "n_ctx": args.n_ctx}
-    if args.name:
-        body["name"] = args.name
+    body = {"source": args.source, "n_ctx": args.n_ctx}
+    for key, value in (
+        ("name", args.name),
+        ("replicas", args.replicas),
+        ("min_replicas", args.min),
+        ("max_replicas", args.max),
+        ("priority", args.priority),
+        ("idle_unload_s", args.idle_unload),
+    ):
+        if value is not None:
+            body[key] = value
     result = request_json(args.url.rstrip("/") + "/cluster/models", "POST", body)
-    print(f"deployed {result.get('name')} ({result.get('replicas')} replica(s))")
+    if result.get("min_replicas") is not None:
+        print(
+            f"deployed {result.get('name')} ({result['min_replicas']}..{result['max_replicas']}"
+            f" replicas with demand, starting at {result.get('replicas')})"
+        )
+    else:
+        print(f"deployed {result.get('name')} ({result.get('replicas')} replica(s))")
     return 0
 
 

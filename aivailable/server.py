@@ -172,7 +172,13 @@ async def serve(
             record = node.state.models.get(name)
             if record is None:
                 return {}
-            return {"size": record.size, "sha256": record.sha256, "n_ctx": record.n_ctx}
+            return {
+                "size": record.size,
+                "sha256": record.sha256,
+                "n_ctx": record.n_ctx,
+                # Scaled models unload after their idle time (/api/ps's expires_at).
+                "idle_unload_s": record.idle_unload_s if record.scaled else None,
+            }
 
         ollama_api = OllamaApi(openai_api, model_info)
 

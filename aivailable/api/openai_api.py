@@ -252,6 +252,11 @@ class OpenAIApi:
         """Every model the cluster serves that this caller may see."""
         return visible_models(self.gate, request, self._catalog())
 
+    def local_engine(self, model: str) -> Engine | None:
+        """This peer's engine of `model`, if it runs one."""
+        instance = self._lookup().get(model)
+        return instance.engine if instance is not None else None
+
     def local_models(self) -> list[str]:
         """The models this peer runs itself, ready or not."""
         return sorted(self._lookup())
