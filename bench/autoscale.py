@@ -178,7 +178,7 @@ def main() -> int:
         wait(lambda: len(a.status()["nodes"]) == 3 and a.status()["leader"], 90, "3 peers")
 
         # 1. scaled: min 1, max 3
-        call(a, "POST", "/cluster/models", {"name": "auto", "source": SOURCE, "n_ctx": 512,
+        call(a, "POST", "/cluster/models", {"name": "auto", "source": SOURCE, "n_ctx": 512, "n_parallel": 4,
                                             "min_replicas": 1, "max_replicas": 3})  # fmt: skip
         wait(lambda: len(ready_nodes(a, "auto")) == 1, 240, "auto ready")
         first = set(ready_nodes(a, "auto"))
@@ -205,7 +205,7 @@ def main() -> int:
         wait(lambda: not ready_nodes(a, "auto"), 60, "auto gone")
 
         # 2. fixed: replicas 1, the same load
-        call(a, "POST", "/cluster/models", {"name": "fixed", "source": SOURCE, "n_ctx": 512,
+        call(a, "POST", "/cluster/models", {"name": "fixed", "source": SOURCE, "n_ctx": 512, "n_parallel": 4,
                                             "replicas": 1})  # fmt: skip
         wait(lambda: len(ready_nodes(a, "fixed")) == 1, 240, "fixed ready")
         out["fixed"] = run_load(peers, "fixed", before, after)
@@ -213,7 +213,7 @@ def main() -> int:
         wait(lambda: not ready_nodes(a, "fixed"), 60, "fixed gone")
 
         # 3. cold: scaled to zero, file cached
-        call(a, "POST", "/cluster/models", {"name": "cold", "source": SOURCE, "n_ctx": 512,
+        call(a, "POST", "/cluster/models", {"name": "cold", "source": SOURCE, "n_ctx": 512, "n_parallel": 4,
                                             "min_replicas": 0, "max_replicas": 1,
                                             "idle_unload_s": 5})  # fmt: skip
         wait(lambda: len(ready_nodes(a, "cold")) == 1, 240, "cold loaded once")

@@ -181,7 +181,11 @@ class ClusterNode:
             report_unreachable=gossip.report_unreachable,
         )
         self.waiter = ReplicaWaiter(
-            lambda: self.state.models, self.has_ready, self.publish, config.max_queue_wait
+            lambda: self.state.models,
+            self.has_ready,
+            self.publish,
+            config.max_queue_wait,
+            self.unplaceable,
         )
         self._address_of = address_book(self.state, self.view.addresses, self.view.node_of_member)
 
@@ -203,6 +207,15 @@ class ClusterNode:
 
     def our_cluster(self) -> str | None:
         return self.state.cluster_id or self.cluster_id
+
+    def unplaceable(self, model: str) -> bool:
+        """The committed plan leaves every wanted replica of `model` unplaced."""
+        plan, wanted = self.state.plan, 0
+        if model in self.state.models:
+            wanted = self.state.wanted_replicas(model)
+        if plan is None or wanted == 0:
+            return False
+        return any(u.model == model and u.missing_replicas >= wanted for u in plan.unplaced)
 
     def has_ready(self, model: str) -> bool:
         """A ready replica of `model` is known: here, or on a reachable peer in gossip."""

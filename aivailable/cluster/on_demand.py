@@ -20,6 +20,10 @@ POLL_S = 0.1
 # llama.cpp's mmap) plus a fixed start-up: SmolLM2 (98 MB) loads in about a second.
 LOAD_BYTES_PER_S = 500 << 20
 LOAD_FIXED_S = 3.0
+# Seconds a wait goes on while the committed plan says the model cannot be placed, before
+# it gives up (503): a pass or two of the controller, so a plan from before the scaling
+# decision (or before a yield freed VRAM) is not taken for the answer.
+UNPLACEABLE_GRACE_S = 2.0
 
 
 def expected_load_s(record: ModelRecord) -> float:
@@ -35,9 +39,12 @@ class ReplicaWaiter:
         has_ready: Callable[[str], bool],
         changed: Callable[[], None],
         max_queue_wait: float,
+        unplaceable: Callable[[str], bool] = lambda model: False,
     ) -> None:
         """`models`: the deployed models; `has_ready(model)`: a ready replica is known (here
-        or in gossip); `changed`: republish the payload; `max_queue_wait`: seconds."""
+        or in gossip); `changed`: republish the payload; `max_queue_wait`: seconds;
+        `unplaceable(model)`: the committed plan leaves every wanted replica unplaced."""
+        self._unplaceable = unplaceable
         self._models = models
         self._has_ready = has_ready
         self._changed = changed
@@ -55,7 +62,8 @@ class ReplicaWaiter:
             return False
         if self._has_ready(model):
             return True
-        deadline = time.monotonic() + self.bound_s(model)
+        started = time.monotonic()
+        deadline = started + self.bound_s(model)
         self.waiting[model] = self.waiting.get(model, 0) + 1
         self._changed()
         try:
@@ -65,6 +73,8 @@ class ReplicaWaiter:
                     return True
                 if model not in self._models():
                     return False
+                if time.monotonic() - started >= UNPLACEABLE_GRACE_S and self._unplaceable(model):
+                    return False  # no VRAM for it anywhere: the 503 says why
             return False
         finally:
             self.waiting[model] -= 1

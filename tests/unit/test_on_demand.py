@@ -61,6 +61,13 @@ async def test_the_wait_is_bounded_by_the_queue_bound_plus_the_expected_load(mon
     assert waiter.waiting == {}
 
 
+async def test_a_model_the_plan_cannot_place_is_refused_after_a_grace(monkeypatch):
+    monkeypatch.setattr(on_demand, "UNPLACEABLE_GRACE_S", 0.05)
+    models = {"m": ModelRecord("m", "builtin:x", size=0)}
+    waiter = ReplicaWaiter(lambda: models, lambda m: False, lambda: None, 60.0, lambda m: True)
+    assert await asyncio.wait_for(waiter.wait("m"), 5) is False
+
+
 async def test_an_engine_measures_its_demand_once_ready():
     engine = FakeEngine("m", parallel=2)
     assert engine.signals() is None
