@@ -218,11 +218,14 @@ class ClusterNode:
         return any(u.model == model and u.missing_replicas >= wanted for u in plan.unplaced)
 
     def has_ready(self, model: str) -> bool:
-        """A ready replica of `model` is known: here, or on a reachable peer in gossip."""
+        """A ready replica of `model` is known, here or on a reachable peer in gossip, and
+        the committed plan keeps it: one the plan dropped is about to stop (scaled down),
+        though gossip may still call it ready for a round."""
+        planned = {a.node for a in self.state.plan.for_model(model)} if self.state.plan else set()
         local = self.instances.get(model)
-        if local is not None and local.state == "ready":
+        if local is not None and local.state == "ready" and self.me in planned:
             return True
-        return any(r.state == "ready" for r in self.replicas_of(model))
+        return any(r.state == "ready" and r.node_id in planned for r in self.replicas_of(model))
 
     def replicas_of(self, model: str) -> list[Replica]:
         return self.view.replicas_of(model, self.our_cluster())
