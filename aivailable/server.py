@@ -24,6 +24,8 @@ from aivailable.api.app import build_app
 from aivailable.api.cluster_api import ClusterApi
 from aivailable.api.ollama_api import OllamaApi
 from aivailable.api.openai_api import OpenAIApi
+from aivailable.api.responses_api import ResponsesApi
+from aivailable.api.responses_store import PeerResponses
 from aivailable.backends.base import EngineFactory
 from aivailable.backends.llama_factory import llama_factory
 from aivailable.cluster.node import ClusterNode, NodeConfig
@@ -173,6 +175,13 @@ async def serve(
             return {"size": record.size, "sha256": record.sha256, "n_ctx": record.n_ctx}
 
         ollama_api = OllamaApi(openai_api, model_info)
+        responses_api = ResponsesApi(
+            openai_api,
+            metrics,
+            config.request_timeout_s,
+            config.name,
+            peers=PeerResponses(session, node.view.addresses),
+        )
 
         def refresh_gauges() -> None:
             own = node.reconciler.own_vram()
@@ -197,6 +206,7 @@ async def serve(
             [
                 openai_api.routes(),
                 ollama_api.routes(),
+                responses_api.routes(),
                 gossip.routes(),
                 node.routes(),
                 ModelTransferApi(node.local_models).routes(),
