@@ -19,6 +19,7 @@ from aiohttp import web
 
 from aivailable.access.guard import AccessGuard, UsageGossip, body_limits, usage_metrics
 from aivailable.access.keys_api import KeysApi, bootstrap_admin_key
+from aivailable.access.ledger import LedgerGate, UsageApi, UsageBook
 from aivailable.access.limits import RateLimiter
 from aivailable.api.app import build_app
 from aivailable.api.cluster_api import ClusterApi
@@ -155,6 +156,12 @@ async def serve(
             config.auth_on, lambda: node.state.access, limiter, caught_up=node.caught_up
         )
         keys_api = KeysApi(lambda: node.state.access, node.propose, limiter)
+        usage_book = UsageBook()  # what this peer's callers used, until it is committed
+        usage_api = UsageApi(
+            lambda: node.state.usage,
+            lambda: {k: r.name for k, r in node.state.access.keys.items()},
+            node.read_barrier,
+        )
         refresh_key_gauges = usage_metrics(metrics.registry, limiter, lambda: node.state.access)
         openai_api = OpenAIApi(
             node.instances.by_model,
@@ -165,7 +172,7 @@ async def serve(
             forwarder=node.forwarder,
             catalog=node.catalog,
             read_barrier=node.read_barrier,
-            gate=guard,
+            gate=LedgerGate(guard, usage_book),
         )
 
         def model_info(name: str) -> dict:
@@ -212,6 +219,7 @@ async def serve(
                 ModelTransferApi(node.local_models).routes(),
                 ClusterApi(node).routes(),
                 keys_api.routes(),
+                usage_api.routes(),
             ],
             on_scrape=refresh_gauges,
             # Cheapest refusals first, all before a body is read: size, signature, key.
@@ -254,6 +262,8 @@ async def serve(
                 )
                 tasks.append(tg.create_task(discovery.run(), name="mdns"))
             tasks.append(tg.create_task(node.run(), name="cluster"))
+            usage_flush = usage_book.run(node.propose, config.access.usage_flush_s)
+            tasks.append(tg.create_task(usage_flush, name="usage ledger"))
             if config.auth_on:
                 first_key = bootstrap_admin_key(
                     config.admin_key_path,
@@ -284,6 +294,9 @@ async def serve(
                 async with asyncio.timeout(2):
                     await gossip.leave()
             await runner.cleanup()
+            with contextlib.suppress(Exception):  # the last use, while Raft still runs
+                async with asyncio.timeout(2):
+                    await usage_book.flush(node.propose)
             for task in tasks:
                 task.cancel()
             hub.DOWNLOADS.cancel_all()  # their threads would hold the process's exit up

@@ -20,6 +20,7 @@ from typing import Any
 import msgpack
 
 from aivailable.cluster import keys as access_keys
+from aivailable.cluster import usage as usage_ledger
 from placement import Assignment, Plan, Unplaced
 
 PROTOCOL = 1
@@ -41,6 +42,7 @@ TYPE_NAMES = {
     NODE_ADDR: "node_addr",
     NODE_FORGET: "node_forget",
     **access_keys.TYPE_NAMES,  # 32-47: API keys (cluster/keys.py)
+    **usage_ledger.TYPE_NAMES,  # 48-55: the usage ledger (cluster/usage.py)
 }
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -302,6 +304,7 @@ class ClusterState:
         self.default_applied = False  # the embedded model was deployed once (undeploy sticks)
         self.nodes: dict[str, str] = {}  # node id -> HTTP address "host:port"
         self.access = access_keys.AccessState()  # API keys and applied proposal ids
+        self.usage = usage_ledger.UsageState()  # requests and tokens per key, model, day
 
     # -- reading
 
@@ -327,9 +330,15 @@ class ClusterState:
             pid = cmd.get(access_keys.PROPOSAL_FIELD)
             if cmd["t"] in access_keys.TYPE_NAMES:
                 changed = self.access.apply(cmd)
+            elif cmd["t"] in usage_ledger.TYPE_NAMES:
+                changed = self.usage.apply(cmd)
             else:
                 changed = getattr(self, f"_apply_{kind}")(cmd, term)
-        except (CommandError, access_keys.AccessCommandError) as exc:
+        except (
+            CommandError,
+            access_keys.AccessCommandError,
+            usage_ledger.UsageCommandError,
+        ) as exc:
             return ApplyResult(False, kind, error=str(exc), proposal=pid)
         except Exception as exc:  # a malformed field deep inside: reject, never wedge the log
             return ApplyResult(False, kind, error=f"malformed {kind}: {exc!r}", proposal=pid)
@@ -445,6 +454,7 @@ class ClusterState:
             "default_applied": self.default_applied,
             "nodes": [[k, self.nodes[k]] for k in sorted(self.nodes)],
             "access": self.access.to_wire(),
+            "usage": self.usage.to_wire(),
         }
 
     def snapshot(self) -> bytes:
@@ -472,6 +482,7 @@ class ClusterState:
             for node, addr in _list(wire.get("nodes", []), "nodes"):
                 fresh.nodes[_text(node, "node")] = _text(addr, "addr")
             fresh.access = access_keys.AccessState.from_wire(wire.get("access"))
+            fresh.usage = usage_ledger.UsageState.from_wire(wire.get("usage"))
         except Exception as exc:
             raise SnapshotError(f"cannot restore cluster state: {exc}") from exc
         self.__dict__.update(fresh.__dict__)
