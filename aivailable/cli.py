@@ -62,6 +62,12 @@ def _up_parser(sub) -> None:
         help="a browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable)",
     )
     up.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="export request spans to this OTLP/HTTP collector, e.g. http://127.0.0.1:4318 "
+        "(default: off, nothing is exported)",
+    )
+    up.add_argument(
         "--auth",
         choices=("on", "off"),
         help="require API keys (default: on when binding a non-loopback address; "
@@ -185,6 +191,7 @@ def _up_overrides(args: argparse.Namespace) -> dict:
         "n_ctx": args.n_ctx,
         "offline": True if args.offline else None,
         "cors_origins": args.cors_origin,
+        "otlp_endpoint": args.otlp_endpoint,
         "log_level": args.log_level,
         "auth_mode": args.auth,
         "admin_key_file": args.admin_key_file,

@@ -27,6 +27,7 @@ from aivailable.api.ollama_api import OllamaApi
 from aivailable.api.openai_api import OpenAIApi
 from aivailable.api.responses_api import ResponsesApi
 from aivailable.api.responses_store import PeerResponses
+from aivailable.api.tracing import Tracing
 from aivailable.backends.base import EngineFactory
 from aivailable.backends.llama_factory import llama_factory
 from aivailable.cluster.node import ClusterNode, NodeConfig
@@ -163,16 +164,23 @@ async def serve(
             node.read_barrier,
         )
         refresh_key_gauges = usage_metrics(metrics.registry, limiter, lambda: node.state.access)
+        # Spans only with --otlp-endpoint: otherwise the parts are handed over unwrapped.
+        tracing = Tracing(config.otlp_endpoint, config.name) if config.otlp_endpoint else None
+        lookup, forwarder = node.instances.by_model, node.forwarder
+        gate = LedgerGate(guard, usage_book)
+        if tracing is not None:
+            lookup, forwarder = tracing.lookup(lookup), tracing.forwarder(forwarder)
+            gate = tracing.gate(gate)
         openai_api = OpenAIApi(
-            node.instances.by_model,
+            lookup,
             metrics,
             config.max_tokens_limit,
             config.request_timeout_s,
             owner=config.name,
-            forwarder=node.forwarder,
+            forwarder=forwarder,
             catalog=node.catalog,
             read_barrier=node.read_barrier,
-            gate=LedgerGate(guard, usage_book),
+            gate=gate,
         )
 
         def model_info(name: str) -> dict:
@@ -224,6 +232,7 @@ async def serve(
             on_scrape=refresh_gauges,
             # Cheapest refusals first, all before a body is read: size, signature, key.
             middlewares=[
+                *([tracing.middleware] if tracing is not None else []),
                 body_limits(config.access, config.raft.max_body_bytes),
                 auth.middleware,
                 guard.middleware,
@@ -299,5 +308,7 @@ async def serve(
                     await usage_book.flush(node.propose)
             for task in tasks:
                 task.cancel()
+            if tracing is not None:  # the last spans leave before the exporter stops
+                await asyncio.to_thread(tracing.shutdown)
             hub.DOWNLOADS.cancel_all()  # their threads would hold the process's exit up
             await node.stop()
