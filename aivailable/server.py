@@ -23,6 +23,7 @@ from aivailable.access.ledger import LedgerGate, UsageApi, UsageBook
 from aivailable.access.limits import RateLimiter
 from aivailable.api.app import build_app
 from aivailable.api.cluster_api import ClusterApi
+from aivailable.api.cluster_load import LoadApi, LoadGossip
 from aivailable.api.ollama_api import OllamaApi
 from aivailable.api.openai_api import OpenAIApi
 from aivailable.api.responses_api import ResponsesApi
@@ -143,11 +144,13 @@ async def serve(
             seeds=list(config.join),
             advertise_host=config.advertise_host,
         )
+        # Each payload carries per-key use (the limits) and load counters (the dashboard).
+        load_gossip = LoadGossip(UsageGossip(gossip, limiter, config.name), metrics)
         node = ClusterNode(
             node_config(config),
             gpus,
             session,
-            UsageGossip(gossip, limiter, config.name),
+            load_gossip,
             tg,
             engine_factory or llama_factory(gpus, config.n_ctx, config.queue_limit, config.engine),
             probe,
@@ -228,6 +231,7 @@ async def serve(
                 ClusterApi(node).routes(),
                 keys_api.routes(),
                 usage_api.routes(),
+                LoadApi(load_gossip, config.name).routes(),
             ],
             on_scrape=refresh_gauges,
             # Cheapest refusals first, all before a body is read: size, signature, key.
