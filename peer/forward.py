@@ -32,6 +32,7 @@ from aiohttp import web
 from peer import resume
 from peer.auth import FORWARDED_HEADER
 from peer.availability import ForwardError, ModelAvailability, Replica, order_replicas
+from peer.trace import TRACEPARENT_HEADER
 from peer.upstream import Unreachable, UpstreamError, UpstreamPool, UpstreamResponse
 from peer.usage import USAGE_TRAILER_HEADER, TrailerSplitter, Usage
 
@@ -53,6 +54,9 @@ def request_key(name: str, kind: type = str):
 
 
 REQUEST_ID_KEY = request_key("request_id")
+# The W3C traceparent to send on the next hop (peer/trace.py): the client's, or the span this
+# peer is in; set by aivailable/api/request_id.py and, when spans are exported, tracing.py.
+TRACEPARENT_KEY = request_key("traceparent")
 # What the hosts of a forwarded answer said it cost (peer/usage.py), summed over a resume;
 # absent when no host said (one died mid-answer). The entry peer charges the caller from it.
 FORWARDED_USAGE_KEY = request_key("forwarded_usage", Usage)
@@ -313,10 +317,15 @@ class Forwarder:
 
     def _upstream_headers(self, request: web.Request) -> dict[str, str]:
         headers = {}
+        traceparent = request.get(TRACEPARENT_KEY)
         for name, value in request.headers.items():
             lowered = name.lower()
-            if lowered not in _NOT_PASSED_UPSTREAM and not lowered.startswith(_PEER_HEADER_PREFIX):
+            ours = traceparent is not None and lowered == TRACEPARENT_HEADER  # set below
+            passed = lowered not in _NOT_PASSED_UPSTREAM and not ours
+            if passed and not lowered.startswith(_PEER_HEADER_PREFIX):
                 headers[name] = value
+        if traceparent is not None:  # every hop carries the trace (W3C Trace Context)
+            headers[TRACEPARENT_HEADER] = traceparent
         headers[FORWARDED_HEADER] = self._node_id
         # The client's id when it was sane, else the one chosen for it here (request_id.py).
         rid = request.get(REQUEST_ID_KEY) or request.headers.get(REQUEST_ID_HEADER)

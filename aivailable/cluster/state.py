@@ -37,6 +37,7 @@ from aivailable.cluster.records import (  # noqa: F401  (re-exported: state.Mode
     _sha,
     _text,
 )
+from aivailable.cluster import usage as usage_ledger
 from placement import Assignment, Plan, Unplaced
 
 PROTOCOL = 1
@@ -60,6 +61,7 @@ TYPE_NAMES = {
     NODE_FORGET: "node_forget",
     SET_SCALE: "set_scale",
     **access_keys.TYPE_NAMES,  # 32-47: API keys (cluster/keys.py)
+    **usage_ledger.TYPE_NAMES,  # 48-55: the usage ledger (cluster/usage.py)
 }
 
 
@@ -228,6 +230,7 @@ class ClusterState:
         self.nodes: dict[str, str] = {}  # node id -> HTTP address "host:port"
         self.scale: dict[str, ScaleRecord] = {}  # model -> demand scaling's last decision
         self.access = access_keys.AccessState()  # API keys and applied proposal ids
+        self.usage = usage_ledger.UsageState()  # requests and tokens per key, model, day
 
     # -- reading
 
@@ -263,9 +266,15 @@ class ClusterState:
             pid = cmd.get(access_keys.PROPOSAL_FIELD)
             if cmd["t"] in access_keys.TYPE_NAMES:
                 changed = self.access.apply(cmd)
+            elif cmd["t"] in usage_ledger.TYPE_NAMES:
+                changed = self.usage.apply(cmd)
             else:
                 changed = getattr(self, f"_apply_{kind}")(cmd, term)
-        except (CommandError, access_keys.AccessCommandError) as exc:
+        except (
+            CommandError,
+            access_keys.AccessCommandError,
+            usage_ledger.UsageCommandError,
+        ) as exc:
             return ApplyResult(False, kind, error=str(exc), proposal=pid)
         except Exception as exc:  # a malformed field deep inside: reject, never wedge the log
             return ApplyResult(False, kind, error=f"malformed {kind}: {exc!r}", proposal=pid)
@@ -411,6 +420,7 @@ class ClusterState:
             "nodes": [[k, self.nodes[k]] for k in sorted(self.nodes)],
             "access": self.access.to_wire(),
             "scale": [[k, self.scale[k].to_wire()] for k in sorted(self.scale)],
+            "usage": self.usage.to_wire(),
         }
 
     def snapshot(self) -> bytes:
@@ -448,6 +458,7 @@ class ClusterState:
                     str(rec.get("reason", "")),
                     None if prev is None else _int(prev, "previous", 0),
                 )
+            fresh.usage = usage_ledger.UsageState.from_wire(wire.get("usage"))
         except Exception as exc:
             raise SnapshotError(f"cannot restore cluster state: {exc}") from exc
         self.__dict__.update(fresh.__dict__)
