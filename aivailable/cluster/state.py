@@ -19,6 +19,7 @@ from typing import Any
 import msgpack
 
 from aivailable.cluster import keys as access_keys
+from aivailable.cluster import usage as usage_ledger
 from aivailable.cluster.records import (  # noqa: F401  (re-exported: state.ModelRecord etc.)
     DEFAULT_IDLE_UNLOAD_S,
     MAX_REPLICAS,
@@ -37,7 +38,6 @@ from aivailable.cluster.records import (  # noqa: F401  (re-exported: state.Mode
     _sha,
     _text,
 )
-from aivailable.cluster import usage as usage_ledger
 from placement import Assignment, Plan, Unplaced
 
 PROTOCOL = 1
