@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from aivailable.backends.demand import Signals
 from placement import Gpu
 
 MIB = 1 << 20
@@ -32,6 +33,7 @@ class InstanceView:
     queue_depth: int = 0
     gpus: tuple[str, ...] = ()
     free_slots: int = 0  # requests it would start at once
+    demand: Signals | None = None  # its measured demand (backends/demand.py); None: unknown
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class PeerPayload:
     instances: tuple[InstanceView, ...] = ()
     files: tuple[tuple[str, int, str], ...] = ()  # (sha256, size, source) it can share
     member: str | None = None  # its Raft id (aivailable/cluster/identity.py); None: not known
+    # model -> requests this peer holds waiting for a replica that is not ready (a model
+    # scaled to zero, or one still loading): the leader places it when it reads this.
+    waiting: tuple[tuple[str, int], ...] = ()
     # Cards it has but its llama.cpp build cannot drive: (gpu id, vendor, name, reason).
     # Never in `gpus`, so placement never sees them.
     unusable: tuple[tuple[str, str, str, str], ...] = ()
@@ -61,11 +66,14 @@ def node_payload(
     headroom: int = 256 * MIB,
     capacity_step: int = 64 * MIB,
     member: str | None = None,
+    waiting: Mapping[str, int] | None = None,
 ) -> dict:
     """The gossip payload (a msgpack-friendly map). gpus: aivailable.gpu.GpuInfo items (id,
     vendor, name, vram_total, vram_free); own_used: bytes our instances hold per local gpu
     id (Reconciler.own_vram); instances: Instances views (+ pending fetches); member: this
-    node's Raft id (identity.py), so the leader maps gossip members to Raft members.
+    node's Raft id (identity.py), so the leader maps gossip members to Raft members;
+    waiting: requests held per model for a replica that is not ready yet. An instance view
+    may carry "demand": backends.demand.Signals, gossiped rounded.
     Only usable GPUs go in "gpus" (older peers place on exactly those); "gb" holds their
     llama.cpp backends, "nogpu" the cards this build cannot drive, with the reason."""
     unusable = [g for g in gpus if not getattr(g, "usable", True)]
@@ -98,6 +106,7 @@ def node_payload(
                 int(v.get("queue_depth", 0)),
                 list(v.get("gpus", ())),
                 int(v.get("free_slots", 0)),
+                *([v["demand"].wire()] if v.get("demand") is not None else []),
             ]
             for v in instances
         ],
@@ -108,14 +117,20 @@ def node_payload(
         payload["nogpu"] = [[g.id, g.vendor, g.name, getattr(g, "reason", "")] for g in unusable]
     if member is not None:
         payload["member"] = member
+    if waiting:
+        payload["wait"] = [[m, int(n)] for m, n in sorted(waiting.items()) if n > 0]
     return payload
 
 
 def _instance(entry: Sequence[Any]) -> InstanceView:
-    """[model, state, queue depth, gpus] and, from peers that batch, free slots."""
+    """[model, state, queue depth, gpus] and, from peers that batch, free slots, and from
+    peers that measure demand, its signals."""
     model, state, depth, gpus = entry[:4]
     free = int(entry[4]) if len(entry) > 4 else 0
-    return InstanceView(str(model), str(state), int(depth), tuple(str(g) for g in gpus), free)
+    demand = Signals.from_wire(entry[5]) if len(entry) > 5 else None
+    return InstanceView(
+        str(model), str(state), int(depth), tuple(str(g) for g in gpus), free, demand
+    )
 
 
 def _backends(raw: Any) -> list[str]:
@@ -155,6 +170,7 @@ def read_payload(node_id: str, payload: Mapping[str, Any] | None) -> PeerPayload
         )
         cluster = payload.get("cluster")
         member = payload.get("member")
+        waiting = tuple((str(m), int(n)) for m, n in payload.get("wait", ()))
         return PeerPayload(
             str(payload.get("addr", "")),
             cluster if isinstance(cluster, str) else None,
@@ -164,6 +180,7 @@ def read_payload(node_id: str, payload: Mapping[str, Any] | None) -> PeerPayload
             instances,
             files,
             member if isinstance(member, str) and member else None,
+            waiting,
             _unusable(payload.get("nogpu")),
         )
     except (TypeError, ValueError):

@@ -215,6 +215,10 @@ class RaftClusterView:
         n_ctx: int,
         kind: str = "chat",
         n_parallel: int | None = None,
+        priority: int = 0,
+        min_replicas: int | None = None,
+        max_replicas: int | None = None,
+        idle_unload_s: float | None = None,
     ) -> dict:
         sha256 = size = None
         if source.startswith(store.BUILTIN_PREFIX):
@@ -249,21 +253,30 @@ class RaftClusterView:
                 source,
                 replicas,
                 n_ctx,
+                priority,
                 sha256=sha256,
                 size=size,
                 kind=kind,
                 n_parallel=n_parallel,
+                min_replicas=min_replicas,
+                max_replicas=max_replicas,
+                idle_unload_s=idle_unload_s,
             )
         )
-        return {
+        out = {
             "name": name,
             "source": source,
             "replicas": replicas,
             "n_ctx": n_ctx,
             "kind": kind,
             "n_parallel": n_parallel,
+            "priority": priority,
             "state": "pending",
         }
+        if min_replicas is not None or max_replicas is not None:
+            out.update(min_replicas=min_replicas, max_replicas=max_replicas)
+            out["idle_unload_s"] = idle_unload_s if idle_unload_s is not None else 300.0
+        return out
 
     async def undeploy(self, name: str) -> bool:
         """True if this undeploy removed the model, False if it was not deployed. Both come
