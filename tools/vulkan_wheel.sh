@@ -58,7 +58,8 @@ if [ -z "$wheel" ]; then
 fi
 
 test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
-stamp="$VENV/.vulkan-$key"
+# Keyed by the wheel and pyproject.toml: new app dependencies reinstall as in .venv.
+stamp="$VENV/.vulkan-$key-$(cksum pyproject.toml | cut -d' ' -f1)"
 if [ ! -e "$stamp" ]; then
   "$VENV/bin/python" -m pip install --quiet --force-reinstall "$wheel"
   # The app's runtime dependencies; llama-cpp-python is already satisfied by the wheel.
