@@ -46,16 +46,23 @@ def render_status(status: dict, console: Console | None = None) -> None:
     for col in ("node", "address", "state", "GPU", "VRAM used", "instances"):
         nodes.add_column(col)
     for node in status.get("nodes", []):
-        gpus = node.get("gpus") or [{}]
+        # Cards its llama.cpp build cannot drive are listed too, never with VRAM to use.
+        unusable = [{**g, "unusable": True} for g in node.get("unusable_gpus", [])]
+        gpus = (node.get("gpus") or []) + unusable or [{}]
         instances = ", ".join(f"{i['model']} ({i['state']})" for i in node.get("instances", []))
         for i, gpu in enumerate(gpus):
             first = i == 0
+            kind = ", ".join(x for x in (gpu.get("vendor", ""), gpu.get("backend", "")) if x)
             nodes.add_row(
                 node["id"] if first else "",
                 node.get("addr", "") if first else "",
                 _styled(node.get("state", "?")) if first else "",
-                f"{gpu.get('name', 'none')} ({gpu.get('vendor', '')})" if gpu else "none",
-                vram_bar(gpu.get("vram_total", 0), gpu.get("vram_free", 0)) if gpu else "-",
+                f"{gpu.get('name', 'none')} ({kind})" if gpu else "none",
+                "not usable"
+                if gpu.get("unusable")
+                else vram_bar(gpu.get("vram_total", 0), gpu.get("vram_free", 0))
+                if gpu
+                else "-",
                 instances if first else "",
             )
     console.print(nodes)
