@@ -39,6 +39,7 @@ from peer.availability import (
     Replica,
     order_replicas,
 )
+from peer.trace import TRACEPARENT_HEADER
 from peer.upstream import Unreachable, UpstreamError, UpstreamPool, UpstreamResponse
 from peer.usage import USAGE_TRAILER_HEADER, TrailerSplitter, Usage
 
@@ -62,6 +63,9 @@ def request_key(name: str, kind: type = str):
 REQUEST_ID_KEY = request_key("request_id")
 # The conversation's prefix key (peer/affinity.py), computed once per request; "" for none.
 AFFINITY_KEY = request_key("affinity_key")
+# The W3C traceparent to send on the next hop (peer/trace.py): the client's, or the span this
+# peer is in; set by aivailable/api/request_id.py and, when spans are exported, tracing.py.
+TRACEPARENT_KEY = request_key("traceparent")
 # What the hosts of a forwarded answer said it cost (peer/usage.py), summed over a resume;
 # absent when no host said (one died mid-answer). The entry peer charges the caller from it.
 FORWARDED_USAGE_KEY = request_key("forwarded_usage", Usage)
@@ -337,6 +341,15 @@ class Forwarder:
         """Send the request to the best remote replica and stream its answer back."""
         candidates = self._candidates(model, set(), self._key(request, body))
         if not candidates:
+            # This peer's view may lag (gossip reaches it a round late): a replica it knows
+            # as loading may serve by now, and a loading host holds the request until it
+            # does. Try it before answering 503.
+            candidates = [
+                r
+                for r in self._replicas_of(model)
+                if r.state == "loading" and not r.local and r.member_state == "alive"
+            ]
+        if not candidates:
             raise self._availability_of(model).error(model)
         headers = self._upstream_headers(request)
         tries = candidates[: max(1, self._config.max_attempts)]
@@ -350,16 +363,23 @@ class Forwarder:
                 continue
             return await self._relay(request, replica, attempt, deadline, body, model, headers)
         log.warning("no replica of %s answered: %s", model, "; ".join(failures))
-        if self._availability_of(model).state == "absent":  # undeployed meanwhile
+        # Undeployed meanwhile, or only loading replicas were tried: the model's own state
+        # says more than "unreachable".
+        if self._availability_of(model).state == "absent" or all(r.state != "ready" for r in tries):
             raise self._availability_of(model).error(model)
         raise ModelAvailability("unreachable", "; ".join(failures)).error(model)
 
     def _upstream_headers(self, request: web.Request) -> dict[str, str]:
         headers = {}
+        traceparent = request.get(TRACEPARENT_KEY)
         for name, value in request.headers.items():
             lowered = name.lower()
-            if lowered not in _NOT_PASSED_UPSTREAM and not lowered.startswith(_PEER_HEADER_PREFIX):
+            ours = traceparent is not None and lowered == TRACEPARENT_HEADER  # set below
+            passed = lowered not in _NOT_PASSED_UPSTREAM and not ours
+            if passed and not lowered.startswith(_PEER_HEADER_PREFIX):
                 headers[name] = value
+        if traceparent is not None:  # every hop carries the trace (W3C Trace Context)
+            headers[TRACEPARENT_HEADER] = traceparent
         headers[FORWARDED_HEADER] = self._node_id
         # The client's id when it was sane, else the one chosen for it here (request_id.py).
         rid = request.get(REQUEST_ID_KEY) or request.headers.get(REQUEST_ID_HEADER)

@@ -42,7 +42,8 @@ EXACT_MAX_STEPS = 20_000  # ...and gives up after this many search steps (determ
 
 @dataclass(frozen=True)
 class _Group:
-    """GPUs of one node that one instance may span: one vendor; a cpu device stands alone."""
+    """GPUs of one node that one instance may span: one backend (tensor_split runs within
+    one llama.cpp backend; vendor for peers that gossip none); a cpu device stands alone."""
 
     node: str
     gpus: tuple[str, ...]
@@ -67,11 +68,11 @@ class _Topology:
                     raise ValueError(f"gpu {gpu.id} given twice")
                 self.capacity[gpu.id] = gpu.capacity
                 self.node_of[gpu.id] = node.id
-                self.vendor_of[gpu.id] = gpu.vendor
+                self.vendor_of[gpu.id] = "cpu" if gpu.vendor == "cpu" else gpu.group
                 if gpu.vendor == "cpu":
                     self.groups.append(_Group(node.id, (gpu.id,), cpu=True))
                 else:
-                    by_vendor.setdefault(gpu.vendor, []).append(gpu.id)
+                    by_vendor.setdefault(gpu.group, []).append(gpu.id)
             for vendor in sorted(by_vendor):
                 self.groups.append(_Group(node.id, tuple(by_vendor[vendor]), cpu=False))
         self.gpu_groups = [g for g in self.groups if not g.cpu]

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Protocol
 
 from aiohttp import web
@@ -121,11 +121,15 @@ class OpenAIApi:
         max_body: int = MAX_BODY,
         read_barrier: Barrier | None = None,
         gate: Gate | None = None,
+        wait_for_replica: Callable[[str], Awaitable[bool]] | None = None,
     ):
         """`catalog`: the model names the cluster serves (default: the local instances).
         `max_body`: bytes of a request body at most (413 beyond). `read_barrier`: what a
         `?consistent=1` model listing awaits first (aivailable/api/reads.py; None: refused).
-        `gate`: who may run and see what (aivailable/api/inference.py; None: everyone)."""
+        `gate`: who may run and see what (aivailable/api/inference.py; None: everyone).
+        `wait_for_replica(model)`: hold a request while the model has no ready replica
+        (scaled to zero, or loading), True once one is ready (cluster/on_demand.py)."""
+        self._wait_for_replica = wait_for_replica
         self.read_barrier = read_barrier
         self.gate: Gate = gate or OpenGate()
         self._max_body = max_body
@@ -225,6 +229,13 @@ class OpenAIApi:
         """The local engine serving `model`, or the answer of a peer that serves it."""
         instances = self._lookup()
         instance = instances.get(model)
+        ready_here = instance is not None and instance.state == "ready"
+        if not ready_here and self._wait_for_replica is not None:
+            # Load on demand: wait for a replica (here or elsewhere) instead of a 503; a
+            # stream's first byte goes out once the model answers.
+            await self._wait_for_replica(model)
+            instances = self._lookup()
+            instance = instances.get(model)
         # --- forwarding hook (peer/forward.py): no ready instance here, so another peer's
         # replica serves it; a request already forwarded to us is never forwarded again.
         if (
@@ -257,6 +268,11 @@ class OpenAIApi:
     def model_names(self, request: web.Request) -> list[str]:
         """Every model the cluster serves that this caller may see."""
         return visible_models(self.gate, request, self._catalog())
+
+    def local_engine(self, model: str) -> Engine | None:
+        """This peer's engine of `model`, if it runs one."""
+        instance = self._lookup().get(model)
+        return instance.engine if instance is not None else None
 
     def local_models(self) -> list[str]:
         """The models this peer runs itself, ready or not."""

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
+
+from aivailable.backends.demand import DemandWindow, Signals
 
 
 class InstanceState(StrEnum):
@@ -135,6 +138,43 @@ class Engine(abc.ABC):
     name: str  # the model name clients use
     state: InstanceState
     n_parallel: int = 1  # sequences generated at once
+    # Demand measured since the instance last became ready (backends/demand.py); engines
+    # call the hooks below, gossip carries `signals()` to the leader's scaling step.
+    demand: DemandWindow | None = None
+
+    def _measure_from_ready(self) -> None:
+        self.demand = DemandWindow(self.n_parallel, time.monotonic())
+
+    def _demand_depth(self, depth: int) -> None:
+        if self.demand is not None:
+            self.demand.set_depth(time.monotonic(), depth)
+
+    def _demand_admitted(self, depth: int) -> None:
+        if self.demand is not None:
+            now = time.monotonic()
+            self.demand.admitted(now, self.demand.keep_alive_s)
+            self.demand.set_depth(now, depth)
+
+    def _demand_refused(self) -> None:
+        if self.demand is not None:
+            self.demand.refused(time.monotonic())
+
+    def _demand_first_token(self, since: float) -> None:
+        """`since`: time.monotonic() when the request was admitted."""
+        if self.demand is not None:
+            now = time.monotonic()
+            self.demand.first_token(now, now - since)
+
+    def keep_alive(self, seconds: float | None) -> None:
+        """A request's keep_alive (Ollama): how long the model stays loaded after the last
+        request, from now on (None: the deploy's idle_unload_s; negative: forever)."""
+        if self.demand is not None:
+            self.demand.keep_alive_s = seconds
+
+    def signals(self) -> Signals | None:
+        if self.demand is None or self.state != "ready":
+            return None
+        return self.demand.signals(time.monotonic())
 
     @abc.abstractmethod
     async def start(self) -> None:

@@ -14,8 +14,9 @@ its place until its successor is ready, unless capacity forbids.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from aivailable.cluster import scaling
 from aivailable.cluster import state as cs
 from aivailable.cluster.identity import node_of
 from aivailable.cluster.membership_policy import ConfChange, MembershipConfig, next_conf_change
@@ -105,6 +106,10 @@ class Context:
     caught_up: tuple[str, ...] | None = None  # learners close enough to promote (None: all)
     found_cluster_id: str | None = None  # the founder commits it first
     local_files: Mapping[str, LocalFile] = field(default_factory=dict)  # by model name
+    # The leader's wall clock, for demand scaling's cooldowns: committed with each change,
+    # so a new leader reads them in the same clock. None: `now` (the simulation's clock).
+    wall: float | None = None
+    scaling_config: scaling.ScalingConfig = scaling.DEFAULT_SCALING
 
 
 # ---- the pure core --------------------------------------------------------------------------
@@ -258,6 +263,93 @@ def _without_extras(current: Plan | None, models: Sequence[ModelRecord]) -> Plan
     return Plan(assignments=tuple(keep), unplaced=current.unplaced)
 
 
+def with_wanted(state: ClusterState) -> list[ModelRecord]:
+    """The desired models with `replicas` set to what placement should give each now (a
+    fixed count, or demand scaling's committed one)."""
+    return [replace(m, replicas=state.wanted_replicas(m.name)) for m in state.desired()]
+
+
+def bounds_of(record: ModelRecord) -> scaling.Bounds:
+    if not record.scaled:
+        return scaling.Bounds(record.replicas, record.replicas, None, record.priority)
+    idle = record.idle_unload_s if record.idle_unload_s >= 0 else None
+    return scaling.Bounds(record.min_replicas, record.max_replicas, idle, record.priority)
+
+
+def model_demand(nodes: Iterable[NodeView], model: str) -> scaling.Demand:
+    """A model's demand from gossip: its ready instances' signals and the requests peers
+    hold waiting for it."""
+    signals, waiting = [], 0
+    for n in nodes:
+        if n.state not in ("alive", "suspect"):
+            continue
+        signals += [
+            i.demand
+            for i in n.payload.instances
+            if i.model == model and i.state == "ready" and i.demand is not None
+        ]
+        waiting += sum(count for m, count in n.payload.waiting if m == model)
+    return scaling.aggregate(signals, waiting)
+
+
+def scaling_updates(
+    state: ClusterState,
+    nodes: Sequence[NodeView],
+    now: float,
+    wall: float,
+    config: ControllerConfig = DEFAULT_CONFIG,
+    local: Mapping[str, LocalFile] | None = None,
+    scaling_config: scaling.ScalingConfig = scaling.DEFAULT_SCALING,
+) -> list[bytes]:
+    """SET_SCALE commands: each scaled model's step (scaling.scale), then the yields that
+    give VRAM to a model whose wanted replicas find none (scaling.contend)."""
+    records = state.desired()
+    if not any(m.scaled for m in records):
+        return []
+    bounds = {m.name: bounds_of(m) for m in records}
+    demand = {m.name: model_demand(nodes, m.name) for m in records}
+    ready: dict[str, int] = {}
+    for n in nodes:
+        if n.state in ("alive", "suspect"):
+            for i in n.payload.instances:
+                if i.state == "ready":
+                    ready[i.model] = ready.get(i.model, 0) + 1
+    before = {m.name: state.wanted_replicas(m.name) for m in records}
+    counts, reasons = dict(before), {}
+    for m in records:
+        if m.scaled:
+            last = state.scale.get(m.name)
+            d = scaling.scale(
+                before[m.name],
+                ready.get(m.name, 0),
+                bounds[m.name],
+                demand[m.name],
+                last.at if last is not None else None,
+                wall,
+                scaling_config,
+            )
+            if d.wanted != before[m.name]:
+                counts[m.name], reasons[m.name] = d.wanted, d.reason
+    usable = usable_nodes(nodes, now, config.suspect_grace_s)
+
+    def missing(c: Mapping[str, int]) -> dict[str, int]:
+        wanted = [replace(m, replicas=c[m.name]) for m in records]
+        base = _without_extras(state.plan, wanted)
+        specs = model_specs(wanted, local or {}, config)
+        plan = solve(usable, specs, current=base, policy=config.policy)
+        return {u.model: u.missing_replicas for u in plan.unplaced}
+
+    yielded, why = scaling.contend(counts, bounds, demand, missing, scaling_config)
+    for name, n in yielded.items():
+        if n != counts[name]:
+            counts[name], reasons[name] = n, why[name]
+    return [
+        cs.encode_scale(name, counts[name], wall, reasons[name], before[name])
+        for name in sorted(reasons)
+        if counts[name] != before[name] and state.models[name].scaled
+    ]
+
+
 def model_file_updates(
     models: Iterable[ModelRecord],
     nodes: Iterable[NodeView],
@@ -353,7 +445,14 @@ def step(
         else None
     )
     out += [Propose(c, "node address") for c in registry_updates(members, state.nodes, in_config)]
-    plan = decide(state.desired(), members, state.plan, now, config, ctx.local_files)
+    wall = ctx.wall if ctx.wall is not None else now
+    out += [
+        Propose(c, "scale")
+        for c in scaling_updates(
+            state, members, now, wall, config, ctx.local_files, ctx.scaling_config
+        )
+    ]
+    plan = decide(with_wanted(state), members, state.plan, now, config, ctx.local_files)
     if plan is not None:
         why = f"plan: {len(plan.assignments)} instances, {len(plan.unplaced)} unplaced"
         out.append(Propose(cs.encode_plan(plan, ctx.term), why))

@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,6 +37,7 @@ from aivailable.cluster.membership_policy import (
     MembershipConfig,
     bootstrap_action,
 )
+from aivailable.cluster.on_demand import ReplicaWaiter
 from aivailable.cluster.payload import node_payload, read_payload
 from aivailable.cluster.raft import (
     PROPOSE_PATH,
@@ -115,6 +116,9 @@ class NodeConfig:
     reconciler: ReconcilerConfig = field(default_factory=ReconcilerConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     membership: MembershipConfig = field(default_factory=MembershipConfig)
+    # Seconds a request may wait for a replica to turn ready, besides its expected load
+    # time: the engine's max_queue_wait, the bound a chat user tolerates (llama_engine.py).
+    max_queue_wait: float = 15.0
 
 
 class ClusterNode:
@@ -179,6 +183,13 @@ class ClusterNode:
             member_state=self.member_state,
             report_unreachable=gossip.report_unreachable,
         )
+        self.waiter = ReplicaWaiter(
+            lambda: self.state.models,
+            self.has_ready,
+            self.publish,
+            config.max_queue_wait,
+            self.unplaceable,
+        )
         self._address_of = address_book(self.state, self.view.addresses, self.view.node_of_member)
 
     def _engine(self, spec: EngineSpec) -> Engine:
@@ -200,6 +211,25 @@ class ClusterNode:
 
     def our_cluster(self) -> str | None:
         return self.state.cluster_id or self.cluster_id
+
+    def unplaceable(self, model: str) -> bool:
+        """The committed plan leaves every wanted replica of `model` unplaced."""
+        plan, wanted = self.state.plan, 0
+        if model in self.state.models:
+            wanted = self.state.wanted_replicas(model)
+        if plan is None or wanted == 0:
+            return False
+        return any(u.model == model and u.missing_replicas >= wanted for u in plan.unplaced)
+
+    def has_ready(self, model: str) -> bool:
+        """A ready replica of `model` is known, here or on a reachable peer in gossip, and
+        the committed plan keeps it: one the plan dropped is about to stop (scaled down),
+        though gossip may still call it ready for a round."""
+        planned = {a.node for a in self.state.plan.for_model(model)} if self.state.plan else set()
+        local = self.instances.get(model)
+        if local is not None and local.state == "ready" and self.me in planned:
+            return True
+        return any(r.state == "ready" and r.node_id in planned for r in self.replicas_of(model))
 
     def replicas_of(self, model: str) -> list[Replica]:
         return self.view.replicas_of(model, self.our_cluster())
@@ -252,7 +282,10 @@ class ClusterNode:
         # This node's own instances in full (pid, restarts, errors), not as gossiped.
         for node in status["nodes"]:
             if node["id"] == self.me:
-                node["instances"] = self.reconciler.views()
+                node["instances"] = [
+                    {**v, "demand": asdict(v["demand"]) if v.get("demand") else None}
+                    for v in self.reconciler.views()
+                ]
         return status
 
     async def read_barrier(self) -> None:
@@ -307,6 +340,7 @@ class ClusterNode:
             self.config.reconciler.headroom,
             self.config.reconciler.capacity_step,
             member=self.raft_id,
+            waiting=self.waiter.waiting,
         )
         self.gossip.set_payload(payload)
         if self.view.set_own(read_payload(self.me, payload), time.monotonic()):
@@ -397,7 +431,8 @@ class ClusterNode:
         source = self.config.default_model
         if source is None or not self.local_models.held_locally(source):
             return None
-        devices = sorted(self.gpus, key=lambda g: (-g.vram_free, g.id))
+        usable = [g for g in self.gpus if getattr(g, "usable", True)]
+        devices = sorted(usable, key=lambda g: (-g.vram_free, g.id))
         if not devices:
             return None  # no device at all: this peer only routes
         name = store.model_name(source)

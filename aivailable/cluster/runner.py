@@ -170,6 +170,7 @@ class ControllerRunner:
             tuple(self._caught_up()) if self._caught_up is not None else None,
             self._found_cluster_id,
             read_local_files(self.state.desired(), self._local_path),
+            wall=time.time(),  # scaling's cooldowns, in the clock committed with each change
         )
 
     def decide(self) -> list[ctl.Action]:

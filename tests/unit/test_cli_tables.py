@@ -100,3 +100,30 @@ async def test_the_commands_read_a_real_peer(capsys):
         assert [m["name"] for m in json.loads(capsys.readouterr().out)] == ["chat-big", "huge"]
     assert cli.main(["ps", "--url", "http://127.0.0.1:9"]) == 1
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_status_shows_each_gpu_s_backend_and_the_cards_the_build_cannot_drive():
+    from aivailable.status_view import render_status
+
+    node = {
+        "id": "a",
+        "state": "alive",
+        "gpus": [
+            {
+                "name": "RX 580",
+                "vendor": "amd",
+                "backend": "Vulkan",
+                "vram_total": 8 << 30,
+                "vram_free": 8 << 30,
+            },
+        ],
+        "unusable_gpus": [
+            {"id": "gpu1", "vendor": "nvidia", "name": "GTX 1080", "reason": "no CUDA"}
+        ],
+        "instances": [],
+    }
+    out = io.StringIO()
+    render_status({**STATUS, "nodes": [node]}, Console(file=out, width=200, color_system=None))
+    text = out.getvalue()
+    assert "RX 580 (amd, Vulkan)" in text
+    assert "GTX 1080 (nvidia)" in text and "not usable" in text
