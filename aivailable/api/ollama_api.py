@@ -381,7 +381,7 @@ class OllamaApi:
                             await response.prepare(request)
                         await response.write(json.dumps(last).encode() + b"\n" + meter.trailer())
         except EngineError as exc:
-            error = engine_error(exc)
+            error = engine_error(exc, parsed.model)
             if response is None:
                 raise error from exc
             await response.write(json.dumps({"error": error.message}).encode() + b"\n")

@@ -36,6 +36,8 @@ from aivailable.backends.base import (
     TextDelta,
 )
 from aivailable.metrics import Metrics
+from peer.availability import NoReadyReplica
+from peer.errors import ServiceError
 from peer.forward import HeadersWithFirstChunk
 
 log = logging.getLogger(__name__)
@@ -73,8 +75,9 @@ class Forwarding(Protocol):
         ...
 
 
-def engine_error(exc: EngineError) -> ApiError:
-    """The one place engine errors turn into HTTP statuses."""
+def engine_error(exc: EngineError, model: str = "") -> ServiceError:
+    """The one place engine errors turn into HTTP statuses. An instance that is not ready
+    answers as a peer without a ready replica does: its body names the model's state."""
     if isinstance(exc, QueueFull):
         return ApiError(
             429,
@@ -84,13 +87,7 @@ def engine_error(exc: EngineError) -> ApiError:
             retry_after=exc.retry_after,
         )
     if isinstance(exc, EngineUnavailable):
-        return ApiError(
-            503,
-            str(exc),
-            type="service_unavailable",
-            code=f"model_{exc.state}",
-            retry_after=exc.retry_after,
-        )
+        return NoReadyReplica(model, exc.state, exc.detail, str(exc), exc.retry_after)
     if isinstance(exc, ContextOverflow):
         return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, InvalidRequest):
@@ -212,8 +209,8 @@ class OpenAIApi:
             async with asyncio.timeout(self._timeout):
                 result = await engine.embed(inputs)
         except EngineError as exc:
-            status = str(engine_error(exc).status)
-            raise engine_error(exc) from exc
+            status = str(engine_error(exc, model).status)
+            raise engine_error(exc, model) from exc
         except TimeoutError as exc:
             status = "504"
             raise ApiError(504, "embedding took too long", type="timeout") from exc
@@ -252,7 +249,7 @@ class OpenAIApi:
             )
         engine = instance.engine
         if engine is None or instance.error:
-            raise engine_error(EngineUnavailable(instance.state, instance.error))
+            raise engine_error(EngineUnavailable(instance.state, instance.error), model)
         return engine
 
     def _serves_here(self, request: web.Request, raw: bytes, model: str, instance) -> bool:
@@ -348,7 +345,7 @@ class OpenAIApi:
                         elif isinstance(event, Finished):
                             finished = event
         except EngineError as exc:
-            raise engine_error(exc) from exc
+            raise engine_error(exc, parsed.model) from exc
         except TimeoutError as exc:
             raise ApiError(
                 504, f"generation took longer than {self._timeout:.0f}s", type="timeout"
@@ -456,7 +453,7 @@ class OpenAIApi:
                         break
                     event = await anext(events)
         except EngineError as exc:
-            error = engine_error(exc)
+            error = engine_error(exc, parsed.model)
             if response is None:
                 raise error from exc
             await response.write(_sse(error.body()))

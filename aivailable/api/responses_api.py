@@ -188,7 +188,7 @@ class ResponsesApi:
                         elif isinstance(event, Finished):
                             done = event
         except EngineError as exc:
-            raise engine_error(exc) from exc
+            raise engine_error(exc, call.parsed.model) from exc
         except TimeoutError as exc:
             raise self._timeout() from exc
         if done is None:
@@ -257,7 +257,7 @@ class ResponsesApi:
                 self._keep(request, call, final)
         except (EngineError, TimeoutError, StopAsyncIteration) as exc:
             if isinstance(exc, EngineError):
-                error = engine_error(exc)
+                error = engine_error(exc, call.parsed.model)
             elif isinstance(exc, TimeoutError):
                 error = self._timeout()
             else:

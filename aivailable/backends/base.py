@@ -116,6 +116,7 @@ class EngineUnavailable(EngineError):
     def __init__(self, state: str, detail: str = "", retry_after: float = 2.0):
         super().__init__(f"model is {state}" + (f": {detail}" if detail else ""))
         self.state = state
+        self.detail = detail
         self.retry_after = retry_after
 
 
