@@ -7,7 +7,7 @@ LLAMA_CPP_VERSION ?= 0.3.36
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml tools/llama_wheel.sh | cksum | cut -d' ' -f1)-$(LLAMA_CPP_VERSION)
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint bench bench-anchor clean
+.PHONY: setup run test test-fast lint bench bench-anchor clean vulkan vulkan-if-possible
 
 setup: $(STAMP) model
 
@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 # The whole suite, slow chaos and e2e tests included (CI runs exactly this).
-test: setup lint
+test: setup lint vulkan-if-possible
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Everything but the slow tests, for the edit-test loop.
@@ -45,5 +45,18 @@ bench-anchor: setup
 bench: setup
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
 
+# llama-cpp-python with llama.cpp's Vulkan backend, in its own venv (.venv-vulkan; never
+# .venv), from a wheel cached in ~/.cache/aivailable/wheels-vulkan/ (tools/vulkan_wheel.sh).
+# Needs libvulkan-dev, glslc, spirv-headers; mesa-vulkan-drivers' lavapipe runs it in CI.
+vulkan: $(STAMP)
+	PYTHON=$(PYTHON) LLAMA_CPP_VERSION=$$($(PY) -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))') \
+	  bash tools/vulkan_wheel.sh
+
+# `make test` builds it where the build tools are; the Vulkan tests say what is missing.
+vulkan-if-possible: $(STAMP)
+	@if command -v glslc >/dev/null && [ -e /usr/include/vulkan/vulkan.h ]; then \
+	  $(MAKE) --no-print-directory vulkan; \
+	else echo "no glslc or Vulkan headers: the Vulkan tests will fail (.ci/run installs them)"; fi
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-vulkan .pytest_cache .ruff_cache .hypothesis

@@ -1,4 +1,4 @@
-"""The `aivailable` command: up, status, models, ps, chat, deploy, undeploy, pull, keys."""
+"""The `aivailable` command: up, status, models, ps, chat, deploy, undeploy, pull, keys, usage."""
 
 from __future__ import annotations
 
@@ -62,6 +62,12 @@ def _up_parser(sub) -> None:
         help="a browser origin allowed to call the API, e.g. http://localhost:3000 (repeatable)",
     )
     up.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="export request spans to this OTLP/HTTP collector, e.g. http://127.0.0.1:4318 "
+        "(default: off, nothing is exported)",
+    )
+    up.add_argument(
         "--auth",
         choices=("on", "off"),
         help="require API keys (default: on when binding a non-loopback address; "
@@ -82,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _up_parser(sub)
     sub.add_parser("demo", help="three peers on 127.0.0.1 with simulated mixed GPUs")
+    sub.add_parser(
+        "doctor", help="which GPUs this machine's llama.cpp build can drive, and why not"
+    )
     token = sub.add_parser("token", help="print a join token for another machine")
     for flag in ("--config", "--data-dir", "--cluster-key-file", "--bind", "--advertise", "--port"):
         token.add_argument(flag, type=int if flag == "--port" else str)
@@ -107,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = actions.add_parser("revoke", help="revoke a key on every peer")
     revoke.add_argument("id")
     clients = [(a, None) for a in actions.choices.values()]
+    usage = sub.add_parser("usage", help="requests and tokens per key, model and day (admin)")
+    usage.add_argument("--key", help="one key's id (default: every key)")
+    usage.add_argument("--since", help="from this day on (YYYY-MM-DD, UTC)")
+    usage.add_argument("--json", action="store_true", help="print the raw JSON")
+    clients.append((usage, "usage"))
     for name, text in (
         ("status", "show nodes, GPUs, leader and models"),
         ("models", "show the deployed models, their replicas and states"),
@@ -136,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "source", help="builtin:NAME, hf://ORG/REPO:QUANT, hf://ORG/REPO/FILE.gguf, a URL"
             )
             p.add_argument("--name", help="model name (default from the source)")
-            p.add_argument("--replicas", type=int, default=1)
+            p.add_argument("--replicas", type=int, help="a fixed count (default 1)")
             p.add_argument("--n-ctx", type=int, default=2048)
             p.add_argument(
                 "--split",
@@ -144,6 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
                 default="auto",
                 help="over several peers through llama.cpp RPC: auto (when no one peer "
                 "fits), always, never",
+            )
+            p.add_argument(
+                "--kv-type",
+                choices=("f16", "q8_0", "q4_0"),
+                default=None,
+                help="KV cache type: q8_0 halves the cache per slot, q4_0 quarters it",
+            )
+            p.add_argument("--min", type=int, help="scale with demand: at least N replicas")
+            p.add_argument("--max", type=int, help="scale with demand: at most M replicas")
+            p.add_argument("--priority", type=int, help="higher keeps VRAM first (default 0)")
+            p.add_argument(
+                "--idle-unload",
+                type=float,
+                metavar="SECONDS",
+                help="seconds without requests before a scaled model goes down to --min "
+                "(default 300; negative: never)",
             )
         if name == "undeploy":
             p.add_argument("name")
@@ -187,6 +217,7 @@ def _up_overrides(args: argparse.Namespace) -> dict:
         "n_ctx": args.n_ctx,
         "offline": True if args.offline else None,
         "cors_origins": args.cors_origin,
+        "otlp_endpoint": args.otlp_endpoint,
         "log_level": args.log_level,
         "auth_mode": args.auth,
         "admin_key_file": args.admin_key_file,
@@ -327,13 +358,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    body = {"source": args.source, "replicas": args.replicas, "n_ctx": args.n_ctx}
+    body = {"source": args.source, "n_ctx": args.n_ctx}
+    for key, value in (
+        ("name", args.name),
+        ("replicas", args.replicas),
+        ("min_replicas", args.min),
+        ("max_replicas", args.max),
+        ("priority", args.priority),
+        ("idle_unload_s", args.idle_unload),
+    ):
+        if value is not None:
+            body[key] = value
     if args.split != "auto":
         body["split"] = args.split
-    if args.name:
-        body["name"] = args.name
+    if args.kv_type:
+        body["kv_type"] = args.kv_type
     result = request_json(args.url.rstrip("/") + "/cluster/models", "POST", body)
-    print(f"deployed {result.get('name')} ({result.get('replicas')} replica(s))")
+    if result.get("min_replicas") is not None:
+        print(
+            f"deployed {result.get('name')} ({result['min_replicas']}..{result['max_replicas']}"
+            f" replicas with demand, starting at {result.get('replicas')})"
+        )
+    else:
+        print(f"deployed {result.get('name')} ({result.get('replicas')} replica(s))")
     return 0
 
 
@@ -386,14 +433,39 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    query = "&".join(f"{k}={v}" for k, v in (("key", args.key), ("since", args.since)) if v)
+    report = request_json(args.url.rstrip("/") + "/cluster/usage" + (f"?{query}" if query else ""))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{'DAY':10}  {'KEY':12}  {'NAME':16}  {'MODEL':24}  {'REQUESTS':>8}  "
+          f"{'PROMPT':>9}  {'COMPLETION':>10}")  # fmt: skip
+    for r in report["data"]:
+        print(
+            f"{r['day']:10}  {r['key']:12}  {r['key_name'][:16]:16}  {r['model'][:24]:24}  "
+            f"{r['requests']:>8}  {r['prompt_tokens']:>9}  {r['completion_tokens']:>10}"
+        )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from aivailable.demo import main as demo_main
 
     return demo_main()
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from aivailable.gpu import doctor, probe_all, registry
+
+    reg = registry.probe()
+    print(doctor.report(reg, probe_all(reg=reg)))
+    return 0
+
+
 COMMANDS = {
     "demo": cmd_demo,
+    "doctor": cmd_doctor,
     "token": cmd_token,
     "up": cmd_up,
     "status": cmd_status,
@@ -404,12 +476,13 @@ COMMANDS = {
     "undeploy": cmd_undeploy,
     "pull": cmd_pull,
     "keys": cmd_keys,
+    "usage": cmd_usage,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command not in ("up", "demo", "token"):
+    if args.command not in ("up", "demo", "token", "doctor"):
         set_api_key(client_key(args))
     try:
         return COMMANDS[args.command](args)

@@ -105,6 +105,9 @@ class Config:
     # this peer's API (CORS). Empty by default: otherwise any web page a user visits could
     # drive the peer on their machine or LAN through their browser.
     cors_origins: tuple[str, ...] = ()
+    # An OTLP/HTTP collector (e.g. "http://127.0.0.1:4318") to export request spans to.
+    # Empty by default: then nothing is imported, started or sent (aivailable/api/tracing.py).
+    otlp_endpoint: str = ""
     # Logging level name for the peer's own log.
     log_level: str = "INFO"
     # Membership and gossip timing (peer/config.py explains each default); a [gossip]

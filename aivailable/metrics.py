@@ -64,6 +64,21 @@ class Metrics:
             registry=r,
         )
 
+        # Prefix-cache hits where the generation ran (usage.cached_tokens): what affinity
+        # routing (peer/affinity.py) is for.
+        self.prefix_cache = Counter(
+            "aivailable_prefix_cache_requests",
+            "Generations by model and whether the prefix cache served part of the prompt",
+            ["model", "hit"],
+            registry=r,
+        )
+        self.cached_tokens = Counter(
+            "aivailable_prefix_cache_tokens",
+            "Prompt tokens served from the prefix cache instead of evaluated",
+            ["model"],
+            registry=r,
+        )
+
         # Read from the gossip layer at scrape time (packets, rejections for a bad key,
         # probes, suspicions, ...): it owns the counts.
         self.gossip = Gauge(

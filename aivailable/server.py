@@ -19,11 +19,16 @@ from aiohttp import web
 
 from aivailable.access.guard import AccessGuard, UsageGossip, body_limits, usage_metrics
 from aivailable.access.keys_api import KeysApi, bootstrap_admin_key
+from aivailable.access.ledger import LedgerGate, UsageApi, UsageBook
 from aivailable.access.limits import RateLimiter
 from aivailable.api.app import build_app
 from aivailable.api.cluster_api import ClusterApi
+from aivailable.api.cluster_load import LoadApi, LoadGossip
 from aivailable.api.ollama_api import OllamaApi
 from aivailable.api.openai_api import OpenAIApi
+from aivailable.api.responses_api import ResponsesApi
+from aivailable.api.responses_store import PeerResponses
+from aivailable.api.tracing import Tracing
 from aivailable.backends.base import EngineFactory
 from aivailable.backends.llama_factory import llama_factory
 from aivailable.backends.rpc_server import RpcServerProcess, library_rpc_version
@@ -91,17 +96,17 @@ def node_config(config: Config) -> NodeConfig:
             config.controller, default_source=default, default_n_ctx=config.n_ctx
         ),
         membership=config.membership,
+        max_queue_wait=config.engine.max_queue_wait,
     )
 
 
 async def announce_ready(node: ClusterNode, config: Config, announce) -> None:
     """Print the ready line, with a curl example, once a model serves in the cluster."""
     while True:
-        ready = [
-            m["name"]
-            for m in node.status()["models"]
-            if any(p["state"] == "ready" for p in m["placements"])
-        ]
+        # The instance states in gossip, not node.status(): building the whole status four
+        # times a second cost a peer with no model (which never gets here) its idle CPU.
+        states = node.view.instance_states(node.our_cluster())
+        ready = sorted({model for (_, model), state in states.items() if state == "ready"})
         if ready:
             break
         await asyncio.sleep(0.25)
@@ -136,7 +141,8 @@ async def serve(
 
     def probe() -> list[GpuInfo]:
         gpus = probe_all(list(config.gpu))
-        if config.cpu == "yes" or (config.cpu == "auto" and not gpus):
+        # A card this build cannot drive is no GPU to run on: "auto" still adds the CPU.
+        if config.cpu == "yes" or (config.cpu == "auto" and not any(g.usable for g in gpus)):
             gpus.append(cpu_device())
         return gpus
 
@@ -167,11 +173,13 @@ async def serve(
             seeds=list(config.join),
             advertise_host=config.advertise_host,
         )
+        # Each payload carries per-key use (the limits) and load counters (the dashboard).
+        load_gossip = LoadGossip(UsageGossip(gossip, limiter, config.name), metrics)
         node = ClusterNode(
             node_config(config),
             gpus,
             session,
-            UsageGossip(gossip, limiter, config.name),
+            load_gossip,
             tg,
             engine_factory or llama_factory(gpus, config.n_ctx, config.queue_limit, config.engine),
             probe,
@@ -182,26 +190,53 @@ async def serve(
             config.auth_on, lambda: node.state.access, limiter, caught_up=node.caught_up
         )
         keys_api = KeysApi(lambda: node.state.access, node.propose, limiter)
+        usage_book = UsageBook()  # what this peer's callers used, until it is committed
+        usage_api = UsageApi(
+            lambda: node.state.usage,
+            lambda: {k: r.name for k, r in node.state.access.keys.items()},
+            node.read_barrier,
+        )
         refresh_key_gauges = usage_metrics(metrics.registry, limiter, lambda: node.state.access)
+        # Spans only with --otlp-endpoint: otherwise the parts are handed over unwrapped.
+        tracing = Tracing(config.otlp_endpoint, config.name) if config.otlp_endpoint else None
+        lookup, forwarder = node.instances.by_model, node.forwarder
+        gate = LedgerGate(guard, usage_book)
+        if tracing is not None:
+            lookup, forwarder = tracing.lookup(lookup), tracing.forwarder(forwarder)
+            gate = tracing.gate(gate)
         openai_api = OpenAIApi(
-            node.instances.by_model,
+            lookup,
             metrics,
             config.max_tokens_limit,
             config.request_timeout_s,
             owner=config.name,
-            forwarder=node.forwarder,
+            forwarder=forwarder,
             catalog=node.catalog,
             read_barrier=node.read_barrier,
-            gate=guard,
+            gate=gate,
+            wait_for_replica=node.waiter.wait,
         )
 
         def model_info(name: str) -> dict:
             record = node.state.models.get(name)
             if record is None:
                 return {}
-            return {"size": record.size, "sha256": record.sha256, "n_ctx": record.n_ctx}
+            return {
+                "size": record.size,
+                "sha256": record.sha256,
+                "n_ctx": record.n_ctx,
+                # Scaled models unload after their idle time (/api/ps's expires_at).
+                "idle_unload_s": record.idle_unload_s if record.scaled else None,
+            }
 
         ollama_api = OllamaApi(openai_api, model_info)
+        responses_api = ResponsesApi(
+            openai_api,
+            metrics,
+            config.request_timeout_s,
+            config.name,
+            peers=PeerResponses(session, node.view.addresses),
+        )
 
         def refresh_gauges() -> None:
             own = node.reconciler.own_vram()
@@ -226,15 +261,19 @@ async def serve(
             [
                 openai_api.routes(),
                 ollama_api.routes(),
+                responses_api.routes(),
                 gossip.routes(),
                 node.routes(),
                 ModelTransferApi(node.local_models).routes(),
                 ClusterApi(node).routes(),
                 keys_api.routes(),
+                usage_api.routes(),
+                LoadApi(load_gossip, config.name).routes(),
             ],
             on_scrape=refresh_gauges,
             # Cheapest refusals first, all before a body is read: size, signature, key.
             middlewares=[
+                *([tracing.middleware] if tracing is not None else []),
                 body_limits(config.access, config.raft.max_body_bytes),
                 auth.middleware,
                 guard.middleware,
@@ -276,6 +315,8 @@ async def serve(
             if split.server is not None:
                 probing = probe_rpc_version(split, config, node.publish)
                 tasks.append(tg.create_task(probing, name="rpc version"))
+            usage_flush = usage_book.run(node.propose, config.access.usage_flush_s)
+            tasks.append(tg.create_task(usage_flush, name="usage ledger"))
             if config.auth_on:
                 first_key = bootstrap_admin_key(
                     config.admin_key_path,
@@ -306,7 +347,12 @@ async def serve(
                 async with asyncio.timeout(2):
                     await gossip.leave()
             await runner.cleanup()
+            with contextlib.suppress(Exception):  # the last use, while Raft still runs
+                async with asyncio.timeout(2):
+                    await usage_book.flush(node.propose)
             for task in tasks:
                 task.cancel()
+            if tracing is not None:  # the last spans leave before the exporter stops
+                await asyncio.to_thread(tracing.shutdown)
             hub.DOWNLOADS.cancel_all()  # their threads would hold the process's exit up
             await node.stop()

@@ -46,16 +46,23 @@ def render_status(status: dict, console: Console | None = None) -> None:
     for col in ("node", "address", "state", "GPU", "VRAM used", "instances"):
         nodes.add_column(col)
     for node in status.get("nodes", []):
-        gpus = node.get("gpus") or [{}]
+        # Cards its llama.cpp build cannot drive are listed too, never with VRAM to use.
+        unusable = [{**g, "unusable": True} for g in node.get("unusable_gpus", [])]
+        gpus = (node.get("gpus") or []) + unusable or [{}]
         instances = ", ".join(f"{i['model']} ({i['state']})" for i in node.get("instances", []))
         for i, gpu in enumerate(gpus):
             first = i == 0
+            kind = ", ".join(x for x in (gpu.get("vendor", ""), gpu.get("backend", "")) if x)
             nodes.add_row(
                 node["id"] if first else "",
                 node.get("addr", "") if first else "",
                 _styled(node.get("state", "?")) if first else "",
-                f"{gpu.get('name', 'none')} ({gpu.get('vendor', '')})" if gpu else "none",
-                vram_bar(gpu.get("vram_total", 0), gpu.get("vram_free", 0)) if gpu else "-",
+                f"{gpu.get('name', 'none')} ({kind})" if gpu else "none",
+                "not usable"
+                if gpu.get("unusable")
+                else vram_bar(gpu.get("vram_total", 0), gpu.get("vram_free", 0))
+                if gpu
+                else "-",
                 instances if first else "",
             )
     console.print(nodes)
@@ -67,8 +74,26 @@ def render_status(status: dict, console: Console | None = None) -> None:
             escape(f"{p['node']}[{','.join(p.get('gpus', []))}]") + f" {_styled(p['state'])}"
             for p in model.get("placements", [])
         ) or model.get("unplaced", "unplaced")
-        models.add_row(model["name"], str(model.get("replicas", "")), placements)
+        models.add_row(model["name"], replicas_text(model), placements)
     console.print(models)
+
+
+def replicas_text(model: dict) -> str:
+    """A fixed deploy's count, or a scaled one's current/wanted (min..max), its demand and
+    its last scaling decision with the reason."""
+    sc = model.get("scaling")
+    if not sc:
+        return str(model.get("replicas", ""))
+    demand = sc.get("demand") or {}
+    text = (
+        f"{sc.get('current')}/{sc.get('wanted')} ({sc.get('min_replicas')}.."
+        f"{sc.get('max_replicas')}) occupancy {demand.get('occupancy', 0):.2f}, "
+        f"{demand.get('rpm', 0):.0f} req/min"
+    )
+    last = sc.get("last_decision")
+    if last:
+        text += f"; {last.get('from')}->{last.get('to')}: {last.get('reason')}"
+    return escape(text)
 
 
 def _counts(states: list[str]) -> str:
@@ -90,7 +115,9 @@ def render_models(status: dict, console: Console | None = None) -> None:
             f"{states.count('ready')}/{model.get('replicas', '?')}",
             str(model.get("n_ctx", "")),
             _counts(states),
-            escape(model.get("unplaced", "")),
+            escape(model.get("unplaced", "")) + (" " + replicas_text(model))
+            if model.get("scaling")
+            else escape(model.get("unplaced", "")),
         )
     console.print(table)
     render_splits(status, console)

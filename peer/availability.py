@@ -1,6 +1,6 @@
 """Which replica serves a forwarded request, and what a client hears when none can. Pure.
 
-- `order_replicas`: the ready replicas, best first;
+- `order_replicas`: the ready replicas, best first (by prefix affinity, free slots, load);
 - `summarize_availability` / `ModelAvailability`: why a model has no ready replica, as the
   error a client gets (`NoReadyReplica`, a 503 naming the model's state, or a 404);
 - `ForwardError`: forwarding's own error, a `peer.errors.ServiceError` (status and
@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from peer.affinity import affinity_order
 from peer.errors import ServiceError
 
 
@@ -26,14 +27,33 @@ class Replica:
     queue_depth: int = 0  # requests waiting or running there, as last gossiped
     member_state: str = "alive"  # the host as gossip sees it: alive or suspect
     free_slots: int = 0  # requests it would start at once, as last gossiped
+    # It would queue a request rather than refuse it (429). Known live only for this
+    # peer's own instance; a remote one's refusal is learnt by trying it.
+    admits: bool = True
+
+
+# How a peer picks among the ready replicas (ForwardConfig.routing):
+# "affinity": by the conversation's prefix, under a load bound (peer/affinity.py);
+# "least_loaded": the most free slots, this peer's own first among equals;
+# "local_first": this peer's own whatever its load (before issue 22; kept to compare).
+ROUTINGS = ("affinity", "least_loaded", "local_first")
 
 
 def order_replicas(
-    replicas: Iterable[Replica], inflight: Mapping[str, int] | None = None
+    replicas: Iterable[Replica],
+    inflight: Mapping[str, int] | None = None,
+    key: str | None = None,
+    routing: str = "least_loaded",
 ) -> list[Replica]:
-    """The ready replicas, best first: this node's own, then hosts gossip calls alive before
-    suspect ones, then the most free capacity (free slots less what this peer has sent
-    there since), then the least loaded, then by node id.
+    """The ready replicas, best first. Hosts gossip calls alive come before suspect ones
+    (a host under suspicion only when nothing else is); among them:
+
+    - with a `key` and "affinity" routing, the key's ranking under the load bound
+      (peer/affinity.py), those with a free slot first;
+    - else those with a free slot (free slots less what this peer has sent there since)
+      before those that would queue the request, before this peer's own when it would
+      refuse it; then this node's own, the most free capacity, the least loaded, node id.
+      "local_first" puts this node's own first whatever its load.
 
     `inflight` adds the requests this peer has sent to each node since gossip last
     reported its queue depth, so a burst between two gossip rounds still spreads out
@@ -41,13 +61,32 @@ def order_replicas(
     """
     inflight = inflight or {}
     ready = [r for r in replicas if r.state == "ready"]
-    return sorted(
-        ready,
+
+    def free(r: Replica) -> int:
+        return r.free_slots - inflight.get(r.node_id, 0)
+
+    def load(r: Replica) -> int:
+        return r.queue_depth + inflight.get(r.node_id, 0)
+
+    def tier(r: Replica) -> int:
+        if routing == "local_first":
+            return 0
+        return 0 if free(r) > 0 else 1 if r.admits else 2
+
+    if key is not None and routing == "affinity":
+        alive = [r for r in ready if r.member_state == "alive" and r.admits]
+        head = affinity_order(key, alive, lambda r: r.node_id, load, lambda r: free(r) > 0)
+        rest = [r for r in ready if r not in head]
+    else:
+        head, rest = [], ready
+    return head + sorted(
+        rest,
         key=lambda r: (
+            r.member_state != "alive",
+            tier(r),
             not r.local,
-            r.member_state != "alive",  # a host under suspicion only when nothing else is
-            -(r.free_slots - inflight.get(r.node_id, 0)),
-            r.queue_depth + inflight.get(r.node_id, 0),
+            -free(r),
+            load(r),
             r.node_id,
         ),
     )

@@ -30,8 +30,16 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from peer import resume
+from peer.affinity import prefix_key
 from peer.auth import FORWARDED_HEADER
-from peer.availability import ForwardError, ModelAvailability, Replica, order_replicas
+from peer.availability import (
+    ROUTINGS,
+    ForwardError,
+    ModelAvailability,
+    Replica,
+    order_replicas,
+)
+from peer.trace import TRACEPARENT_HEADER
 from peer.upstream import Unreachable, UpstreamError, UpstreamPool, UpstreamResponse
 from peer.usage import USAGE_TRAILER_HEADER, TrailerSplitter, Usage
 
@@ -53,6 +61,11 @@ def request_key(name: str, kind: type = str):
 
 
 REQUEST_ID_KEY = request_key("request_id")
+# The conversation's prefix key (peer/affinity.py), computed once per request; "" for none.
+AFFINITY_KEY = request_key("affinity_key")
+# The W3C traceparent to send on the next hop (peer/trace.py): the client's, or the span this
+# peer is in; set by aivailable/api/request_id.py and, when spans are exported, tracing.py.
+TRACEPARENT_KEY = request_key("traceparent")
 # What the hosts of a forwarded answer said it cost (peer/usage.py), summed over a resume;
 # absent when no host said (one died mid-answer). The entry peer charges the caller from it.
 FORWARDED_USAGE_KEY = request_key("forwarded_usage", Usage)
@@ -227,6 +240,15 @@ class ForwardConfig:
     # Times a streaming answer whose replica died mid-way is resumed on another replica
     # from the text already sent (peer/resume.py). 0 ends such a stream with an error.
     max_resumes: int = 2
+    # How the replica is picked (peer/availability.py ROUTINGS): "affinity" sends a
+    # conversation's turns to the replica that holds its prefix in cache while that
+    # replica's load stays under 1.25x the mean (a later turn then evaluates only its new
+    # tokens), else the one with a free slot; "least_loaded" ignores the prefix.
+    routing: str = "affinity"
+
+    def __post_init__(self) -> None:
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, not {self.routing!r}")
 
 
 ReplicasOf = Callable[[str], list[Replica]]
@@ -275,13 +297,58 @@ class Forwarder:
     def inflight(self) -> dict[str, int]:
         return {node: n for node, n in self._inflight.items() if n}
 
-    def _candidates(self, model: str, exclude: set[str]) -> list[Replica]:
-        ordered = order_replicas(self._replicas_of(model), self._inflight)
+    def _key(self, request: web.Request, body: bytes) -> str | None:
+        """The request's prefix key, parsed from the body once (None: no affinity)."""
+        if self._config.routing != "affinity":
+            return None
+        key = request.get(AFFINITY_KEY)
+        if key is None:
+            try:
+                key = prefix_key(json.loads(body)) or ""
+            except ValueError:
+                key = ""
+            request[AFFINITY_KEY] = key
+        return key or None
+
+    def _candidates(self, model: str, exclude: set[str], key: str | None = None) -> list[Replica]:
+        ordered = order_replicas(
+            self._replicas_of(model), self._inflight, key, self._config.routing
+        )
         return [r for r in ordered if not r.local and r.node_id not in exclude]
+
+    def serves_here(self, request: web.Request, body: bytes, model: str, engine) -> bool:
+        """Whether this peer's own ready instance (`engine`, read live) is the best replica
+        for the request: it is while the prefix's replica is this one, or it can start the
+        request at once, or it would queue it and no other replica has a free slot."""
+        if self._config.routing == "local_first":
+            return True
+        mine = Replica(
+            self._node_id,
+            "",
+            True,
+            "ready",
+            engine.queue_depth,
+            free_slots=engine.free_slots,
+            admits=engine.admits(),
+        )
+        others = [r for r in self._replicas_of(model) if not r.local]
+        best = order_replicas(
+            [mine, *others], self._inflight, self._key(request, body), self._config.routing
+        )
+        return best[0].local
 
     async def forward(self, request: web.Request, body: bytes, model: str) -> web.StreamResponse:
         """Send the request to the best remote replica and stream its answer back."""
-        candidates = self._candidates(model, set())
+        candidates = self._candidates(model, set(), self._key(request, body))
+        if not candidates:
+            # This peer's view may lag (gossip reaches it a round late): a replica it knows
+            # as loading may serve by now, and a loading host holds the request until it
+            # does. Try it before answering 503.
+            candidates = [
+                r
+                for r in self._replicas_of(model)
+                if r.state == "loading" and not r.local and r.member_state == "alive"
+            ]
         if not candidates:
             raise self._availability_of(model).error(model)
         headers = self._upstream_headers(request)
@@ -296,16 +363,23 @@ class Forwarder:
                 continue
             return await self._relay(request, replica, attempt, deadline, body, model, headers)
         log.warning("no replica of %s answered: %s", model, "; ".join(failures))
-        if self._availability_of(model).state == "absent":  # undeployed meanwhile
+        # Undeployed meanwhile, or only loading replicas were tried: the model's own state
+        # says more than "unreachable".
+        if self._availability_of(model).state == "absent" or all(r.state != "ready" for r in tries):
             raise self._availability_of(model).error(model)
         raise ModelAvailability("unreachable", "; ".join(failures)).error(model)
 
     def _upstream_headers(self, request: web.Request) -> dict[str, str]:
         headers = {}
+        traceparent = request.get(TRACEPARENT_KEY)
         for name, value in request.headers.items():
             lowered = name.lower()
-            if lowered not in _NOT_PASSED_UPSTREAM and not lowered.startswith(_PEER_HEADER_PREFIX):
+            ours = traceparent is not None and lowered == TRACEPARENT_HEADER  # set below
+            passed = lowered not in _NOT_PASSED_UPSTREAM and not ours
+            if passed and not lowered.startswith(_PEER_HEADER_PREFIX):
                 headers[name] = value
+        if traceparent is not None:  # every hop carries the trace (W3C Trace Context)
+            headers[TRACEPARENT_HEADER] = traceparent
         headers[FORWARDED_HEADER] = self._node_id
         # The client's id when it was sane, else the one chosen for it here (request_id.py).
         rid = request.get(REQUEST_ID_KEY) or request.headers.get(REQUEST_ID_HEADER)
@@ -509,7 +583,8 @@ class Forwarder:
         if rest is None:
             return None
         data = json.dumps(rest).encode()
-        candidates = self._candidates(model, tried)[: max(1, self._config.max_attempts)]
+        key = self._key(request, body)
+        candidates = self._candidates(model, tried, key)[: max(1, self._config.max_attempts)]
         for i, replica in enumerate(candidates):
             # The last one left waits as long as the request may (a busy replica queues
             # the rest of the answer behind its other requests).

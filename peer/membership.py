@@ -163,7 +163,11 @@ class Membership:
         """The earliest `now` at which tick() has something to do."""
         if self._leaving:
             return self._next_gossip
-        times = [self._next_probe, self._next_gossip, self._next_push_pull, self._next_reap]
+        times = [self._next_probe, self._next_push_pull, self._next_reap]
+        # A gossip round with nothing queued sends nothing: an idle peer need not wake 10
+        # times a second for it. What queues a broadcast also wakes the adapter's clock.
+        if len(self.broadcasts):
+            times.append(self._next_gossip)
         if self._probe is not None:
             p = self._probe
             waiting_ack = not (p.indirect_sent or p.acked) and p.target in self._members

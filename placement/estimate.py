@@ -40,6 +40,10 @@ CACHE_TYPES = {
     "q5_1": GGMLQuantizationType.Q5_1,
 }
 
+# The cache types a deploy may name ("kv_type"): llama-server's -ctk/-ctv choices that
+# halve (q8_0) or quarter (q4_0) the cache per slot, with f16 the default.
+KV_TYPES = ("f16", "q8_0", "q4_0")
+
 
 @dataclass(frozen=True)
 class Estimate:

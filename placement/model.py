@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     from placement.split import LayerProfile, Split
 
-Vendor = Literal["nvidia", "amd", "cpu", "fake"]
-VENDORS = ("nvidia", "amd", "cpu", "fake")
+# "intel" and "other": cards only llama.cpp's Vulkan backend drives (an Arc, lavapipe).
+Vendor = Literal["nvidia", "amd", "intel", "other", "cpu", "fake"]
+VENDORS = ("nvidia", "amd", "intel", "other", "cpu", "fake")
 
 # Why an instance could not be placed (Unplaced.reason). Stable strings: the dashboard shows them.
 TOO_LARGE = "larger than any node"
@@ -27,6 +28,13 @@ class Gpu:
     vendor: Vendor
     name: str
     capacity: int  # bytes this system may use: total - held by others - headroom
+    # llama.cpp backend ("CUDA", "HIP", "Vulkan", ...): one instance spans GPUs of one
+    # backend only; "" (older peers) groups by vendor as before.
+    backend: str = ""
+
+    @property
+    def group(self) -> str:
+        return self.backend or self.vendor
 
     def __post_init__(self) -> None:
         if self.vendor not in VENDORS:

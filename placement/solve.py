@@ -42,7 +42,8 @@ EXACT_MAX_STEPS = 20_000  # ...and gives up after this many search steps (determ
 
 @dataclass(frozen=True)
 class _Group:
-    """GPUs of one node that one instance may span: one vendor; a cpu device stands alone."""
+    """GPUs of one node that one instance may span: one backend (tensor_split runs within
+    one llama.cpp backend; vendor for peers that gossip none); a cpu device stands alone."""
 
     node: str
     gpus: tuple[str, ...]
@@ -67,11 +68,11 @@ class _Topology:
                     raise ValueError(f"gpu {gpu.id} given twice")
                 self.capacity[gpu.id] = gpu.capacity
                 self.node_of[gpu.id] = node.id
-                self.vendor_of[gpu.id] = gpu.vendor
+                self.vendor_of[gpu.id] = "cpu" if gpu.vendor == "cpu" else gpu.group
                 if gpu.vendor == "cpu":
                     self.groups.append(_Group(node.id, (gpu.id,), cpu=True))
                 else:
-                    by_vendor.setdefault(gpu.vendor, []).append(gpu.id)
+                    by_vendor.setdefault(gpu.group, []).append(gpu.id)
             for vendor in sorted(by_vendor):
                 self.groups.append(_Group(node.id, tuple(by_vendor[vendor]), cpu=False))
         self.gpu_groups = [g for g in self.groups if not g.cpu]
@@ -83,6 +84,18 @@ class _Topology:
             n.id: tuple(g for grp in self.gpu_groups if grp.node == n.id for g in grp.gpus)
             for n in self.nodes
         }
+        self._fitting: dict[tuple[int, int], list[int]] = {}
+
+    def fitting_groups(self, spec: ModelSpec) -> list[int]:
+        """Indexes of the groups that hold one instance of `spec` when empty, computed once
+        per size: a model too large for most nodes need not be tried on each of them again
+        for every replica and level (200 models on 1,000 nodes: 1.6 s -> see docs)."""
+        key = (spec.vram, spec.split_overhead)
+        found = self._fitting.get(key)
+        if found is None:
+            found = [i for i, g in enumerate(self.groups) if _fits_empty(spec, g, self)]
+            self._fitting[key] = found
+        return found
 
 
 class _State:
@@ -172,14 +185,15 @@ def _proportional(need: int, gpus: Sequence[str], free: dict[str, int]) -> tuple
 
 
 def _split_in_group(spec: ModelSpec, group: _Group, free: dict[str, int]):
-    """Fewest GPUs of the group (largest free first) that hold the instance, or None."""
+    """Fewest GPUs of the group (largest free first) that hold the instance, and the bytes
+    they would have left, or None. The split itself (_proportional) is left to the winner:
+    the choice needs only the count and what is left."""
     order = sorted(group.gpus, key=lambda g: (-free[g], g))
     total = 0
     for k, gpu in enumerate(order, start=1):
         total += free[gpu]
         if k >= 2 and total >= spec.need(k):
-            chosen = tuple(sorted(order[:k]))
-            return chosen, _proportional(spec.need(k), chosen, free)
+            return tuple(sorted(order[:k])), total - spec.need(k)
     return None
 
 
@@ -214,17 +228,20 @@ def _choose(spec: ModelSpec, state: _State, policy: str) -> Assignment | None:
         # 2. split over the fewest GPUs of one node and vendor
         best_key = None
         group_free = state.group_free
-        for gi, group in enumerate(topo.groups):
+        for gi in topo.fitting_groups(spec):
+            group = topo.groups[gi]
             if group.cpu or len(group.gpus) < 2 or group_free[gi] < need or group.node in taken:
                 continue
             split = _split_in_group(spec, group, free)
             if split is None:
                 continue
-            gpus, vram = split
-            left = sum(free[g] for g in gpus) - sum(vram)
+            gpus, left = split
             key = (len(gpus), left if policy == "pack" else -left, group.node)
             if best_key is None or key < best_key:
-                best_key, best = key, (group.node, gpus, vram)
+                best_key, best = key, (group.node, gpus, None)
+        if best is not None:
+            node, gpus, _ = best
+            best = (node, gpus, _proportional(spec.need(len(gpus)), gpus, free))
     if best is None:
         # 3. a cpu device the node offers, whole instances only
         best_key = None
@@ -343,7 +360,9 @@ def _exact_pack(items: Sequence[ModelSpec], state: _State) -> _State | None:
         split = _split_in_group(spec, group, trial.free)
         if split is None:
             return None
-        trial.commit(Assignment(spec.name, group.node, *split))
+        gpus = split[0]
+        vram = _proportional(spec.need(len(gpus)), gpus, trial.free)
+        trial.commit(Assignment(spec.name, group.node, gpus, vram))
     return trial
 
 
@@ -481,7 +500,7 @@ def _unplaced(state: _State, specs: Sequence[ModelSpec]) -> tuple[Unplaced, ...]
         missing = spec.replicas - state.count(spec.name)
         if missing <= 0:
             continue
-        fitting_nodes = {g.node for g in topo.groups if _fits_empty(spec, g, topo)}
+        fitting_nodes = {topo.groups[i].node for i in topo.fitting_groups(spec)}
         if not fitting_nodes:
             reason = TOO_LARGE
         elif len(fitting_nodes) < spec.replicas and state.count(spec.name) > 0:

@@ -26,3 +26,8 @@ class AccessConfig:
     # so a sniffer between them reads no prompt, answer or model name. Off only to debug
     # peer traffic with a packet capture.
     peer_tls: bool = True
+    # Seconds between a peer's commits of the usage its callers ran up (access/ledger.py):
+    # one Raft command per peer per interval, whatever the request rate, and at most this
+    # much use is lost with a peer that is killed. 10 s keeps the log's growth small (8,640
+    # entries a day per peer, compacted by snapshots) while a report is current enough.
+    usage_flush_s: float = 10.0

@@ -24,6 +24,7 @@ from aivailable.api.reads import marked, read_mode
 from aivailable.models import hub, sources
 from aivailable.models.check import refuse_reason
 from aivailable.models.store import model_name
+from placement.estimate import KV_TYPES
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
@@ -66,8 +67,9 @@ def parse_deploy(body: object, max_ctx: int = 131072) -> tuple[str, str, int, in
             "'name' must be 1-128 letters, digits, '.', '_', ':' or '-'", param="name"
         )
     replicas = body.get("replicas", 1)
-    if not isinstance(replicas, int) or isinstance(replicas, bool) or not 1 <= replicas <= 64:
-        raise bad_request("'replicas' must be an integer from 1 to 64", param="replicas")
+    lowest = 0 if body.get("min_replicas") == 0 else 1  # a scaled deploy may start at zero
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or not lowest <= replicas <= 64:
+        raise bad_request(f"'replicas' must be an integer from {lowest} to 64", param="replicas")
     n_ctx = body.get("n_ctx", 2048)
     if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or not 128 <= n_ctx <= max_ctx:
         raise bad_request(f"'n_ctx' must be an integer from 128 to {max_ctx}", param="n_ctx")
@@ -89,7 +91,42 @@ def deploy_options(body: dict) -> dict:
     split = body.get("split", "auto")
     if split not in ("auto", "never", "always"):
         raise bad_request("'split' must be 'auto', 'never' or 'always'", param="split")
-    return {"kind": kind, "n_parallel": n_parallel, "split": split}
+    options = {"kind": kind, "n_parallel": n_parallel, "split": split, **scaling_options(body)}
+    if "kv_type" in body:  # KV cache type; without it the leader's default, f16
+        if body["kv_type"] not in KV_TYPES:
+            raise bad_request(f"'kv_type' must be one of {', '.join(KV_TYPES)}", param="kv_type")
+        options["kv_type"] = body["kv_type"]
+    return options
+
+
+def _int_field(body: dict, key: str, lo: int, hi: int) -> int | None:
+    value = body.get(key)
+    if value is not None and (
+        not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi
+    ):
+        raise bad_request(f"'{key}' must be an integer from {lo} to {hi}", param=key)
+    return value
+
+
+def scaling_options(body: dict) -> dict:
+    """Demand scaling (cluster/scaling.py): `min_replicas`/`max_replicas` (either makes the
+    replicas follow the load; `replicas` alone keeps a fixed count), `priority` (higher
+    keeps VRAM first), `idle_unload_s` (seconds without requests before going to min;
+    default 300, negative: never)."""
+    lo = _int_field(body, "min_replicas", 0, 64)
+    hi = _int_field(body, "max_replicas", 1, 64)
+    if lo is not None and hi is not None and lo > hi:
+        raise bad_request("'min_replicas' is above 'max_replicas'", param="min_replicas")
+    priority = _int_field(body, "priority", -1000, 1000)
+    idle = body.get("idle_unload_s")
+    if idle is not None and (
+        not isinstance(idle, int | float) or isinstance(idle, bool) or idle > 1 << 31
+    ):
+        raise bad_request("'idle_unload_s' must be a number of seconds", param="idle_unload_s")
+    out = {"min_replicas": lo, "max_replicas": hi, "idle_unload_s": idle}
+    if priority is not None:
+        out["priority"] = priority
+    return {k: v for k, v in out.items() if v is not None}
 
 
 class ClusterApi:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -47,6 +48,37 @@ OPTIONS = {
 
 def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+# What /api/ps says of a model that never expires (keep_alive -1, or a fixed deploy).
+NEVER = "9999-12-31T23:59:59Z"
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_keep_alive(value: Any) -> float | None:
+    """Ollama's keep_alive: seconds as a number, or a Go duration ("5m", "1h30m", "-1");
+    0 unloads at once, negative keeps it loaded. None when absent."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value) if value >= 0 else -1.0
+    if isinstance(value, str):
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        text = text.lstrip("+-")
+        try:
+            return -1.0 if sign < 0 else float(text)
+        except ValueError:
+            pass
+        parts = _DURATION.findall(text)
+        if parts and "".join(n + u for n, u in parts) == text:
+            seconds = sum(float(n) * _UNIT_S[u] for n, u in parts)
+            return -1.0 if sign < 0 else seconds
+    raise bad_request(
+        "'keep_alive' must be seconds or a duration like \"5m\" (0 unloads, -1 keeps)",
+        param="keep_alive",
+    )
 
 
 class OllamaApi:
@@ -111,9 +143,23 @@ class OllamaApi:
     async def ps(self, request: web.Request) -> web.Response:
         local = visible_models(self._openai.gate, request, self._openai.local_models())
         models = [
-            {**self._card(n), "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0} for n in local
+            {**self._card(n), "expires_at": self._expires_at(n), "size_vram": 0} for n in local
         ]
         return web.json_response({"models": models})
+
+    def _expires_at(self, name: str) -> str:
+        """When this instance goes if no request comes: the last request's keep_alive, else
+        the deploy's idle_unload_s, counted from its last request; never for a fixed deploy
+        (the cluster's scaling decides, from every replica's idle time)."""
+        limit = self._info(name).get("idle_unload_s")
+        engine = self._openai.local_engine(name)
+        signals = engine.signals() if engine is not None else None
+        if signals is not None and signals.keep_alive_s is not None:
+            limit = signals.keep_alive_s
+        if limit is None or limit < 0 or signals is None:
+            return NEVER
+        left = max(0.0, limit - signals.idle_s)
+        return (datetime.now(UTC) + timedelta(seconds=left)).isoformat().replace("+00:00", "Z")
 
     async def show(self, request: web.Request) -> web.Response:
         body, _ = await self._body(request)
@@ -195,6 +241,12 @@ class OllamaApi:
         if not isinstance(prompt, str):
             raise bad_request("'prompt' must be a string", param="prompt")
         base = self._openai_body(body, model)
+        if not prompt and body.get("keep_alive") is not None:
+            # Ollama's load/unload idiom (`ollama stop` sends keep_alive 0 and no prompt).
+            parsed = parse_chat(
+                {**base, "messages": [{"role": "user", "content": " "}]}, self._limit, NUM_PREDICT
+            )
+            return await self._run(request, body, raw, parsed, chat=False, load_only=True)
         if body.get("raw"):
             parsed = parse_completion({**base, "prompt": prompt or " "}, self._limit, NUM_PREDICT)
         else:
@@ -232,12 +284,32 @@ class OllamaApi:
             return meter.json_response(answer(body, result))
 
     async def _run(
-        self, request: web.Request, body: dict, raw: bytes, parsed: Parsed, chat: bool
+        self,
+        request: web.Request,
+        body: dict,
+        raw: bytes,
+        parsed: Parsed,
+        chat: bool,
+        load_only: bool = False,
     ) -> web.StreamResponse:
+        keep_alive = parse_keep_alive(body.get("keep_alive"))
         async with Metered(self._openai.gate, request, parsed) as meter:
             target = await self._openai.engine_or_forward(request, raw, parsed.model)
             if isinstance(target, web.StreamResponse):
-                return target
+                return target  # the host's own Ollama API read keep_alive from the body
+            if keep_alive is not None:
+                target.keep_alive(keep_alive)
+            if load_only:
+                done = "unload" if keep_alive == 0 else "load"
+                return web.json_response(
+                    {
+                        "model": body.get("model"),
+                        "created_at": _now(),
+                        "response": "",
+                        "done": True,
+                        "done_reason": done,
+                    }
+                )
             return await self._generate(request, body, target, meter, chat)
 
     async def _generate(
@@ -309,7 +381,7 @@ class OllamaApi:
                             await response.prepare(request)
                         await response.write(json.dumps(last).encode() + b"\n" + meter.trailer())
         except EngineError as exc:
-            error = engine_error(exc)
+            error = engine_error(exc, parsed.model)
             if response is None:
                 raise error from exc
             await response.write(json.dumps({"error": error.message}).encode() + b"\n")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Protocol
 
 from aiohttp import web
@@ -35,7 +36,11 @@ from aivailable.backends.base import (
     TextDelta,
 )
 from aivailable.metrics import Metrics
+from peer.availability import NoReadyReplica
+from peer.errors import ServiceError
 from peer.forward import HeadersWithFirstChunk
+
+log = logging.getLogger(__name__)
 
 # Bytes of a /v1 request body: a 128k-token context is about 0.5 MB of text, and JSON
 # escaping may make that a few MB; an 8 MiB body is never a prompt a model could take.
@@ -65,9 +70,14 @@ class Forwarding(Protocol):
         self, request: web.Request, body: bytes, model: str
     ) -> web.StreamResponse: ...
 
+    def serves_here(self, request: web.Request, body: bytes, model: str, engine: Engine) -> bool:
+        """Whether this peer's own ready engine is the best replica for the request."""
+        ...
 
-def engine_error(exc: EngineError) -> ApiError:
-    """The one place engine errors turn into HTTP statuses."""
+
+def engine_error(exc: EngineError, model: str = "") -> ServiceError:
+    """The one place engine errors turn into HTTP statuses. An instance that is not ready
+    answers as a peer without a ready replica does: its body names the model's state."""
     if isinstance(exc, QueueFull):
         return ApiError(
             429,
@@ -77,13 +87,7 @@ def engine_error(exc: EngineError) -> ApiError:
             retry_after=exc.retry_after,
         )
     if isinstance(exc, EngineUnavailable):
-        return ApiError(
-            503,
-            str(exc),
-            type="service_unavailable",
-            code=f"model_{exc.state}",
-            retry_after=exc.retry_after,
-        )
+        return NoReadyReplica(model, exc.state, exc.detail, str(exc), exc.retry_after)
     if isinstance(exc, ContextOverflow):
         return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, InvalidRequest):
@@ -114,11 +118,15 @@ class OpenAIApi:
         max_body: int = MAX_BODY,
         read_barrier: Barrier | None = None,
         gate: Gate | None = None,
+        wait_for_replica: Callable[[str], Awaitable[bool]] | None = None,
     ):
         """`catalog`: the model names the cluster serves (default: the local instances).
         `max_body`: bytes of a request body at most (413 beyond). `read_barrier`: what a
         `?consistent=1` model listing awaits first (aivailable/api/reads.py; None: refused).
-        `gate`: who may run and see what (aivailable/api/inference.py; None: everyone)."""
+        `gate`: who may run and see what (aivailable/api/inference.py; None: everyone).
+        `wait_for_replica(model)`: hold a request while the model has no ready replica
+        (scaled to zero, or loading), True once one is ready (cluster/on_demand.py)."""
+        self._wait_for_replica = wait_for_replica
         self.read_barrier = read_barrier
         self.gate: Gate = gate or OpenGate()
         self._max_body = max_body
@@ -201,8 +209,8 @@ class OpenAIApi:
             async with asyncio.timeout(self._timeout):
                 result = await engine.embed(inputs)
         except EngineError as exc:
-            status = str(engine_error(exc).status)
-            raise engine_error(exc) from exc
+            status = str(engine_error(exc, model).status)
+            raise engine_error(exc, model) from exc
         except TimeoutError as exc:
             status = "504"
             raise ApiError(504, "embedding took too long", type="timeout") from exc
@@ -218,11 +226,18 @@ class OpenAIApi:
         """The local engine serving `model`, or the answer of a peer that serves it."""
         instances = self._lookup()
         instance = instances.get(model)
+        ready_here = instance is not None and instance.state == "ready"
+        if not ready_here and self._wait_for_replica is not None:
+            # Load on demand: wait for a replica (here or elsewhere) instead of a 503; a
+            # stream's first byte goes out once the model answers.
+            await self._wait_for_replica(model)
+            instances = self._lookup()
+            instance = instances.get(model)
         # --- forwarding hook (peer/forward.py): no ready instance here, so another peer's
         # replica serves it; a request already forwarded to us is never forwarded again.
         if (
             self._forwarder is not None
-            and (instance is None or instance.state != "ready" or instance.engine is None)
+            and not self._serves_here(request, raw, model, instance)
             and self._forwarder.forwardable(request)
         ):
             return await self._forwarder.forward(request, raw, model)
@@ -234,12 +249,27 @@ class OpenAIApi:
             )
         engine = instance.engine
         if engine is None or instance.error:
-            raise engine_error(EngineUnavailable(instance.state, instance.error))
+            raise engine_error(EngineUnavailable(instance.state, instance.error), model)
         return engine
+
+    def _serves_here(self, request: web.Request, raw: bytes, model: str, instance) -> bool:
+        """A ready instance here serves the request unless the forwarder knows a better
+        replica: the one holding its prefix, or one with a free slot while this one is
+        full (issue 22: no refusal while a slot is free anywhere)."""
+        if instance is None or instance.state != "ready" or instance.engine is None:
+            return False
+        if not self._forwarder.forwardable(request):
+            return True  # forwarded here: serve or refuse, never forward again
+        return self._forwarder.serves_here(request, raw, model, instance.engine)
 
     def model_names(self, request: web.Request) -> list[str]:
         """Every model the cluster serves that this caller may see."""
         return visible_models(self.gate, request, self._catalog())
+
+    def local_engine(self, model: str) -> Engine | None:
+        """This peer's engine of `model`, if it runs one."""
+        instance = self._lookup().get(model)
+        return instance.engine if instance is not None else None
 
     def local_models(self) -> list[str]:
         """The models this peer runs itself, ready or not."""
@@ -281,7 +311,19 @@ class OpenAIApi:
         model = meter.parsed.model
         self._metrics.tokens.labels(model, "prompt").inc(finished.prompt_tokens)
         self._metrics.tokens.labels(model, "completion").inc(finished.completion_tokens)
+        self._count_cache(model, finished)
         meter.used(finished.prompt_tokens, finished.completion_tokens)
+
+    def _count_cache(self, model: str, finished: Finished) -> None:
+        hit = finished.cached_tokens > 0
+        self._metrics.prefix_cache.labels(model, "yes" if hit else "no").inc()
+        self._metrics.cached_tokens.labels(model).inc(finished.cached_tokens)
+        log.debug(
+            "prefix cache: %s reused %d of %d prompt tokens",
+            model,
+            finished.cached_tokens,
+            finished.prompt_tokens,
+        )
 
     async def _complete(self, engine: Engine, meter: Metered, started: float) -> web.Response:
         parsed = meter.parsed
@@ -303,7 +345,7 @@ class OpenAIApi:
                         elif isinstance(event, Finished):
                             finished = event
         except EngineError as exc:
-            raise engine_error(exc) from exc
+            raise engine_error(exc, parsed.model) from exc
         except TimeoutError as exc:
             raise ApiError(
                 504, f"generation took longer than {self._timeout:.0f}s", type="timeout"
@@ -411,7 +453,7 @@ class OpenAIApi:
                         break
                     event = await anext(events)
         except EngineError as exc:
-            error = engine_error(exc)
+            error = engine_error(exc, parsed.model)
             if response is None:
                 raise error from exc
             await response.write(_sse(error.body()))

@@ -3,7 +3,7 @@
 Every response carries `X-Request-Id`: the client's own when it sent a sane one (so a
 caller's tracing id survives), else a new one. Handlers find it with `request_id(request)`;
 the forwarder sends it on to the replica, which keeps it; each peer writes it in its access
-log line (logger `aivailable.access`).
+log line (logger `aivailable.access`), with the W3C trace id (peer/trace.py) beside it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,14 @@ import uuid
 
 from aiohttp import web
 
-from peer.forward import REPLICA_HEADER, REQUEST_ID_HEADER, REQUEST_ID_KEY, request_key
+from peer import trace
+from peer.forward import (
+    REPLICA_HEADER,
+    REQUEST_ID_HEADER,
+    REQUEST_ID_KEY,
+    TRACEPARENT_KEY,
+    request_key,
+)
 
 __all__ = ["REQUEST_ID_HEADER", "REQUEST_ID_KEY", "request_id", "request_key"]
 # What a client may choose: the characters of UUIDs, ULIDs, hex and base64 ids, bounded, so
@@ -39,6 +46,8 @@ async def request_id_middleware(request: web.Request, handler) -> web.StreamResp
     # Kept on the request, not written into a clone of its headers: a clone cost a
     # forwarded request a tenth of the hop.
     request[REQUEST_ID_KEY] = rid if SANE_ID.match(rid) else uuid.uuid4().hex
+    # The trace a client (or the peer before us) is in, else a new one: logged on every peer.
+    request[TRACEPARENT_KEY] = trace.accepted_or_new(request.headers.get(trace.TRACEPARENT_HEADER))
     started = time.monotonic()
     status, response = 500, None
     try:
@@ -58,13 +67,14 @@ async def request_id_middleware(request: web.Request, handler) -> web.StreamResp
         quiet = request.path.startswith(QUIET_PREFIXES)
         access_log.log(
             logging.DEBUG if quiet else logging.INFO,
-            '%s "%s %s" %d %.1fms rid=%s%s',
+            '%s "%s %s" %d %.1fms rid=%s trace=%s%s',
             request.remote,
             request.method,
             request.path,
             status,
             (time.monotonic() - started) * 1000,
             request[REQUEST_ID_KEY],
+            trace.trace_id(request.get(TRACEPARENT_KEY)),
             f" replica={response.headers[REPLICA_HEADER]}"
             if response is not None and REPLICA_HEADER in response.headers
             else "",

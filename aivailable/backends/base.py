@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
+
+from aivailable.backends.demand import DemandWindow, Signals
 
 
 class InstanceState(StrEnum):
@@ -113,6 +116,7 @@ class EngineUnavailable(EngineError):
     def __init__(self, state: str, detail: str = "", retry_after: float = 2.0):
         super().__init__(f"model is {state}" + (f": {detail}" if detail else ""))
         self.state = state
+        self.detail = detail
         self.retry_after = retry_after
 
 
@@ -135,6 +139,43 @@ class Engine(abc.ABC):
     name: str  # the model name clients use
     state: InstanceState
     n_parallel: int = 1  # sequences generated at once
+    # Demand measured since the instance last became ready (backends/demand.py); engines
+    # call the hooks below, gossip carries `signals()` to the leader's scaling step.
+    demand: DemandWindow | None = None
+
+    def _measure_from_ready(self) -> None:
+        self.demand = DemandWindow(self.n_parallel, time.monotonic())
+
+    def _demand_depth(self, depth: int) -> None:
+        if self.demand is not None:
+            self.demand.set_depth(time.monotonic(), depth)
+
+    def _demand_admitted(self, depth: int) -> None:
+        if self.demand is not None:
+            now = time.monotonic()
+            self.demand.admitted(now, self.demand.keep_alive_s)
+            self.demand.set_depth(now, depth)
+
+    def _demand_refused(self) -> None:
+        if self.demand is not None:
+            self.demand.refused(time.monotonic())
+
+    def _demand_first_token(self, since: float) -> None:
+        """`since`: time.monotonic() when the request was admitted."""
+        if self.demand is not None:
+            now = time.monotonic()
+            self.demand.first_token(now, now - since)
+
+    def keep_alive(self, seconds: float | None) -> None:
+        """A request's keep_alive (Ollama): how long the model stays loaded after the last
+        request, from now on (None: the deploy's idle_unload_s; negative: forever)."""
+        if self.demand is not None:
+            self.demand.keep_alive_s = seconds
+
+    def signals(self) -> Signals | None:
+        if self.demand is None or self.state != "ready":
+            return None
+        return self.demand.signals(time.monotonic())
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -174,6 +215,11 @@ class Engine(abc.ABC):
         """Requests that would start at once (gossip and forwarding prefer more)."""
         return max(0, self.n_parallel - self.queue_depth)
 
+    def admits(self) -> bool:
+        """Whether a request now would be queued rather than refused with QueueFull: a peer
+        serves its own instance before a free one elsewhere only while this holds."""
+        return True
+
 
 @dataclass(frozen=True)
 class EngineSpec:
@@ -192,6 +238,7 @@ class EngineSpec:
     # this host's CPU (a primary without a real GPU).
     rpc_servers: tuple[str, ...] = ()
     host_layers: int = 0
+    kv_type: str = "f16"  # KV cache type: "f16" | "q8_0" | "q4_0"
 
 
 # What the wiring (server.py) hands the cluster floor: a spec in, an engine (not started) out.

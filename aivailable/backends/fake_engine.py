@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import math
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 
 from aivailable.backends import lifecycle
@@ -83,6 +84,8 @@ class FakeEngine(Engine):
         if state != self.state:
             lifecycle.advance(self.state, state)  # the fake is strict: a skip fails the test
             self.state = state
+            if state == "ready":
+                self._measure_from_ready()
             if self.on_state_change is not None:
                 self.on_state_change(state)
 
@@ -109,6 +112,9 @@ class FakeEngine(Engine):
     @property
     def queue_depth(self) -> int:
         return self._depth
+
+    def admits(self) -> bool:
+        return self._depth < self.queue_limit
 
     def _text_for(self, request: ChatRequest | CompletionRequest) -> tuple[list[str], str]:
         text = self.reply(request) if callable(self.reply) else self.reply
@@ -143,6 +149,7 @@ class FakeEngine(Engine):
         if self.state != "ready":
             raise EngineUnavailable(self.state)
         if self._depth >= self.queue_limit:
+            self._demand_refused()
             raise QueueFull(self.retry_after)
         prompt_tokens = count_prompt_tokens(request)
         if prompt_tokens > self.n_ctx:
@@ -152,14 +159,18 @@ class FakeEngine(Engine):
         tokens, finish = self._text_for(request)
         epoch = self._epoch
         self._depth += 1
+        self._demand_admitted(self._depth)
+        admitted = time.monotonic()
         done = False
         try:
             async with self._slots:
                 self.requests.append(request)
-                for token in tokens:
+                for i, token in enumerate(tokens):
                     await asyncio.sleep(self.token_delay)
                     if self._epoch != epoch:
                         raise EngineUnavailable(self.state, "the worker exited")
+                    if i == 0:
+                        self._demand_first_token(admitted)
                     yield TextDelta(token)
                 if self._epoch != epoch:
                     raise EngineUnavailable(self.state, "the worker exited")
@@ -172,3 +183,4 @@ class FakeEngine(Engine):
             raise
         finally:
             self._depth -= 1
+            self._demand_depth(self._depth)

@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -91,7 +92,11 @@ class EngineConfig:
     # Seconds a request may wait for a slot: beyond this, estimated from the slots and the
     # measured time a request holds one, it gets 429 with Retry-After at once instead of
     # joining a queue where it would wait (40 clients on one CPU host waited a median 22 s).
-    max_queue_wait: float = 5.0
+    # 15 s: a chat user would rather wait 10-20 s than see an error (issue 21: at 5 s, 12
+    # clients on one 4-slot replica got 222 refusals to 142 answers), and past about 20 s
+    # they give up anyway. A refusal is also the signal to add a replica (scaling.py); a
+    # request for a model with no ready replica waits this long plus its load time.
+    max_queue_wait: float = 15.0
     # All of llama.cpp's logging (per-request timings included) instead of warnings only.
     verbose: bool = False
 
@@ -111,6 +116,7 @@ class LlamaEngine(Engine):
         config: EngineConfig | None = None,
         n_parallel: int | None = None,
         kind: str = "chat",
+        kv_type: str = "f16",
         on_state_change: Callable[[InstanceState], None] | None = None,
         worker_argv: Sequence[str] | None = None,
         rpc_servers: Sequence[str] = (),
@@ -137,6 +143,7 @@ class LlamaEngine(Engine):
         self.worker_argv = list(worker_argv or WORKER_ARGV)
         self.state: InstanceState = "pending"
         self.kind = kind
+        self.kv_type = kv_type  # K and V cache type (llama_runtime.KV_GGML_TYPES)
         self.n_parallel = n_parallel or self.config.n_parallel or (8 if n_gpu_layers else 4)
         # a split whose first layers stay on this host's CPU computes them here: all cores
         on_gpu = n_gpu_layers and not (self.rpc_servers and not self.env)
@@ -171,6 +178,10 @@ class LlamaEngine(Engine):
     def queue_depth(self) -> int:
         return self._depth
 
+    def admits(self) -> bool:
+        """generate()'s own test of the queue bound, without a request."""
+        return self._depth < self.queue_limit and self._admission.retry_after(self._depth) is None
+
     def _set_state(self, state: InstanceState) -> None:
         if state == self.state:
             return
@@ -180,6 +191,8 @@ class LlamaEngine(Engine):
             log.error("model %s: %s", self.name, exc)
         log.info("model %s: %s -> %s", self.name, self.state, state)
         self.state = state
+        if state == "ready":
+            self._measure_from_ready()
         self._state_changed.set()
         self._state_changed = asyncio.Event()
         if self.on_state_change is not None:
@@ -294,6 +307,8 @@ class LlamaEngine(Engine):
         cmd += ["--n-parallel", str(self.n_parallel)]
         if self.kind == "embedding":
             cmd.append("--embedding")
+        if self.kv_type != "f16":
+            cmd += ["--kv-type", self.kv_type]
         if self.main_gpu is not None:
             cmd += ["--main-gpu", str(self.main_gpu)]
         if self.tensor_split:
@@ -522,11 +537,16 @@ class LlamaEngine(Engine):
             raise InvalidRequest(f"the model '{self.name}' is deployed for embeddings only")
         proc = self._ready_proc()
         if self._depth >= self.queue_limit:
+            self._demand_refused()
             raise QueueFull(self.config.queue_retry_after)
         retry_after = self._admission.retry_after(self._depth)
         if retry_after is not None:  # it would wait longer than max_queue_wait for a slot
+            self._demand_refused()  # the signal to scale, as much as the answer
             raise QueueFull(retry_after)
         request_id, events = self._submit(proc, lambda rid: _generate_message(rid, request))
+        self._demand_admitted(self._depth)
+        admitted = time.monotonic()
+        first = True
         started = asyncio.get_running_loop().time()
         held = None  # an event taken while joining deltas, to yield next
         try:
@@ -535,12 +555,16 @@ class LlamaEngine(Engine):
                 event, held = _coalesce(event, events)
                 if isinstance(event, BaseException):
                     raise event
+                if first and isinstance(event, TextDelta):
+                    first = False
+                    self._demand_first_token(admitted)
                 yield event
                 if isinstance(event, Finished):
                     self._admission.record(asyncio.get_running_loop().time() - started)
                     return
         finally:
             self._depth -= 1
+            self._demand_depth(self._depth)
             if self._pending.pop(request_id, None) is not None:
                 # Closed early (client gone): stop the worker's generation too.
                 self._send_quietly(proc, wire.Cancel(request_id))

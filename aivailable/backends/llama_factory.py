@@ -1,34 +1,82 @@
 """The real engine factory: a llama.cpp worker per instance, on the GPUs it was given.
 
-Which devices a worker sees is set through its environment (CUDA_VISIBLE_DEVICES for
-NVIDIA, HIP_VISIBLE_DEVICES for AMD), and every layer is offloaded when it has a real GPU;
-simulated (fake) GPUs and the CPU device run the model on the CPU.
+Which devices a worker sees is set through its environment, chosen here and only here
+from each device's llama.cpp backend: CUDA_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES,
+GGML_VK_VISIBLE_DEVICES. Every backend the node has but the instance was not given is
+hidden, so a build with CUDA and Vulkan never spreads one model over both views of a
+card. Every layer is offloaded when the instance has a GPU; simulated (fake) GPUs and the
+CPU device run the model on the CPU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 
 from aivailable.backends.base import Engine, EngineFactory, EngineSpec
 from aivailable.backends.llama_engine import EngineConfig, LlamaEngine
 from aivailable.gpu.info import GpuInfo
 
-REAL_VENDORS = ("nvidia", "amd")
+# The variable that pins a worker to some of a backend's devices, by the backend's index.
+VISIBLE_ENV = {
+    "CUDA": "CUDA_VISIBLE_DEVICES",
+    "HIP": "HIP_VISIBLE_DEVICES",
+    "Vulkan": "GGML_VK_VISIBLE_DEVICES",
+}
+# What hides every device of a backend: CUDA and ggml-vulkan read "" as none; ROCm stops
+# at the first invalid index (an empty HIP_VISIBLE_DEVICES is not documented as none).
+HIDE_ALL = {"CUDA": "", "HIP": "-1", "Vulkan": ""}
+_LEGACY_BACKEND = {"nvidia": "CUDA", "amd": "HIP"}  # GpuInfo made before backends existed
+_NOT_GPU = ("", "CPU", "fake")
+
+
+def backend_of(gpu: GpuInfo) -> str:
+    return gpu.backend or _LEGACY_BACKEND.get(gpu.vendor, "")
+
+
+def is_offload_gpu(gpu: GpuInfo) -> bool:
+    """A device llama.cpp offloads layers to: usable and driven by a GPU backend."""
+    return gpu.usable and backend_of(gpu) not in _NOT_GPU
 
 
 def n_gpu_layers_for(gpus: Sequence[GpuInfo]) -> int:
-    """-1 (offload every layer) on a node with a real GPU, 0 (CPU only) otherwise.
+    """-1 (offload every layer) on a real, usable GPU, 0 (CPU only) otherwise.
     Fake GPUs are for placement demos; their models still run on the CPU."""
-    return -1 if any(gpu.vendor in REAL_VENDORS for gpu in gpus) else 0
+    return -1 if any(is_offload_gpu(g) for g in gpus) else 0
 
 
-def device_env(gpus: Sequence[GpuInfo]) -> dict[str, str]:
-    """The environment that shows a worker only its real GPUs ({} when it has none)."""
-    real = [g for g in gpus if g.vendor in REAL_VENDORS]
-    if not real:
-        return {}
-    name = "CUDA_VISIBLE_DEVICES" if real[0].vendor == "nvidia" else "HIP_VISIBLE_DEVICES"
-    return {name: ",".join(str(g.index) for g in real)}
+def _pin(backend: str, index: int, parent: Mapping[str, str]) -> str | None:
+    """The value naming device `index` of `backend` for a child. The probe saw the devices
+    through the parent's own list, if it set one: index N is that list's Nth entry."""
+    listed = parent.get(VISIBLE_ENV[backend])
+    if listed is not None:
+        entries = [e for e in listed.replace(",", " ").split() if e]
+        return entries[index] if index < len(entries) else None
+    if backend == "Vulkan":
+        # Without a list, ggml's VulkanN skips CPU-type devices (lavapipe) and duplicates:
+        # N is not the loader's index, so leave the worker the default set (docs/devices.md).
+        return None
+    return str(index)
+
+
+def device_env(
+    gpus: Sequence[GpuInfo],
+    node_gpus: Sequence[GpuInfo] = (),
+    parent: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment that shows a worker only `gpus` of the node's devices ({} when
+    the node has no GPU backend at all)."""
+    parent = os.environ if parent is None else parent
+    mine = [g for g in gpus if is_offload_gpu(g)]
+    present = {backend_of(g) for g in [*node_gpus, *mine] if is_offload_gpu(g)}
+    env: dict[str, str] = {}
+    for backend in sorted(present & VISIBLE_ENV.keys()):
+        wanted = [g.index for g in mine if backend_of(g) == backend]
+        pins = [_pin(backend, i, parent) for i in wanted]
+        if wanted and None in pins:
+            continue  # cannot name them: the default set, as the probe saw it
+        env[VISIBLE_ENV[backend]] = ",".join(p for p in pins if p) if wanted else HIDE_ALL[backend]
+    return env
 
 
 def llama_factory(
@@ -42,18 +90,19 @@ def llama_factory(
         assigned = [by_id[g] for g in spec.gpus if g in by_id]
         if spec.rpc_servers:
             return split_engine(spec, assigned, n_ctx, queue_limit, config)
-        several = sum(g.vendor in REAL_VENDORS for g in assigned) > 1
+        several = sum(is_offload_gpu(g) for g in assigned) > 1
         return LlamaEngine(
             spec.model,
             spec.path,
             n_ctx=spec.n_ctx or n_ctx,
             n_gpu_layers=n_gpu_layers_for(assigned),
             queue_limit=queue_limit,
-            env=device_env(assigned),
+            env=device_env(assigned, gpus),
             config=config,
             tensor_split=(spec.tensor_split or None) if several else None,
             n_parallel=spec.n_parallel,
             kind=spec.kind,
+            kv_type=spec.kv_type,
         )
 
     return build

@@ -61,6 +61,21 @@ class RuntimeConfig:
     # tensor_split's shares run [rpc..., local GPUs...] and layers fill them in that order
     # after the n_layer + 1 - n_gpu_layers first layers, which stay on the CPU.
     rpc_servers: tuple[str, ...] = ()
+    kv_type: str = "f16"  # K and V cache element type (KV_GGML_TYPES)
+
+
+# The deploy's kv_type -> ggml type of the K and V caches. A quantized V cache is only
+# implemented inside llama.cpp's flash-attention kernel, so those turn it on.
+KV_GGML_TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}  # GGML_TYPE_F16, GGML_TYPE_Q8_0, GGML_TYPE_Q4_0
+
+
+def apply_kv_type(cparams, kv_type: str) -> None:
+    """Set a context's cache types (and flash attention for quantized ones)."""
+    if kv_type not in KV_GGML_TYPES:
+        raise LlamaCallError(f"kv_type must be one of {', '.join(KV_GGML_TYPES)}, not {kv_type!r}")
+    if kv_type != "f16":
+        cparams.type_k = cparams.type_v = KV_GGML_TYPES[kv_type]
+        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
 
 
 def continued(prompt: str, messages: list[dict]) -> str:
@@ -143,6 +158,7 @@ class LlamaRuntime:
         # changed greedy answers with what ran beside them: 3 of 4 differed on SmolLM2,
         # against 0 of 4 with separate streams (docs/backend.md).
         cparams.kv_unified = False
+        apply_kv_type(cparams, config.kv_type)
         if config.embedding:
             cparams.embeddings = True
             # The model's own pooling when its GGUF names one (embedding models do); a
@@ -152,6 +168,11 @@ class LlamaRuntime:
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
+            if config.kv_type != "f16":  # llama.cpp refuses it when FA cannot run here
+                raise LlamaCallError(
+                    f"llama.cpp could not create a context with a {config.kv_type} KV cache: "
+                    "this build or model has no flash attention for it (deploy with f16)"
+                )
             raise LlamaCallError("llama.cpp could not create a context (out of memory?)")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)

@@ -346,6 +346,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n-threads-batch", type=int, default=None, help="default: n-threads")
     p.add_argument("--n-batch", type=int, default=512, help="tokens per decode at most")
     p.add_argument("--embedding", action="store_true", help="serve embeddings, not text")
+    p.add_argument("--kv-type", default="f16", help="KV cache type: f16, q8_0 or q4_0")
     p.add_argument("--verbose", action="store_true", help="all of llama.cpp's logging")
     return p.parse_args(argv)
 
@@ -374,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             n_threads_batch=args.n_threads_batch or threads,
             n_gpu_layers=args.n_gpu_layers,
             embedding=args.embedding,
+            kv_type=args.kv_type,
             main_gpu=args.main_gpu,
             tensor_split=tuple(float(x) for x in args.tensor_split.split(","))
             if args.tensor_split

@@ -14,8 +14,9 @@ its place until its successor is ready, unless capacity forbids.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from aivailable.cluster import scaling
 from aivailable.cluster import state as cs
 from aivailable.cluster.identity import node_of
 from aivailable.cluster.membership_policy import ConfChange, MembershipConfig, next_conf_change
@@ -107,6 +108,10 @@ class Context:
     caught_up: tuple[str, ...] | None = None  # learners close enough to promote (None: all)
     found_cluster_id: str | None = None  # the founder commits it first
     local_files: Mapping[str, LocalFile] = field(default_factory=dict)  # by model name
+    # The leader's wall clock, for demand scaling's cooldowns: committed with each change,
+    # so a new leader reads them in the same clock. None: `now` (the simulation's clock).
+    wall: float | None = None
+    scaling_config: scaling.ScalingConfig = scaling.DEFAULT_SCALING
 
 
 # ---- the pure core --------------------------------------------------------------------------
@@ -137,13 +142,27 @@ def model_vram(
     if size is None:
         size = 1 << 30  # nothing known yet: a 1 GiB file until someone resolves the source
     kv = record.n_ctx * planned_parallel(record) * config.kv_bytes_per_token
-    return int(size * config.size_factor) + kv + config.fallback_overhead, config.fallback_overhead
+    kv = kv * KV_BYTES_PER_F16[record.kv_type]
+    return int(size * config.size_factor + kv) + config.fallback_overhead, config.fallback_overhead
 
 
 # Slots placement plans each instance's KV cache for when its deploy names none: a GPU
 # node's default (LlamaEngine: 8 on a GPU, 4 on a CPU), so a GPU never loads more than
 # was planned for it.
 PLANNED_PARALLEL = 8
+
+
+# Bytes of a KV element of each deploy kv_type per byte of f16 (ggml's q8_0 block: 34
+# bytes for 32 elements, q4_0: 18), for the size-based guess before the header is read.
+KV_BYTES_PER_F16 = {"f16": 1.0, "q8_0": 34 / 64, "q4_0": 18 / 64}
+
+
+def kv_estimate_args(record: ModelRecord) -> dict:
+    """placement.estimate's cache arguments for a deploy: a quantized cache runs with flash
+    attention (llama_runtime.apply_kv_type), whose compute buffer is smaller too."""
+    if record.kv_type == "f16":
+        return {}
+    return {"cache_type": record.kv_type, "flash_attn": True}
 
 
 def planned_parallel(record: ModelRecord) -> int:
@@ -244,17 +263,22 @@ def decide(
     models = list(models)
     usable = usable_nodes(nodes, now, config.suspect_grace_s)
     base = _without_extras(current, models)
-    ids = {n.id for n in usable}
-    _, skipped = rpc_pairing([n for n in nodes if n.id in ids])
     plan = solve(
         usable,
         model_specs(models, local or {}, config),
         current=base,
         policy=config.policy,
-        split_nodes=ids - set(skipped),
+        split_nodes=split_nodes(nodes, usable),
     )
     plan = keep_until_ready(plan, current, nodes, {m.name: m for m in models})
     return None if plan == current else plan
+
+
+def split_nodes(nodes: Sequence[NodeView], usable: Sequence[Node]) -> set[str]:
+    """The usable nodes a split may use: those whose llama.cpp RPC versions pair."""
+    ids = {n.id for n in usable}
+    _, skipped = rpc_pairing([n for n in nodes if n.id in ids])
+    return ids - set(skipped)
 
 
 def _without_extras(current: Plan | None, models: Sequence[ModelRecord]) -> Plan | None:
@@ -270,6 +294,96 @@ def _without_extras(current: Plan | None, models: Sequence[ModelRecord]) -> Plan
         if count[a.model] <= wanted.get(a.model, 0):
             keep.append(a)
     return Plan(assignments=tuple(keep), unplaced=current.unplaced, splits=current.splits)
+
+
+def with_wanted(state: ClusterState) -> list[ModelRecord]:
+    """The desired models with `replicas` set to what placement should give each now (a
+    fixed count, or demand scaling's committed one)."""
+    return [replace(m, replicas=state.wanted_replicas(m.name)) for m in state.desired()]
+
+
+def bounds_of(record: ModelRecord) -> scaling.Bounds:
+    if not record.scaled:
+        return scaling.Bounds(record.replicas, record.replicas, None, record.priority)
+    idle = record.idle_unload_s if record.idle_unload_s >= 0 else None
+    return scaling.Bounds(record.min_replicas, record.max_replicas, idle, record.priority)
+
+
+def model_demand(nodes: Iterable[NodeView], model: str) -> scaling.Demand:
+    """A model's demand from gossip: its ready instances' signals and the requests peers
+    hold waiting for it."""
+    signals, waiting = [], 0
+    for n in nodes:
+        if n.state not in ("alive", "suspect"):
+            continue
+        signals += [
+            i.demand
+            for i in n.payload.instances
+            if i.model == model and i.state == "ready" and i.demand is not None
+        ]
+        waiting += sum(count for m, count in n.payload.waiting if m == model)
+    return scaling.aggregate(signals, waiting)
+
+
+def scaling_updates(
+    state: ClusterState,
+    nodes: Sequence[NodeView],
+    now: float,
+    wall: float,
+    config: ControllerConfig = DEFAULT_CONFIG,
+    local: Mapping[str, LocalFile] | None = None,
+    scaling_config: scaling.ScalingConfig = scaling.DEFAULT_SCALING,
+) -> list[bytes]:
+    """SET_SCALE commands: each scaled model's step (scaling.scale), then the yields that
+    give VRAM to a model whose wanted replicas find none (scaling.contend)."""
+    records = state.desired()
+    if not any(m.scaled for m in records):
+        return []
+    bounds = {m.name: bounds_of(m) for m in records}
+    demand = {m.name: model_demand(nodes, m.name) for m in records}
+    ready: dict[str, int] = {}
+    for n in nodes:
+        if n.state in ("alive", "suspect"):
+            for i in n.payload.instances:
+                if i.state == "ready":
+                    ready[i.model] = ready.get(i.model, 0) + 1
+    before = {m.name: state.wanted_replicas(m.name) for m in records}
+    counts, reasons = dict(before), {}
+    for m in records:
+        if m.scaled:
+            last = state.scale.get(m.name)
+            d = scaling.scale(
+                before[m.name],
+                ready.get(m.name, 0),
+                bounds[m.name],
+                demand[m.name],
+                last.at if last is not None else None,
+                wall,
+                scaling_config,
+            )
+            if d.wanted != before[m.name]:
+                counts[m.name], reasons[m.name] = d.wanted, d.reason
+    usable = usable_nodes(nodes, now, config.suspect_grace_s)
+    # The same split rule as the plan's (decide): a replica that could only be split over
+    # peers that cannot pair is missing, and another model may yield for it.
+    pairable = split_nodes(nodes, usable)
+
+    def missing(c: Mapping[str, int]) -> dict[str, int]:
+        wanted = [replace(m, replicas=c[m.name]) for m in records]
+        base = _without_extras(state.plan, wanted)
+        specs = model_specs(wanted, local or {}, config)
+        plan = solve(usable, specs, current=base, policy=config.policy, split_nodes=pairable)
+        return {u.model: u.missing_replicas for u in plan.unplaced}
+
+    yielded, why = scaling.contend(counts, bounds, demand, missing, scaling_config)
+    for name, n in yielded.items():
+        if n != counts[name]:
+            counts[name], reasons[name] = n, why[name]
+    return [
+        cs.encode_scale(name, counts[name], wall, reasons[name], before[name])
+        for name in sorted(reasons)
+        if counts[name] != before[name] and state.models[name].scaled
+    ]
 
 
 def model_file_updates(
@@ -373,7 +487,14 @@ def step(
         else None
     )
     out += [Propose(c, "node address") for c in registry_updates(members, state.nodes, in_config)]
-    plan = decide(state.desired(), members, state.plan, now, config, ctx.local_files)
+    wall = ctx.wall if ctx.wall is not None else now
+    out += [
+        Propose(c, "scale")
+        for c in scaling_updates(
+            state, members, now, wall, config, ctx.local_files, ctx.scaling_config
+        )
+    ]
+    plan = decide(with_wanted(state), members, state.plan, now, config, ctx.local_files)
     if plan is not None:
         why = f"plan: {len(plan.assignments)} instances, {len(plan.unplaced)} unplaced"
         if plan.splits:

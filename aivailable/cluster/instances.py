@@ -41,6 +41,7 @@ class Instance:
             "state": self.state,
             "queue_depth": self.engine.queue_depth if self.engine else 0,
             "free_slots": self.engine.free_slots if self.engine else 0,
+            "demand": self.engine.signals() if self.engine else None,
         }
         for extra in ("pid", "restarts"):
             value = getattr(self.engine, extra, None)

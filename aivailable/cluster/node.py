@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,6 +37,7 @@ from aivailable.cluster.membership_policy import (
     MembershipConfig,
     bootstrap_action,
 )
+from aivailable.cluster.on_demand import ReplicaWaiter
 from aivailable.cluster.payload import node_payload, read_payload
 from aivailable.cluster.raft import (
     PROPOSE_PATH,
@@ -79,6 +80,9 @@ LATE_ROUTES = (MESSAGES_PATH, PROPOSE_PATH)
 # only: Membership.set_payload ignores an unchanged payload, so nothing is sent. Other
 # members' changes need no polling: gossip events push them into the read model.
 PUBLISH_INTERVAL_S = 0.1
+# Seconds between republishing an unchanged payload of a peer that hosts nothing (routing
+# only, or no model placed here): ten a second cost an idle peer a tenth of its CPU.
+PUBLISH_IDLE_S = 1.0
 # Seconds between full resyncs of the read model from gossip's member list: only a safety
 # net for events a slow subscriber dropped (gossip counts them in events_dropped).
 RESYNC_INTERVAL_S = 5.0
@@ -113,6 +117,9 @@ class NodeConfig:
     reconciler: ReconcilerConfig = field(default_factory=ReconcilerConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     membership: MembershipConfig = field(default_factory=MembershipConfig)
+    # Seconds a request may wait for a replica to turn ready, besides its expected load
+    # time: the engine's max_queue_wait, the bound a chat user tolerates (llama_engine.py).
+    max_queue_wait: float = 15.0
 
 
 class ClusterNode:
@@ -183,6 +190,13 @@ class ClusterNode:
             member_state=self.member_state,
             report_unreachable=gossip.report_unreachable,
         )
+        self.waiter = ReplicaWaiter(
+            lambda: self.state.models,
+            self.has_ready,
+            self.publish,
+            config.max_queue_wait,
+            self.unplaceable,
+        )
         self._address_of = address_book(self.state, self.view.addresses, self.view.node_of_member)
 
     def _engine(self, spec: EngineSpec) -> Engine:
@@ -196,6 +210,7 @@ class ClusterNode:
                 tensor_split=step.tensor_split,
                 n_parallel=step.n_parallel,
                 kind=step.kind,
+                kv_type=step.kv_type,
             )
             if step.rpc_helpers:  # a split's primary: tunnels to the helpers' RPC servers
                 spec = dataclasses.replace(
@@ -225,6 +240,25 @@ class ClusterNode:
 
     def our_cluster(self) -> str | None:
         return self.state.cluster_id or self.cluster_id
+
+    def unplaceable(self, model: str) -> bool:
+        """The committed plan leaves every wanted replica of `model` unplaced."""
+        plan, wanted = self.state.plan, 0
+        if model in self.state.models:
+            wanted = self.state.wanted_replicas(model)
+        if plan is None or wanted == 0:
+            return False
+        return any(u.model == model and u.missing_replicas >= wanted for u in plan.unplaced)
+
+    def has_ready(self, model: str) -> bool:
+        """A ready replica of `model` is known, here or on a reachable peer in gossip, and
+        the committed plan keeps it: one the plan dropped is about to stop (scaled down),
+        though gossip may still call it ready for a round."""
+        planned = {a.node for a in self.state.plan.for_model(model)} if self.state.plan else set()
+        local = self.instances.get(model)
+        if local is not None and local.state == "ready" and self.me in planned:
+            return True
+        return any(r.state == "ready" and r.node_id in planned for r in self.replicas_of(model))
 
     def replicas_of(self, model: str) -> list[Replica]:
         return self.view.replicas_of(model, self.our_cluster())
@@ -277,7 +311,10 @@ class ClusterNode:
         # This node's own instances in full (pid, restarts, errors), not as gossiped.
         for node in status["nodes"]:
             if node["id"] == self.me:
-                node["instances"] = self.reconciler.views()
+                node["instances"] = [
+                    {**v, "demand": asdict(v["demand"]) if v.get("demand") else None}
+                    for v in self.reconciler.views()
+                ]
         return status
 
     async def read_barrier(self) -> None:
@@ -334,6 +371,7 @@ class ClusterNode:
             member=self.raft_id,
             rpc_version=self.split.version,
             rpc_ready=self.reconciler.rpc_serving(),
+            waiting=self.waiter.waiting,
         )
         self.gossip.set_payload(payload)
         if self.view.set_own(read_payload(self.me, payload), time.monotonic()):
@@ -346,7 +384,11 @@ class ClusterNode:
     async def _publish_loop(self) -> None:
         while not self._leaving:
             self.publish()
-            await asyncio.sleep(PUBLISH_INTERVAL_S)
+            # Queue depths and free slots change by the request and steer every peer's
+            # routing: fresh while this peer hosts an instance. Without one the payload
+            # changes only with a GPU probe or a start, which publish themselves soon enough.
+            busy = bool(self.instances.by_model())
+            await asyncio.sleep(PUBLISH_INTERVAL_S if busy else PUBLISH_IDLE_S)
 
     async def _event_loop(self) -> None:
         """Gossip events -> the read model -> wake the runners (push, not poll)."""
@@ -420,7 +462,8 @@ class ClusterNode:
         source = self.config.default_model
         if source is None or not self.local_models.held_locally(source):
             return None
-        devices = sorted(self.gpus, key=lambda g: (-g.vram_free, g.id))
+        usable = [g for g in self.gpus if getattr(g, "usable", True)]
+        devices = sorted(usable, key=lambda g: (-g.vram_free, g.id))
         if not devices:
             return None  # no device at all: this peer only routes
         name = store.model_name(source)
@@ -497,6 +540,7 @@ class ClusterNode:
                     driver.node.campaign()  # the only voter: no election timeout to wait
                 proposer = Proposer(driver, self.session, self._address_of)
                 apply = apply_entry(self.state, [self.ctrl_wake, self.rec_wake], proposer)
+                driver.on_change(self.ctrl_wake.fire)  # leadership usable: plan at once
                 controller_config = self.config.controller
                 voters_of, change_conf = raft_conf_hooks(driver)
                 controller = ControllerRunner(
@@ -515,6 +559,7 @@ class ClusterNode:
                     caught_up_learners(driver, controller_config.promote_max_lag),
                     local_path=self.local_models.local_path,
                     found_cluster_id=self.cluster_id if decision.action == FOUND else None,
+                    pushed=True,
                 )
                 self._driver, self._proposer = driver, proposer
                 self._late_handlers = {

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from aivailable.backends.demand import Signals
 from placement import Gpu
 
 MIB = 1 << 20
@@ -32,6 +33,7 @@ class InstanceView:
     queue_depth: int = 0
     gpus: tuple[str, ...] = ()
     free_slots: int = 0  # requests it would start at once
+    demand: Signals | None = None  # its measured demand (backends/demand.py); None: unknown
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,12 @@ class PeerPayload:
     # whether its RPC server runs now: split models pair only equal versions.
     rpc_version: str | None = None
     rpc_ready: bool = False
+    # model -> requests this peer holds waiting for a replica that is not ready (a model
+    # scaled to zero, or one still loading): the leader places it when it reads this.
+    waiting: tuple[tuple[str, int], ...] = ()
+    # Cards it has but its llama.cpp build cannot drive: (gpu id, vendor, name, reason).
+    # Never in `gpus`, so placement never sees them.
+    unusable: tuple[tuple[str, str, str, str], ...] = ()
 
 
 def node_payload(
@@ -64,11 +72,18 @@ def node_payload(
     member: str | None = None,
     rpc_version: str | None = None,
     rpc_ready: bool = False,
+    waiting: Mapping[str, int] | None = None,
 ) -> dict:
     """The gossip payload (a msgpack-friendly map). gpus: aivailable.gpu.GpuInfo items (id,
     vendor, name, vram_total, vram_free); own_used: bytes our instances hold per local gpu
     id (Reconciler.own_vram); instances: Instances views (+ pending fetches); member: this
-    node's Raft id (identity.py), so the leader maps gossip members to Raft members."""
+    node's Raft id (identity.py), so the leader maps gossip members to Raft members;
+    waiting: requests held per model for a replica that is not ready yet. An instance view
+    may carry "demand": backends.demand.Signals, gossiped rounded.
+    Only usable GPUs go in "gpus" (older peers place on exactly those); "gb" holds their
+    llama.cpp backends, "nogpu" the cards this build cannot drive, with the reason."""
+    unusable = [g for g in gpus if not getattr(g, "usable", True)]
+    gpus = [g for g in gpus if getattr(g, "usable", True)]
     payload = {
         "v": PAYLOAD_VERSION,
         "addr": addr,
@@ -97,23 +112,51 @@ def node_payload(
                 int(v.get("queue_depth", 0)),
                 list(v.get("gpus", ())),
                 int(v.get("free_slots", 0)),
+                *([v["demand"].wire()] if v.get("demand") is not None else []),
             ]
             for v in instances
         ],
         "files": [[sha, size, source] for sha, size, source in files],
+        "gb": [getattr(g, "backend", "") for g in gpus],
     }
+    if unusable:
+        payload["nogpu"] = [[g.id, g.vendor, g.name, getattr(g, "reason", "")] for g in unusable]
     if member is not None:
         payload["member"] = member
     if rpc_version is not None:
         payload["rpc"] = [rpc_version, bool(rpc_ready)]
+    if waiting:
+        payload["wait"] = [[m, int(n)] for m, n in sorted(waiting.items()) if n > 0]
     return payload
 
 
 def _instance(entry: Sequence[Any]) -> InstanceView:
-    """[model, state, queue depth, gpus] and, from peers that batch, free slots."""
+    """[model, state, queue depth, gpus] and, from peers that batch, free slots, and from
+    peers that measure demand, its signals."""
     model, state, depth, gpus = entry[:4]
     free = int(entry[4]) if len(entry) > 4 else 0
-    return InstanceView(str(model), str(state), int(depth), tuple(str(g) for g in gpus), free)
+    demand = Signals.from_wire(entry[5]) if len(entry) > 5 else None
+    return InstanceView(
+        str(model), str(state), int(depth), tuple(str(g) for g in gpus), free, demand
+    )
+
+
+def _backends(raw: Any) -> list[str]:
+    """The "gb" list; absent (an older peer) or malformed means no backend known."""
+    if not isinstance(raw, list | tuple):
+        return []
+    return [b if isinstance(b, str) else "" for b in raw]
+
+
+def _unusable(raw: Any) -> tuple[tuple[str, str, str, str], ...]:
+    """The "nogpu" list, for status and the dashboard; a malformed one reads as empty."""
+    if not isinstance(raw, list | tuple):
+        return ()
+    out = []
+    for entry in raw:
+        if isinstance(entry, list | tuple) and len(entry) >= 4:
+            out.append(tuple(str(x) for x in entry[:4]))
+    return tuple(out)
 
 
 def read_payload(node_id: str, payload: Mapping[str, Any] | None) -> PeerPayload:
@@ -123,8 +166,10 @@ def read_payload(node_id: str, payload: Mapping[str, Any] | None) -> PeerPayload
         return PeerPayload()
     try:
         gpus, totals, frees = [], [], []
-        for gid, vendor, name, capacity, total, free in payload.get("gpus", ()):
-            gpus.append(Gpu(f"{node_id}/{gid}", vendor, str(name), int(capacity)))
+        backends = _backends(payload.get("gb"))
+        for i, (gid, vendor, name, capacity, total, free) in enumerate(payload.get("gpus", ())):
+            backend = backends[i] if i < len(backends) else ""
+            gpus.append(Gpu(f"{node_id}/{gid}", vendor, str(name), int(capacity), backend))
             totals.append(int(total))
             frees.append(int(free))
         instances = tuple(_instance(entry) for entry in payload.get("inst", ()))
@@ -135,6 +180,7 @@ def read_payload(node_id: str, payload: Mapping[str, Any] | None) -> PeerPayload
         member = payload.get("member")
         rpc = payload.get("rpc")
         rpc_version, rpc_ready = (str(rpc[0]), bool(rpc[1])) if rpc else (None, False)
+        waiting = tuple((str(m), int(n)) for m, n in payload.get("wait", ()))
         return PeerPayload(
             str(payload.get("addr", "")),
             cluster if isinstance(cluster, str) else None,
@@ -146,6 +192,8 @@ def read_payload(node_id: str, payload: Mapping[str, Any] | None) -> PeerPayload
             member if isinstance(member, str) and member else None,
             rpc_version,
             rpc_ready,
+            waiting,
+            _unusable(payload.get("nogpu")),
         )
     except (TypeError, ValueError):
         return PeerPayload()

@@ -216,6 +216,11 @@ class RaftClusterView:
         kind: str = "chat",
         n_parallel: int | None = None,
         split: str = "auto",
+        kv_type: str = "f16",
+        priority: int = 0,
+        min_replicas: int | None = None,
+        max_replicas: int | None = None,
+        idle_unload_s: float | None = None,
     ) -> dict:
         sha256 = size = None
         if source.startswith(store.BUILTIN_PREFIX):
@@ -250,14 +255,19 @@ class RaftClusterView:
                 source,
                 replicas,
                 n_ctx,
+                priority,
                 sha256=sha256,
                 size=size,
                 kind=kind,
                 n_parallel=n_parallel,
                 split=split,
+                kv_type=kv_type,
+                min_replicas=min_replicas,
+                max_replicas=max_replicas,
+                idle_unload_s=idle_unload_s,
             )
         )
-        return {
+        out = {
             "name": name,
             "source": source,
             "replicas": replicas,
@@ -265,8 +275,14 @@ class RaftClusterView:
             "kind": kind,
             "n_parallel": n_parallel,
             "split": split,
+            "kv_type": kv_type,
+            "priority": priority,
             "state": "pending",
         }
+        if min_replicas is not None or max_replicas is not None:
+            out.update(min_replicas=min_replicas, max_replicas=max_replicas)
+            out["idle_unload_s"] = idle_unload_s if idle_unload_s is not None else 300.0
+        return out
 
     async def undeploy(self, name: str) -> bool:
         """True if this undeploy removed the model, False if it was not deployed. Both come

@@ -41,7 +41,7 @@ class Running:
     gpus: tuple[str, ...]  # local gpu ids
     state: str
     n_ctx: int | None = None  # None: not started by the reconciler (unknown)
-    options: tuple[str, int | None] | None = None  # (kind, n_parallel) it was started with
+    options: tuple | None = None  # Step.options it was started with
     split_key: tuple = ()  # the split it was started as (Step.split_key)
 
 
@@ -60,6 +60,15 @@ class Step:
     rpc_helpers: tuple[str, ...] = ()
     host_layers: int = 0
     split_key: tuple = ()  # (node, gpu, layers) of every part: any change restarts it
+    kv_type: str = "f16"
+
+    @property
+    def options(self) -> tuple:
+        """What else than file, GPUs and context an instance is started with: a change
+        restarts it. The default cache type is left out, as a peer before it had none."""
+        if self.kv_type == "f16":
+            return (self.kind, self.n_parallel)
+        return (self.kind, self.n_parallel, self.kv_type)
 
 
 def split_step(node_id: str, split: Split, record: ModelRecord) -> Step:
@@ -81,6 +90,7 @@ def split_step(node_id: str, split: Split, record: ModelRecord) -> Step:
         rpc_helpers=split.helpers,
         host_layers=sum(p.layers for p in mine) if host_first else 0,
         split_key=tuple((p.node, p.gpu, p.layers) for p in split.parts),
+        kv_type=record.kv_type,
     )
 
 
@@ -127,6 +137,7 @@ def plan_steps(
             record.n_ctx,
             record.kind,
             record.n_parallel,
+            kv_type=record.kv_type,
         )
     for split in splits:
         record = models.get(split.model)
@@ -143,7 +154,7 @@ def plan_steps(
             and have.source == need.source
             and have.gpus == need.gpus
             and have.n_ctx in (None, need.n_ctx)
-            and have.options in (None, (need.kind, need.n_parallel))
+            and have.options in (None, need.options)
             and have.split_key == need.split_key
         )
         if not same or (have.state == "failed" and model in due):

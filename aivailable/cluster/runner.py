@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 # facts, addresses, one plan, one voter change); this bounds a command the state keeps
 # rejecting from looping.
 MAX_ACTIONS_PER_PASS = 32
-# Seconds between checks whether this peer became a usable leader. Reading the role costs
-# nothing, and a new leader's first plan (failover, cold start) should not wait a tick.
+# Seconds between checks whether this peer became a usable leader when nothing wakes the
+# runner on a Raft change (a test's stand-in). The peer wires RaftDriver.on_change to the
+# trigger instead: polling every 20 ms cost an idle peer 50 wake-ups a second.
 READY_CHECK_S = 0.02
 DEFAULT_RECONCILER = ReconcilerConfig()
 
@@ -90,7 +91,7 @@ def read_local_files(
         try:
             if estimator is None:
                 from placement import estimate as estimator
-            est = estimator(path, m.n_ctx, ctl.planned_parallel(m))
+            est = estimator(path, m.n_ctx, ctl.planned_parallel(m), **ctl.kv_estimate_args(m))
             out[m.name] = ctl.LocalFile(size, est.total, est.split_overhead, _profile(path, m))
         except Exception as exc:  # commit what is certain; the size-based guess stays
             log.warning("cannot estimate %s from %s: %s", m.name, path, exc)
@@ -132,7 +133,11 @@ class ControllerRunner:
         local_path: Callable[[ModelRecord], Path | None] = lambda m: None,
         found_cluster_id: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        pushed: bool = False,
     ):
+        """`pushed`: the trigger fires on every Raft commit and leader change (the peer
+        wires RaftDriver.on_change), so readiness need not be polled."""
+        self._check_s = config.tick_s if pushed else READY_CHECK_S
         self.node_id = node_id
         self.state = state
         self._view = view
@@ -152,7 +157,7 @@ class ControllerRunner:
     async def run(self) -> None:
         was_ready, last = False, float("-inf")
         while True:
-            fired = await self._trigger.wait(READY_CHECK_S)
+            fired = await self._trigger.wait(self._check_s)
             ready = self._is_ready()
             # A pass on a wake-up, the moment leadership becomes usable (the new leader's
             # no-op applied: no entry fires the trigger for it), and every tick_s.
@@ -178,6 +183,7 @@ class ControllerRunner:
             tuple(self._caught_up()) if self._caught_up is not None else None,
             self._found_cluster_id,
             read_local_files(self.state.desired(), self._local_path),
+            wall=time.time(),  # scaling's cooldowns, in the clock committed with each change
         )
 
     def decide(self) -> list[ctl.Action]:
@@ -339,7 +345,7 @@ class Reconciler:
         for model, inst in self.instances.by_model().items():
             started = self._started.get(model)
             n_ctx = started.n_ctx if started is not None else None
-            options = (started.kind, started.n_parallel) if started is not None else None
+            options = started.options if started is not None else None
             key = started.split_key if started is not None else ()
             running[model] = Running(inst.source, tuple(inst.gpus), inst.state, n_ctx, options, key)
         for model, step in list(self._started.items()):
@@ -347,7 +353,7 @@ class Reconciler:
                 continue
             if model in self._fetching or model in self._failed:
                 state = "failed" if model in self._failed else "pending"
-                options = (step.kind, step.n_parallel)
+                options = step.options
                 running[model] = Running(
                     step.source, step.gpus, state, step.n_ctx, options, step.split_key
                 )

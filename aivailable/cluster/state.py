@@ -13,13 +13,32 @@ newer than the log entry that carries it.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from typing import Any
 
 import msgpack
 
 from aivailable.cluster import keys as access_keys
+from aivailable.cluster import usage as usage_ledger
+from aivailable.cluster.records import (  # noqa: F401  (re-exported: state.ModelRecord etc.)
+    DEFAULT_IDLE_UNLOAD_S,
+    MAX_REPLICAS,
+    MAX_TEXT,
+    MODEL_NAME,
+    SHA256_HEX,
+    CommandError,
+    ModelRecord,
+    ScaleRecord,
+    SnapshotError,
+    _int,
+    _list,
+    _model_record,
+    _name,
+    _opt_int,
+    _profile,
+    _sha,
+    _text,
+)
 from placement import Assignment, Plan, Unplaced
 from placement.split import Part, Split
 
@@ -32,6 +51,7 @@ SET_PLAN = 4  # the leader's placement plan, fenced by its term
 SET_MODEL_FILE = 5  # what a model's file turned out to be: checksum, size, VRAM estimate
 NODE_ADDR = 6  # a node's HTTP address, so a restarted cluster finds its members without mDNS
 NODE_FORGET = 7  # drop a node from the registry (it left for good)
+SET_SCALE = 8  # the replicas demand scaling wants for a model, and why
 
 TYPE_NAMES = {
     INIT: "init",
@@ -41,84 +61,10 @@ TYPE_NAMES = {
     SET_MODEL_FILE: "set_model_file",
     NODE_ADDR: "node_addr",
     NODE_FORGET: "node_forget",
+    SET_SCALE: "set_scale",
     **access_keys.TYPE_NAMES,  # 32-47: API keys (cluster/keys.py)
+    **usage_ledger.TYPE_NAMES,  # 48-55: the usage ledger (cluster/usage.py)
 }
-
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-MAX_REPLICAS = 64
-MAX_TEXT = 4096  # longest source / address / id string accepted in a command
-
-
-class CommandError(ValueError):
-    """A command that does not decode or is not well formed."""
-
-
-class SnapshotError(ValueError):
-    """Snapshot bytes that cannot be restored; the state is left unchanged."""
-
-
-@dataclass(frozen=True)
-class ModelRecord:
-    """A desired model: what `deploy` asked for plus what is known of its file."""
-
-    name: str
-    source: str
-    replicas: int = 1
-    n_ctx: int = 2048
-    priority: int = 0
-    sha256: str | None = None  # of the GGUF file, once someone has resolved the source
-    size: int | None = None  # bytes of the file
-    vram: int | None = None  # placement.estimate(...).total, once a leader had the file
-    split_overhead: int | None = None  # extra bytes per extra GPU when split
-    kind: str = "chat"  # "chat" generates text; "embedding" serves /v1/embeddings
-    n_parallel: int | None = None  # slots per instance; None: the engine's default
-    # Over several nodes through llama.cpp RPC: "auto" (only when no one node fits),
-    # "always" (tests, demos), "never".
-    split: str = "auto"
-    # Per-slot bytes for split plans, once a leader read the header (placement.estimate.
-    # layer_profile): [layer bytes..., output, compute, compute_output, overhead].
-    profile: tuple[int, ...] | None = None
-
-    def to_wire(self) -> dict:
-        return {
-            "name": self.name,
-            "source": self.source,
-            "replicas": self.replicas,
-            "n_ctx": self.n_ctx,
-            "priority": self.priority,
-            "sha256": self.sha256,
-            "size": self.size,
-            "vram": self.vram,
-            "split_overhead": self.split_overhead,
-            "kind": self.kind,
-            "n_parallel": self.n_parallel,
-            "split": self.split,
-            "profile": list(self.profile) if self.profile is not None else None,
-        }
-
-
-def _model_record(fields: dict, measured: bool = False) -> ModelRecord:
-    """A ModelRecord from a deploy command's fields, checked, with the defaults a deploy
-    leaves out. `measured`: also what a leader measured of the file (a snapshot carries
-    it; a deploy command may not set it)."""
-    return ModelRecord(
-        name=_name(fields.get("name")),
-        source=_text(fields.get("source"), "source"),
-        replicas=_int(fields.get("replicas", 1), "replicas", 1, MAX_REPLICAS),
-        n_ctx=_int(fields.get("n_ctx", 2048), "n_ctx", 1, 1 << 24),
-        priority=_int(fields.get("priority", 0), "priority", -(1 << 31), 1 << 31),
-        sha256=_sha(fields.get("sha256")),
-        size=_opt_int(fields.get("size"), "size"),
-        vram=_opt_int(fields.get("vram"), "vram") if measured else None,
-        split_overhead=_opt_int(fields.get("split_overhead"), "split_overhead")
-        if measured
-        else None,
-        kind=_kind(fields.get("kind", "chat")),
-        n_parallel=_opt_int(fields.get("n_parallel"), "n_parallel"),
-        split=_split(fields.get("split", "auto")),
-        profile=_profile(fields.get("profile")) if measured else None,
-    )
 
 
 @dataclass(frozen=True)
@@ -153,9 +99,23 @@ def encode_deploy(
     kind: str = "chat",
     n_parallel: int | None = None,
     split: str = "auto",
+    kv_type: str = "f16",
+    min_replicas: int | None = None,
+    max_replicas: int | None = None,
+    idle_unload_s: float | None = None,
 ) -> bytes:
     """`default`: this is the controller deploying the embedded model on a new cluster;
-    applying it records that, so the default is never deployed again after an undeploy."""
+    applying it records that, so the default is never deployed again after an undeploy.
+    `min_replicas`/`max_replicas`: scale with demand (None for both: `replicas` fixed)."""
+    scaling = {
+        k: v
+        for k, v in (
+            ("min_replicas", min_replicas),
+            ("max_replicas", max_replicas),
+            ("idle_unload_s", idle_unload_s),
+        )
+        if v is not None
+    }
     return _pack(
         DEPLOY,
         name=name,
@@ -169,7 +129,14 @@ def encode_deploy(
         kind=kind,
         n_parallel=n_parallel,
         split=split,
+        kv_type=kv_type,
+        **scaling,
     )
+
+
+def encode_scale(name: str, wanted: int, at: float, reason: str, previous: int | None) -> bytes:
+    """Demand scaling's count for a scaled model; applies while the model is deployed."""
+    return _pack(SET_SCALE, name=name, wanted=wanted, at=at, reason=reason, previous=previous)
 
 
 def encode_undeploy(name: str) -> bytes:
@@ -281,69 +248,6 @@ def decode(data: bytes) -> dict:
     return cmd
 
 
-# ---- field checks -----------------------------------------------------------------------
-
-
-def _list(value: Any, what: str) -> list:
-    if not isinstance(value, list | tuple):
-        raise CommandError(f"{what} must be a list")
-    return list(value)
-
-
-def _text(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not value or len(value) > MAX_TEXT:
-        raise CommandError(f"{what} must be a non-empty string")
-    return value
-
-
-def _int(value: Any, what: str, lo: int | None = None, hi: int | None = None) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise CommandError(f"{what} must be an integer")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise CommandError(f"{what} out of range: {value}")
-    return value
-
-
-def _kind(value: Any) -> str:
-    if value not in ("chat", "embedding"):
-        raise CommandError(f"kind must be chat or embedding, not {value!r}")
-    return value
-
-
-def _split(value: Any) -> str:
-    if value not in ("auto", "never", "always"):
-        raise CommandError(f"split must be auto, never or always, not {value!r}")
-    return value
-
-
-def _profile(value: Any) -> tuple[int, ...] | None:
-    """[layer bytes..., output, compute, compute_output, overhead]: 1 layer at least."""
-    if value is None:
-        return None
-    items = tuple(_int(v, "profile bytes", 0) for v in _list(value, "profile"))
-    if len(items) < 5:
-        raise CommandError("a layer profile needs a layer, output, compute buffers, overhead")
-    return items
-
-
-def _opt_int(value: Any, what: str) -> int | None:
-    return None if value is None else _int(value, what, 0)
-
-
-def _name(value: Any) -> str:
-    if not isinstance(value, str) or not MODEL_NAME.match(value):
-        raise CommandError(f"bad model name {value!r}")
-    return value
-
-
-def _sha(value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not SHA256_HEX.match(value):
-        raise CommandError("sha256 must be 64 lowercase hex digits")
-    return value
-
-
 # ---- the state machine -----------------------------------------------------------------
 
 
@@ -359,12 +263,24 @@ class ClusterState:
         self.models_version = 0  # bumps on every change to the desired models
         self.default_applied = False  # the embedded model was deployed once (undeploy sticks)
         self.nodes: dict[str, str] = {}  # node id -> HTTP address "host:port"
+        self.scale: dict[str, ScaleRecord] = {}  # model -> demand scaling's last decision
         self.access = access_keys.AccessState()  # API keys and applied proposal ids
+        self.usage = usage_ledger.UsageState()  # requests and tokens per key, model, day
 
     # -- reading
 
     def desired(self) -> list[ModelRecord]:
         return [self.models[k] for k in sorted(self.models)]
+
+    def wanted_replicas(self, name: str) -> int:
+        """The replicas placement should give `name`: a fixed deploy's count, or what
+        demand scaling committed last (within the deploy's bounds; its start before)."""
+        record = self.models[name]
+        if not record.scaled:
+            return record.replicas
+        scale = self.scale.get(name)
+        wanted = scale.wanted if scale is not None else record.replicas
+        return max(record.min_replicas, min(record.max_replicas, wanted))
 
     def assignments_for(self, node: str) -> tuple[Assignment, ...]:
         return self.plan.for_node(node) if self.plan is not None else ()
@@ -385,9 +301,15 @@ class ClusterState:
             pid = cmd.get(access_keys.PROPOSAL_FIELD)
             if cmd["t"] in access_keys.TYPE_NAMES:
                 changed = self.access.apply(cmd)
+            elif cmd["t"] in usage_ledger.TYPE_NAMES:
+                changed = self.usage.apply(cmd)
             else:
                 changed = getattr(self, f"_apply_{kind}")(cmd, term)
-        except (CommandError, access_keys.AccessCommandError) as exc:
+        except (
+            CommandError,
+            access_keys.AccessCommandError,
+            usage_ledger.UsageCommandError,
+        ) as exc:
             return ApplyResult(False, kind, error=str(exc), proposal=pid)
         except Exception as exc:  # a malformed field deep inside: reject, never wedge the log
             return ApplyResult(False, kind, error=f"malformed {kind}: {exc!r}", proposal=pid)
@@ -414,9 +336,11 @@ class ClusterState:
                 sha256=record.sha256 or old.sha256,
                 size=record.size if record.size is not None else old.size,
             )
-            if (old.n_ctx, old.n_parallel) == (record.n_ctx, record.n_parallel) and (
-                record.sha256 == old.sha256
-            ):
+            if (old.n_ctx, old.n_parallel, old.kv_type) == (
+                record.n_ctx,
+                record.n_parallel,
+                record.kv_type,
+            ) and (record.sha256 == old.sha256):
                 record = replace(
                     record,
                     vram=old.vram,
@@ -432,12 +356,41 @@ class ClusterState:
             self.models[name] = record
             self.models_version += 1
             changed = True
+            if old is None or (old.source, old.min_replicas, old.max_replicas) != (
+                record.source,
+                record.min_replicas,
+                record.max_replicas,
+            ):
+                self.scale.pop(name, None)  # new bounds: start again from `replicas`
         return changed
 
     def _apply_undeploy(self, cmd: dict, term: int) -> bool:
         name = _name(cmd.get("name"))
         if self.models.pop(name, None) is None:
             return False
+        self.scale.pop(name, None)
+        self.models_version += 1
+        return True
+
+    def _apply_set_scale(self, cmd: dict, term: int) -> bool:
+        name = _name(cmd.get("name"))
+        record = self.models.get(name)
+        if record is None or not record.scaled:
+            raise CommandError(f"{name} is not deployed with min_replicas/max_replicas")
+        wanted = _int(cmd.get("wanted"), "wanted", record.min_replicas, record.max_replicas)
+        at = cmd.get("at", 0.0)
+        if not isinstance(at, int | float) or isinstance(at, bool):
+            raise CommandError("at must be a number")
+        reason = cmd.get("reason", "")
+        if not isinstance(reason, str) or len(reason) > MAX_TEXT:
+            raise CommandError("reason must be a string")
+        previous = cmd.get("previous")
+        new = ScaleRecord(
+            wanted, float(at), reason, None if previous is None else _int(previous, "previous", 0)
+        )
+        if self.scale.get(name) == new:
+            return False
+        self.scale[name] = new
         self.models_version += 1
         return True
 
@@ -510,6 +463,8 @@ class ClusterState:
             "default_applied": self.default_applied,
             "nodes": [[k, self.nodes[k]] for k in sorted(self.nodes)],
             "access": self.access.to_wire(),
+            "scale": [[k, self.scale[k].to_wire()] for k in sorted(self.scale)],
+            "usage": self.usage.to_wire(),
         }
 
     def snapshot(self) -> bytes:
@@ -537,6 +492,17 @@ class ClusterState:
             for node, addr in _list(wire.get("nodes", []), "nodes"):
                 fresh.nodes[_text(node, "node")] = _text(addr, "addr")
             fresh.access = access_keys.AccessState.from_wire(wire.get("access"))
+            for name, rec in _list(wire.get("scale", []), "scale"):
+                if not isinstance(rec, dict):
+                    raise CommandError("a scale record must be a map")
+                prev = rec.get("previous")
+                fresh.scale[_name(name)] = ScaleRecord(
+                    _int(rec.get("wanted"), "wanted", 0, MAX_REPLICAS),
+                    float(rec.get("at", 0.0)),
+                    str(rec.get("reason", "")),
+                    None if prev is None else _int(prev, "previous", 0),
+                )
+            fresh.usage = usage_ledger.UsageState.from_wire(wire.get("usage"))
         except Exception as exc:
             raise SnapshotError(f"cannot restore cluster state: {exc}") from exc
         self.__dict__.update(fresh.__dict__)
@@ -550,11 +516,13 @@ __all__ = [
     "PROTOCOL",
     "SET_MODEL_FILE",
     "SET_PLAN",
+    "SET_SCALE",
     "UNDEPLOY",
     "ApplyResult",
     "ClusterState",
     "CommandError",
     "ModelRecord",
+    "ScaleRecord",
     "SnapshotError",
     "decode",
     "encode_deploy",
@@ -563,6 +531,7 @@ __all__ = [
     "encode_node_addr",
     "encode_node_forget",
     "encode_plan",
+    "encode_scale",
     "encode_undeploy",
     "plan_from_wire",
     "plan_to_wire",

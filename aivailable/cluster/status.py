@@ -4,7 +4,9 @@ committed state and plan. Pure."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import asdict
 
+from aivailable.cluster.controller import model_demand
 from aivailable.cluster.state import ClusterState
 from aivailable.cluster.view import ReadModel, rpc_pairing
 
@@ -15,6 +17,30 @@ JOIN_HINT = (
     "peers, clear their data dirs' raft state and cluster_id, and start them again: a peer "
     "without state joins the cluster it sees"
 )
+
+
+def scaling_status(record, state: ClusterState, view: ReadModel) -> dict:
+    """A scaled model's bounds, wanted and current replicas, demand and last decision."""
+    members = view.members(state.cluster_id)
+    ready = sum(
+        1
+        for n in members
+        if n.state in ("alive", "suspect")
+        for i in n.payload.instances
+        if i.model == record.name and i.state == "ready"
+    )
+    last = state.scale.get(record.name)
+    return {
+        "min_replicas": record.min_replicas,
+        "max_replicas": record.max_replicas,
+        "idle_unload_s": record.idle_unload_s,
+        "wanted": state.wanted_replicas(record.name),
+        "current": ready,
+        "demand": model_demand(members, record.name).to_dict(),
+        "last_decision": None
+        if last is None
+        else {"from": last.previous, "to": last.wanted, "at": last.at, "reason": last.reason},
+    }
 
 
 def cluster_status(
@@ -52,8 +78,13 @@ def cluster_status(
                         "vram_total": total,
                         "vram_free": free,
                         "capacity": g.capacity,
+                        "backend": g.backend,
                     }
                     for g, total, free in zip(p.gpus, p.vram_total, p.vram_free, strict=False)
+                ],
+                "unusable_gpus": [
+                    {"id": gid, "vendor": vendor, "name": name, "reason": reason}
+                    for gid, vendor, name, reason in p.unusable
                 ],
                 "instances": [
                     {
@@ -62,6 +93,7 @@ def cluster_status(
                         "queue_depth": i.queue_depth,
                         "free_slots": i.free_slots,
                         "gpus": list(i.gpus),
+                        **({"demand": asdict(i.demand)} if i.demand is not None else {}),
                     }
                     for i in p.instances
                 ],
@@ -110,6 +142,10 @@ def cluster_status(
             "split": record.split,
             "placements": placements,
         }
+        if record.kv_type != "f16":  # shown when it differs from llama.cpp's default
+            model["kv_type"] = record.kv_type
+        if record.scaled:
+            model["scaling"] = scaling_status(record, state, view)
         if record.name in unplaced:
             u = unplaced[record.name]
             model["unplaced"] = f"{u.missing_replicas} replica(s) unplaced: {u.reason}"

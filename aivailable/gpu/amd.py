@@ -78,6 +78,10 @@ def _devices(amdsmi) -> list[GpuInfo]:
             driver = str(amdsmi.amdsmi_get_gpu_driver_info(handle).get("driver_version", ""))
         except Exception:
             driver = ""
+        try:  # the PCI id matches this card to llama.cpp's device (aivailable/gpu/devices.py)
+            pci = str(amdsmi.amdsmi_get_gpu_device_bdf(handle))
+        except Exception:
+            pci = ""
         gpus.append(
             GpuInfo(
                 id=f"amd{index}",
@@ -88,6 +92,7 @@ def _devices(amdsmi) -> list[GpuInfo]:
                 driver=driver,
                 compute=str(asic.get("target_graphics_version") or ""),
                 index=index,
+                pci=pci,
             )
         )
     return gpus

@@ -16,7 +16,12 @@ class GpuInfo:
     vram_free: int  # bytes, at probe time (other programs' use already subtracted)
     driver: str  # driver version, "" if unknown
     compute: str  # NVIDIA compute capability "6.1", AMD architecture "gfx906", "" if unknown
-    index: int = 0  # the vendor's own device index (for CUDA/HIP_VISIBLE_DEVICES, main_gpu)
+    index: int = 0  # the backend's own device index (the N of CUDA/HIP/GGML_VK_VISIBLE_DEVICES)
+    backend: str = ""  # llama.cpp backend that drives it: "CUDA", "HIP", "Vulkan", "Metal", "CPU"
+    usable: bool = True  # False: this llama.cpp build cannot drive it; never placed on
+    reason: str = ""  # why it is not usable, with the rebuild command ("" when usable)
+    pci: str = ""  # PCI bus id "0000:01:00.0" (lower case), "" when unknown
+    key: str = ""  # stable across restarts: the PCI id, else backend + index ("vulkan0")
 
     def with_id(self, gpu_id: str) -> GpuInfo:
         return replace(self, id=gpu_id)

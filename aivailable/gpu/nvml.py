@@ -58,6 +58,10 @@ def _devices(pynvml) -> list[GpuInfo]:
             compute = f"{major}.{minor}"
         except Exception:
             compute = ""
+        try:  # the PCI id matches this card to llama.cpp's device (aivailable/gpu/devices.py)
+            pci = _text(pynvml.nvmlDeviceGetPciInfo(handle).busId)
+        except Exception:
+            pci = ""
         gpus.append(
             GpuInfo(
                 id=f"nvidia{index}",
@@ -68,6 +72,7 @@ def _devices(pynvml) -> list[GpuInfo]:
                 driver=driver,
                 compute=compute,
                 index=index,
+                pci=pci,
             )
         )
     return gpus

@@ -7,6 +7,7 @@ upstream pool signs with the cluster secret.
 """
 
 import asyncio
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -203,6 +204,10 @@ async def test_a_burst_between_gossip_rounds_spreads_over_the_replicas(trio):
     e1 = await trio.b1.serve(engine(token_delay=0.05, queue_limit=8))
     e2 = await trio.b2.serve(engine(token_delay=0.05, queue_limit=8))
     trio.front.gossiped_depth = {}  # gossip has not reported the burst yet: all idle
+    # One prompt six times: prefix affinity would keep it on one replica up to the load
+    # bound (tests/integration/test_routing_peers.py); spreading is least_loaded's job.
+    fwd = trio.front.forwarder
+    fwd._config = dataclasses.replace(fwd._config, routing="least_loaded")
 
     async def one(session):
         resp = await session.post(

@@ -15,11 +15,13 @@ only once `raft.caught_up`-style its peer applied an entry of the current term.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from random import Random
 from types import SimpleNamespace
 from typing import Any
 
+from aivailable.backends.demand import DemandWindow
 from aivailable.backends.lifecycle import advance
 from aivailable.cluster import state as cs
 from aivailable.cluster.controller import ChangeConf, Context, ControllerConfig, Propose, step
@@ -50,6 +52,9 @@ class Instance:
     source: str
     state: str = "loading"
     ready_at: float = 0.0
+    window: DemandWindow | None = None  # its demand measurements, once ready
+    admit_credit: float = 0.0  # fractions of requests, admitted or refused, not yet counted
+    refuse_credit: float = 0.0
 
 
 @dataclass
@@ -84,6 +89,14 @@ class ClusterSim(GossipSim):
         self.learners = tuple(n for n in gpus if n not in voters)  # they serve, never vote
         self.peers: dict[str, Peer] = {}
         self.deployed: dict[str, cs.ModelRecord] = {}  # every model some peer applied
+        # Demand traces: model -> concurrent streams at a virtual time. Each stream holds a
+        # slot for `hold_s` per request; a replica queues one round beyond its slots and
+        # refuses the rest (one retry per second per refused stream).
+        self.load: dict[str, Callable[[float], int]] = {}
+        self.keep_alive: dict[str, float | None] = {}  # model -> keep_alive its requests send
+        self.slots = 4
+        self.hold_s = 3.0
+        self.scale_log: list[tuple[float, str, int, int, str]] = []  # (t, model, from, to, why)
         for nid, sizes in gpus.items():
             self._add_peer(Peer(nid, {f"gpu{i}": g * GIB for i, g in enumerate(sizes)}))
         # Peers of another cluster that share the key: in gossip, never in Raft.
@@ -156,10 +169,29 @@ class ClusterSim(GossipSim):
         self._process(leader)
         return True
 
-    def deploy(self, name: str, vram_gib: float, replicas: int = 1, priority: int = 0) -> bool:
+    def deploy(
+        self,
+        name: str,
+        vram_gib: float,
+        replicas: int = 1,
+        priority: int = 0,
+        min_replicas: int | None = None,
+        max_replicas: int | None = None,
+        idle_unload_s: float | None = None,
+    ) -> bool:
         """Deploy through the leader, as `POST /cluster/models` does (VRAM known exactly)."""
         source = f"/m/{name}.gguf"
-        ok = self.propose(cs.encode_deploy(name, source, replicas, 2048, priority))
+        deploy = cs.encode_deploy(
+            name,
+            source,
+            replicas,
+            2048,
+            priority,
+            min_replicas=min_replicas,
+            max_replicas=max_replicas,
+            idle_unload_s=idle_unload_s,
+        )
+        ok = self.propose(deploy)
         vram = int(vram_gib * GIB)
         sha = f"{sum(name.encode()) * 7919:064x}"
         return ok and self.propose(cs.encode_model_file(name, source, sha, vram, vram, 0))
@@ -221,7 +253,10 @@ class ClusterSim(GossipSim):
                 peer.state.restore(rd.restore.data)
             for e in rd.committed:
                 if e.kind == CMD:
+                    before = dict(peer.state.scale)
                     peer.state.apply(e.data, e.term)
+                    if peer is self.leader():
+                        self._log_scale(before, peer.state.scale)
                     for name, record in peer.state.models.items():
                         self.deployed.setdefault(name, record)
             node.advance(rd)
@@ -233,6 +268,8 @@ class ClusterSim(GossipSim):
         for inst in peer.instances.values():
             if inst.state == "loading" and self.now >= inst.ready_at:
                 inst.state = advance(inst.state, "ready")
+                inst.window = DemandWindow(self.slots, self.now)
+        self._serve(peer)
         if peer.cluster == CLUSTER:
             self._reconcile(peer)
             self._control(peer)
@@ -270,7 +307,7 @@ class ClusterSim(GossipSim):
             if node.applied_index < index and node.term == term:
                 return  # the runner awaits its proposal
             peer.waiting = None
-        ctx = Context(peer.id, node.term, found_cluster_id=CLUSTER)
+        ctx = Context(peer.id, node.term, found_cluster_id=CLUSTER, wall=self.now)
         actions = step(peer.view.nodes(), peer.state, self.now, ctx, CONTROLLER)
         for action in actions:
             if isinstance(action, ChangeConf):
@@ -295,16 +332,81 @@ class ClusterSim(GossipSim):
             for g, size in peer.gpus.items()
         ]
         views = [
-            {"model": i.model, "state": i.state, "queue_depth": 0, "gpus": list(i.gpus)}
+            {
+                "model": i.model,
+                "state": i.state,
+                "queue_depth": 0,
+                "gpus": list(i.gpus),
+                "demand": i.window.signals(self.now) if i.window is not None else None,
+            }
             for i in peer.instances.values()
         ]
         cluster = peer.state.cluster_id or (peer.cluster if peer.cluster != CLUSTER else None)
-        payload = node_payload(peer.id, cluster, gpus, own, views, (), 0, 1)
+        payload = node_payload(
+            peer.id, cluster, gpus, own, views, (), 0, 1, waiting=self._held(peer)
+        )
         node = self.nodes[peer.id]
         if not node.crashed:
             node.core.set_payload(payload, self.now)
             super()._flush(node)
         peer.view.set_own(read_payload(peer.id, payload), self.now)
+
+    # ----- demand -------------------------------------------------------------------------
+
+    def hosts(self, model: str) -> list[Peer]:
+        """Live members with a ready instance of `model`, by id (the load spreads over them)."""
+        return [
+            p
+            for p in self.live_members()
+            if model in p.instances and p.instances[model].state == "ready"
+        ]
+
+    def _share(self, model: str, peer: Peer) -> int:
+        hosts = [p.id for p in self.hosts(model)]
+        if peer.id not in hosts:
+            return 0
+        streams = max(0, int(self.load[model](self.now)))
+        i = hosts.index(peer.id)
+        return streams // len(hosts) + (1 if i < streams % len(hosts) else 0)
+
+    def _serve(self, peer: Peer) -> None:
+        """This peer's share of each model's trace, as its instances would measure it."""
+        for model, inst in peer.instances.items():
+            if inst.window is None or model not in self.load:
+                continue
+            share = self._share(model, peer)
+            queued = min(share, 2 * self.slots)  # one round of queue beyond the slots
+            inst.window.set_depth(self.now, queued)
+            inst.admit_credit += queued * BEAT_S / self.hold_s
+            inst.refuse_credit += (share - queued) * BEAT_S
+            while inst.admit_credit >= 1:
+                inst.admit_credit -= 1
+                inst.window.admitted(self.now, self.keep_alive.get(model))
+                inst.window.first_token(self.now, self.hold_s * max(0, queued - self.slots) / 4)
+            while inst.refuse_credit >= 1:
+                inst.refuse_credit -= 1
+                inst.window.refused(self.now)
+
+    def _held(self, peer: Peer) -> dict[str, int]:
+        """Requests the first live member holds for a model with no ready replica."""
+        live = self.live_members()
+        if not live or peer is not live[0]:
+            return {}
+        return {
+            m: int(f(self.now))
+            for m, f in self.load.items()
+            if int(f(self.now)) > 0 and not self.hosts(m)
+        }
+
+    def _log_scale(self, before: dict, after: dict) -> None:
+        for name, rec in after.items():
+            if before.get(name) != rec:
+                old = before[name].wanted if name in before else rec.previous or 0
+                self.scale_log.append((self.now, name, old, rec.wanted, rec.reason))
+
+    def wanted(self, model: str) -> int:
+        leader = self.leader()
+        return leader.state.wanted_replicas(model) if leader and model in leader.state.models else 0
 
     # ----- invariants --------------------------------------------------------------------
 

@@ -130,3 +130,30 @@ def test_a_split_instance_shows_its_parts():
         text = out.getvalue()
         assert "Split instances" in text and "primary" in text and "helper" in text
         assert "420 MiB" in text and "11" in text
+
+
+def test_status_shows_each_gpu_s_backend_and_the_cards_the_build_cannot_drive():
+    from aivailable.status_view import render_status
+
+    node = {
+        "id": "a",
+        "state": "alive",
+        "gpus": [
+            {
+                "name": "RX 580",
+                "vendor": "amd",
+                "backend": "Vulkan",
+                "vram_total": 8 << 30,
+                "vram_free": 8 << 30,
+            },
+        ],
+        "unusable_gpus": [
+            {"id": "gpu1", "vendor": "nvidia", "name": "GTX 1080", "reason": "no CUDA"}
+        ],
+        "instances": [],
+    }
+    out = io.StringIO()
+    render_status({**STATUS, "nodes": [node]}, Console(file=out, width=200, color_system=None))
+    text = out.getvalue()
+    assert "RX 580 (amd, Vulkan)" in text
+    assert "GTX 1080 (nvidia)" in text and "not usable" in text

@@ -288,6 +288,15 @@ async def test_no_replica_answering_gives_503_unreachable(front):
     assert (await resp.json())["error"]["code"] == "model_unreachable"
 
 
+async def test_a_replica_this_view_shows_loading_is_tried_before_a_503(front):
+    # The view lags: the replica turned ready a gossip round ago.
+    seen = await front.add(upstream_app("a"), "a", depth=0)
+    front.replicas[-1] = r("a", "loading", addr=front.replicas[-1].addr)
+    resp = await front.client.post("/v1/completions", json={"model": "m"})
+    assert resp.status == 200 and (await resp.json())["served_by"] == "a"
+    assert len(seen.requests) == 1
+
+
 async def test_no_ready_replica_answers_with_the_models_availability(front):
     front.replicas.append(r("a", "loading"))
     front.replicas.append(r("me", local=True))  # never forwarded to itself
@@ -485,6 +494,9 @@ class RecordingForwarder:
     async def forward(self, request, body, model):
         self.calls.append((model, body))
         return web.json_response({"forwarded": model})
+
+    def serves_here(self, request, body, model, engine):
+        return True
 
 
 @pytest.fixture

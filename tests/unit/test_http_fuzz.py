@@ -24,6 +24,7 @@ from aivailable.api.cluster_api import ClusterApi
 from aivailable.api.ollama_api import OllamaApi
 from aivailable.api.openai_api import OpenAIApi
 from aivailable.api.request_id import REQUEST_ID_HEADER
+from aivailable.api.responses_api import ResponsesApi
 from aivailable.backends.fake_engine import FakeEngine
 from aivailable.metrics import Metrics
 from tests.unit.test_http_edges import FakeView
@@ -48,10 +49,11 @@ def peer():
         openai = OpenAIApi(lambda: instances, metrics, max_tokens_limit=64, request_timeout_s=5)
         cluster = ClusterApi(FakeView(), downloads=list)
         ollama = OllamaApi(openai)
+        responses = ResponsesApi(openai, metrics, 5, "n1")
         app = build_app(
             metrics,
             lambda: True,
-            [openai.routes(), ollama.routes(), cluster.routes()],
+            [openai.routes(), ollama.routes(), responses.routes(), cluster.routes()],
             cors_origins=("http://lab.example",),
         )
         server = TestServer(app, host="127.0.0.1")
@@ -120,6 +122,39 @@ openai_body = st.fixed_dictionaries(
         "n": values,
     },
 )
+input_item = st.fixed_dictionaries(
+    {},
+    optional={
+        "type": st.sampled_from(["message", "function_call", "function_call_output", "x"]) | values,
+        "role": st.sampled_from(["user", "assistant", "developer", "robot"]) | values,
+        "content": st.text(max_size=40)
+        | st.lists(st.fixed_dictionaries({"type": st.just("input_text"), "text": values}))
+        | values,
+        "call_id": values,
+        "name": values,
+        "arguments": st.text(max_size=20) | values,
+        "output": values,
+    },
+)
+responses_body = st.fixed_dictionaries(
+    {"model": st.sampled_from(["fake", "absent"]) | values},
+    optional={
+        "input": st.text(max_size=60) | st.lists(input_item, max_size=4) | values,
+        "instructions": st.text(max_size=20) | values,
+        "stream": st.booleans() | values,
+        "max_output_tokens": st.integers(-3, 10**7) | values,
+        "tools": st.lists(
+            st.fixed_dictionaries({"type": st.just("function"), "name": values}), max_size=2
+        )
+        | values,
+        "tool_choice": st.sampled_from(["auto", "none", "required"]) | values,
+        "text": st.fixed_dictionaries({"format": values}) | values,
+        "previous_response_id": st.sampled_from(["resp_6e31_x", "resp_zz_y"]) | values,
+        "store": values,
+        "metadata": values,
+        "temperature": values,
+    },
+)
 deploy_body = st.fixed_dictionaries(
     {},
     optional={
@@ -147,6 +182,7 @@ def nested(depth: int, opener: bytes = b"[") -> bytes:
 
 bodies = st.one_of(
     openai_body.map(json.dumps).map(str.encode),
+    responses_body.map(json.dumps).map(str.encode),
     deploy_body.map(json.dumps).map(str.encode),
     values.map(json.dumps).map(str.encode),
     st.binary(max_size=200),
@@ -162,6 +198,7 @@ SAFE_READER_ROUTES = [
     ("POST", "/cluster/models"),
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
+    ("POST", "/v1/responses"),
     ("POST", "/api/chat"),
     ("POST", "/api/generate"),
 ]
@@ -170,6 +207,10 @@ ROUTES = [
     ("POST", "/v1/completions"),
     ("GET", "/v1/models"),
     ("GET", "/v1/models/fake"),
+    ("POST", "/v1/responses"),
+    ("POST", "/v1/responses"),
+    ("GET", "/v1/responses/resp_6e31_x"),
+    ("DELETE", "/v1/responses/resp_zz"),
     ("POST", "/cluster/models"),
     ("DELETE", "/cluster/models/fake"),
     ("GET", "/cluster/status"),

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from aivailable.backends.base import EngineSpec
 from aivailable.backends.llama_engine import EngineConfig
-from aivailable.backends.llama_factory import device_env, llama_factory
+from aivailable.backends.llama_factory import device_env, llama_factory, n_gpu_layers_for
 from aivailable.gpu import GpuInfo, cpu_device, parse_fake_gpu
 
 GIB = 1 << 30
@@ -38,4 +38,35 @@ def test_the_factory_offloads_on_real_gpus_and_splits_only_over_several():
     )
     assert (two.n_ctx, two.tensor_split) == (4096, (0.5, 0.5))
     cpu = build(EngineSpec("e", Path("/e.gguf"), (cpu_device().id,), kind="embedding"))
-    assert (cpu.n_gpu_layers, cpu.env, cpu.kind) == (0, {}, "embedding")
+    # A CPU instance on a GPU node sees no GPU: llama.cpp would offload ops to one otherwise.
+    assert (cpu.n_gpu_layers, cpu.env, cpu.kind) == (0, {"CUDA_VISIBLE_DEVICES": ""}, "embedding")
+
+
+def vk(gpu_id, index, usable=True):
+    return GpuInfo(gpu_id, "amd", "RX 580", 8 * GIB, 8 * GIB, "", "", index, "Vulkan", usable)
+
+
+def test_the_variable_follows_the_backend_and_hides_the_node_s_other_backends():
+    cuda = GpuInfo("gpu0", "nvidia", "GTX 1080", 8 * GIB, 8 * GIB, "", "", 0, "CUDA")
+    node = [cuda, vk("gpu1", 0), vk("gpu2", 1)]
+    env = device_env([node[2]], node, parent={"GGML_VK_VISIBLE_DEVICES": "1,3"})
+    # Vulkan1 is the parent's second listed device; CUDA is hidden from this worker.
+    assert env == {"GGML_VK_VISIBLE_DEVICES": "3", "CUDA_VISIBLE_DEVICES": ""}
+    # The parent listed no Vulkan devices: VulkanN is not the loader's index, so no pin.
+    assert device_env([node[1]], node, parent={}) == {"CUDA_VISIBLE_DEVICES": ""}
+    assert device_env([cuda], node, parent={"CUDA_VISIBLE_DEVICES": "2"}) == {
+        "CUDA_VISIBLE_DEVICES": "2",
+        "GGML_VK_VISIBLE_DEVICES": "",
+    }
+
+
+def test_a_card_the_build_cannot_drive_gets_no_offload():
+    dead = vk("gpu0", 0, usable=False)
+    assert n_gpu_layers_for([dead]) == 0 and device_env([dead], [dead], parent={}) == {}
+    assert n_gpu_layers_for([vk("gpu0", 0)]) == -1
+
+
+def test_a_worker_hides_amd_gpus_with_an_invalid_index():
+    amd = GpuInfo("gpu0", "amd", "Radeon VII", 16 * GIB, 16 * GIB, "", "gfx906", 0, "HIP")
+    assert device_env([cpu_device()], [amd], parent={}) == {"HIP_VISIBLE_DEVICES": "-1"}
+    assert device_env([amd], [amd], parent={}) == {"HIP_VISIBLE_DEVICES": "0"}

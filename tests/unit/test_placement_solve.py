@@ -165,7 +165,7 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError):
         solve([node("a", 8)], [ModelSpec("m", G), ModelSpec("m", 2 * G)])
     with pytest.raises(ValueError):
-        Gpu("x", "intel", "arc", G)  # type: ignore[arg-type]
+        Gpu("x", "3dfx", "voodoo", G)  # type: ignore[arg-type]
 
 
 def test_an_empty_cluster_places_nothing_and_says_why():

@@ -61,9 +61,13 @@ def test_forwarding_prefers_the_replica_with_the_most_free_slots():
     assert [r.node_id for r in order_replicas([busy, roomy])] == ["b", "a"]
     # What this peer sent since the last gossip counts against the free slots.
     assert [r.node_id for r in order_replicas([busy, roomy], {"b": 6})] == ["a", "b"]
-    # This peer's own replica still comes first: no hop at all.
+    # This peer's own replica comes first only while it can start the request at once
+    # (issue 22): a full one loses to a remote free slot, and is first again among equals.
     mine = Replica("me", "me:1", True, "ready", queue_depth=9, free_slots=0)
-    assert order_replicas([busy, roomy, mine])[0] is mine
+    assert order_replicas([busy, roomy, mine])[0] is roomy
+    assert order_replicas([busy, roomy, mine], routing="local_first")[0] is mine
+    idle = Replica("me", "me:1", True, "ready", queue_depth=0, free_slots=1)
+    assert order_replicas([busy, roomy, idle])[0] is idle
 
 
 def test_a_change_of_kind_or_slots_restarts_the_instance():
