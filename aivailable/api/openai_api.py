@@ -325,7 +325,12 @@ class OpenAIApi:
             finished.prompt_tokens,
         )
 
-    async def _complete(self, engine: Engine, meter: Metered, started: float) -> web.Response:
+    async def generate_whole(
+        self, engine: Engine, meter: Metered, started: float
+    ) -> tuple[list[list[str]], list[list[dict]], Finished]:
+        """A whole generation of `meter.parsed`: the text and logprobs of each choice and the
+        engine's Finished, counted and charged; its errors as HTTP errors. Every API's
+        non-streamed answer is rendered from this (OpenAI's, the Responses API's)."""
         parsed = meter.parsed
         n = parsed.request.params.n
         texts: list[list[str]] = [[] for _ in range(n)]
@@ -353,6 +358,12 @@ class OpenAIApi:
         if finished is None:
             raise ApiError(500, "the engine ended without finishing", type="server_error")
         self.count(meter, finished)
+        return texts, logprobs, finished
+
+    async def _complete(self, engine: Engine, meter: Metered, started: float) -> web.Response:
+        parsed = meter.parsed
+        n = parsed.request.params.n
+        texts, logprobs, finished = await self.generate_whole(engine, meter, started)
         is_chat = isinstance(parsed.request, ChatRequest)
         reasons = finished.finish_reasons or (finished.finish_reason,)
         choices = []

@@ -175,26 +175,8 @@ class ResponsesApi:
         call: ResponsesCall,
         started: float,
     ) -> web.Response:
-        texts: list[str] = []
-        done: Finished | None = None
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                async with contextlib.aclosing(engine.generate(call.parsed.request)) as events:
-                    async for event in events:
-                        if isinstance(event, TextDelta):
-                            if not texts:
-                                self._first_token(call.parsed.model, started)
-                            texts.append(event.text)
-                        elif isinstance(event, Finished):
-                            done = event
-        except EngineError as exc:
-            raise engine_error(exc, call.parsed.model) from exc
-        except TimeoutError as exc:
-            raise self._timeout() from exc
-        if done is None:
-            raise ApiError(500, "the engine ended without finishing", type="server_error")
-        self._openai.count(meter, done)
-        items = render.output_items("".join(texts), call)
+        texts, _, done = await self._openai.generate_whole(engine, meter, started)
+        items = render.output_items("".join(texts[0]), call)
         response = render.finished(self._new(call), items, done)
         self._keep(request, call, response)
         return meter.json_response(response)

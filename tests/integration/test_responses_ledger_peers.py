@@ -15,20 +15,11 @@ import pytest
 
 from tests.integration.test_access_peers import http, poll
 from tests.integration.test_cluster_peers import Cluster
+from tests.unit.responses_tools import WEATHER_TOOL
 
 pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m"
-TOOL = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "the weather in a city",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}},
-        "required": ["city"],
-    },
-}
 
 
 def totals(peer, consistent: bool = False) -> dict | None:
@@ -102,7 +93,7 @@ def test_responses_and_the_ledger_on_real_peers(tmp_path):
         call_turn = router.responses.create(
             model=MODEL,
             input="What is the weather in Paris?",
-            tools=[TOOL],
+            tools=[WEATHER_TOOL],
             tool_choice="required",
             max_output_tokens=48,
         )

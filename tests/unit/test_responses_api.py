@@ -13,17 +13,7 @@ from aivailable.api.responses_store import ResponseStore, StoreConfig, node_of, 
 from aivailable.backends.base import ChatRequest
 from aivailable.backends.fake_engine import FakeEngine
 from aivailable.metrics import Metrics
-
-WEATHER = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "the weather in a city",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}},
-        "required": ["city"],
-    },
-}
+from tests.unit.responses_tools import WEATHER_TOOL
 
 
 def replies(request: ChatRequest) -> str:
@@ -148,7 +138,7 @@ async def test_the_stream_has_the_responses_events_in_order(served):
 
 
 async def test_a_function_tool_round_trip(served):
-    body = {"model": "fake", "input": "weather in Paris?", "tools": [WEATHER]}
+    body = {"model": "fake", "input": "weather in Paris?", "tools": [WEATHER_TOOL]}
     first = await (await served.client.post("/v1/responses", json=body)).json()
     (call,) = first["output"]
     assert call["type"] == "function_call" and call["name"] == "get_weather"
@@ -163,7 +153,7 @@ async def test_a_function_tool_round_trip(served):
 
 
 async def test_a_streamed_function_call_has_argument_events(served):
-    body = {"model": "fake", "input": "weather?", "tools": [WEATHER], "stream": True}
+    body = {"model": "fake", "input": "weather?", "tools": [WEATHER_TOOL], "stream": True}
     events = await events_of(await served.client.post("/v1/responses", json=body))
     kinds = [e["type"] for e in events]
     assert "response.function_call_arguments.delta" in kinds

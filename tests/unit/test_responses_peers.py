@@ -31,17 +31,7 @@ from aivailable.metrics import Metrics
 from peer.availability import ModelAvailability, Replica
 from peer.forward import ForwardConfig, Forwarder
 from peer.upstream import UpstreamPool
-
-TOOL = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "weather in a city",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}},
-        "required": ["city"],
-    },
-}
+from tests.unit.responses_tools import WEATHER_TOOL
 
 
 def replies(request: ChatRequest) -> str:
@@ -186,7 +176,9 @@ async def test_the_openai_client_through_a_routing_only_peer(cluster):
 
 async def test_a_streamed_function_tool_round_trip_with_the_openai_client(cluster):
     entry = client(cluster.entry)
-    stream = await entry.responses.create(model="fake", input="weather?", tools=[TOOL], stream=True)
+    stream = await entry.responses.create(
+        model="fake", input="weather?", tools=[WEATHER_TOOL], stream=True
+    )
     kinds, final = [], None
     async for event in stream:
         kinds.append(event.type)
@@ -200,7 +192,7 @@ async def test_a_streamed_function_tool_round_trip_with_the_openai_client(cluste
         model="fake",
         previous_response_id=final.id,
         input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
-        tools=[TOOL],
+        tools=[WEATHER_TOOL],
         tool_choice="none",
     )
     assert answer.output_text == "it is sunny"
