@@ -42,6 +42,7 @@ from peer.availability import (
 from peer.trace import TRACEPARENT_HEADER
 from peer.upstream import Unreachable, UpstreamError, UpstreamPool, UpstreamResponse
 from peer.usage import USAGE_TRAILER_HEADER, TrailerSplitter, Usage
+from peer.watch import Watch, Watches
 
 log = logging.getLogger(__name__)
 
@@ -121,83 +122,6 @@ _PEER_HEADER_PREFIX = "x-aivailable-"
 # ---------------------------------------------------------------- the asyncio adapter
 
 
-class _Watch:
-    """What ends the wait for one replica: it stalls past its limit, the request's deadline
-    passes, or gossip declares its host dead (or suspect, when `leave_suspect`: another
-    replica can serve). Before the first byte it fires `cm` (the attempt's asyncio.timeout);
-    once streaming it closes the upstream response, so the pending read raises. `why` says
-    which. Checked by the Forwarder's one shared tick (`_Watches`), not a timer each."""
-
-    def __init__(
-        self, node_id: str, limit_s: float, deadline: float, leave_suspect: bool, now: float
-    ):
-        self._node_id = node_id
-        self._limit_s = limit_s
-        self._deadline = deadline
-        self.leave_suspect = leave_suspect
-        self.last = now
-        self.progressed = False  # a chunk arrived since the last check (no clock read per token)
-        self._cm: asyncio.Timeout | None = None
-        self._upstream: UpstreamResponse | None = None
-        self.why = ""
-
-    def waiting(self, cm: asyncio.Timeout) -> None:
-        self._cm = cm
-
-    def streaming(self, upstream: UpstreamResponse, stall_s: float) -> None:
-        self._cm, self._upstream = None, upstream
-        self._limit_s, self.leave_suspect = stall_s, False
-        self.progressed = True
-
-    def check(self, now: float, member_state: Callable[[str], str]) -> bool:
-        """Fires (and says True) when the wait must end."""
-        if self.progressed:
-            self.last, self.progressed = now, False
-        state = member_state(self._node_id)
-        if state in ("dead", "left") or (state == "suspect" and self.leave_suspect):
-            self.why = f"gossip declared it {state}"
-        elif now >= self._deadline:
-            self.why = "timed out: past the request's deadline"
-        elif now >= self.last + self._limit_s:
-            self.why = f"timed out: silent for {self._limit_s:g}s"
-        else:
-            return False
-        if self._cm is not None:
-            self._cm.reschedule(now)  # the awaited request or first read raises TimeoutError
-        elif self._upstream is not None:
-            self._upstream.close()  # the pending chunk read raises
-        return True
-
-
-class _Watches:
-    """Every in-flight wait, checked together every `check_s` while there are any: one
-    timer for all the streams a peer relays, instead of one re-armed per request (which
-    cost a hop more than the check). A limit fires at most `check_s` late."""
-
-    def __init__(self, member_state: Callable[[str], str], check_s: float):
-        self._member_state = member_state
-        self._check_s = check_s
-        self._live: set[_Watch] = set()
-        self._handle: asyncio.TimerHandle | None = None
-
-    def start(self, node_id: str, limit_s: float, deadline: float, leave_suspect: bool) -> _Watch:
-        loop = asyncio.get_running_loop()
-        watch = _Watch(node_id, limit_s, deadline, leave_suspect, loop.time())
-        self._live.add(watch)
-        if self._handle is None:
-            self._handle = loop.call_later(self._check_s, self._tick)
-        return watch
-
-    def stop(self, watch: _Watch) -> None:
-        self._live.discard(watch)
-
-    def _tick(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        self._live.difference_update([w for w in self._live if w.check(now, self._member_state)])
-        self._handle = loop.call_later(self._check_s, self._tick) if self._live else None
-
-
 class HeadersWithFirstChunk(web.StreamResponse):
     """Sends its headers together with the first chunk: one segment and one wake-up
     for the client instead of two, which is most of a hop's cost on a busy machine. For
@@ -260,7 +184,7 @@ ReportUnreachable = Callable[[str], None]
 class _Attempt:
     """What one try at one replica came to; `watch` goes on watching the stream."""
 
-    def __init__(self, watch: _Watch) -> None:
+    def __init__(self, watch: Watch) -> None:
         self.watch = watch
         self.upstream: UpstreamResponse | None = None
         self.first = b""
@@ -285,7 +209,7 @@ class Forwarder:
         self._availability_of = availability_of
         self._node_id = node_id
         self._config = config or ForwardConfig()
-        self._watches = _Watches(member_state, self._config.member_check_s)
+        self._watches = Watches(member_state, self._config.member_check_s)
         self._report_unreachable = report_unreachable
         self._inflight: dict[str, int] = {}  # node id -> requests this peer has there now
 
