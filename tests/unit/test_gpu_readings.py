@@ -259,3 +259,27 @@ def test_aivailable_status_shows_readings_and_the_health_problem():
     render_status(status, console)
     text = console.export_text()
     assert "97 °C 5% busy" in text and "unhealthy: 97 °C, at or over its limit of 95" in text
+
+
+def test_the_fakes_speak_the_installed_libraries_names():
+    """Every function and constant the probes call exists in the real nvidia-ml-py and
+    amdsmi installed here (amdsmi read as source: importing it needs libamd_smi.so)."""
+    import importlib.util
+    from pathlib import Path
+
+    import pynvml
+
+    for name in dir(fake_pynvml([TESLA])):
+        if name.startswith(("nvml", "NVML_")):
+            assert hasattr(pynvml, name), name
+    spec = importlib.util.find_spec("amdsmi")
+    source = (Path(spec.origin).parent / "amdsmi_interface.py").read_text()
+    for name in dir(fake_amdsmi([MI50])):
+        if name.startswith("amdsmi_"):
+            assert f"\ndef {name}(" in source, name
+    for enum, members in (
+        ("AmdSmiTemperatureType", ("EDGE", "HOTSPOT")),
+        ("AmdSmiTemperatureMetric", ("CURRENT", "CRITICAL")),
+    ):
+        body = source.split(f"\nclass {enum}(", 1)[1].split("\nclass ", 1)[0]
+        assert all(f"\n    {m} = " in body for m in members), enum
