@@ -32,6 +32,18 @@ def vram_bar(total: int, free: int, width: int = 20) -> str:
     return f"[{'#' * filled}{'-' * (width - filled)}] {_gib(used)}/{_gib(total)}"
 
 
+def gpu_readings(gpu: dict) -> str:
+    """' 64 °C 12% busy', and the health problem in red, from what NVML/amdsmi read."""
+    text = ""
+    if gpu.get("temperature") is not None:
+        text += f" {gpu['temperature']} °C"
+    if gpu.get("utilization") is not None:
+        text += f" {gpu['utilization']}% busy"
+    if gpu.get("health"):
+        text += f" [red]unhealthy: {escape(str(gpu['health']))}[/]"
+    return text
+
+
 def _styled(state: str) -> str:
     return f"[{STATE_STYLE.get(state, 'white')}]{state}[/]"
 
@@ -57,7 +69,9 @@ def render_status(status: dict, console: Console | None = None) -> None:
                 node["id"] if first else "",
                 node.get("addr", "") if first else "",
                 _styled(node.get("state", "?")) if first else "",
-                f"{gpu.get('name', 'none')} ({kind})" if gpu else "none",
+                f"{escape(str(gpu.get('name', 'none')))} ({kind}){gpu_readings(gpu)}"
+                if gpu
+                else "none",
                 "not usable"
                 if gpu.get("unusable")
                 else vram_bar(gpu.get("vram_total", 0), gpu.get("vram_free", 0))

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from placement.model import OUT_OF_CAPACITY, TOO_LARGE, Gpu, ModelSpec, Node, Plan, Unplaced
+from placement.model import OUT_OF_CAPACITY, TOO_LARGE, ModelSpec, Node, Plan, Unplaced
 
 SPLIT_MODES = ("auto", "never", "always")
 MAX_DEVICES = 16  # llama.cpp's LLAMA_MAX_DEVICES (and GGML_RPC_MAX_SERVERS)
@@ -192,19 +192,20 @@ def _build(model: str, profile: LayerProfile, devices: list[_Device], primary: s
 
 
 def devices_of(nodes: Sequence[Node], free: Mapping[str, int]) -> dict[str, list[_Device]]:
-    """Per node, the devices a split may use: its GPUs of one vendor (the one with the
-    most free bytes), else its cpu device; each with its free bytes."""
+    """Per node, the devices a split may use: its GPUs of one group (one llama.cpp
+    backend, else vendor: tensor_split runs inside one backend), the one with the most
+    free bytes, else its cpu device; each with its free bytes."""
     out: dict[str, list[_Device]] = {}
     for node in sorted(nodes, key=lambda n: n.id):
-        by_vendor: dict[str, list[_Device]] = {}
+        by_group: dict[str, list[_Device]] = {}
         for g in sorted(node.gpus, key=lambda g: g.id):
-            by_vendor.setdefault(g.vendor, []).append(
+            by_group.setdefault("cpu" if g.vendor == "cpu" else g.group, []).append(
                 _Device(node.id, g.id, g.vendor, max(free.get(g.id, g.capacity), 0))
             )
-        gpu_vendors = [v for v in by_vendor if v != "cpu"] or list(by_vendor)
-        if gpu_vendors:
-            best = max(gpu_vendors, key=lambda v: (sum(d.free for d in by_vendor[v]), v))
-            out[node.id] = by_vendor[best]
+        gpu_groups = [v for v in by_group if v != "cpu"] or list(by_group)
+        if gpu_groups:
+            best = max(gpu_groups, key=lambda v: (sum(d.free for d in by_group[v]), v))
+            out[node.id] = by_group[best]
     return out
 
 
@@ -270,8 +271,7 @@ def _take(free: dict[str, int], split: Split) -> None:
 def _reduced(nodes: Sequence[Node], free: Mapping[str, int]) -> tuple[Node, ...]:
     """The nodes with each GPU's capacity cut to its free bytes."""
     return tuple(
-        Node(n.id, tuple(Gpu(g.id, g.vendor, g.name, max(free[g.id], 0)) for g in n.gpus))
-        for n in nodes
+        Node(n.id, tuple(replace(g, capacity=max(free[g.id], 0)) for g in n.gpus)) for n in nodes
     )
 
 

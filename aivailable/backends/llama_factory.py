@@ -89,7 +89,7 @@ def llama_factory(
     def build(spec: EngineSpec) -> Engine:
         assigned = [by_id[g] for g in spec.gpus if g in by_id]
         if spec.rpc_servers:
-            return split_engine(spec, assigned, n_ctx, queue_limit, config)
+            return split_engine(spec, assigned, n_ctx, queue_limit, config, gpus)
         several = sum(is_offload_gpu(g) for g in assigned) > 1
         return LlamaEngine(
             spec.model,
@@ -127,17 +127,22 @@ def split_engine(
     n_ctx: int,
     queue_limit: int,
     config: EngineConfig,
+    node_gpus: Sequence[GpuInfo] = (),
 ) -> Engine:
     """The primary's worker of a split instance: its layers here (a real GPU's, or the
-    CPU's first layers), the rest on the helpers' RPC servers through the tunnels."""
+    CPU's first layers), the rest on the helpers' RPC servers through the tunnels. On a
+    GPU, the node's other backends are hidden (one card seen by CUDA and Vulkan must not
+    take two shares); a CPU host leaves the environment as it is (the engine reads an
+    empty one as a CPU host and computes its layers on every core)."""
     n_gpu_layers, shares = split_layers(spec.path, spec.host_layers, spec.tensor_split)
+    on_gpu = any(is_offload_gpu(g) for g in assigned)
     return LlamaEngine(
         spec.model,
         spec.path,
         n_ctx=spec.n_ctx or n_ctx,
         n_gpu_layers=n_gpu_layers,
         queue_limit=queue_limit,
-        env=device_env(assigned),
+        env=device_env(assigned, node_gpus if on_gpu else ()),
         config=config,
         tensor_split=shares,
         n_parallel=spec.n_parallel,

@@ -57,6 +57,7 @@ from aivailable.cluster.state import ClusterState
 from aivailable.cluster.status import cluster_status
 from aivailable.cluster.view import ReadModel
 from aivailable.gpu import GpuInfo
+from aivailable.gpu.readings import steady
 from aivailable.models import store
 from aivailable.models.transfer import LocalModels, ModelFetcher
 from consensus import FileStorage, HardState, NotLeader
@@ -71,7 +72,7 @@ log = logging.getLogger(__name__)
 # milliseconds), so only a peer likely to be alone pays for the load.
 PRELOAD_AFTER_S = 0.3
 # Seconds between re-probes of the real GPUs' free memory: other programs come and go
-# slowly; NVML and amdsmi reads cost about a millisecond.
+# slowly; NVML and amdsmi reads (memory, temperature, utilisation, ECC) cost about a millisecond.
 PROBE_INTERVAL_S = 5.0
 # Routes that exist only once Raft runs (consensus.driver and cluster.view.Proposer).
 LATE_ROUTES = (MESSAGES_PATH, PROPOSE_PATH)
@@ -444,7 +445,8 @@ class ClusterNode:
                 log.exception("GPU probe failed")
                 continue
             if [g.id for g in fresh] == [g.id for g in self.gpus]:
-                self.gpus = fresh
+                # a temperature's small wobble is held back: the payload, unchanged, is not re-sent
+                self.gpus = steady(self.gpus, fresh)
             else:
                 log.warning(
                     "the GPUs changed (%d -> %d devices); restart the peer to use them",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aivailable.backends.demand import Signals
+from aivailable.gpu.readings import ECC_MAX, TEMP_RANGE, as_int
 from placement import Gpu
 
 MIB = 1 << 20
@@ -58,6 +59,8 @@ class PeerPayload:
     # Cards it has but its llama.cpp build cannot drive: (gpu id, vendor, name, reason).
     # Never in `gpus`, so placement never sees them.
     unusable: tuple[tuple[str, str, str, str], ...] = ()
+    # Per gpu, same order: (°C, % busy, uncorrected ECC errors, °C limit), None = unknown.
+    readings: tuple[tuple[int | None, int | None, int | None, int | None], ...] = ()
 
 
 def node_payload(
@@ -81,7 +84,8 @@ def node_payload(
     waiting: requests held per model for a replica that is not ready yet. An instance view
     may carry "demand": backends.demand.Signals, gossiped rounded.
     Only usable GPUs go in "gpus" (older peers place on exactly those); "gb" holds their
-    llama.cpp backends, "nogpu" the cards this build cannot drive, with the reason."""
+    llama.cpp backends, "nogpu" the cards this build cannot drive, with the reason, and
+    "gh" their NVML/amdsmi readings, small ints (absent when no card has any)."""
     unusable = [g for g in gpus if not getattr(g, "usable", True)]
     gpus = [g for g in gpus if getattr(g, "usable", True)]
     payload = {
@@ -119,6 +123,9 @@ def node_payload(
         "files": [[sha, size, source] for sha, size, source in files],
         "gb": [getattr(g, "backend", "") for g in gpus],
     }
+    readings = [_wire_readings(g) for g in gpus]
+    if any(any(x is not None for x in r) for r in readings):
+        payload["gh"] = readings
     if unusable:
         payload["nogpu"] = [[g.id, g.vendor, g.name, getattr(g, "reason", "")] for g in unusable]
     if member is not None:
@@ -128,6 +135,37 @@ def node_payload(
     if waiting:
         payload["wait"] = [[m, int(n)] for m, n in sorted(waiting.items()) if n > 0]
     return payload
+
+
+def _wire_readings(g: Any) -> list[int | None]:
+    """[°C, % busy, uncorrected ECC errors, °C limit]: at most 3 bytes each in msgpack
+    (clamped), so a GPU adds at most 9 bytes to the payload."""
+    return [
+        as_int(getattr(g, "temperature", None), *TEMP_RANGE),
+        as_int(getattr(g, "utilization", None), 0, 100),
+        as_int(getattr(g, "ecc_errors", None), 0, ECC_MAX),
+        as_int(getattr(g, "temp_limit", None), *TEMP_RANGE),
+    ]
+
+
+def _readings(raw: Any, n: int) -> tuple[tuple[int | None, ...], ...]:
+    """The "gh" list, one entry per gpu; absent (older peers, no readings) or malformed
+    entries read as unknown."""
+    entries = list(raw) if isinstance(raw, list | tuple) else []
+    out = []
+    for i in range(n):
+        e = entries[i] if i < len(entries) and isinstance(entries[i], list | tuple) else ()
+        e = list(e[:4]) + [None] * (4 - len(e[:4]))
+        lo, hi = TEMP_RANGE
+        out.append(
+            (
+                as_int(e[0], lo, hi),
+                as_int(e[1], 0, 100),
+                as_int(e[2], 0, ECC_MAX),
+                as_int(e[3], lo, hi),
+            )
+        )
+    return tuple(out)
 
 
 def _instance(entry: Sequence[Any]) -> InstanceView:
@@ -194,6 +232,7 @@ def read_payload(node_id: str, payload: Mapping[str, Any] | None) -> PeerPayload
             rpc_ready,
             waiting,
             _unusable(payload.get("nogpu")),
+            readings=_readings(payload.get("gh"), len(gpus)),
         )
     except (TypeError, ValueError):
         return PeerPayload()

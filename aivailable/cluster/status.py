@@ -7,8 +7,10 @@ from collections.abc import Iterable
 from dataclasses import asdict
 
 from aivailable.cluster.controller import model_demand
+from aivailable.cluster.payload import PeerPayload
 from aivailable.cluster.state import ClusterState
 from aivailable.cluster.view import ReadModel, rpc_pairing
+from aivailable.gpu.info import health
 
 # What to tell someone who sees another cluster with the same key: its nodes are ignored
 # until they are made to join this one on purpose.
@@ -17,6 +19,31 @@ JOIN_HINT = (
     "peers, clear their data dirs' raft state and cluster_id, and start them again: a peer "
     "without state joins the cluster it sees"
 )
+
+
+def gpu_views(p: PeerPayload) -> list[dict]:
+    """A node's usable GPUs as /cluster/status shows them: memory, backend, and what
+    NVML/amdsmi read (None where unknown), with `health` "" or why the card is unwell."""
+    readings = p.readings or ((None,) * 4,) * len(p.gpus)
+    return [
+        {
+            "id": g.id,
+            "vendor": g.vendor,
+            "name": g.name,
+            "vram_total": total,
+            "vram_free": free,
+            "capacity": g.capacity,
+            "backend": g.backend,
+            "temperature": temp,
+            "utilization": util,
+            "ecc_errors": ecc,
+            "temp_limit": limit,
+            "health": health(temp, limit, ecc),
+        }
+        for g, total, free, (temp, util, ecc, limit) in zip(
+            p.gpus, p.vram_total, p.vram_free, readings, strict=False
+        )
+    ]
 
 
 def scaling_status(record, state: ClusterState, view: ReadModel) -> dict:
@@ -70,18 +97,7 @@ def cluster_status(
                 "state": e.state,
                 "incarnation": e.incarnation,
                 "member": e.member,  # its Raft id (None: not advertised)
-                "gpus": [
-                    {
-                        "id": g.id,
-                        "vendor": g.vendor,
-                        "name": g.name,
-                        "vram_total": total,
-                        "vram_free": free,
-                        "capacity": g.capacity,
-                        "backend": g.backend,
-                    }
-                    for g, total, free in zip(p.gpus, p.vram_total, p.vram_free, strict=False)
-                ],
+                "gpus": gpu_views(p),
                 "unusable_gpus": [
                     {"id": gid, "vendor": vendor, "name": name, "reason": reason}
                     for gid, vendor, name, reason in p.unusable

@@ -2,7 +2,9 @@
 
 Without libamd_smi.so, `import amdsmi` prints to stdout and raises (KeyError in some
 versions): both are contained here, and mean no AMD GPUs. A failed import is remembered
-so periodic probes do not retry it.
+so periodic probes do not retry it. Temperature, activity and ECC are read one by one
+(a consumer card has no ECC, an Instinct no edge sensor): each failure leaves only that
+reading unknown.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import io
 import logging
 
 from aivailable.gpu.info import GpuInfo
+from aivailable.gpu.readings import ECC_MAX, as_int, celsius, read
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,47 @@ def _devices(amdsmi) -> list[GpuInfo]:
                 compute=str(asic.get("target_graphics_version") or ""),
                 index=index,
                 pci=pci,
+                **readings(amdsmi, handle),
             )
         )
     return gpus
+
+
+def _temperatures(amdsmi, handle) -> tuple[int | None, int | None]:
+    """(now, critical limit) of the edge sensor, else of the hotspot one (Instinct cards
+    have no edge sensor): both of one sensor, so that they compare."""
+    kinds = getattr(amdsmi, "AmdSmiTemperatureType", None)
+    metrics = getattr(amdsmi, "AmdSmiTemperatureMetric", None)
+    if kinds is None or metrics is None:
+        return None, None
+
+    def metric(sensor, name):
+        value = read(amdsmi, "amdsmi_get_temp_metric", handle, sensor, getattr(metrics, name, None))
+        return celsius(value)
+
+    for sensor in (getattr(kinds, "EDGE", None), getattr(kinds, "HOTSPOT", None)):
+        now = metric(sensor, "CURRENT")
+        if now is not None:
+            return now, metric(sensor, "CRITICAL") or None
+    return None, None
+
+
+def readings(amdsmi, handle) -> dict:
+    """The GpuInfo reading fields amdsmi gives for this card."""
+    activity = read(amdsmi, "amdsmi_get_gpu_activity", handle)
+    busy = activity.get("gfx_activity") if isinstance(activity, dict) else None  # or "N/A"
+    mask = as_int(read(amdsmi, "amdsmi_get_gpu_ecc_enabled", handle), 0, 2**64)
+    ecc = None if mask is None else mask != 0  # a bit per block with ECC on
+    errors = None
+    if ecc:
+        counts = read(amdsmi, "amdsmi_get_gpu_total_ecc_count", handle)
+        if isinstance(counts, dict):
+            errors = as_int(counts.get("uncorrectable_count"), 0, ECC_MAX)
+    temperature, limit = _temperatures(amdsmi, handle)
+    return {
+        "temperature": temperature,
+        "temp_limit": limit,
+        "utilization": as_int(busy, 0, 100),
+        "ecc": ecc,
+        "ecc_errors": errors,
+    }

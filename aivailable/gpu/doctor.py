@@ -41,4 +41,24 @@ def report(reg: Registry, gpus: Sequence[GpuInfo]) -> str:
             lines.append(f"  {g.id} {g.name}: usable via {g.backend or '?'} ({mem}) key {g.key}")
         else:
             lines.append(f"  {g.id} {g.name}: NOT usable: {g.reason}")
+        if seen := readings(g):
+            lines.append(f"    {seen}")
+        if g.health:
+            lines.append(f"    UNHEALTHY: {g.health}")
     return "\n".join(lines)
+
+
+def readings(g: GpuInfo) -> str:
+    """What NVML/amdsmi read of the card, e.g. '64 °C (slows at 90 °C), 12% busy, ECC on:
+    0 uncorrected errors'; "" when they read nothing (a card only llama.cpp sees)."""
+    parts = []
+    if g.temperature is not None:
+        parts.append(
+            f"{g.temperature} °C" + (f" (slows at {g.temp_limit} °C)" if g.temp_limit else "")
+        )
+    if g.utilization is not None:
+        parts.append(f"{g.utilization}% busy")
+    if g.ecc is not None:
+        errors = "" if g.ecc_errors is None else f": {g.ecc_errors} uncorrected errors"
+        parts.append(f"ECC {'on' if g.ecc else 'off'}{errors if g.ecc else ''}")
+    return ", ".join(parts)

@@ -1,6 +1,8 @@
 """NVIDIA GPUs through NVML (the nvidia-ml-py package, imported as `pynvml`).
 
 No package, no libnvidia-ml.so or no driver all mean the same: no NVIDIA GPUs here.
+Temperature, utilisation and ECC are read one by one: an old card answers NotSupported
+to some (a GeForce has no ECC), which leaves only that reading unknown.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import contextlib
 import logging
 
 from aivailable.gpu.info import GpuInfo
+from aivailable.gpu.readings import ECC_MAX, TEMP_RANGE, as_int, read
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,39 @@ def _devices(pynvml) -> list[GpuInfo]:
                 compute=compute,
                 index=index,
                 pci=pci,
+                **readings(pynvml, handle),
             )
         )
     return gpus
+
+
+def readings(pynvml, handle) -> dict:
+    """The GpuInfo reading fields NVML gives for this card (nvml.h's constants where the
+    module lacks them: temperature sensor 0 is the GPU, threshold 1 the slowdown one)."""
+    const = lambda name, default: getattr(pynvml, name, default)  # noqa: E731
+    temp = read(pynvml, "nvmlDeviceGetTemperature", handle, const("NVML_TEMPERATURE_GPU", 0))
+    limit = read(
+        pynvml,
+        "nvmlDeviceGetTemperatureThreshold",
+        handle,
+        const("NVML_TEMPERATURE_THRESHOLD_SLOWDOWN", 1),
+    )
+    rates = read(pynvml, "nvmlDeviceGetUtilizationRates", handle)
+    mode = read(pynvml, "nvmlDeviceGetEccMode", handle)  # [current, pending]
+    ecc = bool(mode[0]) if isinstance(mode, list | tuple) and mode else None
+    errors = None
+    if ecc:  # volatile: since the driver loaded, what matters for the card now
+        errors = read(
+            pynvml,
+            "nvmlDeviceGetTotalEccErrors",
+            handle,
+            const("NVML_MEMORY_ERROR_TYPE_UNCORRECTED", 1),
+            const("NVML_VOLATILE_ECC", 0),
+        )
+    return {
+        "temperature": as_int(temp, *TEMP_RANGE),
+        "temp_limit": as_int(limit, *TEMP_RANGE) or None,
+        "utilization": as_int(getattr(rates, "gpu", None), 0, 100),
+        "ecc": ecc,
+        "ecc_errors": as_int(errors, 0, ECC_MAX),
+    }

@@ -47,6 +47,8 @@ def test_the_dashboard_shows_nodes_gpus_and_models(tmp_path, monkeypatch):
     assert "needs an API key" in locked and "<h3>dash" not in locked
     assert "<h3>dash" in dom  # the node card, built by the page's script
     assert "GTX 1080 (fake)" in dom and "/ 8.0 GiB" in dom  # the GPU with its VRAM bar
+    # its llama.cpp backend (a simulated GPU's is "fake") and that placement may use it
+    assert '<span class="backend">fake</span> · usable ·' in dom
     assert "<td>smollm2-135m</td>" in dom and 'class="state ready"' in dom
     assert "leader dash" in dom
 

@@ -21,8 +21,11 @@ from aivailable.api.app import build_app
 from aivailable.api.cluster_load import LoadApi, LoadGossip
 from aivailable.api.openai_api import OpenAIApi
 from aivailable.backends.fake_engine import FakeEngine
+from aivailable.cluster.payload import node_payload, read_payload
 from aivailable.cluster.state import ClusterState
+from aivailable.cluster.status import gpu_views
 from aivailable.cluster.usage import UsageRow, encode_usage_add
+from aivailable.gpu import GpuInfo
 from aivailable.metrics import Metrics
 from tests.e2e.cdp import Browser
 
@@ -51,6 +54,36 @@ class Wire:
         return Gossip()
 
 
+GIB = 1 << 30
+# peer-a's devices: a Vulkan card with NVML/amdsmi readings, a hot CUDA one, and one its
+# llama.cpp build cannot drive; shown as gossip carries them (payload -> status).
+GPUS = [
+    GpuInfo(
+        "gpu0",
+        "amd",
+        "RX 580",
+        8 * GIB,
+        6 * GIB,
+        "",
+        "",
+        0,
+        "Vulkan",
+        temperature=64,
+        utilization=30,
+    ),
+    GpuInfo("gpu1", "nvidia", "Tesla P40", 24 * GIB, 24 * GIB, "", "", 0, "CUDA", temperature=96),
+    GpuInfo(
+        "gpu2", "nvidia", "GTX 780", 3 * GIB, 3 * GIB, "", "", 1, "CUDA", False, "no CUDA here"
+    ),
+]
+
+
+def gpu_entries() -> dict:
+    payload = read_payload("peer-a", node_payload("peer-a:1", None, GPUS, {}, []))
+    unusable = [{"id": i, "vendor": v, "name": n, "reason": r} for i, v, n, r in payload.unusable]
+    return {"gpus": gpu_views(payload), "unusable_gpus": unusable}
+
+
 def status() -> dict:
     """Both peers and the model's two replicas, as /cluster/status shows them."""
     node = lambda n, q: {  # noqa: E731
@@ -58,6 +91,7 @@ def status() -> dict:
         "addr": f"{n}:1",
         "state": "alive",
         "gpus": [],
+        **(gpu_entries() if n == "peer-a" else {}),
         "instances": [{"model": "fake", "state": "ready", "queue_depth": q, "free_slots": 1}],
     }
     placements = [{"node": n, "gpus": [], "state": "ready"} for n in ("peer-a", "peer-b")]
@@ -142,6 +176,17 @@ async def test_the_page_charts_both_peers_and_shows_usage(tmp_path):
                 "[...document.querySelectorAll('#models .replica')].map(r => r.textContent)"
             )
             assert any("peer-b" in r and "queue 2" in r for r in replicas)
+            gpus = await page.js(
+                "Object.fromEntries([...document.querySelectorAll('#nodes [data-gpu]')]"
+                ".map(g => [g.dataset.gpu, g.textContent]))"
+            )
+            assert "RX 580 (amd) Vulkan · usable · 2.0 GiB / 8.0 GiB" in gpus["peer-a/gpu0"]
+            assert (
+                "64 °C · 30% busy" in gpus["peer-a/gpu0"] and "unhealthy" not in gpus["peer-a/gpu0"]
+            )
+            assert "Tesla P40 (nvidia) CUDA · usable" in gpus["peer-a/gpu1"]
+            assert "unhealthy: 96 °C, at or over its limit of 95 °C" in gpus["peer-a/gpu1"]
+            assert gpus["peer-a/gpu2"] == "GTX 780 (nvidia) not usable: no CUDA here"
             usage = await page.js(
                 "[...document.querySelectorAll('#usage tr td')].map(td => td.textContent)"
             )
