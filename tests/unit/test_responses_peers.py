@@ -180,6 +180,17 @@ async def test_the_openai_client_through_a_routing_only_peer(cluster):
         await client(cluster.host2).responses.retrieve(first.id)
 
 
+async def test_an_unknown_previous_response_is_a_404_through_the_routing_peer(cluster):
+    """The host's 404 is about the id, not its instance: relayed, not retried elsewhere."""
+    entry = client(cluster.entry)
+    first = await client(cluster.host).responses.create(model="fake", input="hi")
+    await client(cluster.host).responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError) as refused:
+        await entry.responses.create(model="fake", input="again", previous_response_id=first.id)
+    assert refused.value.body["param"] == "previous_response_id"
+    assert cluster.engines[0].completed == 1  # the first turn only
+
+
 async def test_a_streamed_function_tool_round_trip_with_the_openai_client(cluster):
     entry = client(cluster.entry)
     stream = await entry.responses.create(
