@@ -70,6 +70,10 @@ TRACEPARENT_KEY = request_key("traceparent")
 # What the hosts of a forwarded answer said it cost (peer/usage.py), summed over a resume;
 # absent when no host said (one died mid-answer). The entry peer charges the caller from it.
 FORWARDED_USAGE_KEY = request_key("forwarded_usage", Usage)
+# On a host's refusal that is about the request itself, not the host's instance (a stored
+# response it does not have): relayed as it is, never retried on another replica.
+FINAL_HEADER = "X-Aivailable-Final"
+_FINAL_LOWER = FINAL_HEADER.lower()
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the two HTTP stacks set themselves.
 _NOT_PASSED_UPSTREAM = frozenset(
@@ -347,8 +351,11 @@ class Forwarder:
                     return out
                 # A 404 is that replica's instance gone (stopped, or the peer restarted
                 # without it), not the model: never tell the client it does not exist.
-                if upstream.status in self._config.retry_statuses and (
-                    has_next or upstream.status == 404
+                final = any(name.lower() == _FINAL_LOWER for name, _ in upstream.headers)
+                if (
+                    upstream.status in self._config.retry_statuses
+                    and (has_next or upstream.status == 404)
+                    and not final
                 ):
                     out.failure = f"{replica.node_id} answered {upstream.status}"
                     return out

@@ -16,9 +16,10 @@ import uuid
 
 from aiohttp import web
 
+from aivailable.access.guard import KEY_RECORD
 from aivailable.api import responses_render as render
 from aivailable.api.body import parse_json
-from aivailable.api.errors import ApiError, not_found
+from aivailable.api.errors import ApiError
 from aivailable.api.inference import Metered
 from aivailable.api.openai_api import OpenAIApi, engine_error
 from aivailable.api.responses_parse import ResponsesCall, parse_responses, previous_id
@@ -32,13 +33,23 @@ from aivailable.api.responses_store import (
 )
 from aivailable.backends.base import Engine, EngineError, Finished, TextDelta
 from aivailable.metrics import Metrics
-from peer.forward import HeadersWithFirstChunk
+from peer.forward import FINAL_HEADER, HeadersWithFirstChunk
 
 ENDPOINT = "responses"  # the metrics' endpoint label
 
 
+class ResponseMissing(ApiError):
+    """A 404 about the response id, not the model: a forwarding peer relays it to the client
+    instead of trying another replica (which would not have it either)."""
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), FINAL_HEADER: "1"}
+
+
 def response_missing(rid: str, param: str | None = None) -> ApiError:
-    return not_found(f"no response with id '{rid}' (it expired, or it is not yours)", param, None)
+    return ResponseMissing(
+        404, f"no response with id '{rid}' (it expired, or it is not yours)", param=param
+    )
 
 
 class ResponsesApi:
@@ -72,25 +83,33 @@ class ResponsesApi:
 
     # ---- stored responses ---------------------------------------------------------------
 
-    async def _record(self, request: web.Request, rid: str, param: str | None = None) -> dict:
-        """The stored record of `rid` if it is the caller's, wherever it lives; else 404."""
+    async def _record(
+        self, request: web.Request, rid: str, param: str | None = None, admin: bool = False
+    ) -> dict:
+        """The stored record of `rid` if it is the caller's (or, with `admin`, the caller is an
+        admin), wherever it lives; else 404, as for an unknown id."""
         node = node_of(rid)
         record = None
         if node == self._me:
             record = self.store.get(rid)
         elif node is not None and self._peers is not None:
             record = await self._peers.call("GET", node, rid)
-        if not isinstance(record, dict) or record.get("owner") != owner_of(request.headers):
+        if not isinstance(record, dict):
+            raise response_missing(rid, param)
+        key = request.get(KEY_RECORD)  # set by the guard on the peer the client called
+        if record.get("owner") != owner_of(request.headers) and not (
+            admin and key is not None and key.role == "admin"
+        ):
             raise response_missing(rid, param)
         return record
 
     async def retrieve(self, request: web.Request) -> web.Response:
-        record = await self._record(request, request.match_info["id"])
+        record = await self._record(request, request.match_info["id"], admin=True)
         return web.json_response(record["response"])
 
     async def delete(self, request: web.Request) -> web.Response:
         rid = request.match_info["id"]
-        await self._record(request, rid)  # only its owner may delete it
+        await self._record(request, rid, admin=True)  # its owner, or an admin
         node = node_of(rid)
         if node == self._me:
             self.store.delete(rid)

@@ -10,7 +10,10 @@ a client must then resend the conversation, as OpenAI's own expiry asks of it an
 
 Bounded: at most `max_items` responses and `max_bytes` of them per peer, the oldest leave
 first, and each expires `ttl_s` after it was stored. A response belongs to the key that made
-it (`owner`: a hash of the presented key); another key gets a 404, as for an unknown id.
+it (`owner`: a hash of the presented key); another key gets a 404, as for an unknown id. An
+admin key may read and delete any (GET|DELETE /v1/responses/{id}), never continue another
+key's conversation (`previous_response_id`: the owner's only). Peers' `/internal/` calls are
+signed (peer/auth.py refuses any other), and the peer the client called checks the owner.
 """
 
 from __future__ import annotations

@@ -5,12 +5,13 @@ Every peer a request crosses adds its spans to the one trace its traceparent nam
 - a server span per inference request (the middleware), the parent of the others;
 - entry peer: `admission` (the access gate) and `forward` (the hop to a replica; the
   traceparent sent on is this span's, peer/forward.py);
-- host peer: `queue wait` or `prefill` (until the first token), and `decode` (until the
-  engine finished), with the engine's token counts.
+- host peer: `queue wait` (from the engine taking the request until a slot took it),
+  `prefill` (until its first token) and `decode` (until it finished), with the engine's
+  token counts.
 
-The worker does not say when a slot takes a sequence, so a request that found no free slot
-gets a `queue wait` span up to its first token (its prefill inside it), and one that found a
-free slot a `prefill` span: either way the time before the first token is never hidden.
+The phases' times come from the engine's `Finished.timing` (the worker measures them per
+sequence: a few ints, paid whether or not anyone traces). An engine that does not say gets
+one `queue wait` or `prefill` span up to the first token, as seen from here.
 """
 
 from __future__ import annotations
@@ -173,7 +174,6 @@ class _TracedEngine:
         return getattr(self._engine, name)
 
     async def generate(self, request):
-        tracer = self._tracing.tracer
         queued = self._engine.free_slots == 0  # no slot free: it waits for one first
         depth = self._engine.queue_depth
         started = time.time_ns()
@@ -184,23 +184,34 @@ class _TracedEngine:
                 if first is None and isinstance(event, TextDelta):
                     first = time.time_ns()
                 if isinstance(event, Finished):
-                    now = time.time_ns()
-                    first = first or now
-                    name = "queue wait" if queued else "prefill"
-                    wait = tracer.start_span(
-                        name,
-                        start_time=started,
-                        attributes={
-                            "gen_ai.usage.input_tokens": event.prompt_tokens,
-                            "aivailable.cached_tokens": event.cached_tokens,
-                            "aivailable.queue_depth": depth,
-                        },
-                    )
-                    wait.end(end_time=first)
-                    decode = tracer.start_span(
-                        "decode",
-                        start_time=first,
-                        attributes={"gen_ai.usage.output_tokens": event.completion_tokens},
-                    )
-                    decode.end(end_time=now)
+                    self._spans(event, started, first, queued, depth)
                 yield event
+
+    def _spans(self, done: Finished, started: int, first: int | None, queued: bool, depth: int):
+        """The host's phases, as spans with explicit times (children of the current span)."""
+        tracer = self._tracing.tracer
+        end = time.time_ns()
+        prompt = {
+            "gen_ai.usage.input_tokens": done.prompt_tokens,
+            "aivailable.cached_tokens": done.cached_tokens,
+        }
+        phases = []  # (name, start, end, attributes)
+        if done.timing is not None:
+            t = done.timing
+            # Clamped into what this peer saw: the worker's durations are dated by arrival.
+            slot = min(max(started, t.slot_ns), end)
+            token = min(max(slot, t.first_ns), end)
+            end = min(max(token, t.end_ns), end)  # the engine's end, not this reader's
+            phases += [
+                ("queue wait", started, slot, {"aivailable.queue_depth": depth}),
+                ("prefill", slot, token, prompt),
+            ]
+        else:
+            token = first or end
+            name = "queue wait" if queued else "prefill"
+            phases.append((name, started, token, {**prompt, "aivailable.queue_depth": depth}))
+        phases.append(
+            ("decode", token, end, {"gen_ai.usage.output_tokens": done.completion_tokens})
+        )
+        for name, start, stop, attributes in phases:
+            tracer.start_span(name, start_time=start, attributes=attributes).end(end_time=stop)

@@ -77,6 +77,17 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class Timing:
+    """When a generation's phases ended, in `time.time_ns()` (the clock spans use): a slot
+    took it at `slot_ns` (the queue wait ends, the prefill begins), its first token was
+    sampled at `first_ns` (the prefill ends) and it finished at `end_ns`."""
+
+    slot_ns: int
+    first_ns: int
+    end_ns: int
+
+
+@dataclass(frozen=True)
 class Finished:
     """Always the last item of a generation."""
 
@@ -85,6 +96,9 @@ class Finished:
     completion_tokens: int  # of all choices together
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache, not evaluated
     finish_reasons: tuple[str, ...] = ()  # per choice, when n > 1
+    # None: the engine did not say (traces then guess). A measurement, not an outcome: two
+    # generations with the same result are equal whenever they ran.
+    timing: Timing | None = field(default=None, compare=False)
 
 
 Event = TextDelta | Finished

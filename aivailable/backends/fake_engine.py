@@ -29,6 +29,7 @@ from aivailable.backends.base import (
     InvalidRequest,
     QueueFull,
     TextDelta,
+    Timing,
 )
 
 DEFAULT_REPLY = "Hello! This is a canned reply from the fake engine."
@@ -164,19 +165,22 @@ class FakeEngine(Engine):
         done = False
         try:
             async with self._slots:
+                slot_ns = first_ns = time.time_ns()  # as the real engine's Timing says
                 self.requests.append(request)
                 for i, token in enumerate(tokens):
                     await asyncio.sleep(self.token_delay)
                     if self._epoch != epoch:
                         raise EngineUnavailable(self.state, "the worker exited")
                     if i == 0:
+                        first_ns = time.time_ns()
                         self._demand_first_token(admitted)
                     yield TextDelta(token)
                 if self._epoch != epoch:
                     raise EngineUnavailable(self.state, "the worker exited")
                 done = True
                 self.completed += 1
-                yield Finished(finish, prompt_tokens, len(tokens))
+                timing = Timing(slot_ns, first_ns, time.time_ns())
+                yield Finished(finish, prompt_tokens, len(tokens), timing=timing)
         except (GeneratorExit, asyncio.CancelledError):
             if not done:  # closed early: the client went away
                 self.cancelled += 1

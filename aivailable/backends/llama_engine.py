@@ -45,6 +45,7 @@ from aivailable.backends.base import (
     InvalidRequest,
     QueueFull,
     TextDelta,
+    Timing,
 )
 from aivailable.backends.scheduler import Admission
 
@@ -447,12 +448,15 @@ class LlamaEngine(Engine):
             case wire.Done():
                 reasons = frame.finish_reasons or ("length",)
                 finish = "stop" if reasons[0] == "stop" else "length"
+                end = time.time_ns()  # the worker's durations, dated by this frame's arrival
+                first = end - frame.decode_ns
                 return Finished(
                     finish,
                     frame.prompt_tokens,
                     frame.completion_tokens,
                     frame.cached_tokens,
                     reasons,
+                    Timing(first - frame.prefill_ns, first, end),
                 )
             case wire.Embeddings(vectors=vectors, prompt_tokens=prompt_tokens):
                 return Embeddings(vectors, prompt_tokens)

@@ -23,6 +23,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from typing import BinaryIO
 
@@ -67,6 +68,8 @@ class _Live:
     params: SamplingParams
     choices: list[_Choice] = field(default_factory=list)
     cached: int = 0
+    slot_ns: int = 0  # time.monotonic_ns() when a slot took it (traces: the queue wait ends)
+    first_ns: int = 0  # ... when its first token was sampled (the prefill ends)
 
 
 @dataclass(frozen=True)
@@ -264,7 +267,8 @@ class Worker:
     def _step(self) -> None:
         step = self.sched.next_step()
         for started in step.started:
-            self.live[started.request_id].cached = started.reused
+            live = self.live[started.request_id]
+            live.cached, live.slot_ns = started.reused, time.monotonic_ns()
         for src, dst, _ in step.copies:
             self.rt.copy_cells(src, dst)
         for seq, p0 in step.trims:
@@ -283,6 +287,7 @@ class Worker:
             index = self.sched.choice_of(slot)
             choice = live.choices[index]
             token = self.rt.sample(choice.sampler, rows[slot])
+            live.first_ns = live.first_ns or time.monotonic_ns()  # once per request
             eog = self.rt.is_eog(token)
             logprobs = self._logprobs(live, rows[slot], token) if not eog else None
             reason = self.sched.accept(slot, token, eog)
@@ -304,6 +309,7 @@ class Worker:
             self.send(Deltas(tuple(items)))
         for live in finished:
             del self.live[live.id]
+            first = live.first_ns or time.monotonic_ns()
             self.send(
                 Done(
                     live.id,
@@ -311,6 +317,8 @@ class Worker:
                     prompt_tokens=len(live.prompt),
                     completion_tokens=sum(c.tokens for c in live.choices),
                     cached_tokens=live.cached,
+                    prefill_ns=max(0, first - live.slot_ns),
+                    decode_ns=max(0, time.monotonic_ns() - first),
                 )
             )
 

@@ -10,6 +10,8 @@ readers refuse anything malformed with ProtocolError (a ValueError) and nothing 
 Version 3 (from 2): frames are checked against these dataclasses field by field, an
 error carries `code` (an ErrorCode) instead of `kind`, `DONE` drops `finish_reason`
 (it was `finish_reasons[0]`), and `DELTAS` items are maps.
+Within version 3, `DONE` gained `prefill_ns` and `decode_ns` (defaults 0, left out when
+0, so a frame without them reads as before).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import asyncio
 import struct
 import types
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from enum import StrEnum
 from typing import Any, BinaryIO, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -104,6 +106,12 @@ class Done:
     prompt_tokens: int
     completion_tokens: int  # of all choices together
     cached_tokens: int = 0
+    # Nanoseconds from a slot taking the request to its first sampled token (the prefill),
+    # and from then to this frame (the decode); the engine dates them by this frame's
+    # arrival, so no clock is shared between the processes. 0: not measured. Measurements,
+    # so left out of equality.
+    prefill_ns: int = field(default=0, compare=False)
+    decode_ns: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)

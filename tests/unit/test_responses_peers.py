@@ -64,6 +64,10 @@ class Collector:
                             node=attrs.get("service.instance.id"),
                             name=span.name,
                             trace_id=span.trace_id.hex(),
+                            span_id=span.span_id.hex(),
+                            parent=span.parent_span_id.hex(),
+                            start=span.start_time_unix_nano,
+                            end=span.end_time_unix_nano,
                             attributes={a.key: a.value for a in span.attributes},
                         )
                     )
@@ -75,6 +79,8 @@ class Peers:
         self.servers: list[TestServer] = []
         self.addresses: dict[str, str] = {}
         self.tracings: list[Tracing] = []
+        self.model = "fake"
+        self.timeout_s = 5.0  # a generation's limit (a real engine on a busy machine: more)
 
     async def serve(self, name: str, app: web.Application) -> str:
         server = TestServer(app, host="127.0.0.1")
@@ -89,7 +95,7 @@ class Peers:
         metrics = Metrics()
         instances = {}
         if engine is not None:
-            instances = {"fake": SimpleNamespace(engine=engine, error="", state="ready")}
+            instances = {self.model: SimpleNamespace(engine=engine, error="", state="ready")}
         forwarder = None
         if forward_to is not None:
             replica = Replica(forward_to, self.addresses[forward_to], False, "ready")
@@ -98,20 +104,20 @@ class Peers:
                 lambda model: [replica],
                 lambda model: ModelAvailability("unknown"),
                 name,
-                ForwardConfig(request_timeout_s=10.0),
+                ForwardConfig(request_timeout_s=2 * self.timeout_s),
             )
         gate = LedgerGate(OpenGate(), book) if book is not None else OpenGate()
         api = OpenAIApi(
             tracing.lookup(lambda: instances),
             metrics,
             64,
-            5,
+            self.timeout_s,
             forwarder=tracing.forwarder(forwarder),
-            catalog=lambda: ["fake"],
+            catalog=lambda: [self.model],
             gate=tracing.gate(gate),
         )
         peers = PeerResponses(self.session, lambda: self.addresses)
-        responses = ResponsesApi(api, metrics, 5, name, peers=peers)
+        responses = ResponsesApi(api, metrics, self.timeout_s, name, peers=peers)
         app = build_app(
             metrics,
             lambda: True,
@@ -174,6 +180,17 @@ async def test_the_openai_client_through_a_routing_only_peer(cluster):
         await client(cluster.host2).responses.retrieve(first.id)
 
 
+async def test_an_unknown_previous_response_is_a_404_through_the_routing_peer(cluster):
+    """The host's 404 is about the id, not its instance: relayed, not retried elsewhere."""
+    entry = client(cluster.entry)
+    first = await client(cluster.host).responses.create(model="fake", input="hi")
+    await client(cluster.host).responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError) as refused:
+        await entry.responses.create(model="fake", input="again", previous_response_id=first.id)
+    assert refused.value.body["param"] == "previous_response_id"
+    assert cluster.engines[0].completed == 1  # the first turn only
+
+
 async def test_a_streamed_function_tool_round_trip_with_the_openai_client(cluster):
     entry = client(cluster.entry)
     stream = await entry.responses.create(
@@ -223,26 +240,47 @@ async def test_the_entry_peer_books_the_hosts_counts(cluster):
     )
 
 
-async def test_one_trace_with_spans_from_both_peers(cluster):
-    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+async def traced_call(cluster, trace_id: str, entry: str | None = None) -> list:
+    """One forwarded /v1/responses request in trace `trace_id`; that trace's spans."""
     async with (
         aiohttp.ClientSession() as session,
         session.post(
-            cluster.entry + "/v1/responses",
-            json={"model": "fake", "input": "hi"},
+            (entry or cluster.entry) + "/v1/responses",
+            json={"model": cluster.model, "input": "hi", "max_output_tokens": 8},
             headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
         ) as resp,
     ):
-        assert resp.status == 200
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
     for tracing in cluster.tracings:
         await asyncio.to_thread(tracing.provider.force_flush)
-    spans = [s for s in cluster.collector.spans if s.trace_id == trace_id]
-    by_node = {(s.node, s.name) for s in spans}
-    assert {("entry", "admission"), ("entry", "forward")} <= by_node
-    assert {("host", "prefill"), ("host", "decode")} <= by_node
-    assert ("host", "POST /v1/responses") in by_node and ("entry", "POST /v1/responses") in by_node
-    decode = next(s for s in spans if s.name == "decode")
-    assert decode.attributes["gen_ai.usage.output_tokens"].int_value == 3
+    return body, [s for s in cluster.collector.spans if s.trace_id == trace_id]
+
+
+def check_span_tree(spans: list, body: dict, host: str = "host") -> None:
+    """Entry: server span > admission, forward; the host's server span under the forward, and
+    under it its phases, one after the other, with the engine's token counts."""
+    by = {(s.node, s.name): s for s in spans}
+    entry_server, host_server = by["entry", "POST /v1/responses"], by[host, "POST /v1/responses"]
+    assert by["entry", "admission"].parent == entry_server.span_id
+    assert by["entry", "forward"].parent == entry_server.span_id
+    assert host_server.parent == by["entry", "forward"].span_id
+    wait, prefill, decode = (by[host, name] for name in ("queue wait", "prefill", "decode"))
+    assert all(s.parent == host_server.span_id for s in (wait, prefill, decode))
+    assert host_server.start <= wait.start <= wait.end == prefill.start
+    assert prefill.start <= prefill.end == decode.start <= decode.end <= host_server.end
+    usage = body["usage"]
+    assert prefill.attributes["gen_ai.usage.input_tokens"].int_value == usage["input_tokens"]
+    cached = usage["input_tokens_details"]["cached_tokens"]
+    assert prefill.attributes["aivailable.cached_tokens"].int_value == cached
+    assert decode.attributes["gen_ai.usage.output_tokens"].int_value == usage["output_tokens"]
+    assert wait.attributes["aivailable.queue_depth"].int_value >= 0
+
+
+async def test_one_trace_with_spans_from_both_peers(cluster):
+    body, spans = await traced_call(cluster, "4bf92f3577b34da6a3ce929d0e0e4736")
+    check_span_tree(spans, body)
+    assert body["usage"]["output_tokens"] == 3
 
 
 def test_without_the_flag_no_exporter_is_imported():

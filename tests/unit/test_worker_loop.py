@@ -157,3 +157,23 @@ def test_a_cancel_stops_a_generation_at_the_next_step(worker):
     send(completion(9, "hi", max_tokens=1))  # and the slot serves the next one
     assert receive() == wire.Deltas((wire.Delta(9, 0, "A"),))
     assert receive() == wire.Done(9, ("length",), 2, 1, cached_tokens=1)  # "h" reused
+
+
+def test_done_says_how_long_the_prefill_and_the_decode_took(worker):
+    """Per sequence, for traces: slot to first token, and first token to the end. Each step
+    is held a known time at the gate, so each phase lasts at least that."""
+    send, receive, w = worker
+    hold = 0.05
+    w.rt.gate = threading.Semaphore(0)
+    send(completion(10, "hi", max_tokens=2))
+    for _ in range(2):  # the prompt's decode (the prefill), then the first token's (decode)
+        assert w.rt.entered.acquire(timeout=10)
+        time.sleep(hold)
+        w.rt.gate.release()
+    while isinstance(frame := receive(), wire.Deltas):
+        pass
+    assert frame == wire.Done(10, ("length",), 2, 2)
+    assert frame.prefill_ns >= hold * 1e9 and frame.decode_ns >= hold * 1e9
+    # Measurements travel, and never decide equality.
+    assert wire.decode(wire.encode(frame)[4:]).prefill_ns == frame.prefill_ns
+    assert wire.Done(1, ("stop",), 1, 1, prefill_ns=5) == wire.Done(1, ("stop",), 1, 1)
