@@ -544,9 +544,21 @@ class Forwarder:
             # As the serving peer does when its engine dies mid-stream: an error event,
             # then [DONE], so OpenAI clients raise instead of waiting.
             error = ForwardError(502, f"replica {replica.node_id} {reason}")
-            payload = json.dumps(error.body(), separators=(",", ":"))
+            body, head = error.body(), ""
+            if request.path == resume.RESPONSES_PATH:
+                # The Responses stream's own `error` event (type, code, message), keeping the
+                # `error` object too: the openai SDK raises on it in either API.
+                body = {
+                    "type": "error",
+                    "code": "server_error",
+                    "message": error.message,
+                    "param": None,
+                    **body,
+                }
+                head = "event: error\n"
+            payload = json.dumps(body, separators=(",", ":"))
             with contextlib.suppress(ConnectionError):
-                await response.write(f"data: {payload}\n\ndata: [DONE]\n\n".encode())
+                await response.write(f"{head}data: {payload}\n\ndata: [DONE]\n\n".encode())
                 await response.write_eof()
             return
         # A plain body cut short: drop the connection so the client sees the truncation

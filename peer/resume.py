@@ -17,6 +17,7 @@ import json
 from typing import Any
 
 CHAT_PATH = "/v1/chat/completions"
+RESPONSES_PATH = "/v1/responses"  # not resumed: docs/forward.md
 COMPLETIONS_PATH = "/v1/completions"
 RESUMABLE_PATHS = (CHAT_PATH, COMPLETIONS_PATH)
 

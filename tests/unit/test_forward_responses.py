@@ -62,3 +62,20 @@ async def test_a_responses_stream_whose_host_dies_ends_with_an_error(front):  # 
     assert b.bodies == []  # not resumed elsewhere
     assert front.reported == ["a"]
     await client.close()
+
+
+async def test_the_broken_stream_ends_with_the_responses_error_event(front):  # noqa: F811
+    """A Responses client that is not the SDK (Codex CLI, the Agents SDK's raw reader) reads
+    the stream's own `error` event; the `error` object in it is what the SDK raises on."""
+    await front.add(responses_upstream(["One", " two"], die_after=1), "a", depth=0)
+    resp = await front.client.post(
+        "/v1/responses", json={"model": "m", "input": "x", "stream": True}
+    )
+    text = await resp.text()
+    blocks = [b for b in text.split("\n\n") if b]
+    assert blocks[-1] == "data: [DONE]"
+    head, data = blocks[-2].split("\n")
+    assert head == "event: error"
+    error = json.loads(data.removeprefix("data: "))
+    assert error["type"] == "error" and error["code"] == "server_error"
+    assert "replica a" in error["message"] and error["error"]["message"] == error["message"]
