@@ -2,15 +2,16 @@
 through Open WebUI's own HTTP API.
 
     bash tools/openwebui_venv.sh                    # once: Open WebUI in its own venv
-    .venv/bin/python tools/check_openwebui.py [--venv PATH] [--screenshot]
+    .venv/bin/python tools/check_openwebui.py [--venv PATH] [--no-page]
 
 A peer on loopback (`--auth on`, the embedded SmolLM2 on llama.cpp) and user keys made
 through /cluster/keys; Open WebUI (`open-webui serve`) pointed at the peer's /v1 with one of
 them. Then: sign up Open WebUI's first (admin) user, verify the connection, list the models
 (only those the key may use), chat streamed and not, and read the peer's usage ledger for
 that key; switch Open WebUI to a key scoped to another model and to a key revoked while
-Open WebUI runs, and record what Open WebUI answers. `--screenshot` also has headless
-Chromium ask through Open WebUI's page and saves a screenshot of the answer.
+Open WebUI runs, and record what Open WebUI answers. Then headless Chromium asks
+through Open WebUI's page (tools/openwebui_page.py), with its defaults and with its built-in
+tools off, and saves a screenshot of each (`--no-page` skips this).
 
 Everything runs in a network namespace of its own with loopback only (`unshare --net`, as
 root), so no traffic can leave the machine; Open WebUI is also told it is offline. Prints a
@@ -147,6 +148,7 @@ class OpenWebUI:
             "ENABLE_FOLLOW_UP_GENERATION": "false",
             "ENABLE_AUTOCOMPLETE_GENERATION": "false",
             "WEBUI_AUTH": "true",
+            "DEFAULT_MODELS": MODEL,
         }
         self.proc: subprocess.Popen | None = None
 
@@ -191,9 +193,10 @@ class OpenWebUI:
             self.proc.wait(10)
 
 
-def wait_usage(peer_url: str, key: str, requests: int, within: float = 60) -> dict:
-    """The key's own ledger (GET /v1/usage) once it counts `requests` (it is committed to
-    the replicated state at a bounded rate, so it lags the answers by a few seconds)."""
+def wait_usage(peer_url: str, key: str, done, within: float = 60) -> dict:
+    """The key's own ledger (GET /v1/usage), summed over its rows, once `done(total)` holds
+    (it is committed to the replicated state at a bounded rate, so it lags the answers by
+    up to [access] usage_flush_s) or `within` seconds have passed."""
     deadline = time.monotonic() + within
     while True:
         _, body = call("GET", peer_url + "/v1/usage", key)
@@ -201,7 +204,7 @@ def wait_usage(peer_url: str, key: str, requests: int, within: float = 60) -> di
         for row in body.get("data", []) if isinstance(body, dict) else []:
             for field in total:
                 total[field] += row[field]
-        if total["requests"] >= requests or time.monotonic() > deadline:
+        if done(total) or time.monotonic() > deadline:
             return total
         time.sleep(1)
 
@@ -277,7 +280,7 @@ def run_checks(owui: OpenWebUI, peer: PeerProcess, admin: str, keys: dict, c: Ch
     c.add("chat, streamed, system prompt and sampling", status == 200 and text.strip(),
           f"{status}, {chunks} chunks: {text!r}")  # fmt: skip
 
-    ledger = wait_usage(peer.url, keys["user"][0], expected["requests"])
+    ledger = wait_usage(peer.url, keys["user"][0], lambda t: t == expected)
     c.add("usage ledger counts exactly those chats for the key (GET /v1/usage)",
           ledger == expected, f"ledger {ledger}, answers said {expected}")  # fmt: skip
     status, body = call("GET", f"{peer.url}/cluster/usage?key={keys['user'][1]}", admin)
@@ -317,10 +320,46 @@ def run_checks(owui: OpenWebUI, peer: PeerProcess, admin: str, keys: dict, c: Ch
     status, body = call("GET", owui.url + "/api/models", token)
     ids = [m["id"] for m in body.get("data", [])] if isinstance(body, dict) else body
     c.add("revoked key: Open WebUI still up; lists", status == 200, f"{status} {ids}")
-    ledger = wait_usage(peer.url, keys["revoked"][0], 1, within=3)
+    ledger = wait_usage(peer.url, keys["revoked"][0], lambda t: t["requests"], within=3)
     c.add("revoked key: nothing charged to it", ledger["requests"] == 0, f"{ledger}")
     use_key(owui, token, peer.url, keys["user"][0])
     return {"token": token, "expected_usage": expected}
+
+
+def page_checks(owui, peer, keys, found: dict, tmp: Path, out: Path, c: Checks) -> list[str]:
+    """Open WebUI's page in Chromium, as a user types: first with its defaults, then with its
+    built-in tools off (Admin -> Settings -> Models -> default capabilities)."""
+    from tools.openwebui_page import chat_in_page
+
+    token, key = found["token"], keys["user"][0]
+    shots = [out.with_name(out.stem + "-defaults.png"), out.with_suffix(".png")]
+    before = wait_usage(peer.url, key, lambda t: t == found["expected_usage"], within=5)
+    # Its defaults send 36 built-in tools (memory, notes, calendar, ...) with every chat from
+    # the page: about 6,000 prompt tokens, over the default model's 2,048-token context.
+    try:
+        text = chat_in_page(owui.url, token, MODEL, tmp / "chromium", shots[0])
+    except AssertionError as exc:
+        text = f"page: {exc}"
+    c.add("page, Open WebUI's defaults: our clear context error shown",
+          "context holds" in text, repr(text[:160]))  # fmt: skip
+    status, _ = call("POST", owui.url + "/api/v1/configs/models", token, {
+        "DEFAULT_MODELS": MODEL, "DEFAULT_PINNED_MODELS": None, "MODEL_ORDER_LIST": None,
+        "DEFAULT_MODEL_METADATA": {"capabilities": {"builtin_tools": False}},
+    })  # fmt: skip
+    c.add("page: turn Open WebUI's built-in tools off", status == 200, f"HTTP {status}")
+    try:
+        text = chat_in_page(owui.url, token, MODEL, tmp / "chromium", shots[1])
+    except AssertionError as exc:
+        text = f"page: {exc}"
+    # The engine's counts of the answered chat (the refused one above is booked as a
+    # request with no tokens).
+    grew = lambda t: t["completion_tokens"] > before["completion_tokens"]  # noqa: E731
+    after = wait_usage(peer.url, key, grew)
+    answered = grew(after) and after["prompt_tokens"] > before["prompt_tokens"]
+    c.add("page, built-in tools off: answered by our peer, charged to the key",
+          answered and text.strip() and "context holds" not in text,
+          f"{text[:100]!r}; ledger {before} -> {after}")  # fmt: skip
+    return [str(s.relative_to(ROOT)) for s in shots]
 
 
 def start_peer(tmp: Path) -> tuple[PeerProcess, str, dict]:
@@ -363,9 +402,7 @@ def main() -> int:
                     help="Open WebUI's venv (tools/openwebui_venv.sh; env OPENWEBUI_VENV)")  # fmt: skip
     ap.add_argument("--no-isolate", action="store_true",
                     help="run in this network namespace (Open WebUI is still told it is offline)")  # fmt: skip
-    ap.add_argument(
-        "--screenshot", action="store_true", help="also chat through the page in Chromium"
-    )
+    ap.add_argument("--no-page", action="store_true", help="skip the chats in Chromium")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/openwebui.json")
     args = ap.parse_args()
     if not (args.venv / "bin/open-webui").exists():
@@ -387,12 +424,8 @@ def main() -> int:
             facts["open_webui_version"] = owui.version()
             facts["open_webui_start_s"] = round(owui.start(), 1)
             found = run_checks(owui, peer, admin, keys, c)
-            if args.screenshot:
-                from tools.openwebui_page import chat_in_page
-
-                shot = args.out.with_suffix(".png")
-                c.add(*chat_in_page(owui.url, found["token"], MODEL, tmp / "chromium", shot))
-                facts["screenshot"] = str(shot.relative_to(ROOT))
+            if not args.no_page:
+                facts["screenshots"] = page_checks(owui, peer, keys, found, tmp, args.out, c)
             log = owui.log()
             facts["open_webui_unreachable_attempts"] = log.count("Network is unreachable")
             c.add("Open WebUI's log has no traceback", "Traceback" not in log,
