@@ -319,7 +319,11 @@ def run_checks(owui: OpenWebUI, peer: PeerProcess, admin: str, keys: dict, c: Ch
           f"{status} {error_text(body)}")  # fmt: skip
     status, body = call("GET", owui.url + "/api/models", token)
     ids = [m["id"] for m in body.get("data", [])] if isinstance(body, dict) else body
-    c.add("revoked key: Open WebUI keeps running, lists what it saw last", status == 200, f"{status} {ids}")
+    c.add(
+        "revoked key: Open WebUI keeps running, lists what it saw last",
+        status == 200,
+        f"{status} {ids}",
+    )
     ledger = wait_usage(peer.url, keys["revoked"][0], lambda t: t["requests"], within=3)
     c.add("revoked key: nothing charged to it", ledger["requests"] == 0, f"{ledger}")
     use_key(owui, token, peer.url, keys["user"][0])
