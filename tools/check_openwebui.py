@@ -324,10 +324,16 @@ def run_checks(owui: OpenWebUI, peer: PeerProcess, admin: str, keys: dict, c: Ch
         status == 200,
         f"{status} {ids}",
     )
-    ledger = wait_usage(peer.url, keys["revoked"][0], lambda t: t["requests"], within=3)
-    c.add("revoked key: nothing charged to it", ledger["requests"] == 0, f"{ledger}")
     use_key(owui, token, peer.url, keys["user"][0])
-    return {"token": token, "expected_usage": expected}
+    return {"token": token, "expected_usage": expected, "revoked_at": time.monotonic()}
+
+
+def nothing_charged_to_the_revoked_key(peer, keys, found: dict, c: Checks) -> None:
+    """Read once a whole usage flush ([access] usage_flush_s, 10 s) has passed since the
+    revoked key's chats, so that nothing booked for it can still be on its way."""
+    time.sleep(max(0.0, found["revoked_at"] + 12 - time.monotonic()))
+    ledger = wait_usage(peer.url, keys["revoked"][0], lambda t: True)
+    c.add("revoked key: nothing charged to it", ledger["requests"] == 0, f"{ledger}")
 
 
 def page_checks(owui, peer, keys, found: dict, tmp: Path, out: Path, c: Checks) -> list[str]:
@@ -430,6 +436,7 @@ def main() -> int:
             found = run_checks(owui, peer, admin, keys, c)
             if not args.no_page:
                 facts["screenshots"] = page_checks(owui, peer, keys, found, tmp, args.out, c)
+            nothing_charged_to_the_revoked_key(peer, keys, found, c)
             log = owui.log()
             facts["open_webui_unreachable_attempts"] = log.count("Network is unreachable")
             c.add("Open WebUI's log has no traceback", "Traceback" not in log,
