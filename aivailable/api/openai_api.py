@@ -75,9 +75,11 @@ class Forwarding(Protocol):
         ...
 
 
-def engine_error(exc: EngineError, model: str = "") -> ServiceError:
+def engine_error(exc: EngineError, model: str = "", tools: int = 0) -> ServiceError:
     """The one place engine errors turn into HTTP statuses. An instance that is not ready
-    answers as a peer without a ready replica does: its body names the model's state."""
+    answers as a peer without a ready replica does: its body names the model's state.
+    `tools`: how many tools the request sent, named in an overflow (Open WebUI's page sends
+    36 built-in ones with every chat, ~6,000 tokens, and "Say hello" would not fit)."""
     if isinstance(exc, QueueFull):
         return ApiError(
             429,
@@ -89,7 +91,13 @@ def engine_error(exc: EngineError, model: str = "") -> ServiceError:
     if isinstance(exc, EngineUnavailable):
         return NoReadyReplica(model, exc.state, exc.detail, str(exc), exc.retry_after)
     if isinstance(exc, ContextOverflow):
-        return ApiError(400, str(exc), param="messages", code="context_length_exceeded")
+        hint = (
+            f"; the definitions of the {tools} tools sent with it are part of the prompt: send"
+            " fewer tools, or deploy the model with a larger n_ctx"
+            if tools
+            else ""
+        )
+        return ApiError(400, str(exc) + hint, param="messages", code="context_length_exceeded")
     if isinstance(exc, InvalidRequest):
         return ApiError(400, str(exc), param="messages")
     return ApiError(500, f"engine error: {exc}", type="server_error")
@@ -350,7 +358,7 @@ class OpenAIApi:
                         elif isinstance(event, Finished):
                             finished = event
         except EngineError as exc:
-            raise engine_error(exc, parsed.model) from exc
+            raise engine_error(exc, parsed.model, len(parsed.functions)) from exc
         except TimeoutError as exc:
             raise ApiError(
                 504, f"generation took longer than {self._timeout:.0f}s", type="timeout"
@@ -464,7 +472,7 @@ class OpenAIApi:
                         break
                     event = await anext(events)
         except EngineError as exc:
-            error = engine_error(exc, parsed.model)
+            error = engine_error(exc, parsed.model, len(parsed.functions))
             if response is None:
                 raise error from exc
             await response.write(_sse(error.body()))

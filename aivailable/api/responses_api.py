@@ -258,7 +258,7 @@ class ResponsesApi:
                 self._keep(request, call, final)
         except (EngineError, TimeoutError, StopAsyncIteration) as exc:
             if isinstance(exc, EngineError):
-                error = engine_error(exc, call.parsed.model)
+                error = engine_error(exc, call.parsed.model, len(call.parsed.functions))
             elif isinstance(exc, TimeoutError):
                 error = self._timeout()
             else:
