@@ -18,6 +18,7 @@ b. Simulation (tests/sim/gossip_sim.py, seeded, 1,000 Membership cores, LAN late
 c. placement.solve of 200 models on 1,000 nodes (bench/placement.py's random clusters).
 
     python bench/scale.py [--peers 30] [--sim-nodes 1000] [--only real|sim|placement]
+    python bench/scale.py --only real --peers 5 --idle-only   # idle figures only, quick
 
 Prints a table and writes bench/results/scale.json. Asserts nothing about time.
 """
@@ -89,16 +90,22 @@ def proc_stat(pid: int) -> tuple[float, int]:
     return cpu, rss
 
 
-def gossip_bytes(peer: PeerProcess) -> float:
+def gossip_bytes(peer: PeerProcess, counter: str = "transport_bytes_sent") -> float:
+    """A transport counter: gossip's own bytes sent, or with counter="transport_app_bytes_sent"
+    the other parts' datagrams (Raft's heartbeats and their answers)."""
     with urllib.request.urlopen(peer.url + "/metrics", timeout=5) as resp:
         text = resp.read().decode()
     for line in text.splitlines():
-        if line.startswith('aivailable_gossip{counter="transport_bytes_sent"}'):
+        if line.startswith(f'aivailable_gossip{{counter="{counter}"}}'):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
 
-def real_cluster(n: int, idle_window: float) -> dict:
+def udp_bytes(peer: PeerProcess) -> tuple[float, float]:
+    return gossip_bytes(peer), gossip_bytes(peer, "transport_app_bytes_sent")
+
+
+def real_cluster(n: int, idle_window: float, idle_only: bool = False) -> dict:
     base = Path(tempfile.mkdtemp(prefix="aiv-scale-"))
     key = base / "cluster.key"
     load_or_create_secret(key)
@@ -144,24 +151,32 @@ def real_cluster(n: int, idle_window: float) -> dict:
         out["one_leader_s"] = None if agreed is None else time.monotonic() - t0
         out["last_seen"] = last  # what the polls saw last, for a figure that timed out
         time.sleep(5)  # let start-up settle before the idle window
-        before = {p.name: (proc_stat(p.proc.pid), gossip_bytes(p)) for p in peers}
+        before = {p.name: (proc_stat(p.proc.pid), udp_bytes(p)) for p in peers}
         w0 = time.monotonic()
         time.sleep(idle_window)
         window = time.monotonic() - w0
-        cpu, rss, gossip = [], [], []
+        cpu, rss, gossip, raft_udp = [], [], [], []
         for p in peers:
-            (c0, _), b0 = before[p.name]
+            (c0, _), (b0, a0) = before[p.name]
             c1, r1 = proc_stat(p.proc.pid)
             cpu.append(100 * (c1 - c0) / window)
             rss.append(r1)
-            gossip.append((gossip_bytes(p) - b0) / window)
+            b1, a1 = udp_bytes(p)
+            gossip.append((b1 - b0) / window)
+            raft_udp.append((a1 - a0) / window)
         leader = (status(peers[-1]) or {}).get("leader")
         out["idle_cpu_pct"] = summary(cpu)
         out["idle_cpu_pct_leader"] = next(
             (c for p, c in zip(peers, cpu, strict=True) if p.name == leader), None
         )
         out["gossip_bytes_per_s"] = summary(gossip)
+        out["raft_datagram_bytes_per_s"] = summary(raft_udp)
+        out["raft_datagram_bytes_per_s_leader"] = next(
+            (b for p, b in zip(peers, raft_udp, strict=True) if p.name == leader), None
+        )
         out["rss_mib"] = summary([r / 2**20 for r in rss])
+        if idle_only:  # the edit loop's measurement: no deploy, no kills
+            return out
 
         # Deploy to serving, through a routing-only peer.
         router = peers[2]
@@ -368,6 +383,10 @@ def print_table(results: dict) -> None:
         print(f"   idle CPU per peer               {fmt(r.get('idle_cpu_pct'), '%')}")
         print(f"   idle CPU of the leader          {fmt(r.get('idle_cpu_pct_leader'), '%')}")
         print(f"   gossip sent per peer            {fmt(r.get('gossip_bytes_per_s'), ' B/s')}")
+        print(
+            f"   Raft datagrams sent per peer    {fmt(r.get('raft_datagram_bytes_per_s'), ' B/s')}"
+            f", leader {fmt(r.get('raft_datagram_bytes_per_s_leader'), ' B/s')}"
+        )
         print(f"   RSS per peer                    {fmt(r.get('rss_mib'), ' MiB')}")
         print(f"   deploy to serving               {fmt(r.get('deploy_to_serving_s'))}")
         for k in r.get("kill9", []):
@@ -413,6 +432,9 @@ def main() -> None:
         "--partition-nodes", type=int, default=200, help="the partition-heal run's size"
     )
     ap.add_argument("--only", choices=("real", "sim", "placement"))
+    ap.add_argument(
+        "--idle-only", action="store_true", help="real peers: stop after the idle figures"
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale.json"))
     args = ap.parse_args()
     results: dict = {}
@@ -424,7 +446,7 @@ def main() -> None:
         results["sim"] = simulate(args.sim_nodes, args.seed, partition=False)
         results["sim_partition"] = simulate(args.partition_nodes, args.seed)
     if args.only in (None, "real"):
-        results["real"] = real_cluster(args.peers, args.idle_window)
+        results["real"] = real_cluster(args.peers, args.idle_window, args.idle_only)
     print_table(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
