@@ -48,7 +48,9 @@ from aivailable.cluster.raft import (
     caught_up,
     caught_up_learners,
     leader_ready,
+    listen_raft_datagrams,
     raft_conf_hooks,
+    raft_datagrams,
 )
 from aivailable.cluster.reconciler import ReconcilerConfig
 from aivailable.cluster.runner import ControllerRunner, Reconciler, Trigger
@@ -535,7 +537,9 @@ class ClusterNode:
                     voters=(self.raft_id,) if decision.action == FOUND else (),
                     snapshot=self.state.snapshot,
                     restore=self.state.restore,
+                    datagram=raft_datagrams(self.gossip, self.view.node_of_member),
                 )
+                listen_raft_datagrams(self.gossip, driver)
                 if tuple(driver.voters) == (self.raft_id,):
                     driver.node.campaign()  # the only voter: no election timeout to wait
                 proposer = Proposer(driver, self.session, self._address_of)
