@@ -56,6 +56,7 @@ class GossipMetrics:
     push_pull_served: int = 0
     push_pull_refused: int = 0  # incoming push-pull we could not open: never admitted
     events_dropped: int = 0  # a subscriber too slow to keep up
+    clock_wakeups: int = 0  # times the clock loop ran (it sleeps until the next deadline)
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -122,6 +123,7 @@ class Gossip:
         self._subscribers: set[Subscription] = set()
         self._datagram_handlers: dict[int, Callable[[bytes], None]] = {}
         self._wake = asyncio.Event()
+        self._sleep_until = float("-inf")  # the deadline the clock sleeps until
         self._push_pulls: asyncio.Queue[tuple[str, int, bool]] = asyncio.Queue(
             MAX_PENDING_PUSH_PULLS
         )
@@ -206,10 +208,12 @@ class Gossip:
 
     async def _clock(self) -> None:
         while True:
+            self.metrics.clock_wakeups += 1
             self.core.tick(time.monotonic())
             self._flush()
             self._wake.clear()  # set again only by what happens while we wait
-            delay = self.core.next_deadline() - time.monotonic()
+            self._sleep_until = self.core.next_deadline()
+            delay = self._sleep_until - time.monotonic()
             if delay > 0:
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally
                 # when the wake-up and a cancel land together, losing the cancel, and this
@@ -318,7 +322,11 @@ class Gossip:
             for sub in list(self._subscribers):
                 if not sub._offer(event):
                     self.metrics.events_dropped += 1
-        self._wake.set()
+        # Wake the clock only if something is now due sooner than it sleeps for (a queued
+        # broadcast, a probe's ack): a ping answered or an unchanged payload set changes
+        # no deadline, and waking for each was most of the clock's wake-ups.
+        if self.core.next_deadline() < self._sleep_until:
+            self._wake.set()
 
 
 def _url_host(host: str) -> str:

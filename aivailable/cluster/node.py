@@ -149,7 +149,8 @@ class ClusterNode:
         self.gossip = gossip
         self.state = ClusterState()
         self.view = ReadModel(self.me)
-        self.ctrl_wake, self.rec_wake = Trigger(), Trigger()
+        # Fired on each read-model change: controller, reconciler, the ready line (server.py)
+        self.ctrl_wake, self.rec_wake, self.view_wake = Trigger(), Trigger(), Trigger()
         self.local_models = LocalModels(config.cache_dir)
         self.cluster_id: str | None = None
         # This peer's Raft id (identity.py): bound to its raft directory, set in run().
@@ -380,8 +381,8 @@ class ClusterNode:
             self._changed()
 
     def _changed(self) -> None:
-        self.ctrl_wake.fire()
-        self.rec_wake.fire()
+        for trigger in (self.ctrl_wake, self.rec_wake, self.view_wake):
+            trigger.fire()
 
     async def _publish_loop(self) -> None:
         while not self._leaving:

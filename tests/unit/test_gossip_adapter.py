@@ -169,3 +169,18 @@ async def test_app_datagrams_reach_the_channel_handler_of_the_member_and_never_t
         stranger.transport.send_app("127.0.0.1", nodes["b"].port, AppData(RAFT_CHANNEL, b"forged"))
         assert await eventually(lambda: nodes["b"].transport.metrics.rejected_bad_key > 0)
         assert got == [b"beat"]
+
+
+async def test_the_clock_wakes_for_a_changed_payload_but_not_for_an_unchanged_one():
+    specs = [("a", SECRET, []), ("b", SECRET, ["a"])]
+    async with cluster(specs) as nodes:
+        a, b = nodes["a"], nodes["b"]
+        assert await eventually(lambda: states(a).get("b") == "alive")
+        before = a.metrics.clock_wakeups
+        for _ in range(200):  # what the node's publish loop does when nothing changed
+            a.set_payload({"gpus": ["a"]})
+            await asyncio.sleep(0)
+        # Only its own deadlines (probes every 0.2 s) woke it meanwhile, not 200 sets.
+        assert a.metrics.clock_wakeups - before < 50
+        a.set_payload({"gpus": ["a", "new"]})  # queues a broadcast: the next round sends it
+        assert await eventually(lambda: b.core.member("a").payload == {"gpus": ["a", "new"]})
