@@ -15,6 +15,8 @@ b. Simulation (tests/sim/gossip_sim.py, seeded, 1,000 Membership cores, LAN late
    seconds and gossip rounds (a round = one gossip interval) until every node sees a
    joiner alive, a crashed node dead, and both halves of a healed partition alive again;
    bytes sent per peer per second over each (datagram bytes as the transport seals them).
+   And at 30 nodes, 40 seeds each, with probes every 0.5 s and every 1 s: a crash until
+   every other node suspects it (why the probe interval stays 0.5 s).
 c. placement.solve of 200 models on 1,000 nodes (bench/placement.py's random clusters).
 
     python bench/scale.py [--peers 30] [--sim-nodes 1000] [--only real|sim|placement]
@@ -26,6 +28,7 @@ Prints a table and writes bench/results/scale.json. Asserts nothing about time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -44,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from aivailable.local_peers import PeerProcess, free_port, get_json  # noqa: E402
 from bench.placement import GIB, MODEL_SIZES_GIB  # noqa: E402
 from bench.placement import cluster as random_cluster  # noqa: E402
+from peer.config import GossipConfig  # noqa: E402
 from peer.crypto import OVERHEAD  # noqa: E402
 from peer.messages import Packet  # noqa: E402
 from peer.secret import load_or_create_secret  # noqa: E402
@@ -327,6 +331,35 @@ def simulate(n: int, seed: int, partition: bool = True) -> dict:
     return {"nodes": n, "seed": seed, **rows}
 
 
+def suspect_by_all(n: int, probe_interval: float, seeds: int) -> dict:
+    """Seconds from a crash until every other node sees it not alive (suspect or dead), over
+    `seeds` seeded runs of n nodes: what the probe interval buys (the kill -9 target)."""
+    config = dataclasses.replace(GossipConfig(), probe_interval=probe_interval)
+    took = []
+    for seed in range(seeds):
+        sim = GossipSim(n, seed=seed, config=config)
+        sim.run_until(3.0 + (seed % 10) * 0.1)  # crashes at different points of a probe round
+        victim = f"n{seed % n:03d}"
+        sim.crash(victim)
+        others = [x for x in sim.nodes if x != victim]
+        took.append(
+            sim.run_until_true(
+                lambda s=sim, v=victim, o=others: all(s.state_of(x, v) != "alive" for x in o),
+                30.0,
+            )
+        )
+    seen = sorted(t for t in took if t is not None)
+    return {
+        "nodes": n,
+        "probe_interval": probe_interval,
+        "runs": seeds,
+        "missed": len(took) - len(seen),
+        "p50": statistics.median(seen),
+        "p90": statistics.quantiles(seen, n=10)[-1],
+        "max": seen[-1],
+    }
+
+
 # ---------------------------------------------------------------- c. placement
 
 
@@ -410,6 +443,12 @@ def print_table(results: dict) -> None:
             )
         if "steady" in s:
             print(f"   steady          {s['steady']['bytes_per_peer_per_s']:.0f} B/s per peer")
+    for row in results.get("suspect", []):
+        print(
+            f"b. crash until all {row['nodes']} suspect it, probe every {row['probe_interval']}s"
+            f" ({row['runs']} seeds): p50 {row['p50']:.2f}s p90 {row['p90']:.2f}s"
+            f" max {row['max']:.2f}s, missed {row['missed']}"
+        )
     if "placement" in results:
         p = results["placement"]
         print(f"c. placement of {p['models']} models on {p['nodes']} nodes")
@@ -445,6 +484,7 @@ def main() -> None:
         # shows how healing goes.
         results["sim"] = simulate(args.sim_nodes, args.seed, partition=False)
         results["sim_partition"] = simulate(args.partition_nodes, args.seed)
+        results["suspect"] = [suspect_by_all(30, t, 40) for t in (0.5, 1.0)]
     if args.only in (None, "real"):
         results["real"] = real_cluster(args.peers, args.idle_window, args.idle_only)
     print_table(results)

@@ -52,10 +52,10 @@ class RaftConfig:
     # defaults, the 1 s of etcd and hashicorp/raft. Failover lands around 1.3 s (p50).
     election_ticks: int = 10
     # Heartbeat period in ticks: every third, so followers hear the leader 3-6 times per
-    # election timeout (a lost one is no election). Each heartbeat is a signed HTTP request
-    # per follower: every tick made them most of an idle peer's CPU (3 idle peers: 1.7% of
-    # a core each, 0.9% at 3 ticks; docs/cluster.md). Failover waits on the election
-    # timeout, not on this.
+    # election timeout (a lost one is no election). Over HTTP each heartbeat was a signed
+    # request per follower: every tick made them most of an idle peer's CPU (3 idle peers:
+    # 1.7% of a core each, 0.9% at 3 ticks; docs/cluster.md); a peer now sends them as
+    # datagrams (`datagram`). Failover waits on the election timeout, not on this.
     heartbeat_ticks: int = 3
     # PreVote (dissertation 9.6): a node that was cut off cannot depose a healthy leader.
     pre_vote: bool = True
