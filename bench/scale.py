@@ -5,7 +5,8 @@ a. Real peers (`python -m aivailable up`, --no-mdns, joined through 3 seeds): ha
    - all alive: from starting them all until every peer's /cluster/status lists all alive
      and one leader;
    - idle: CPU per peer (from /proc over a quiet window), gossip bytes sent per peer per
-     second (UDP, the transport's counter; push-pull over HTTP is not in it), RSS per peer;
+     second (UDP, the transport's counter; push-pull over HTTP is not in it), the Raft
+     heartbeat datagrams' bytes apart (per peer and of the leader), RSS per peer;
    - deploy to serving: the embedded model with 1 replica, from the POST until a chat
      through a routing-only peer answers;
    - kill -9 of a follower: until every other peer shows it not alive, and dead;
