@@ -1,7 +1,8 @@
 """RaftDriver: the asyncio adapter around the pure RaftNode.
 
 It only moves time, bytes and files: a clock gives node.tick() (waking only when a tick is
-due to act), POST /raft/messages feeds node.step(), and one loop runs the Ready cycle (save in a thread so fsync never blocks the
+due to act), POST /raft/messages (and, for heartbeats, an optional datagram route) feeds
+node.step(), and one loop runs the Ready cycle (save in a thread so fsync never blocks the
 event loop, then send, then apply, then advance). Outgoing messages are batched per
 destination, one HTTP request in flight per peer, over the caller's aiohttp.ClientSession
 (keep-alive connections), so everything queued while a request or an fsync is under way
@@ -354,15 +355,17 @@ class RaftDriver:
 
     def _catch_up(self) -> None:
         """Give the node every tick of the grid that has passed. A loop that was stalled
-        past the tick it meant to wake at gets one tick there and a grid moved to now, not
-        a burst: the heartbeats that arrived meanwhile may still be in the socket."""
+        past the tick it meant to wake at gets the ticks up to that one and a grid moved to
+        now, not a burst: the stall is taken to begin there (as a loop ticking every tick
+        would tick once after it), and the heartbeats that arrived meanwhile may still be
+        in the socket."""
         if self._clock_origin is None:
             return
         now = asyncio.get_running_loop().time()
         # (the epsilon: a timer that fires a hair early still reaches its tick)
         target = int((now - self._clock_origin) / self._interval + 1e-6)
         if target > self._due + 1:  # a stall, not a sleep
-            target = self._due + 1
+            target = self._due
             self._clock_origin = now - target * self._interval
         while self._ticks < target:
             self._ticks += 1

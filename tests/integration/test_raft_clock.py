@@ -8,6 +8,7 @@ to the other driver), with everything else over HTTP."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiohttp
 import pytest
@@ -112,3 +113,19 @@ async def test_a_datagram_carrying_anything_but_heartbeats_is_refused(cluster):
     follower.driver.receive_datagram(b"\x93not a batch")
     assert follower.driver.datagrams_refused == 2
     assert follower.driver.node.last_index == last
+
+
+async def test_a_stalled_event_loop_is_no_burst_of_ticks_and_no_election(cluster):
+    for nid in IDS:
+        await cluster.add(nid, IDS)
+    leader = await settled(cluster)
+    term = leader.driver.term
+    ticks = {p.id: p.driver._ticks for p in cluster.running()}
+    time.sleep(5 * FAST.election_ticks * TICK_S)  # noqa: ASYNC251 - the stall under test
+    await asyncio.sleep(FAST.election_ticks * TICK_S)
+    # Heartbeats flowed until the stall: nobody's election timeout had run out by then, so
+    # the ticks of the stall itself are not made up and nobody campaigns afterwards.
+    assert all(p.driver.term == term for p in cluster.running())
+    assert leader.driver.role == "leader"
+    for p in cluster.running():
+        assert p.driver._ticks - ticks[p.id] < 4 * FAST.election_ticks
