@@ -109,7 +109,9 @@ async def announce_ready(node: ClusterNode, config: Config, announce) -> None:
         ready = sorted({model for (_, model), state in states.items() if state == "ready"})
         if ready:
             break
-        await asyncio.sleep(0.25)
+        # Woken by read-model changes (a gossiped instance turning ready is one), not a
+        # 4 Hz poll, which was a few wake-ups a second forever on a peer that serves none.
+        await node.view_wake.wait(5.0)
     url = f"{'https' if config.tls_cert else 'http'}://{config.advertise_addr}"
     announce(f"ready: {', '.join(ready)} serving through {url} (dashboard: {url}/)")
     key = ' -H "Authorization: Bearer $AIVAILABLE_API_KEY"' if config.auth_on else ""

@@ -5,7 +5,8 @@ a. Real peers (`python -m aivailable up`, --no-mdns, joined through 3 seeds): ha
    - all alive: from starting them all until every peer's /cluster/status lists all alive
      and one leader;
    - idle: CPU per peer (from /proc over a quiet window), gossip bytes sent per peer per
-     second (UDP, the transport's counter; push-pull over HTTP is not in it), RSS per peer;
+     second (UDP, the transport's counter; push-pull over HTTP is not in it), the Raft
+     heartbeat datagrams' bytes apart (per peer and of the leader), RSS per peer;
    - deploy to serving: the embedded model with 1 replica, from the POST until a chat
      through a routing-only peer answers;
    - kill -9 of a follower: until every other peer shows it not alive, and dead;
@@ -15,9 +16,12 @@ b. Simulation (tests/sim/gossip_sim.py, seeded, 1,000 Membership cores, LAN late
    seconds and gossip rounds (a round = one gossip interval) until every node sees a
    joiner alive, a crashed node dead, and both halves of a healed partition alive again;
    bytes sent per peer per second over each (datagram bytes as the transport seals them).
+   And at 30 nodes, 40 seeds each, with probes every 0.5 s and every 1 s: a crash until
+   every other node suspects it (why the probe interval stays 0.5 s).
 c. placement.solve of 200 models on 1,000 nodes (bench/placement.py's random clusters).
 
     python bench/scale.py [--peers 30] [--sim-nodes 1000] [--only real|sim|placement]
+    python bench/scale.py --only real --peers 5 --idle-only   # idle figures only, quick
 
 Prints a table and writes bench/results/scale.json. Asserts nothing about time.
 """
@@ -25,6 +29,7 @@ Prints a table and writes bench/results/scale.json. Asserts nothing about time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -43,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 from aivailable.local_peers import PeerProcess, free_port, get_json  # noqa: E402
 from bench.placement import GIB, MODEL_SIZES_GIB  # noqa: E402
 from bench.placement import cluster as random_cluster  # noqa: E402
+from peer.config import GossipConfig  # noqa: E402
 from peer.crypto import OVERHEAD  # noqa: E402
 from peer.messages import Packet  # noqa: E402
 from peer.secret import load_or_create_secret  # noqa: E402
@@ -89,16 +95,22 @@ def proc_stat(pid: int) -> tuple[float, int]:
     return cpu, rss
 
 
-def gossip_bytes(peer: PeerProcess) -> float:
+def gossip_bytes(peer: PeerProcess, counter: str = "transport_bytes_sent") -> float:
+    """A transport counter: gossip's own bytes sent, or with counter="transport_app_bytes_sent"
+    the other parts' datagrams (Raft's heartbeats and their answers)."""
     with urllib.request.urlopen(peer.url + "/metrics", timeout=5) as resp:
         text = resp.read().decode()
     for line in text.splitlines():
-        if line.startswith('aivailable_gossip{counter="transport_bytes_sent"}'):
+        if line.startswith(f'aivailable_gossip{{counter="{counter}"}}'):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
 
-def real_cluster(n: int, idle_window: float) -> dict:
+def udp_bytes(peer: PeerProcess) -> tuple[float, float]:
+    return gossip_bytes(peer), gossip_bytes(peer, "transport_app_bytes_sent")
+
+
+def real_cluster(n: int, idle_window: float, idle_only: bool = False) -> dict:
     base = Path(tempfile.mkdtemp(prefix="aiv-scale-"))
     key = base / "cluster.key"
     load_or_create_secret(key)
@@ -144,24 +156,32 @@ def real_cluster(n: int, idle_window: float) -> dict:
         out["one_leader_s"] = None if agreed is None else time.monotonic() - t0
         out["last_seen"] = last  # what the polls saw last, for a figure that timed out
         time.sleep(5)  # let start-up settle before the idle window
-        before = {p.name: (proc_stat(p.proc.pid), gossip_bytes(p)) for p in peers}
+        before = {p.name: (proc_stat(p.proc.pid), udp_bytes(p)) for p in peers}
         w0 = time.monotonic()
         time.sleep(idle_window)
         window = time.monotonic() - w0
-        cpu, rss, gossip = [], [], []
+        cpu, rss, gossip, raft_udp = [], [], [], []
         for p in peers:
-            (c0, _), b0 = before[p.name]
+            (c0, _), (b0, a0) = before[p.name]
             c1, r1 = proc_stat(p.proc.pid)
             cpu.append(100 * (c1 - c0) / window)
             rss.append(r1)
-            gossip.append((gossip_bytes(p) - b0) / window)
+            b1, a1 = udp_bytes(p)
+            gossip.append((b1 - b0) / window)
+            raft_udp.append((a1 - a0) / window)
         leader = (status(peers[-1]) or {}).get("leader")
         out["idle_cpu_pct"] = summary(cpu)
         out["idle_cpu_pct_leader"] = next(
             (c for p, c in zip(peers, cpu, strict=True) if p.name == leader), None
         )
         out["gossip_bytes_per_s"] = summary(gossip)
+        out["raft_datagram_bytes_per_s"] = summary(raft_udp)
+        out["raft_datagram_bytes_per_s_leader"] = next(
+            (b for p, b in zip(peers, raft_udp, strict=True) if p.name == leader), None
+        )
         out["rss_mib"] = summary([r / 2**20 for r in rss])
+        if idle_only:  # the edit loop's measurement: no deploy, no kills
+            return out
 
         # Deploy to serving, through a routing-only peer.
         router = peers[2]
@@ -312,6 +332,35 @@ def simulate(n: int, seed: int, partition: bool = True) -> dict:
     return {"nodes": n, "seed": seed, **rows}
 
 
+def suspect_by_all(n: int, probe_interval: float, seeds: int) -> dict:
+    """Seconds from a crash until every other node sees it not alive (suspect or dead), over
+    `seeds` seeded runs of n nodes: what the probe interval buys (the kill -9 target)."""
+    config = dataclasses.replace(GossipConfig(), probe_interval=probe_interval)
+    took = []
+    for seed in range(seeds):
+        sim = GossipSim(n, seed=seed, config=config)
+        sim.run_until(3.0 + (seed % 10) * 0.1)  # crashes at different points of a probe round
+        victim = f"n{seed % n:03d}"
+        sim.crash(victim)
+        others = [x for x in sim.nodes if x != victim]
+        took.append(
+            sim.run_until_true(
+                lambda s=sim, v=victim, o=others: all(s.state_of(x, v) != "alive" for x in o),
+                30.0,
+            )
+        )
+    seen = sorted(t for t in took if t is not None)
+    return {
+        "nodes": n,
+        "probe_interval": probe_interval,
+        "runs": seeds,
+        "missed": len(took) - len(seen),
+        "p50": statistics.median(seen),
+        "p90": statistics.quantiles(seen, n=10)[-1],
+        "max": seen[-1],
+    }
+
+
 # ---------------------------------------------------------------- c. placement
 
 
@@ -368,6 +417,10 @@ def print_table(results: dict) -> None:
         print(f"   idle CPU per peer               {fmt(r.get('idle_cpu_pct'), '%')}")
         print(f"   idle CPU of the leader          {fmt(r.get('idle_cpu_pct_leader'), '%')}")
         print(f"   gossip sent per peer            {fmt(r.get('gossip_bytes_per_s'), ' B/s')}")
+        print(
+            f"   Raft datagrams sent per peer    {fmt(r.get('raft_datagram_bytes_per_s'), ' B/s')}"
+            f", leader {fmt(r.get('raft_datagram_bytes_per_s_leader'), ' B/s')}"
+        )
         print(f"   RSS per peer                    {fmt(r.get('rss_mib'), ' MiB')}")
         print(f"   deploy to serving               {fmt(r.get('deploy_to_serving_s'))}")
         for k in r.get("kill9", []):
@@ -391,6 +444,12 @@ def print_table(results: dict) -> None:
             )
         if "steady" in s:
             print(f"   steady          {s['steady']['bytes_per_peer_per_s']:.0f} B/s per peer")
+    for row in results.get("suspect", []):
+        print(
+            f"b. crash until all {row['nodes']} suspect it, probe every {row['probe_interval']}s"
+            f" ({row['runs']} seeds): p50 {row['p50']:.2f}s p90 {row['p90']:.2f}s"
+            f" max {row['max']:.2f}s, missed {row['missed']}"
+        )
     if "placement" in results:
         p = results["placement"]
         print(f"c. placement of {p['models']} models on {p['nodes']} nodes")
@@ -413,6 +472,9 @@ def main() -> None:
         "--partition-nodes", type=int, default=200, help="the partition-heal run's size"
     )
     ap.add_argument("--only", choices=("real", "sim", "placement"))
+    ap.add_argument(
+        "--idle-only", action="store_true", help="real peers: stop after the idle figures"
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale.json"))
     args = ap.parse_args()
     results: dict = {}
@@ -423,8 +485,9 @@ def main() -> None:
         # shows how healing goes.
         results["sim"] = simulate(args.sim_nodes, args.seed, partition=False)
         results["sim_partition"] = simulate(args.partition_nodes, args.seed)
+        results["suspect"] = [suspect_by_all(30, t, 40) for t in (0.5, 1.0)]
     if args.only in (None, "real"):
-        results["real"] = real_cluster(args.peers, args.idle_window)
+        results["real"] = real_cluster(args.peers, args.idle_window, args.idle_only)
     print_table(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -267,6 +267,19 @@ class RaftNode:
                 self.election_elapsed = 0
                 self._hup(transfer=False)
 
+    def ticks_until_due(self) -> int | None:
+        """How many tick() calls from now until one may do something (campaign, check the
+        quorum, send heartbeats, resend a snapshot); None if no tick ever will (a learner's
+        clock only ages its lease). Ticks before that only count: a driver may sleep until
+        then and make them up at once, but must make up the elapsed ones before step()."""
+        if self.role == LEADER:
+            return max(
+                1, min(self.election_ticks - self.election_elapsed, self._leading.ticks_until_due())
+            )
+        if not self._promotable():
+            return None
+        return max(1, self.randomized_election_timeout - self.election_elapsed)
+
     def _tick_leader(self) -> None:
         leading = self._leading
         self.election_elapsed += 1

@@ -1,6 +1,7 @@
 """RaftDriver: the asyncio adapter around the pure RaftNode.
 
-It only moves time, bytes and files: a timer calls node.tick(), POST /raft/messages feeds
+It only moves time, bytes and files: a clock gives node.tick() (waking only when a tick is
+due to act), POST /raft/messages (and, for heartbeats, an optional datagram route) feeds
 node.step(), and one loop runs the Ready cycle (save in a thread so fsync never blocks the
 event loop, then send, then apply, then advance). Outgoing messages are batched per
 destination, one HTTP request in flight per peer, over the caller's aiohttp.ClientSession
@@ -24,12 +25,23 @@ import aiohttp
 from aiohttp import web
 
 from .core import RaftNode
-from .types import CMD, Entry, Message, NotLeader, ProposalRejected, Ready
+from .types import (
+    CMD,
+    HEARTBEAT,
+    HEARTBEAT_RESP,
+    Entry,
+    Message,
+    NotLeader,
+    ProposalRejected,
+    Ready,
+)
 from .wire import WireError, decode_batch, encode_batch
 
 log = logging.getLogger(__name__)
 
 MESSAGES_PATH = "/raft/messages"
+# What may travel as a datagram: small, frequent, and harmless to lose or reorder.
+DATAGRAM_KINDS = frozenset((HEARTBEAT, HEARTBEAT_RESP))
 
 
 @dataclass(frozen=True)
@@ -41,10 +53,10 @@ class RaftConfig:
     # defaults, the 1 s of etcd and hashicorp/raft. Failover lands around 1.3 s (p50).
     election_ticks: int = 10
     # Heartbeat period in ticks: every third, so followers hear the leader 3-6 times per
-    # election timeout (a lost one is no election). Each heartbeat is a signed HTTP request
-    # per follower: every tick made them most of an idle peer's CPU (3 idle peers: 1.7% of
-    # a core each, 0.9% at 3 ticks; docs/cluster.md). Failover waits on the election
-    # timeout, not on this.
+    # election timeout (a lost one is no election). Over HTTP each heartbeat was a signed
+    # request per follower: every tick made them most of an idle peer's CPU (3 idle peers:
+    # 1.7% of a core each, 0.9% at 3 ticks; docs/cluster.md); a peer now sends them as
+    # datagrams (`datagram`). Failover waits on the election timeout, not on this.
     heartbeat_ticks: int = 3
     # PreVote (dissertation 9.6): a node that was cut off cannot depose a healthy leader.
     pre_vote: bool = True
@@ -86,16 +98,21 @@ class RaftDriver:
         snapshot: Callable[[], bytes] | None = None,
         restore: Callable[[bytes], object] | None = None,
         rng: Random | None = None,
+        datagram: Callable[[str, bytes], bool] | None = None,
     ):
         """`voters`/`learners` bootstrap a brand-new node only (storage wins afterwards).
         `apply(entry, term)` is called for each committed "cmd" entry in log order, with the
         term it was proposed in (fencing). `snapshot()` returns the state-machine bytes as of
-        the last applied entry; `restore(bytes)` loads them (both optional: no compaction)."""
+        the last applied entry; `restore(bytes)` loads them (both optional: no compaction).
+        `datagram(dst, batch_bytes)` sends heartbeats and their answers as one authenticated
+        datagram (the peer's sealed gossip transport), False when it cannot; the other end
+        hands them to `receive_datagram`. Without it, or when it fails, they go by HTTP."""
         self.config = config
         self.storage = storage
         self.session = session
         self.address_of = address_of
         self._apply_cb = apply
+        self._datagram = datagram
         self._change_callbacks: list[Callable[[], None]] = []
         self._snapshot_cb = snapshot
         self._restore_cb = restore
@@ -113,6 +130,13 @@ class RaftDriver:
             max_inflight=config.max_inflight,
         )
         self._wake = asyncio.Event()
+        # The logical clock (_tick_loop): ticks given to the node so far, the tick the loop
+        # sleeps until, and the loop time of tick 0 (None until the driver runs).
+        self._interval = config.tick_interval_ms / 1000
+        self._ticks = 0
+        self._due = 0
+        self._clock_origin: float | None = None
+        self._clock_wake = asyncio.Event()
         self._outbox: dict[str, list[Message]] = {}
         self._outbox_ready: dict[str, asyncio.Event] = {}
         self._waiters: dict[int, tuple[int, asyncio.Future]] = {}
@@ -127,6 +151,9 @@ class RaftDriver:
         self._tg: asyncio.TaskGroup | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"raft-{node_id}")
         self.dropped_messages = 0
+        self.datagrams_sent = 0
+        self.clock_wakeups = 0  # times the clock loop woke (it sleeps until a tick acts)
+        self.datagrams_refused = 0  # not a batch, or a kind that must not come this way
         self.send_errors = 0
         self.restore_failures = 0  # snapshots the state machine could not load
 
@@ -178,10 +205,28 @@ class RaftDriver:
             _, messages = decode_batch(body)
         except WireError as exc:
             return web.json_response({"error": str(exc)}, status=400)
+        self.receive(messages)
+        return web.Response(status=204)
+
+    def receive(self, messages: list[Message]) -> None:
+        """Messages from a peer, by whatever transport brought them."""
+        self._catch_up()
         for m in messages:
             self.node.step(m)
         self._wake.set()
-        return web.Response(status=204)
+
+    def receive_datagram(self, body: bytes) -> None:
+        """A batch that came as a datagram: only heartbeats and their answers may (they are
+        small and Raft tolerates their loss); anything else is refused whole."""
+        try:
+            _, messages = decode_batch(body)
+        except WireError:
+            self.datagrams_refused += 1
+            return
+        if not messages or any(m.type not in DATAGRAM_KINDS for m in messages):
+            self.datagrams_refused += 1
+            return
+        self.receive(messages)
 
     # ---- the application's calls
 
@@ -222,6 +267,7 @@ class RaftDriver:
     async def transfer_leadership(self, to: str) -> bool:
         """Ask the leader (this node) to hand over to `to`; True once `to` leads, False if the
         transfer did not finish within an election timeout."""
+        self._catch_up()  # the transfer's timeout counts from now
         self.node.transfer_leadership(to)
         self._wake.set()
         timeout = 2 * self.config.election_ticks * self.config.tick_interval_ms / 1000
@@ -283,16 +329,53 @@ class RaftDriver:
             self._executor.shutdown(wait=True)
 
     async def _tick_loop(self) -> None:
+        """The logical clock, woken only when a tick is due to act (ticks_until_due), not
+        every tick: an idle follower hears the leader's heartbeats and otherwise sleeps
+        through its election timeout. Ticks stay on a fixed grid of tick_interval_ms, and
+        the ones that only count are made up (_catch_up) before the node sees a message or
+        a call, so the node sees exactly the ticks it would have seen ticking each one."""
         loop = asyncio.get_running_loop()
-        interval = self.config.tick_interval_ms / 1000
-        next_at = loop.time() + interval
+        self._clock_origin = loop.time()
         while True:
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
-            next_at += interval
-            if next_at < loop.time():  # the loop was stalled: do not tick in a burst
-                next_at = loop.time() + interval
-            self.node.tick()
+            self.clock_wakeups += 1
+            self._catch_up()
             self._wake.set()
+            self._due = self._next_due()
+            delay = self._clock_origin + self._due * self._interval - loop.time()
+            self._clock_wake.clear()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._clock_wake.wait()
+
+    def _next_due(self) -> int:
+        due = self.node.ticks_until_due()
+        # A learner's ticks only age its lease: made up whenever it hears something.
+        return self._ticks + (due if due is not None else self.config.election_ticks)
+
+    def _catch_up(self) -> None:
+        """Give the node every tick of the grid that has passed. A loop that was stalled
+        past the tick it meant to wake at gets the ticks up to that one and a grid moved to
+        now, not a burst: the stall is taken to begin there (as a loop ticking every tick
+        would tick once after it), and the heartbeats that arrived meanwhile may still be
+        in the socket."""
+        if self._clock_origin is None:
+            return
+        now = asyncio.get_running_loop().time()
+        # (the epsilon: a timer that fires a hair early still reaches its tick)
+        target = int((now - self._clock_origin) / self._interval + 1e-6)
+        if target > self._due + 1:  # a stall, not a sleep
+            target = self._due
+            self._clock_origin = now - target * self._interval
+        while self._ticks < target:
+            self._ticks += 1
+            self.node.tick()
+
+    def _clock_changed(self) -> None:
+        """After the node changed: wake the clock if a tick is now due sooner (a new leader's
+        first heartbeat, a campaign's timeout)."""
+        if self._clock_origin is not None and self._next_due() < self._due:
+            self._clock_wake.set()
 
     def on_change(self, callback: Callable[[], None]) -> None:
         """Call `callback` after entries commit or the leader changes: a new leader's own
@@ -325,6 +408,7 @@ class RaftDriver:
                 self._leader_changed.set()
                 self._fail_reads(self.node.leader_id)  # their requests died with the old leader
                 changed = True
+            self._clock_changed()
             if changed:
                 for callback in self._change_callbacks:
                     callback()
@@ -381,6 +465,8 @@ class RaftDriver:
     # ---- sending
 
     def _queue_messages(self, messages: tuple[Message, ...]) -> None:
+        if self._datagram is not None:
+            messages = self._send_datagrams(messages)
         for m in messages:
             queue = self._outbox.get(m.dst)
             if queue is None:
@@ -393,6 +479,21 @@ class RaftDriver:
                 del queue[0]
                 self.dropped_messages += 1
             self._outbox_ready[m.dst].set()
+
+    def _send_datagrams(self, messages: tuple[Message, ...]) -> list[Message]:
+        """Send the heartbeats and their answers as one datagram per peer, now: a leader's
+        heartbeat round is a sendto per follower instead of a signed HTTP request each way
+        (most of an idle leader's CPU at 30 peers). Returns the rest, for HTTP."""
+        by_dst: dict[str, list[Message]] = {}
+        rest: list[Message] = []
+        for m in messages:
+            (by_dst.setdefault(m.dst, []) if m.type in DATAGRAM_KINDS else rest).append(m)
+        for dst, batch in by_dst.items():
+            if self._datagram(dst, encode_batch(self.id, batch)):
+                self.datagrams_sent += 1
+            else:  # no datagram route (yet): the HTTP path, as before
+                rest.extend(batch)
+        return rest
 
     async def _send_loop(self, dst: str) -> None:
         """One request in flight per peer; whatever queues meanwhile goes in the next batch."""

@@ -130,6 +130,14 @@ class LeaderReplication:
             # The latest pending read rides along: its acks release every read before it.
             self._send_heartbeats(self.reads[-1].context if self.reads else b"")
 
+    def ticks_until_due(self) -> int:
+        """Ticks until tick() sends heartbeats or gives up waiting on a snapshot."""
+        due = self.heartbeat_ticks - self.heartbeat_elapsed
+        for pr in self.progress.values():
+            if pr.state == SNAPSHOT:
+                due = min(due, self.election_ticks - pr.snapshot_wait)
+        return max(1, due)
+
     def _send_heartbeats(self, context: bytes) -> None:
         for peer, pr in self.progress.items():
             if peer != self.id:

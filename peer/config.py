@@ -18,6 +18,9 @@ from dataclasses import dataclass
 class GossipConfig:
     # Seconds between probes of one member. memberlist LAN: 1 s. A LAN answers a ping within
     # a few ms, so half a second costs nothing and halves the time until a crash is noticed.
+    # 1 s was tried for the idle cost (issue 22): in tests/sim/gossip_sim.py at 30 nodes, a
+    # crash was then suspected by all in 2.1 s p50 and 4.8 s p90 (0.84 / 1.70 s at 0.5 s,
+    # 40 seeds), past the 3 s target; probes are a small part of an idle peer's CPU.
     probe_interval: float = 0.5
     # Seconds to wait for a direct ack before asking others to probe indirectly. memberlist:
     # 0.5 s. 0.2 s is still ~100x a LAN round trip; the remaining 0.3 s of the probe interval

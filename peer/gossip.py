@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from random import Random
 from typing import Any
@@ -28,7 +28,16 @@ from peer import wire
 from peer.config import GossipConfig
 from peer.crypto import CryptoError, Envelope, Keyring
 from peer.membership import Membership
-from peer.messages import MemberEvent, MemberView, Message, Packet, PushPullRequest
+from peer.messages import (
+    ALIVE,
+    SUSPECT,
+    AppData,
+    MemberEvent,
+    MemberView,
+    Message,
+    Packet,
+    PushPullRequest,
+)
 from peer.transport import UdpTransport
 
 log = logging.getLogger(__name__)
@@ -47,6 +56,7 @@ class GossipMetrics:
     push_pull_served: int = 0
     push_pull_refused: int = 0  # incoming push-pull we could not open: never admitted
     events_dropped: int = 0  # a subscriber too slow to keep up
+    clock_wakeups: int = 0  # times the clock loop ran (it sleeps until the next deadline)
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -111,7 +121,9 @@ class Gossip:
         self.metrics = GossipMetrics()
         self._seeds = [parse_host_port(s) if isinstance(s, str) else s for s in seeds]
         self._subscribers: set[Subscription] = set()
+        self._datagram_handlers: dict[int, Callable[[bytes], None]] = {}
         self._wake = asyncio.Event()
+        self._sleep_until = float("-inf")  # the deadline the clock sleeps until
         self._push_pulls: asyncio.Queue[tuple[str, int, bool]] = asyncio.Queue(
             MAX_PENDING_PUSH_PULLS
         )
@@ -129,6 +141,22 @@ class Gossip:
     def set_payload(self, payload: dict[str, Any]) -> None:
         self.core.set_payload(payload, time.monotonic())
         self._flush()
+
+    def send_datagram(self, node_id: str, channel: int, body: bytes) -> bool:
+        """Send `body` to member `node_id`'s handler of `channel` in one sealed datagram
+        (AES-GCM, replay-guarded, like gossip's own), at the address gossip knows it by.
+        False when it cannot go: an unknown, dead or left member, or a body too big. For
+        small messages that may be lost (Raft's heartbeats): no retry, no order."""
+        member = self.core.member(node_id)
+        if member is None or member.state not in (ALIVE, SUSPECT):
+            return False
+        if len(body) > wire.MAX_APP_BODY:
+            return False
+        return self.transport.send_app(member.addr, member.port, AppData(channel, body))
+
+    def on_datagram(self, channel: int, handler: Callable[[bytes], None]) -> None:
+        """Call `handler(body)` for every datagram of `channel` that opens and decodes."""
+        self._datagram_handlers[channel] = handler
 
     def report_unreachable(self, node_id: str) -> None:
         """A connection to node_id was refused or reset: suspect it at once (see the core)."""
@@ -180,10 +208,12 @@ class Gossip:
 
     async def _clock(self) -> None:
         while True:
+            self.metrics.clock_wakeups += 1
             self.core.tick(time.monotonic())
             self._flush()
             self._wake.clear()  # set again only by what happens while we wait
-            delay = self.core.next_deadline() - time.monotonic()
+            self._sleep_until = self.core.next_deadline()
+            delay = self._sleep_until - time.monotonic()
             if delay > 0:
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally
                 # when the wake-up and a cancel land together, losing the cancel, and this
@@ -268,6 +298,13 @@ class Gossip:
     # ----- plumbing ----------------------------------------------------------------------
 
     def _on_messages(self, host: str, port: int, messages: list[Message]) -> None:
+        if any(isinstance(m, AppData) for m in messages):
+            for m in messages:
+                if isinstance(m, AppData) and m.channel in self._datagram_handlers:
+                    self._datagram_handlers[m.channel](m.body)
+            messages = [m for m in messages if not isinstance(m, AppData)]
+            if not messages:
+                return
         self.core.receive(host, port, messages, time.monotonic())
         self._flush()
 
@@ -285,7 +322,11 @@ class Gossip:
             for sub in list(self._subscribers):
                 if not sub._offer(event):
                     self.metrics.events_dropped += 1
-        self._wake.set()
+        # Wake the clock only if something is now due sooner than it sleeps for (a queued
+        # broadcast, a probe's ack): a ping answered or an unchanged payload set changes
+        # no deadline, and waking for each was most of the clock's wake-ups.
+        if self.core.next_deadline() < self._sleep_until:
+            self._wake.set()
 
 
 def _url_host(host: str) -> str:

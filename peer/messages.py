@@ -65,6 +65,18 @@ class Dead:
 
 Message = Ping | IndirectPing | Ack | Nack | Alive | Suspect | Dead
 
+# AppData channels (append-only).
+RAFT_CHANNEL = 1
+
+
+@dataclass(frozen=True, slots=True)
+class AppData:
+    """Another part of the peer's datagram riding the sealed transport (Raft's heartbeats):
+    the adapter hands it to that part; the membership core never sees one."""
+
+    channel: int
+    body: bytes
+
 
 @dataclass(frozen=True, slots=True)
 class MemberRecord:

@@ -15,6 +15,7 @@ from peer.messages import (
     STATES,
     Ack,
     Alive,
+    AppData,
     Dead,
     IndirectPing,
     MemberRecord,
@@ -27,6 +28,8 @@ from peer.messages import (
 PROTOCOL_VERSION = 1
 # Message type numbers: append-only.
 PING, INDIRECT_PING, ACK, NACK, ALIVE, SUSPECT, DEAD = 1, 2, 3, 4, 5, 6, 7
+APP_DATA = 8
+MAX_APP_BODY = 1200  # an AppData body: one datagram's worth
 # Bytes the encryption envelope adds around a packet (crypto.py checks it stays below).
 ENVELOPE_OVERHEAD = 48
 # Bytes the compound wrapper {"v": 1, "m": [...]} adds around its messages (upper bound).
@@ -41,8 +44,10 @@ class DecodeError(ValueError):
     """The bytes are not a valid packet of this protocol version."""
 
 
-def message_to_map(msg: Message) -> dict[str, Any]:
+def message_to_map(msg: Message | AppData) -> dict[str, Any]:
     match msg:
+        case AppData():
+            return {"t": APP_DATA, "c": msg.channel, "b": msg.body}
         case Ping():
             return {"t": PING, "s": msg.seq, "n": msg.target, "f": msg.source}
         case IndirectPing():
@@ -92,7 +97,7 @@ def _payload(m: dict, key: str) -> dict[str, Any] | None:
     return value
 
 
-def message_from_map(m: Any) -> Message:
+def message_from_map(m: Any) -> Message | AppData:
     if not isinstance(m, dict):
         raise DecodeError("message must be a map")
     kind = m.get("t")
@@ -126,6 +131,11 @@ def message_from_map(m: Any) -> Message:
         return Suspect(_str(m, "n"), _uint(m, "i"), _str(m, "f"))
     if kind == DEAD:
         return Dead(_str(m, "n"), _uint(m, "i"), _str(m, "f"))
+    if kind == APP_DATA:
+        body = m.get("b")
+        if not isinstance(body, bytes) or len(body) > MAX_APP_BODY:
+            raise DecodeError(f"field 'b' must be bytes of at most {MAX_APP_BODY}")
+        return AppData(_uint(m, "c", 255), body)
     raise DecodeError(f"unknown message type {kind!r}")
 
 

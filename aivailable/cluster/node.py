@@ -48,7 +48,9 @@ from aivailable.cluster.raft import (
     caught_up,
     caught_up_learners,
     leader_ready,
+    listen_raft_datagrams,
     raft_conf_hooks,
+    raft_datagrams,
 )
 from aivailable.cluster.reconciler import ReconcilerConfig
 from aivailable.cluster.runner import ControllerRunner, Reconciler, Trigger
@@ -148,7 +150,8 @@ class ClusterNode:
         self.gossip = gossip
         self.state = ClusterState()
         self.view = ReadModel(self.me)
-        self.ctrl_wake, self.rec_wake = Trigger(), Trigger()
+        # Fired on each read-model change: controller, reconciler, the ready line (server.py)
+        self.ctrl_wake, self.rec_wake, self.view_wake = Trigger(), Trigger(), Trigger()
         self.local_models = LocalModels(config.cache_dir)
         self.cluster_id: str | None = None
         # This peer's Raft id (identity.py): bound to its raft directory, set in run().
@@ -379,8 +382,8 @@ class ClusterNode:
             self._changed()
 
     def _changed(self) -> None:
-        self.ctrl_wake.fire()
-        self.rec_wake.fire()
+        for trigger in (self.ctrl_wake, self.rec_wake, self.view_wake):
+            trigger.fire()
 
     async def _publish_loop(self) -> None:
         while not self._leaving:
@@ -537,7 +540,9 @@ class ClusterNode:
                     voters=(self.raft_id,) if decision.action == FOUND else (),
                     snapshot=self.state.snapshot,
                     restore=self.state.restore,
+                    datagram=raft_datagrams(self.gossip, self.view.node_of_member),
                 )
+                listen_raft_datagrams(self.gossip, driver)
                 if tuple(driver.voters) == (self.raft_id,):
                     driver.node.campaign()  # the only voter: no election timeout to wait
                 proposer = Proposer(driver, self.session, self._address_of)

@@ -27,6 +27,7 @@ from aivailable.cluster.state import ClusterState
 from aivailable.cluster.status import cluster_status
 from aivailable.cluster.view import ReadModel
 from aivailable.models import hub, sources, store
+from peer.messages import RAFT_CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +338,22 @@ def address_book(
         return entries().get(node) or state.nodes.get(node)
 
     return address_of
+
+
+def raft_datagrams(gossip: Any, node_of_member: Callable[[str], str]) -> Any:
+    """The RaftDriver's `datagram` route over the gossip transport (sealed, replay-guarded
+    UDP), or None where the gossip has none (a test's fake): heartbeats and their answers
+    then cost a sendto each instead of a signed HTTP request each way."""
+    send = getattr(gossip, "send_datagram", None)
+    if send is None:
+        return None
+    return lambda raft_id, body: send(node_of_member(raft_id), RAFT_CHANNEL, body)
+
+
+def listen_raft_datagrams(gossip: Any, driver: Any) -> None:
+    """Hand the Raft datagrams gossip receives to the driver."""
+    if hasattr(gossip, "on_datagram"):
+        gossip.on_datagram(RAFT_CHANNEL, driver.receive_datagram)
 
 
 def raft_conf_hooks(driver: Any) -> ConfHooks:

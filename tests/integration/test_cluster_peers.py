@@ -278,6 +278,9 @@ def test_deploy_through_followers_and_a_whole_cluster_restart_keeps_the_models(c
     status, fresh = http("GET", followers[1].url + "/cluster/status?consistent=1")
     assert status == 200 and fresh["linearizable"] is True, fresh
     assert {"keep", "gone"} <= {m["name"] for m in fresh["models"]}
+    # Raft's heartbeats and their answers travel as sealed gossip datagrams (issue 22).
+    for p in (cluster.peers[leader], followers[0]):
+        assert gossip_metric(p, "transport_app_packets_sent") > 0, p.name
     wait_all(peers, lambda p: {"keep", "gone"} <= model_names(p), "both models on every peer")
     status, _ = http("DELETE", followers[1].url + "/cluster/models/gone")
     assert status in (200, 202, 204)

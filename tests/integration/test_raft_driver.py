@@ -59,6 +59,7 @@ class Peer:
             snapshot=self.sm.snapshot,
             restore=self.sm.restore,
             rng=Random(self.id),
+            datagram=self.cluster.datagram if self.cluster.datagrams else None,
         )
         app = web.Application()
         app.add_routes(self.driver.routes())
@@ -83,8 +84,12 @@ class Peer:
 
 
 class Cluster:
-    def __init__(self, tmp, session):
+    def __init__(self, tmp, session, datagrams=False):
         self.tmp, self.session = tmp, session
+        # datagrams: heartbeats go through `datagram`, a fake of the peer's gossip
+        # transport that hands the bytes to the running driver later in the loop.
+        self.datagrams = datagrams
+        self.datagram_drop = False  # True: every datagram is lost
         self.addresses: dict[str, str] = {}
         self.ports: dict[str, int] = {}
         self.peers: dict[str, Peer] = {}
@@ -93,6 +98,14 @@ class Cluster:
         peer = self.peers[nid] = Peer(self, nid, voters, config)
         await peer.start()
         return peer
+
+    def datagram(self, dst: str, body: bytes) -> bool:
+        peer = self.peers.get(dst)
+        if peer is None or peer.task is None:
+            return False  # like gossip: no route to a member it does not see alive
+        if not self.datagram_drop:
+            asyncio.get_running_loop().call_soon(peer.driver.receive_datagram, body)
+        return True
 
     def running(self):
         return [p for p in self.peers.values() if p.task is not None]

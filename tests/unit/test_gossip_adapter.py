@@ -17,7 +17,7 @@ from peer import wire
 from peer.config import GossipConfig
 from peer.crypto import Envelope, Keyring
 from peer.gossip import Gossip, parse_host_port
-from peer.messages import Alive, Ping
+from peer.messages import RAFT_CHANNEL, Alive, AppData, Ping
 from peer.transport import UdpTransport, split_into_datagrams
 
 SECRET = b"s" * 32
@@ -146,3 +146,41 @@ def test_a_real_packet_is_delivered_to_the_core():
     t = UdpTransport(env, 1400, lambda h, p, m: got.append((h, p, m)))
     t.datagram_received(env.seal(wire.encode_packet([Ping(1, "a", "b")]), time.time()), ("h", 5))
     assert got == [("h", 5, [Ping(1, "a", "b")])]
+
+
+async def test_app_datagrams_reach_the_channel_handler_of_the_member_and_never_the_core():
+    specs = [("a", SECRET, []), ("b", SECRET, ["a"]), ("x", b"x" * 32, ["a"])]
+    async with cluster(specs) as nodes:
+        got: list[bytes] = []
+        nodes["b"].on_datagram(RAFT_CHANNEL, got.append)
+        assert await eventually(lambda: states(nodes["a"]).get("b") == "alive")
+        received = nodes["b"].transport.metrics.packets_received
+        assert nodes["a"].send_datagram("b", RAFT_CHANNEL, b"beat")
+        assert nodes["a"].send_datagram("b", 99, b"no handler there")  # dropped there
+        assert await eventually(lambda: got == [b"beat"])
+        assert nodes["a"].transport.metrics.app_packets_sent == 2
+        assert nodes["b"].transport.metrics.packets_received >= received + 2
+        # No route: a member gossip does not know, one of another cluster, a body too big.
+        assert not nodes["a"].send_datagram("nobody", RAFT_CHANNEL, b"beat")
+        assert not nodes["a"].send_datagram("x", RAFT_CHANNEL, b"beat")
+        assert not nodes["a"].send_datagram("b", RAFT_CHANNEL, b"z" * (wire.MAX_APP_BODY + 1))
+        # Sealed with another key, a datagram to b's port never reaches the handler.
+        stranger = nodes["x"]
+        stranger.transport.send_app("127.0.0.1", nodes["b"].port, AppData(RAFT_CHANNEL, b"forged"))
+        assert await eventually(lambda: nodes["b"].transport.metrics.rejected_bad_key > 0)
+        assert got == [b"beat"]
+
+
+async def test_the_clock_wakes_for_a_changed_payload_but_not_for_an_unchanged_one():
+    specs = [("a", SECRET, []), ("b", SECRET, ["a"])]
+    async with cluster(specs) as nodes:
+        a, b = nodes["a"], nodes["b"]
+        assert await eventually(lambda: states(a).get("b") == "alive")
+        before = a.metrics.clock_wakeups
+        for _ in range(200):  # what the node's publish loop does when nothing changed
+            a.set_payload({"gpus": ["a"]})
+            await asyncio.sleep(0)
+        # Only its own deadlines (probes every 0.2 s) woke it meanwhile, not 200 sets.
+        assert a.metrics.clock_wakeups - before < 50
+        a.set_payload({"gpus": ["a", "new"]})  # queues a broadcast: the next round sends it
+        assert await eventually(lambda: b.core.member("a").payload == {"gpus": ["a", "new"]})

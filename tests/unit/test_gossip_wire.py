@@ -8,7 +8,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peer import wire
-from peer.messages import Ack, Alive, Dead, IndirectPing, MemberRecord, Nack, Ping, Suspect
+from peer.messages import (
+    Ack,
+    Alive,
+    AppData,
+    Dead,
+    IndirectPing,
+    MemberRecord,
+    Nack,
+    Ping,
+    Suspect,
+)
 
 ids = st.text(min_size=1, max_size=20)
 u64 = st.integers(0, 2**64 - 1)
@@ -24,6 +34,7 @@ messages = st.one_of(
     st.builds(Alive, ids, u64, ids, ports, payloads),
     st.builds(Suspect, ids, u64, ids),
     st.builds(Dead, ids, u64, ids),
+    st.builds(AppData, st.integers(0, 255), st.binary(max_size=wire.MAX_APP_BODY)),
 )
 
 
@@ -119,3 +130,10 @@ def test_deeply_nested_input_is_rejected_cleanly():
         wire.decode_packet(b"")
     with pytest.raises(wire.DecodeError):
         wire.decode_packet(msgpack.packb({"v": 2, "m": [{"t": 3, "s": 1}]}))
+
+
+def test_an_app_datagram_body_over_its_bound_or_not_bytes_is_refused():
+    for body in (b"z" * (wire.MAX_APP_BODY + 1), "text"):
+        packet = msgpack.packb({"v": 1, "m": [{"t": wire.APP_DATA, "c": 1, "b": body}]})
+        with pytest.raises(wire.DecodeError):
+            wire.decode_packet(packet)
