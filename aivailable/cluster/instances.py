@@ -12,8 +12,10 @@ import logging
 import pathlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aivailable.backends.base import Engine, EngineFactory, EngineSpec, InstanceState
+from aivailable.models import store
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +115,22 @@ class Instances:
     async def stop_all(self) -> None:
         for model in list(self._instances):
             await self.stop(model)
+
+
+def preload_default(source: str | None, local_models: Any, gpus: list, instances: Instances):
+    """Cold start: a brand-new peer starts loading the default model while it listens for
+    a cluster, if the file is already here, so a lone peer answers about when its worker is
+    up rather than after the discovery window, the election and the first plan one after
+    another. The reconciler owns it once this peer has caught up: kept if the plan puts the
+    model here, stopped otherwise; a peer that finds a cluster to join stops it at once.
+    Returns the model's name, or None when nothing was started."""
+    if source is None or not local_models.held_locally(source):
+        return None
+    usable = [g for g in gpus if getattr(g, "usable", True)]
+    devices = sorted(usable, key=lambda g: (-g.vram_free, g.id))
+    if not devices:
+        return None  # no device at all: this peer only routes
+    name = store.model_name(source)
+    instances.start(name, source, (devices[0].id,))
+    log.info("preloading %s while listening for a cluster", name)
+    return name

@@ -27,7 +27,7 @@ from aivailable.backends.base import Engine, EngineFactory, EngineSpec
 from aivailable.cluster.controller import ControllerConfig
 from aivailable.cluster.errors import no_leader, not_joined
 from aivailable.cluster.identity import raft_identity
-from aivailable.cluster.instances import Instances
+from aivailable.cluster.instances import Instances, preload_default
 from aivailable.cluster.keys import stamp
 from aivailable.cluster.membership_policy import (
     FOUND,
@@ -60,7 +60,6 @@ from aivailable.cluster.status import cluster_status
 from aivailable.cluster.view import ReadModel
 from aivailable.gpu import GpuInfo
 from aivailable.gpu.readings import steady
-from aivailable.models import store
 from aivailable.models.transfer import LocalModels, ModelFetcher
 from consensus import FileStorage, HardState, NotLeader
 from consensus.driver import MESSAGES_PATH, RaftConfig, RaftDriver
@@ -458,23 +457,9 @@ class ClusterNode:
                 )
 
     def _preload(self) -> str | None:
-        """Cold start: a brand-new peer starts loading the default model while it listens for
-        a cluster, if the file is already here, so a lone peer answers about when its
-        worker is up rather than after the discovery window, the election and the first
-        plan one after another. The reconciler owns it once this peer has caught up: kept
-        if the plan puts the model here, stopped otherwise; a peer that finds a cluster to
-        join stops it at once."""
-        source = self.config.default_model
-        if source is None or not self.local_models.held_locally(source):
-            return None
-        usable = [g for g in self.gpus if getattr(g, "usable", True)]
-        devices = sorted(usable, key=lambda g: (-g.vram_free, g.id))
-        if not devices:
-            return None  # no device at all: this peer only routes
-        name = store.model_name(source)
-        self.instances.start(name, source, (devices[0].id,))
-        log.info("preloading %s while listening for a cluster", name)
-        return name
+        return preload_default(
+            self.config.default_model, self.local_models, self.gpus, self.instances
+        )
 
     async def _bootstrap(self, has_state: bool) -> tuple[Any, str | None]:
         """The bootstrap decision, and the model preloaded meanwhile (a brand-new peer that
@@ -540,7 +525,9 @@ class ClusterNode:
                     voters=(self.raft_id,) if decision.action == FOUND else (),
                     snapshot=self.state.snapshot,
                     restore=self.state.restore,
-                    datagram=raft_datagrams(self.gossip, self.view.node_of_member),
+                    datagram=raft_datagrams(
+                        self.gossip, self.view.node_of_member, self.view.reads_raft_datagrams
+                    ),
                 )
                 listen_raft_datagrams(self.gossip, driver)
                 if tuple(driver.voters) == (self.raft_id,):

@@ -61,6 +61,9 @@ class PeerPayload:
     unusable: tuple[tuple[str, str, str, str], ...] = ()
     # Per gpu, same order: (°C, % busy, uncorrected ECC errors, °C limit), None = unknown.
     readings: tuple[tuple[int | None, int | None, int | None, int | None], ...] = ()
+    # It reads Raft heartbeats on the gossip channel ("rd"): a leader sends them there only
+    # to peers that say so, so a peer of an older version still hears them by HTTP.
+    raft_datagrams: bool = False
 
 
 def node_payload(
@@ -122,6 +125,7 @@ def node_payload(
         ],
         "files": [[sha, size, source] for sha, size, source in files],
         "gb": [getattr(g, "backend", "") for g in gpus],
+        "rd": 1,
     }
     readings = [_wire_readings(g) for g in gpus]
     if any(any(x is not None for x in r) for r in readings):
@@ -233,6 +237,7 @@ def read_payload(node_id: str, payload: Mapping[str, Any] | None) -> PeerPayload
             waiting,
             _unusable(payload.get("nogpu")),
             readings=_readings(payload.get("gh"), len(gpus)),
+            raft_datagrams=payload.get("rd") == 1,
         )
     except (TypeError, ValueError):
         return PeerPayload()

@@ -340,14 +340,23 @@ def address_book(
     return address_of
 
 
-def raft_datagrams(gossip: Any, node_of_member: Callable[[str], str]) -> Any:
+def raft_datagrams(
+    gossip: Any, node_of_member: Callable[[str], str], accepts: Callable[[str], bool]
+) -> Any:
     """The RaftDriver's `datagram` route over the gossip transport (sealed, replay-guarded
     UDP), or None where the gossip has none (a test's fake): heartbeats and their answers
-    then cost a sendto each instead of a signed HTTP request each way."""
+    then cost a sendto each instead of a signed HTTP request each way. Only to a node that
+    `accepts` them (its payload says "rd"): an older peer drops an unknown gossip message,
+    so it would hear no heartbeat and keep starting elections; False sends by HTTP."""
     send = getattr(gossip, "send_datagram", None)
     if send is None:
         return None
-    return lambda raft_id, body: send(node_of_member(raft_id), RAFT_CHANNEL, body)
+
+    def route(raft_id: str, body: bytes) -> bool:
+        node = node_of_member(raft_id)
+        return accepts(node) and send(node, RAFT_CHANNEL, body)
+
+    return route
 
 
 def listen_raft_datagrams(gossip: Any, driver: Any) -> None:

@@ -149,6 +149,11 @@ class ReadModel:
     def addresses(self) -> dict[str, str]:
         return {n.id: n.addr for n in self.nodes() if n.addr}
 
+    def reads_raft_datagrams(self, node_id: str) -> bool:
+        """Whether that node reads Raft heartbeats on the gossip channel (its "rd")."""
+        node = self._nodes.get(node_id)
+        return node is not None and node.payload.raft_datagrams
+
     def node_of_member(self, raft_id: str) -> str:
         """The node name of a Raft id: the node that advertises it, else the name in it."""
         if self._by_member_version != self.version:
