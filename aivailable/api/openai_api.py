@@ -318,11 +318,15 @@ class OpenAIApi:
         hit = finished.cached_tokens > 0
         self._metrics.prefix_cache.labels(model, "yes" if hit else "no").inc()
         self._metrics.cached_tokens.labels(model).inc(finished.cached_tokens)
+        if finished.restored_tokens:
+            self._metrics.prompt_cache_restores.labels(model).inc()
+            self._metrics.restored_tokens.labels(model).inc(finished.restored_tokens)
         log.debug(
-            "prefix cache: %s reused %d of %d prompt tokens",
+            "prefix cache: %s reused %d of %d prompt tokens (%d restored from RAM)",
             model,
             finished.cached_tokens,
             finished.prompt_tokens,
+            finished.restored_tokens,
         )
 
     async def generate_whole(

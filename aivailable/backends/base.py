@@ -85,6 +85,7 @@ class Finished:
     completion_tokens: int  # of all choices together
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache, not evaluated
     finish_reasons: tuple[str, ...] = ()  # per choice, when n > 1
+    restored_tokens: int = 0  # of cached_tokens, restored from the host-memory prompt cache
 
 
 Event = TextDelta | Finished

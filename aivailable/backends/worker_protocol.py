@@ -104,6 +104,7 @@ class Done:
     prompt_tokens: int
     completion_tokens: int  # of all choices together
     cached_tokens: int = 0
+    restored_tokens: int = 0  # of cached_tokens, restored from the host-memory prompt cache
 
 
 @dataclass(frozen=True)
