@@ -12,7 +12,9 @@ Routings (ForwardConfig.routing, set through a config file):
   local_first   today's rule before issue 22: a hosting peer serves its own replica
                 whatever its load, others go to the most free slots;
   affinity      the default now: the prefix's replica while its load is under 1.25x the
-                mean, a free slot before a queue, a refusal only when all are full.
+                mean, a free slot before a queue, a refusal only when all are full;
+  affinity_bounded  (--routings) the bound alone moves a chat off its home: a full home
+                under it queues the turn beside its cached prefix.
 
 Measured per routing: later turns (2-5) that hit the prefix cache (cached_tokens >= half
 the previous turn's prompt), the mean fraction of their prompt served from cache, TTFT
@@ -338,7 +340,7 @@ def summarize(routing: str, results: list[dict], wall: float) -> dict:
     }
 
 
-def print_table(trials: list[dict]) -> None:
+def print_table(trials: list[dict], per_trial: int) -> None:
     cols = (
         ("later_hit_rate", "hit rate", "{:.0%}"),
         ("later_cached_fraction", "cached", "{:.0%}"),
@@ -352,10 +354,10 @@ def print_table(trials: list[dict]) -> None:
         ("solo_ttft_later_p50_s", "solo later", "{:.2f}s"),
         ("max_prompt_tokens", "max prompt", "{}"),
     )
-    print(f"{'trial':<6}{'routing':<13}" + "".join(f"{h:>12}" for _, h, _ in cols))
+    print(f"{'trial':<6}{'routing':<17}" + "".join(f"{h:>12}" for _, h, _ in cols))
     for i, t in enumerate(trials):
         cells = "".join(f"{fmt.format(t[k]):>12}" for k, _, fmt in cols)
-        print(f"{i // len(ROUTINGS) + 1:<6}{t['routing']:<13}{cells}")
+        print(f"{i // per_trial + 1:<6}{t['routing']:<17}{cells}")
 
 
 def main() -> None:
@@ -367,6 +369,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=22)
     ap.add_argument("--slots", type=int, default=4, help="per replica (a CPU node's default)")
     ap.add_argument("--quick", action="store_true", help="4 chats of 3 short turns")
+    ap.add_argument("--routings", default=",".join(ROUTINGS), help="comma-separated, in order")
     ap.add_argument(
         "--prompt-cache-mib", type=int, default=None, help="host-memory prompt cache (0: off)"
     )
@@ -375,8 +378,9 @@ def main() -> None:
     if args.quick:
         args.chats, args.turns, args.words = 4, 3, 60
     trials = []
+    routings = args.routings.split(",")
     for trial in range(args.trials):
-        for routing in ROUTINGS:
+        for routing in routings:
             print(f"trial {trial + 1}: {routing} ...", flush=True)
             trials.append(
                 run(
@@ -389,7 +393,7 @@ def main() -> None:
                     args.prompt_cache_mib,
                 )
             )
-    print_table(trials)
+    print_table(trials, len(routings))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"trials": trials, "args": vars(args)}, indent=1))

@@ -33,6 +33,7 @@ from peer import resume
 from peer.affinity import prefix_key
 from peer.auth import FORWARDED_HEADER
 from peer.availability import (
+    AFFINITY_ROUTINGS,
     ROUTINGS,
     ForwardError,
     ModelAvailability,
@@ -167,7 +168,8 @@ class ForwardConfig:
     # How the replica is picked (peer/availability.py ROUTINGS): "affinity" sends a
     # conversation's turns to the replica that holds its prefix in cache while that
     # replica's load stays under 1.25x the mean (a later turn then evaluates only its new
-    # tokens), else the one with a free slot; "least_loaded" ignores the prefix.
+    # tokens), else the one with a free slot; "least_loaded" ignores the prefix;
+    # "affinity_bounded" moves a turn off its home only past the bound (issue 22's rule).
     routing: str = "affinity"
 
     def __post_init__(self) -> None:
@@ -223,7 +225,7 @@ class Forwarder:
 
     def _key(self, request: web.Request, body: bytes) -> str | None:
         """The request's prefix key, parsed from the body once (None: no affinity)."""
-        if self._config.routing != "affinity":
+        if self._config.routing not in AFFINITY_ROUTINGS:
             return None
         key = request.get(AFFINITY_KEY)
         if key is None:
