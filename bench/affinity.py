@@ -12,9 +12,10 @@ Routings (ForwardConfig.routing, set through a config file):
   local_first   today's rule before issue 22: a hosting peer serves its own replica
                 whatever its load, others go to the most free slots;
   affinity      the default now: the prefix's replica while its load is under 1.25x the
-                mean, a free slot before a queue, a refusal only when all are full;
-  affinity_bounded  (--routings) the bound alone moves a chat off its home: a full home
-                under it queues the turn beside its cached prefix.
+                mean, but any replica with a free slot before one that would queue;
+  affinity_bounded  the bound alone moves a chat off its home (a free slot counts as
+                under it), so a full home under it queues the turn beside its cached
+                prefix.
 
 Measured per routing: later turns (2-5) that hit the prefix cache (cached_tokens >= half
 the previous turn's prompt), the mean fraction of their prompt served from cache, TTFT
@@ -50,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from aivailable.local_peers import PeerProcess, free_port, get_json  # noqa: E402
 
 MODEL = "smollm2-135m"
-ROUTINGS = ("local_first", "affinity")
+ROUTINGS = ("local_first", "affinity", "affinity_bounded")
 WORDS = [
     "river",
     "stone",

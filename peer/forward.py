@@ -169,7 +169,9 @@ class ForwardConfig:
     # conversation's turns to the replica that holds its prefix in cache while that
     # replica's load stays under 1.25x the mean (a later turn then evaluates only its new
     # tokens), else the one with a free slot; "least_loaded" ignores the prefix;
-    # "affinity_bounded" moves a turn off its home only past the bound (issue 22's rule).
+    # "affinity_bounded" moves a turn off its home only past the bound: more hits and
+    # tok/s in bench/affinity.py, but not the default while a remote home's 429 is not
+    # retried on this peer's own free slot (docs/cluster.md).
     routing: str = "affinity"
 
     def __post_init__(self) -> None:
