@@ -11,11 +11,11 @@ tokens its replica's prefix cache served (`cached_tokens`).
 Routings (ForwardConfig.routing, set through a config file):
   local_first   today's rule before issue 22: a hosting peer serves its own replica
                 whatever its load, others go to the most free slots;
-  affinity      the default now: the prefix's replica while its load is under 1.25x the
-                mean, but any replica with a free slot before one that would queue;
-  affinity_bounded  the bound alone moves a chat off its home (a free slot counts as
-                under it), so a full home under it queues the turn beside its cached
-                prefix.
+  affinity      the prefix's replica while its load is under 1.25x the mean, but any
+                replica with a free slot before one that would queue;
+  affinity_bounded  the default now: the bound alone moves a chat off its home (a free
+                slot counts as under it), so a full home under it queues the turn beside
+                its cached prefix.
 
 Measured per routing: later turns (2-5) that hit the prefix cache (cached_tokens >= half
 the previous turn's prompt), the mean fraction of their prompt served from cache, TTFT

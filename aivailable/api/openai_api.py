@@ -240,7 +240,16 @@ class OpenAIApi:
             and not self._serves_here(request, raw, model, instance)
             and self._forwarder.forwardable(request)
         ):
-            return await self._forwarder.forward(request, raw, model)
+            # A ready replica here that would take the request is the fallback when the
+            # remotes refuse (a full prefix home under the load bound): never a 429 while
+            # a slot is free here.
+            engine = instance.engine if instance is not None else None
+            here = instance is not None and instance.state == "ready" and engine is not None
+            if not (here and not instance.error and engine.admits()):
+                return await self._forwarder.forward(request, raw, model)
+            response = await self._forwarder.forward(request, raw, model, fallback=True)
+            if response is not None:
+                return response
         # --- end of forwarding hook
         if instance is None:
             available = ", ".join(sorted(instances)) or "none"
