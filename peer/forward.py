@@ -271,7 +271,9 @@ class Forwarder:
     ) -> web.StreamResponse | None:
         """Send the request to the best remote replica and stream its answer back.
         `fallback`: this peer's own replica can take the request, so no remote's refusal
-        (or silence past first_byte_timeout_s) is passed on: None when none answered."""
+        (a retry status, an unreachable host) is passed on: None when none answered. The
+        last remote still gets the long wait: a home queueing the turn is not abandoned
+        for a local slot that may queue it too."""
         candidates = self._candidates(model, set(), self._key(request, body))
         if not candidates:
             # This peer's view may lag (gossip reaches it a round late): a replica it knows
@@ -289,8 +291,10 @@ class Forwarder:
         deadline = asyncio.get_running_loop().time() + self._config.request_timeout_s
         failures: list[str] = []
         for i, replica in enumerate(tries):
-            has_next = fallback or i < len(tries) - 1
-            attempt = await self._attempt(request, replica, headers, body, has_next, deadline)
+            has_next = i < len(tries) - 1
+            attempt = await self._attempt(
+                request, replica, headers, body, has_next, deadline, refused_next=fallback
+            )
             if attempt.upstream is None:
                 failures.append(attempt.failure)
                 continue
@@ -332,10 +336,12 @@ class Forwarder:
         has_next: bool,
         deadline: float,
         path: str | None = None,
+        refused_next: bool = False,
     ) -> _Attempt:
         """Send to one replica and read its first chunk. `upstream` is None when the next
         replica should be tried (nothing reached the client); raises ForwardError 504 when
-        the last one ran out of time."""
+        the last one ran out of time. `refused_next`: a retry status moves on even from
+        the last replica (this peer can serve the request itself)."""
         limit = self._config.first_byte_timeout_s if has_next else self._config.request_timeout_s
         watch = self._watches.start(replica.node_id, limit, deadline, has_next)
         out = _Attempt(watch)
@@ -360,7 +366,7 @@ class Forwarder:
                 # A 404 is that replica's instance gone (stopped, or the peer restarted
                 # without it), not the model: never tell the client it does not exist.
                 if upstream.status in self._config.retry_statuses and (
-                    has_next or upstream.status == 404
+                    has_next or refused_next or upstream.status == 404
                 ):
                     out.failure = f"{replica.node_id} answered {upstream.status}"
                     return out
