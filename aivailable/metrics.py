@@ -78,6 +78,20 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        # Of those, the hits a slot had lost and the host-memory prompt cache gave back
+        # (backends/prompt_cache.py).
+        self.prompt_cache_restores = Counter(
+            "aivailable_prompt_cache_restores",
+            "Generations whose prefix was restored from the host-memory prompt cache",
+            ["model"],
+            registry=r,
+        )
+        self.restored_tokens = Counter(
+            "aivailable_prompt_cache_restored_tokens",
+            "Prompt tokens restored from the host-memory prompt cache",
+            ["model"],
+            registry=r,
+        )
 
         # Read from the gossip layer at scrape time (packets, rejections for a bad key,
         # probes, suspicions, ...): it owns the counts.

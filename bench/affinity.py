@@ -11,16 +11,21 @@ tokens its replica's prefix cache served (`cached_tokens`).
 Routings (ForwardConfig.routing, set through a config file):
   local_first   today's rule before issue 22: a hosting peer serves its own replica
                 whatever its load, others go to the most free slots;
-  affinity      the default now: the prefix's replica while its load is under 1.25x the
-                mean, a free slot before a queue, a refusal only when all are full.
+  affinity      the prefix's replica while its load is under 1.25x the mean, but any
+                replica with a free slot before one that would queue;
+  affinity_bounded  the default now: the bound alone moves a chat off its home (a free
+                slot counts as under it), so a full home under it queues the turn beside
+                its cached prefix.
 
 Measured per routing: later turns (2-5) that hit the prefix cache (cached_tokens >= half
 the previous turn's prompt), the mean fraction of their prompt served from cache, TTFT
-p50 of first and later turns, aggregate completion tok/s over the run's wall time, and
-requests refused (429). Trials alternate the routings; the machine is shared, so read
-the spread.
+p50 of first and later turns, aggregate completion tok/s over the run's wall time,
+requests refused (429), prefixes restored from the host-memory prompt cache (the replicas'
+/metrics), and the TTFTs of one more chat run alone afterwards ("solo": its own prefill
+and overhead; what a turn under load takes beyond that is waiting). Trials alternate the
+routings; the machine is shared, so read the spread.
 
-    python bench/affinity.py [--trials N] [--quick]
+    python bench/affinity.py [--trials N] [--quick] [--slots 4] [--prompt-cache-mib N]
 
 Prints a table and writes bench/results/affinity.json. Asserts nothing about time.
 """
@@ -46,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from aivailable.local_peers import PeerProcess, free_port, get_json  # noqa: E402
 
 MODEL = "smollm2-135m"
-ROUTINGS = ("local_first", "affinity")
+ROUTINGS = ("local_first", "affinity", "affinity_bounded")
 WORDS = [
     "river",
     "stone",
@@ -91,11 +96,14 @@ def turn_text(rng: random.Random, words: int) -> str:
 
 
 class Cluster:
-    def __init__(self, base: Path, routing: str):
+    def __init__(self, base: Path, routing: str, cache_mib: int | None = None):
         self.base = base
         conf = base / "peer.toml"
         # One llama.cpp thread per worker: two workers share this machine's cores.
-        conf.write_text(f'[forward]\nrouting = "{routing}"\n\n[engine]\nn_threads = 1\n')
+        engine = "n_threads = 1\n"
+        if cache_mib is not None:  # the host-memory prompt cache (backends/prompt_cache.py)
+            engine += f"prompt_cache_mib = {cache_mib}\n"
+        conf.write_text(f'[forward]\nrouting = "{routing}"\n\n[engine]\n{engine}')
         self.key = base / "cluster.key"
         names = ("route", "gpu1", "gpu2")
         ports = {n: free_port() for n in names}
@@ -244,9 +252,11 @@ def conversation(
         messages.append({"role": "assistant", "content": r["text"]})
 
 
-def run(routing: str, seed: int, chats: int, turns: int, words: int, slots: int) -> dict:
+def run(
+    routing: str, seed: int, chats: int, turns: int, words: int, slots: int, cache_mib=None
+) -> dict:
     base = Path(tempfile.mkdtemp(prefix=f"aiv-affinity-{routing}-"))
-    cluster = Cluster(base, routing)
+    cluster = Cluster(base, routing, cache_mib)
     try:
         cluster.start()
         cluster.deploy(slots)
@@ -266,10 +276,40 @@ def run(routing: str, seed: int, chats: int, turns: int, words: int, slots: int)
         for t in threads:
             t.join()
         wall = time.monotonic() - started
+        restores = sum(scrape(p.url, RESTORES) for p in cluster.peers)
+        restored_tokens = sum(scrape(p.url, RESTORED_TOKENS) for p in cluster.peers)
+        # Where a later turn's TTFT goes: the same chat alone on the idle cluster is its
+        # own prefill and overhead; what a turn under load takes beyond it is waiting (for
+        # a slot, or in the batch beside the others' decode and prefill).
+        solo: list[dict] = []
+        conversation(chats, [urls[0]] * turns, seed, words, solo)
     finally:
         cluster.stop()
         shutil.rmtree(base, ignore_errors=True)
-    return summarize(routing, results, wall)
+    out = summarize(routing, results, wall)
+    out.update(prompt_cache_restores=restores, prompt_cache_restored_tokens=restored_tokens)
+    out["solo_ttft_first_s"] = p50([r["ttft"] for r in solo if r["turn"] == 1 and r["ttft"]])
+    out["solo_ttft_later_p50_s"] = p50([r["ttft"] for r in solo if r["turn"] > 1 and r["ttft"]])
+    out["solo_turns"] = solo
+    return out
+
+
+RESTORES = "aivailable_prompt_cache_restores_total"
+RESTORED_TOKENS = "aivailable_prompt_cache_restored_tokens_total"
+
+
+def scrape(url: str, name: str) -> float:
+    """The sum of a counter over its labels in a peer's /metrics (0 when absent)."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return 0.0
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
 
 
 def p50(values: list[float]) -> float:
@@ -301,7 +341,7 @@ def summarize(routing: str, results: list[dict], wall: float) -> dict:
     }
 
 
-def print_table(trials: list[dict]) -> None:
+def print_table(trials: list[dict], per_trial: int) -> None:
     cols = (
         ("later_hit_rate", "hit rate", "{:.0%}"),
         ("later_cached_fraction", "cached", "{:.0%}"),
@@ -310,12 +350,15 @@ def print_table(trials: list[dict]) -> None:
         ("ttft_later_over_first", "later/1st", "{:.2f}x"),
         ("tok_per_s", "tok/s", "{:.1f}"),
         ("refused", "429s", "{}"),
+        ("prompt_cache_restores", "restores", "{:.0f}"),
+        ("solo_ttft_first_s", "solo 1st", "{:.2f}s"),
+        ("solo_ttft_later_p50_s", "solo later", "{:.2f}s"),
         ("max_prompt_tokens", "max prompt", "{}"),
     )
-    print(f"{'trial':<6}{'routing':<13}" + "".join(f"{h:>12}" for _, h, _ in cols))
+    print(f"{'trial':<6}{'routing':<17}" + "".join(f"{h:>12}" for _, h, _ in cols))
     for i, t in enumerate(trials):
         cells = "".join(f"{fmt.format(t[k]):>12}" for k, _, fmt in cols)
-        print(f"{i // len(ROUTINGS) + 1:<6}{t['routing']:<13}{cells}")
+        print(f"{i // per_trial + 1:<6}{t['routing']:<17}{cells}")
 
 
 def main() -> None:
@@ -327,18 +370,31 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=22)
     ap.add_argument("--slots", type=int, default=4, help="per replica (a CPU node's default)")
     ap.add_argument("--quick", action="store_true", help="4 chats of 3 short turns")
+    ap.add_argument("--routings", default=",".join(ROUTINGS), help="comma-separated, in order")
+    ap.add_argument(
+        "--prompt-cache-mib", type=int, default=None, help="host-memory prompt cache (0: off)"
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "affinity.json"))
     args = ap.parse_args()
     if args.quick:
         args.chats, args.turns, args.words = 4, 3, 60
     trials = []
+    routings = args.routings.split(",")
     for trial in range(args.trials):
-        for routing in ROUTINGS:
+        for routing in routings:
             print(f"trial {trial + 1}: {routing} ...", flush=True)
             trials.append(
-                run(routing, args.seed + trial, args.chats, args.turns, args.words, args.slots)
+                run(
+                    routing,
+                    args.seed + trial,
+                    args.chats,
+                    args.turns,
+                    args.words,
+                    args.slots,
+                    args.prompt_cache_mib,
+                )
             )
-    print_table(trials)
+    print_table(trials, len(routings))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"trials": trials, "args": vars(args)}, indent=1))

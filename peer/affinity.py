@@ -86,14 +86,25 @@ def affinity_order(
     load_of: Callable[[R], int],
     has_room: Callable[[R], bool] = lambda r: False,
     factor: float = LOAD_FACTOR,
+    room_first: bool = True,
 ) -> list[R]:
     """`replicas` best first for `key`: in the key's ranking, those that can start it at
     once (`has_room`; unknown: none), then those under the load bound that would queue it,
-    then the rest, least loaded first (tried only when the better ones fail)."""
+    then the rest, least loaded first (tried only when the better ones fail).
+
+    `room_first=False` ("affinity_bounded"): the bound alone decides along the ranking,
+    a free slot counting as under it, so a full home under the bound queues the turn
+    beside its cached prefix instead of sending it to a free slot that would prefill the
+    whole history (8 chats hashed 5/3 onto 2 replicas of 4 slots: the fifth of the busier
+    home's chats went to the other replica nearly every turn)."""
     if not replicas:
         return []
     bound = load_bound([load_of(r) for r in replicas], factor)
     ranked = sorted(replicas, key=lambda r: (-_rank(key, node_of(r)), node_of(r)))
+    if not room_first:
+        fits = [r for r in ranked if has_room(r) or load_of(r) < bound]
+        over = [r for r in ranked if not (has_room(r) or load_of(r) < bound)]
+        return fits + sorted(over, key=lambda r: (load_of(r), node_of(r)))
     roomy = [r for r in ranked if has_room(r)]
     queue = [r for r in ranked if not has_room(r) and load_of(r) < bound]
     over = [r for r in ranked if not has_room(r) and load_of(r) >= bound]

@@ -35,8 +35,11 @@ class Replica:
 # How a peer picks among the ready replicas (ForwardConfig.routing):
 # "affinity": by the conversation's prefix, under a load bound (peer/affinity.py);
 # "least_loaded": the most free slots, this peer's own first among equals;
-# "local_first": this peer's own whatever its load (before issue 22; kept to compare).
-ROUTINGS = ("affinity", "least_loaded", "local_first")
+# "local_first": this peer's own whatever its load (before issue 22; kept to compare);
+# "affinity_bounded": affinity where the load bound alone moves a conversation: its home
+# under the bound queues the turn rather than give it to another replica's free slot.
+ROUTINGS = ("affinity", "least_loaded", "local_first", "affinity_bounded")
+AFFINITY_ROUTINGS = ("affinity", "affinity_bounded")
 
 
 def order_replicas(
@@ -73,9 +76,16 @@ def order_replicas(
             return 0
         return 0 if free(r) > 0 else 1 if r.admits else 2
 
-    if key is not None and routing == "affinity":
+    if key is not None and routing in AFFINITY_ROUTINGS:
         alive = [r for r in ready if r.member_state == "alive" and r.admits]
-        head = affinity_order(key, alive, lambda r: r.node_id, load, lambda r: free(r) > 0)
+        head = affinity_order(
+            key,
+            alive,
+            lambda r: r.node_id,
+            load,
+            lambda r: free(r) > 0,
+            room_first=routing == "affinity",
+        )
         rest = [r for r in ready if r not in head]
     else:
         head, rest = [], ready

@@ -33,6 +33,7 @@ from peer import resume
 from peer.affinity import prefix_key
 from peer.auth import FORWARDED_HEADER
 from peer.availability import (
+    AFFINITY_ROUTINGS,
     ROUTINGS,
     ForwardError,
     ModelAvailability,
@@ -168,11 +169,15 @@ class ForwardConfig:
     # Times a streaming answer whose replica died mid-way is resumed on another replica
     # from the text already sent (peer/resume.py). 0 ends such a stream with an error.
     max_resumes: int = 2
-    # How the replica is picked (peer/availability.py ROUTINGS): "affinity" sends a
-    # conversation's turns to the replica that holds its prefix in cache while that
-    # replica's load stays under 1.25x the mean (a later turn then evaluates only its new
-    # tokens), else the one with a free slot; "least_loaded" ignores the prefix.
-    routing: str = "affinity"
+    # How the replica is picked (peer/availability.py ROUTINGS): "affinity_bounded" sends
+    # a conversation's turns to the replica that holds its prefix in cache while it has a
+    # free slot or its load stays under 1.25x the mean (issue 22's rule; a later turn then
+    # evaluates only its new tokens), else the next in the prefix's ranking. "affinity"
+    # puts any free slot before a home that would queue: in bench/affinity.py it sent the
+    # busier home's extra chats away to prefill their whole history (78-91% of later turns
+    # hit, against 94-100% for affinity_bounded; docs/cluster.md). "least_loaded" ignores
+    # the prefix.
+    routing: str = "affinity_bounded"
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:
@@ -227,7 +232,7 @@ class Forwarder:
 
     def _key(self, request: web.Request, body: bytes) -> str | None:
         """The request's prefix key, parsed from the body once (None: no affinity)."""
-        if self._config.routing != "affinity":
+        if self._config.routing not in AFFINITY_ROUTINGS:
             return None
         key = request.get(AFFINITY_KEY)
         if key is None:
@@ -265,8 +270,14 @@ class Forwarder:
         )
         return best[0].local
 
-    async def forward(self, request: web.Request, body: bytes, model: str) -> web.StreamResponse:
-        """Send the request to the best remote replica and stream its answer back."""
+    async def forward(
+        self, request: web.Request, body: bytes, model: str, fallback: bool = False
+    ) -> web.StreamResponse | None:
+        """Send the request to the best remote replica and stream its answer back.
+        `fallback`: this peer's own replica can take the request, so no remote's refusal
+        (a retry status, an unreachable host) is passed on: None when none answered. The
+        last remote still gets the long wait: a home queueing the turn is not abandoned
+        for a local slot that may queue it too."""
         candidates = self._candidates(model, set(), self._key(request, body))
         if not candidates:
             # This peer's view may lag (gossip reaches it a round late): a replica it knows
@@ -285,11 +296,16 @@ class Forwarder:
         failures: list[str] = []
         for i, replica in enumerate(tries):
             has_next = i < len(tries) - 1
-            attempt = await self._attempt(request, replica, headers, body, has_next, deadline)
+            attempt = await self._attempt(
+                request, replica, headers, body, has_next, deadline, refused_next=fallback
+            )
             if attempt.upstream is None:
                 failures.append(attempt.failure)
                 continue
             return await self._relay(request, replica, attempt, deadline, body, model, headers)
+        if fallback:  # e.g. a full home under the load bound refused: serve it here
+            log.info("%s served here: %s", model, "; ".join(failures))
+            return None
         log.warning("no replica of %s answered: %s", model, "; ".join(failures))
         # Undeployed meanwhile, or only loading replicas were tried: the model's own state
         # says more than "unreachable".
@@ -324,10 +340,12 @@ class Forwarder:
         has_next: bool,
         deadline: float,
         path: str | None = None,
+        refused_next: bool = False,
     ) -> _Attempt:
         """Send to one replica and read its first chunk. `upstream` is None when the next
         replica should be tried (nothing reached the client); raises ForwardError 504 when
-        the last one ran out of time."""
+        the last one ran out of time. `refused_next`: a retry status moves on even from
+        the last replica (this peer can serve the request itself)."""
         limit = self._config.first_byte_timeout_s if has_next else self._config.request_timeout_s
         watch = self._watches.start(replica.node_id, limit, deadline, has_next)
         out = _Attempt(watch)
@@ -354,7 +372,7 @@ class Forwarder:
                 final = any(name.lower() == _FINAL_LOWER for name, _ in upstream.headers)
                 if (
                     upstream.status in self._config.retry_statuses
-                    and (has_next or upstream.status == 404)
+                    and (has_next or refused_next or upstream.status == 404)
                     and not final
                 ):
                     out.failure = f"{replica.node_id} answered {upstream.status}"

@@ -248,7 +248,16 @@ class OpenAIApi:
             and not self._serves_here(request, raw, model, instance)
             and self._forwarder.forwardable(request)
         ):
-            return await self._forwarder.forward(request, raw, model)
+            # A ready replica here that would take the request is the fallback when the
+            # remotes refuse (a full prefix home under the load bound): never a 429 while
+            # a slot is free here.
+            engine = instance.engine if instance is not None else None
+            here = instance is not None and instance.state == "ready" and engine is not None
+            if not (here and not instance.error and engine.admits()):
+                return await self._forwarder.forward(request, raw, model)
+            response = await self._forwarder.forward(request, raw, model, fallback=True)
+            if response is not None:
+                return response
         # --- end of forwarding hook
         if instance is None:
             available = ", ".join(sorted(instances)) or "none"
@@ -326,11 +335,15 @@ class OpenAIApi:
         hit = finished.cached_tokens > 0
         self._metrics.prefix_cache.labels(model, "yes" if hit else "no").inc()
         self._metrics.cached_tokens.labels(model).inc(finished.cached_tokens)
+        if finished.restored_tokens:
+            self._metrics.prompt_cache_restores.labels(model).inc()
+            self._metrics.restored_tokens.labels(model).inc(finished.restored_tokens)
         log.debug(
-            "prefix cache: %s reused %d of %d prompt tokens",
+            "prefix cache: %s reused %d of %d prompt tokens (%d restored from RAM)",
             model,
             finished.cached_tokens,
             finished.prompt_tokens,
+            finished.restored_tokens,
         )
 
     async def generate_whole(

@@ -135,7 +135,9 @@ class TracedForwarder:
     def forwardable(self, request: web.Request) -> bool:
         return self._forwarder.forwardable(request)
 
-    async def forward(self, request: web.Request, body: bytes, model: str) -> web.StreamResponse:
+    async def forward(
+        self, request: web.Request, body: bytes, model: str, fallback: bool = False
+    ) -> web.StreamResponse | None:
         tracer, kind = self._tracing.tracer, self._tracing._kind.CLIENT
         outer = request.get(TRACEPARENT_KEY)
         with tracer.start_as_current_span(
@@ -143,10 +145,11 @@ class TracedForwarder:
         ) as span:
             request[TRACEPARENT_KEY] = self._tracing.current_traceparent() or outer
             try:
-                response = await self._forwarder.forward(request, body, model)
+                response = await self._forwarder.forward(request, body, model, fallback)
             finally:
                 request[TRACEPARENT_KEY] = outer
-            span.set_attribute("aivailable.replica", response.headers.get(REPLICA_HEADER, ""))
+            if response is not None:
+                span.set_attribute("aivailable.replica", response.headers.get(REPLICA_HEADER, ""))
             return response
 
     def __getattr__(self, name: str) -> Any:

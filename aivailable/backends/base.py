@@ -96,6 +96,7 @@ class Finished:
     completion_tokens: int  # of all choices together
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache, not evaluated
     finish_reasons: tuple[str, ...] = ()  # per choice, when n > 1
+    restored_tokens: int = 0  # of cached_tokens, restored from the host-memory prompt cache
     # None: the engine did not say (traces then guess). A measurement, not an outcome: two
     # generations with the same result are equal whenever they ran.
     timing: Timing | None = field(default=None, compare=False)

@@ -100,6 +100,11 @@ class EngineConfig:
     max_queue_wait: float = 15.0
     # All of llama.cpp's logging (per-request timings included) instead of warnings only.
     verbose: bool = False
+    # MiB of host memory per worker for the KV of prompts evicted from their slots
+    # (llama-server's --cache-ram; prompt_cache.py), restored instead of prefilled again.
+    # 512: SmolLM2-135M's f16 KV is ~22.5 KiB a token, so ~15 chats of 1.5k tokens; an
+    # entry over the bound is not kept. Nothing is allocated until a slot is evicted. 0: off.
+    prompt_cache_mib: int = 512
 
 
 class LlamaEngine(Engine):
@@ -310,6 +315,8 @@ class LlamaEngine(Engine):
             cmd.append("--embedding")
         if self.kv_type != "f16":
             cmd += ["--kv-type", self.kv_type]
+        if self.kind != "embedding" and self.config.prompt_cache_mib > 0:
+            cmd += ["--prompt-cache-mib", str(self.config.prompt_cache_mib)]
         if self.main_gpu is not None:
             cmd += ["--main-gpu", str(self.main_gpu)]
         if self.tensor_split:
@@ -456,7 +463,8 @@ class LlamaEngine(Engine):
                     frame.completion_tokens,
                     frame.cached_tokens,
                     reasons,
-                    Timing(first - frame.prefill_ns, first, end),
+                    timing=Timing(first - frame.prefill_ns, first, end),
+                    restored_tokens=frame.restored_tokens,
                 )
             case wire.Embeddings(vectors=vectors, prompt_tokens=prompt_tokens):
                 return Embeddings(vectors, prompt_tokens)

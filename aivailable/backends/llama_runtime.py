@@ -267,6 +267,20 @@ class LlamaRuntime:
         llama_cpp.llama_memory_seq_rm(self.memory, dst, -1, -1)
         llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
 
+    def save_seq(self, seq: int) -> ctypes.Array:
+        """The sequence's KV state (its cells and their positions) as a buffer."""
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, seq)
+        data = (ctypes.c_uint8 * size)()
+        if llama_cpp.llama_state_seq_get_data(self.ctx, data, size, seq) != size:
+            raise LlamaCallError(f"llama.cpp could not save sequence {seq}")
+        return data
+
+    def restore_seq(self, seq: int, data: ctypes.Array) -> None:
+        """A state from save_seq into `seq` (of this context; llama.cpp clears it first).
+        It fits: it came from a sequence of the same size."""
+        if llama_cpp.llama_state_seq_set_data(self.ctx, data, len(data), seq) == 0:
+            raise LlamaCallError(f"llama.cpp could not restore sequence {seq}")
+
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self.memory, True)
 

@@ -70,6 +70,7 @@ class _Live:
     cached: int = 0
     slot_ns: int = 0  # time.monotonic_ns() when a slot took it (traces: the queue wait ends)
     first_ns: int = 0  # ... when its first token was sampled (the prefill ends)
+    restored: int = 0  # of `cached`, tokens restored from the host-memory prompt cache
 
 
 @dataclass(frozen=True)
@@ -85,13 +86,23 @@ _InboxItem = _Live | _Tokenized | Cancel | Shutdown
 
 
 class Worker:
-    def __init__(self, runtime, out: BinaryIO, n_ctx: int, n_parallel: int, n_batch: int):
+    def __init__(
+        self,
+        runtime,
+        out: BinaryIO,
+        n_ctx: int,
+        n_parallel: int,
+        n_batch: int,
+        prompt_cache_bytes: int = 0,
+    ):
+        from aivailable.backends.prompt_cache import PromptCache
         from aivailable.backends.scheduler import Scheduler
 
         self.rt = runtime
         self._out = out
         self._out_lock = threading.Lock()  # the reader thread answers bad requests too
-        self.sched = Scheduler(n_parallel, n_ctx, n_batch, max_waiting=256)
+        cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
+        self.sched = Scheduler(n_parallel, n_ctx, n_batch, max_waiting=256, prompt_cache=cache)
         self.inbox: queue.Queue[_InboxItem] = queue.Queue()
         self.live: dict[int, _Live] = {}
         self._apply = {  # the decode loop's table: inbox item type -> its handler
@@ -268,9 +279,14 @@ class Worker:
         step = self.sched.next_step()
         for started in step.started:
             live = self.live[started.request_id]
-            live.cached, live.slot_ns = started.reused, time.monotonic_ns()
+            live.cached, live.restored = started.reused, started.restored
+            live.slot_ns = time.monotonic_ns()
         for src, dst, _ in step.copies:
             self.rt.copy_cells(src, dst)
+        for seq, tokens in step.saves:  # before the trims drop these cells
+            self.sched.prompt_cache.put(tokens, self.rt.save_seq(seq))
+        for seq, data in step.restores:
+            self.rt.restore_seq(seq, data)
         for seq, p0 in step.trims:
             self.rt.trim(seq, p0)
         if not step.tokens:
@@ -319,6 +335,7 @@ class Worker:
                     cached_tokens=live.cached,
                     prefill_ns=max(0, first - live.slot_ns),
                     decode_ns=max(0, time.monotonic_ns() - first),
+                    restored_tokens=live.restored,
                 )
             )
 
@@ -355,6 +372,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n-batch", type=int, default=512, help="tokens per decode at most")
     p.add_argument("--embedding", action="store_true", help="serve embeddings, not text")
     p.add_argument("--kv-type", default="f16", help="KV cache type: f16, q8_0 or q4_0")
+    p.add_argument(
+        "--prompt-cache-mib", type=int, default=0, help="host memory for evicted prompts' KV"
+    )
     p.add_argument("--verbose", action="store_true", help="all of llama.cpp's logging")
     return p.parse_args(argv)
 
@@ -395,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
         out.write(encode(Error(None, ErrorCode.LOAD_FAILED, str(e))))
         out.flush()
         return 2
-    worker = Worker(runtime, out, args.n_ctx, args.n_parallel, args.n_batch)
+    worker = Worker(
+        runtime, out, args.n_ctx, args.n_parallel, args.n_batch, args.prompt_cache_mib << 20
+    )
     reader = threading.Thread(
         target=worker.read_forever, args=(sys.stdin.buffer,), name="inbox", daemon=True
     )

@@ -19,6 +19,15 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aivailable.backends.prompt_cache import PromptCache
+
+
+# Tokens a restore from the prompt cache must save over the slot's own prefix: below
+# this, prefilling them costs less than copying a whole saved sequence in.
+MIN_RESTORE_GAIN = 32
 
 
 class Unschedulable(ValueError):
@@ -57,13 +66,19 @@ class Started:
     request_id: int
     slots: tuple[int, ...]  # slot i serves choice i
     reused: int
+    restored: int = 0  # of `reused`, tokens restored from the host-memory prompt cache
 
 
 @dataclass
 class Step:
-    """What to do this step, in order: copies, trims, then decode `tokens`."""
+    """What to do this step, in order: copies, saves, restores, trims, then decode
+    `tokens`."""
 
     copies: list[tuple[int, int, int]] = field(default_factory=list)  # (src, dst, n_cells)
+    # (seq, tokens): save the seq's state into the prompt cache under its tokens
+    saves: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
+    # (seq, data): the state taken from the prompt cache, to restore into seq
+    restores: list[tuple[int, object]] = field(default_factory=list)
     trims: list[tuple[int, int]] = field(default_factory=list)  # (seq, p0): drop cells >= p0
     tokens: list[Token] = field(default_factory=list)
     started: list[Started] = field(default_factory=list)
@@ -96,9 +111,18 @@ def common_prefix(a: list[int] | tuple[int, ...], b: list[int] | tuple[int, ...]
 class Scheduler:
     """Slots, the waiting queue and the composition of each batch."""
 
-    def __init__(self, n_parallel: int, n_ctx: int, batch_tokens: int, max_waiting: int = 64):
+    def __init__(
+        self,
+        n_parallel: int,
+        n_ctx: int,
+        batch_tokens: int,
+        max_waiting: int = 64,
+        prompt_cache: PromptCache | None = None,
+    ):
         """`n_ctx`: positions per sequence. `batch_tokens`: tokens per decode at most
-        (llama.cpp's n_batch). `max_waiting`: requests queued for a slot at most."""
+        (llama.cpp's n_batch). `max_waiting`: requests queued for a slot at most.
+        `prompt_cache`: where slots' evicted sequences are saved (None: nowhere); the
+        worker fills it with the data of each step's `saves`."""
         if n_parallel < 1 or n_ctx < 2 or batch_tokens < 1:
             raise ValueError("n_parallel >= 1, n_ctx >= 2 and batch_tokens >= 1 are required")
         self.n_ctx = n_ctx
@@ -108,6 +132,7 @@ class Scheduler:
         self.waiting: deque[SeqRequest] = deque()
         self._step = 0
         self._copy_from: dict[int, int] = {}  # sibling slot -> slot holding the prompt
+        self.prompt_cache = prompt_cache
 
     # --- requests in and out ------------------------------------------------------------
 
@@ -228,6 +253,8 @@ class Scheduler:
             # so the prefixes of recent conversations stay cached longest.
             source = max(free, key=lambda s: (common_prefix(s.cached, request.prompt), -s.used_at))
             keep = min(common_prefix(source.cached, request.prompt), len(request.prompt) - 1)
+            restored = self._from_ram(step, source, request, keep)
+            keep = max(keep, restored)
             self._occupy(source, request, 0)
             step.trims.append((source.index, keep))  # always: cheap, and never stale cells
             del source.cached[keep:]
@@ -235,12 +262,35 @@ class Scheduler:
             chosen = [source.index]
             others = sorted((s for s in free if s is not source), key=lambda s: s.used_at)
             for choice, sibling in enumerate(others[: request.n - 1], start=1):
+                if self.prompt_cache is not None and self.prompt_cache.worth_saving(
+                    sibling.cached, 0
+                ):
+                    step.saves.append((sibling.index, tuple(sibling.cached)))
                 self._occupy(sibling, request, choice)
                 step.trims.append((sibling.index, 0))
                 sibling.cached = []
                 self._copy_from[sibling.index] = source.index
                 chosen.append(sibling.index)
-            step.started.append(Started(request.id, tuple(chosen), keep))
+            step.started.append(Started(request.id, tuple(chosen), keep, restored))
+
+    def _from_ram(self, step: Step, slot: _Slot, request: SeqRequest, keep: int) -> int:
+        """Save what `slot` is about to lose, and restore a longer prefix of the prompt
+        than `keep` from the prompt cache into it: the tokens restored (0: none)."""
+        cache = self.prompt_cache
+        if cache is None:
+            return 0
+        if cache.worth_saving(slot.cached, keep):
+            step.saves.append((slot.index, tuple(slot.cached)))
+        found = cache.best(request.prompt)
+        if found is None:
+            return 0
+        tokens, shared = found
+        shared = min(shared, len(request.prompt) - 1)  # the last token is decoded to sample
+        if shared - keep < MIN_RESTORE_GAIN:
+            return 0
+        step.restores.append((slot.index, cache.take(tokens)))
+        slot.cached = list(tokens)
+        return shared
 
     def _occupy(self, slot: _Slot, request: SeqRequest, choice: int) -> None:
         slot.request = request

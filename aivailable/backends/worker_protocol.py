@@ -112,6 +112,7 @@ class Done:
     # so left out of equality.
     prefill_ns: int = field(default=0, compare=False)
     decode_ns: int = field(default=0, compare=False)
+    restored_tokens: int = 0  # of cached_tokens, restored from the host-memory prompt cache
 
 
 @dataclass(frozen=True)

@@ -156,3 +156,38 @@ async def test_prefix_cache_use_is_counted_in_the_metrics():
     assert 'aivailable_prefix_cache_tokens_total{model="m"} 80.0' in text
     assert 'aivailable_prefix_cache_requests_total{hit="yes",model="m"} 1.0' in text
     assert 'aivailable_prefix_cache_requests_total{hit="no",model="m"} 1.0' in text
+
+
+# --- "affinity_bounded": the bound alone moves a conversation off its home -------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(keys, min_size=1, max_size=200), st.integers(1, 8), st.integers(1, 8))
+def test_bounded_affinity_never_passes_the_bound_but_into_a_free_slot(stream, n, slots):
+    loads = dict.fromkeys(NODES[:n], 0)
+    for key in stream:
+        bound = load_bound(list(loads.values()))
+        chosen = affinity_order(
+            key,
+            list(loads),
+            lambda x: x,
+            loads.__getitem__,
+            lambda x: loads[x] < slots,
+            room_first=False,
+        )[0]
+        assert loads[chosen] < max(bound, slots)
+        loads[chosen] += 1
+
+
+def test_bounded_affinity_queues_at_a_full_home_under_the_bound():
+    key = prefix_key(chat("hello"))
+    a, b = rep("a"), rep("b")
+    home = order_replicas([a, b], key=key, routing="affinity_bounded")[0].node_id
+    other = "b" if home == "a" else "a"
+    # Full home at 4, the other at 2 with free slots: bound ceil(1.25 * 7 / 2) = 5.
+    full = [rep(home, depth=4, free=0), rep(other, depth=2, free=2)]
+    assert order_replicas(full, key=key, routing="affinity_bounded")[0].node_id == home
+    assert order_replicas(full, key=key, routing="affinity")[0].node_id == other
+    # Past the bound (5 of 5), the other replica's free slot takes it.
+    over = [rep(home, depth=5, free=0), rep(other, depth=2, free=2)]
+    assert order_replicas(over, key=key, routing="affinity_bounded")[0].node_id == other
