@@ -272,6 +272,11 @@ def summarize(trials: list[dict], k: int) -> dict:
         else {},
         "tokens": tokens,
         "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+        # Each trial's own figures, to see a stalled trial (the shared host's) for what it is.
+        "trial_tokens_per_s": [
+            round(t["tokens"] / t["seconds"], 1) for t in trials if t["seconds"]
+        ],
+        "trial_seconds": [round(t["seconds"], 3) for t in trials],
         "per_stream_tokens_per_s": round(statistics.median(per_stream), 1) if per_stream else None,
         "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1) if ttfts else None,
         "ttft_p99_ms": round(pct(ttfts, 99) * 1000, 1) if ttfts else None,
