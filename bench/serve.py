@@ -264,8 +264,8 @@ def summarize(trials: list[dict], k: int) -> dict:
     per_stream = [x for t in trials for x in t["per_stream"]]
     cpu: dict[str, float] = {}
     for t in trials:
-        for role, seconds in t.get("cpu", {}).items():
-            cpu[role] = cpu.get(role, 0.0) + seconds
+        for role, used in t.get("cpu", {}).items():
+            cpu[role] = cpu.get(role, 0.0) + used
     return {
         "cpu_ms_per_token": {r: round(c * 1000 / tokens, 3) for r, c in cpu.items()}
         if tokens
