@@ -15,8 +15,12 @@ multi-turn case: a ~1,500-token history, then the same history with one more tur
 second turn's TTFT against the first (the prefix cache at work).
 
     python bench/serve.py [--quick] [--max-tokens N] [--trials N] [--levels 1,4,8,16]
+                          [--paths ceiling,llama-server,api,routed]
 
-Prints a table and writes bench/results/serve.json. Asserts nothing about time.
+Prints a table and writes bench/results/serve.json. Asserts nothing about time. Beside
+the pooled table, each path's trials are compared with llama-server's trial of the same
+round (the spread): every trial's tok/s ratio, their median and minimum, and the TTFT p50
+ratio per level; the JSON carries them under "vs_anchor".
 """
 
 from __future__ import annotations
@@ -160,6 +164,47 @@ def drained(child: Child) -> Child:
     return child
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time of all of a process's threads so far (schedstat: nanoseconds, where
+    /proc/PID/stat counts 10 ms ticks)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):  # a thread that just ended
+            continue
+    return total / 1e9
+
+
+def child_pids(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def cpu_roles(processes: dict[str, int]) -> dict[str, float]:
+    out = {}
+    for role, pid in processes.items():
+        try:
+            out[role] = cpu_seconds(pid)
+        except OSError:
+            continue
+    return out
+
+
+def measured(trial, args: tuple, processes: dict[str, int]) -> dict:
+    """Run a trial and add each role's CPU seconds during it (`cpu`)."""
+    before = cpu_roles(processes)
+    result = asyncio.run(trial(*args))
+    after = cpu_roles(processes)
+    result["cpu"] = {r: after[r] - before[r] for r in before if r in after}
+    return result
+
+
 def start_anchor(port: int, slots: int, threads: int) -> Child | None:
     if not ANCHOR.exists():
         return None
@@ -217,9 +262,21 @@ def summarize(trials: list[dict], k: int) -> dict:
     tokens = sum(t["tokens"] for t in trials)
     seconds = sum(t["seconds"] for t in trials)
     per_stream = [x for t in trials for x in t["per_stream"]]
+    cpu: dict[str, float] = {}
+    for t in trials:
+        for role, used in t.get("cpu", {}).items():
+            cpu[role] = cpu.get(role, 0.0) + used
     return {
+        "cpu_ms_per_token": {r: round(c * 1000 / tokens, 3) for r, c in cpu.items()}
+        if tokens
+        else {},
         "tokens": tokens,
         "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+        # Each trial's own figures, to see a stalled trial (the shared host's) for what it is.
+        "trial_tokens_per_s": [
+            round(t["tokens"] / t["seconds"], 1) for t in trials if t["seconds"]
+        ],
+        "trial_seconds": [round(t["seconds"], 3) for t in trials],
         "per_stream_tokens_per_s": round(statistics.median(per_stream), 1) if per_stream else None,
         "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1) if ttfts else None,
         "ttft_p99_ms": round(pct(ttfts, 99) * 1000, 1) if ttfts else None,
@@ -233,6 +290,9 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--levels", default="1,4,8,16")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument(
+        "--paths", default="ceiling,llama-server,api,routed", help="which paths to measure"
+    )
     parser.add_argument("--role", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--slots", type=int, help=argparse.SUPPRESS)
@@ -254,26 +314,44 @@ def main() -> int:
     notes = []
     try:
         children.append(drained(start_role("front", front_port, secret, f"127.0.0.1:{model_port}")))
-        anchor = start_anchor(anchor_port, slots, args.threads)
+        wanted = args.paths.split(",")
+        anchor = (
+            start_anchor(anchor_port, slots, args.threads) if "llama-server" in wanted else None
+        )
         paths = {
             "api": f"http://127.0.0.1:{model_port}",
             "routed": f"http://127.0.0.1:{front_port}",
         }
-        if anchor is None:
+        paths = {name: url for name, url in paths.items() if name in wanted}
+        if anchor is None and "llama-server" in wanted:
             notes.append(f"llama-server not measured: {ANCHOR} is absent (run make bench-anchor)")
-        else:
+        elif anchor is not None:
             children.append(anchor)
             paths = {"llama-server": f"http://127.0.0.1:{anchor_port}", **paths}
         for url in paths.values():  # warm-up: load, first allocations, prompt cache
             asyncio.run(api_trial(url, 1, 8))
-        runs: dict = {name: {k: [] for k in levels} for name in ["ceiling", *paths]}
+        # Whose CPU time each path spends: the serving peer (frames in, SSE out) and its
+        # worker (decode and the work between decodes), the routing peer, llama-server.
+        model_pid = children[0].proc.pid
+        worker = child_pids(model_pid)
+        ours = {"peer": model_pid, **({"worker": worker[0]} if worker else {})}
+        processes = {
+            "api": ours,
+            "routed": {"front": children[1].proc.pid, **ours},
+            "llama-server": {"server": anchor.proc.pid} if anchor is not None else {},
+        }
+        with_ceiling = "ceiling" in wanted
+        names = ["ceiling", *paths] if with_ceiling else list(paths)
+        runs: dict = {name: {k: [] for k in levels} for name in names}
         for k in levels:
             for trial in range(trials):
                 order = list(paths.items())
                 order = order[trial % len(order) :] + order[: trial % len(order)]  # rotate
-                runs["ceiling"][k].append(ceiling_trial(k, max_tokens, args.threads))
+                if with_ceiling:
+                    runs["ceiling"][k].append(ceiling_trial(k, max_tokens, args.threads))
                 for name, url in order:
-                    runs[name][k].append(asyncio.run(api_trial(url, k, max_tokens)))
+                    result = measured(api_trial, (url, k, max_tokens), processes[name])
+                    runs[name][k].append(result)
         turns = {}
         for name, url in paths.items():
             try:
@@ -284,19 +362,79 @@ def main() -> int:
         for child in reversed(children):
             child.stop()
     table = {name: {k: summarize(runs[name][k], k) for k in levels} for name in runs}
+    spread = against_anchor(runs, levels)
     print_table(table, levels, turns, notes)
+    print_spread(spread, levels)
     out = ROOT / "bench" / "results" / "serve.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": MODEL, "max_tokens": max_tokens, "trials": trials, "slots": slots,
-            "threads": args.threads, "notes": notes}  # fmt: skip
-    out.write_text(json.dumps({**meta, "levels": table, "multi_turn": turns}, indent=2))
+            "threads": args.threads, "paths": list(runs), "notes": notes}  # fmt: skip
+    meta["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    body = {**meta, "levels": table, "vs_anchor": spread, "multi_turn": turns}
+    out.write_text(json.dumps(body, indent=2))
     print(f"wrote {out.relative_to(ROOT)}")
     return 0
 
 
+def against_anchor(runs: dict, levels: list[int]) -> dict:
+    """Each path's trial against llama-server's trial of the same round (they ran back to
+    back, so a change of the shared machine's load weighs on both): the tok/s ratio of every
+    trial, their median and minimum, and the TTFT p50 ratio (each trial's and pooled)."""
+    anchor = runs.get("llama-server")
+    if not anchor:
+        return {}
+    out: dict = {}
+    for name, by_level in runs.items():
+        if name == "llama-server":
+            continue
+        out[name] = {}
+        for k in levels:
+            pairs = list(zip(by_level[k], anchor[k], strict=True))
+            ratios = [(t["tokens"] / t["seconds"]) / (a["tokens"] / a["seconds"]) for t, a in pairs]
+            ttft = [
+                statistics.median(t["ttfts"]) / statistics.median(a["ttfts"])
+                for t, a in pairs
+                if t["ttfts"] and a["ttfts"]
+            ]
+            ours = [x for t in by_level[k] for x in t["ttfts"]]
+            theirs = [x for a in anchor[k] for x in a["ttfts"]]
+            out[name][k] = {
+                "trial_ratios": [round(r, 3) for r in ratios],
+                "median_ratio": round(statistics.median(ratios), 3),
+                "min_ratio": round(min(ratios), 3),
+                "max_ratio": round(max(ratios), 3),
+                "trial_ttft_p50_ratios": [round(r, 3) for r in ttft],
+                "ttft_p50_ratio": round(statistics.median(ours) / statistics.median(theirs), 3)
+                if ours and theirs
+                else None,
+                "ttft_p99_ratio": round(pct(ours, 99) / pct(theirs, 99), 3)
+                if ours and theirs
+                else None,
+            }
+    return out
+
+
+def print_spread(spread: dict, levels: list[int]) -> None:
+    if not spread:
+        return
+    print("\nper trial against llama-server's trial of the same round (tok/s ratio)")
+    head = f"{'streams':>7} | {'path':>8} | {'median':>6} | {'min':>5} | {'TTFT p50':>8} | trials"
+    print(head)
+    print("-" * len(head))
+    for k in levels:
+        for name, rows in spread.items():
+            r = rows[k]
+            trials = " ".join(f"{x:.2f}" for x in r["trial_ratios"])
+            ttft = f"{r['ttft_p50_ratio']:.2f}x" if r["ttft_p50_ratio"] is not None else ""
+            print(
+                f"{k:>7} | {name:>8} | {r['median_ratio']:>5.2f}x | {r['min_ratio']:>4.2f}x | "
+                f"{ttft:>8} | {trials}"
+            )
+
+
 def print_table(table: dict, levels: list[int], turns: dict, notes: list[str]) -> None:
     anchor = table.get("llama-server")
-    head = f"{'streams':>7} | {'path':>12} | {'tok/s':>7} | {'per stream':>10} | {'TTFT p50':>8} | {'TTFT p99':>8} | {'vs anchor':>9}"
+    head = f"{'streams':>7} | {'path':>12} | {'tok/s':>7} | {'per stream':>10} | {'TTFT p50':>8} | {'TTFT p99':>8} | {'vs anchor':>9} | CPU ms per token"
     print(head)
     print("-" * len(head))
     for k in levels:
@@ -306,7 +444,8 @@ def print_table(table: dict, levels: list[int], turns: dict, notes: list[str]) -
             print(
                 f"{k:>7} | {name:>12} | {r['tokens_per_s']:>7.1f} | "
                 f"{r['per_stream_tokens_per_s'] or '':>10} | {r['ttft_p50_ms'] or '':>8} | "
-                f"{r['ttft_p99_ms'] or '':>8} | {ratio:>9}"
+                f"{r['ttft_p99_ms'] or '':>8} | {ratio:>9} | "
+                + " ".join(f"{role} {ms:.3f}" for role, ms in r["cpu_ms_per_token"].items())
             )
     print("\nmulti-turn (~1,500-token history resent): TTFT ms")
     for name, t in turns.items():

@@ -93,7 +93,9 @@ class _Slot:
     pending: deque[int] = field(default_factory=deque)  # prompt tokens still to evaluate
     last: int | None = None  # the sampled token to decode next
     generated: int = 0
-    used_at: int = 0  # step of last use, to keep recently used prefixes longer
+    # Order of last use (a counter, strictly increasing): recently used prefixes are kept
+    # longer, and prompts waiting for the budget take turns, least recently served first.
+    used_at: int = 0
 
     @property
     def free(self) -> bool:
@@ -130,7 +132,7 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.slots = [_Slot(i) for i in range(n_parallel)]
         self.waiting: deque[SeqRequest] = deque()
-        self._step = 0
+        self._uses = 0  # the used_at counter
         self._copy_from: dict[int, int] = {}  # sibling slot -> slot holding the prompt
         self.prompt_cache = prompt_cache
 
@@ -206,7 +208,6 @@ class Scheduler:
 
     def next_step(self) -> Step:
         """Assign waiting requests to free slots, then compose the next batch."""
-        self._step += 1
         step = Step()
         # Copies first: a source that finished at once may be reassigned (and trimmed)
         # below, but its prompt's cells are intact until then.
@@ -223,7 +224,7 @@ class Scheduler:
                 step.tokens.append(Token(slot.index, slot.last, len(slot.cached), (slot.index,)))
                 slot.cached.append(slot.last)
                 slot.last = None
-                slot.used_at = self._step
+                self._touch(slot)
                 budget -= 1
         # Then prompt chunks, oldest assignment first, while the budget lasts.
         for slot in sorted(self.slots, key=lambda s: s.used_at):
@@ -236,7 +237,7 @@ class Scheduler:
                 sample_for = self._sample_group(slot) if last else ()
                 step.tokens.append(Token(slot.index, token, len(slot.cached), sample_for))
                 slot.cached.append(token)
-            slot.used_at = self._step
+            self._touch(slot)
             budget -= take
         return step
 
@@ -297,7 +298,13 @@ class Scheduler:
         slot.choice = choice
         slot.generated = 0
         slot.last = None
-        slot.used_at = self._step
+        self._touch(slot)
+
+    def _touch(self, slot: _Slot) -> None:
+        # A count, not the step number: a slot taken in this step ranks ahead of one served
+        # after it in the same step; with a tie, one long prompt took the budget twice.
+        self._uses += 1
+        slot.used_at = self._uses
 
     # --- after decoding -----------------------------------------------------------------
 
