@@ -17,7 +17,7 @@ from typing import Any
 
 from aivailable.access.config import AccessConfig
 from aivailable.access.policy import AuthModeError, auth_enabled
-from aivailable.backends.llama_engine import EngineConfig
+from aivailable.backends.engine_config import EngineConfig
 from aivailable.cluster.controller import ControllerConfig
 from aivailable.cluster.membership_policy import MembershipConfig
 from aivailable.cluster.reconciler import ReconcilerConfig
