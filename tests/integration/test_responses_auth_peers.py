@@ -11,20 +11,11 @@ import pytest
 
 from aivailable.api.responses_store import node_of
 from peer.auth import PeerAuth
-from tests.integration.test_access_peers import AuthCluster, http, poll
+from tests.integration.test_access_peers import auth_cluster, http, poll  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m"
-
-
-@pytest.fixture
-def auth_cluster(tmp_path):
-    cluster = AuthCluster(tmp_path)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def ready_on(peer, admin: str) -> set[str]:
@@ -41,7 +32,7 @@ def ready_on(peer, admin: str) -> set[str]:
     }
 
 
-def test_stored_responses_cross_peers_with_auth_on(auth_cluster):
+def test_stored_responses_cross_peers_with_auth_on(auth_cluster):  # noqa: F811  (the fixture)
     a = auth_cluster.add("a", "--gpu", "fake:G:8GiB")
     b = auth_cluster.add("b", "--gpu", "fake:G:8GiB")
     router = auth_cluster.add("c", "--cpu", "no")  # no device: it only routes

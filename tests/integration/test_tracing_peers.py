@@ -14,7 +14,7 @@ import pytest
 from tests.integration.test_access_peers import http as call
 from tests.integration.test_access_peers import poll
 from tests.integration.test_cluster_peers import Cluster
-from tests.unit.test_responses_peers import check_span_tree
+from tests.unit.test_responses_peers import check_span_tree, otlp_spans
 
 pytestmark = pytest.mark.slow
 
@@ -36,29 +36,10 @@ class Collector(http.server.ThreadingHTTPServer):
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-            ExportTraceServiceRequest,
-        )
-
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        message = ExportTraceServiceRequest.FromString(body)
-        for rs in message.resource_spans:
-            node = {a.key: a.value.string_value for a in rs.resource.attributes}
-            for scope in rs.scope_spans:
-                with self.server.lock:
-                    self.server.spans += [
-                        SimpleNamespace(
-                            node=node.get("service.instance.id"),
-                            name=s.name,
-                            trace_id=s.trace_id.hex(),
-                            span_id=s.span_id.hex(),
-                            parent=s.parent_span_id.hex(),
-                            start=s.start_time_unix_nano,
-                            end=s.end_time_unix_nano,
-                            attributes={a.key: a.value for a in s.attributes},
-                        )
-                        for s in scope.spans
-                    ]
+        spans = otlp_spans(body)
+        with self.server.lock:
+            self.server.spans += spans
         self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")
         self.send_header("Content-Length", "0")

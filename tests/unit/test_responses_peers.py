@@ -43,6 +43,33 @@ def replies(request: ChatRequest) -> str:
     return f"heard {len(request.messages)} messages"
 
 
+def otlp_spans(body: bytes) -> list[SimpleNamespace]:
+    """The spans of one OTLP/HTTP export request, flat, each with its peer (`node`)."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    message = ExportTraceServiceRequest.FromString(body)
+    spans = []
+    for resource_spans in message.resource_spans:
+        attrs = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+        for scope in resource_spans.scope_spans:
+            spans += [
+                SimpleNamespace(
+                    node=attrs.get("service.instance.id"),
+                    name=span.name,
+                    trace_id=span.trace_id.hex(),
+                    span_id=span.span_id.hex(),
+                    parent=span.parent_span_id.hex(),
+                    start=span.start_time_unix_nano,
+                    end=span.end_time_unix_nano,
+                    attributes={a.key: a.value for a in span.attributes},
+                )
+                for span in scope.spans
+            ]
+    return spans
+
+
 class Collector:
     """An OTLP/HTTP trace collector on loopback: keeps every span it receives."""
 
@@ -50,27 +77,7 @@ class Collector:
         self.spans: list[SimpleNamespace] = []
 
     async def receive(self, request: web.Request) -> web.Response:
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-            ExportTraceServiceRequest,
-        )
-
-        message = ExportTraceServiceRequest.FromString(await request.read())
-        for resource_spans in message.resource_spans:
-            attrs = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
-            for scope in resource_spans.scope_spans:
-                for span in scope.spans:
-                    self.spans.append(
-                        SimpleNamespace(
-                            node=attrs.get("service.instance.id"),
-                            name=span.name,
-                            trace_id=span.trace_id.hex(),
-                            span_id=span.span_id.hex(),
-                            parent=span.parent_span_id.hex(),
-                            start=span.start_time_unix_nano,
-                            end=span.end_time_unix_nano,
-                            attributes={a.key: a.value for a in span.attributes},
-                        )
-                    )
+        self.spans += otlp_spans(await request.read())
         return web.Response(body=b"", content_type="application/x-protobuf")
 
 
