@@ -10,20 +10,9 @@ from aivailable.api.app import build_app
 from aivailable.api.openai_api import OpenAIApi
 from aivailable.api.responses_api import ResponsesApi
 from aivailable.api.responses_store import ResponseStore, StoreConfig, node_of, response_id
-from aivailable.backends.base import ChatRequest
 from aivailable.backends.fake_engine import FakeEngine
 from aivailable.metrics import Metrics
-from tests.unit.responses_tools import WEATHER_TOOL
-
-
-def replies(request: ChatRequest) -> str:
-    """Echoes what the model saw, so a test can tell which history reached it."""
-    last = request.messages[-1]
-    if last["role"] == "tool":
-        return f"tool said {last['content']}"
-    if any("get_weather" in m["content"] for m in request.messages if m["role"] == "system"):
-        return '{"name": "get_weather", "arguments": {"city": "Paris"}}'
-    return f"turns {len(request.messages)} last {last['content']}"
+from tests.unit.responses_tools import WEATHER_TOOL, replies
 
 
 @pytest.fixture

@@ -24,23 +24,13 @@ from aivailable.api.openai_api import OpenAIApi
 from aivailable.api.responses_api import ResponsesApi
 from aivailable.api.responses_store import PeerResponses
 from aivailable.api.tracing import Tracing
-from aivailable.backends.base import ChatRequest
 from aivailable.backends.fake_engine import FakeEngine
 from aivailable.cluster.state import ClusterState
 from aivailable.metrics import Metrics
 from peer.availability import ModelAvailability, Replica
 from peer.forward import ForwardConfig, Forwarder
 from peer.upstream import UpstreamPool
-from tests.unit.responses_tools import WEATHER_TOOL
-
-
-def replies(request: ChatRequest) -> str:
-    last = request.messages[-1]
-    if last["role"] == "tool":
-        return f"it is {last['content']}"
-    if any("get_weather" in m["content"] for m in request.messages if m["role"] == "system"):
-        return '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
-    return f"heard {len(request.messages)} messages"
+from tests.unit.responses_tools import WEATHER_TOOL, replies
 
 
 def otlp_spans(body: bytes) -> list[SimpleNamespace]:
@@ -167,18 +157,18 @@ def client(url: str) -> openai.AsyncOpenAI:
 async def test_the_openai_client_through_a_routing_only_peer(cluster):
     entry = client(cluster.entry)
     first = await entry.responses.create(model="fake", input="hello", instructions="be kind")
-    assert first.output_text == "heard 2 messages" and first.status == "completed"
-    assert first.usage.output_tokens == 3
+    assert first.output_text == "turns 2 last hello" and first.status == "completed"
+    assert first.usage.output_tokens == 4
     # The second turn on a host directly, continuing what the routing peer's host stored.
     second = await client(cluster.host).responses.create(
         model="fake", input="again", previous_response_id=first.id
     )
-    assert second.output_text == "heard 3 messages"  # user, assistant, user
+    assert second.output_text == "turns 3 last again"  # user, assistant, user
     # ... and a third on another host, which fetches the history from the first host.
     third = await client(cluster.host2).responses.create(
         model="fake", input="more", previous_response_id=second.id
     )
-    assert third.output_text == "heard 5 messages"
+    assert third.output_text == "turns 5 last more"
     # Any peer finds any response.
     got = await client(cluster.host2).responses.retrieve(first.id)
     assert got.output_text == first.output_text
@@ -211,7 +201,7 @@ async def test_a_streamed_function_tool_round_trip_with_the_openai_client(cluste
     assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
     assert "response.function_call_arguments.delta" in kinds
     (call,) = [item for item in final.output if item.type == "function_call"]
-    assert json.loads(call.arguments) == {"city": "Oslo"}
+    assert json.loads(call.arguments) == {"city": "Paris"}
     answer = await entry.responses.create(
         model="fake",
         previous_response_id=final.id,
@@ -219,10 +209,10 @@ async def test_a_streamed_function_tool_round_trip_with_the_openai_client(cluste
         tools=[WEATHER_TOOL],
         tool_choice="none",
     )
-    assert answer.output_text == "it is sunny"
+    assert answer.output_text == "tool said sunny"
     streamed = await entry.responses.create(model="fake", input="hi", stream=True)
     text = "".join([e.delta async for e in streamed if e.type == "response.output_text.delta"])
-    assert text == "heard 1 messages"
+    assert text == "turns 1 last hi"
 
 
 async def test_the_entry_peer_books_the_hosts_counts(cluster):
@@ -287,7 +277,7 @@ def check_span_tree(spans: list, body: dict, host: str = "host") -> None:
 async def test_one_trace_with_spans_from_both_peers(cluster):
     body, spans = await traced_call(cluster, "4bf92f3577b34da6a3ce929d0e0e4736")
     check_span_tree(spans, body)
-    assert body["usage"]["output_tokens"] == 3
+    assert body["usage"]["output_tokens"] == 4  # "turns 1 last hi"
 
 
 def test_without_the_flag_no_exporter_is_imported():
