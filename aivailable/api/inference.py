@@ -18,7 +18,7 @@ from aiohttp import web
 
 from aivailable.api.validate import Parsed
 from peer.auth import FORWARDED_HEADER
-from peer.forward import FORWARDED_USAGE_KEY
+from peer.forward import FORWARDED_USAGE_KEY, HeadersWithFirstChunk
 from peer.usage import USAGE_TRAILER_HEADER, Usage, encode_trailer
 
 
@@ -88,6 +88,16 @@ class Metered:
         if not self.for_peer or self.usage is None:
             return b""
         return encode_trailer(self.usage)
+
+    def sse_response(self) -> web.StreamResponse:
+        """A text/event-stream answer (not yet prepared), announcing the trailer to a peer."""
+        return HeadersWithFirstChunk(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                **self.headers(),
+            }
+        )
 
     def json_response(self, payload: dict) -> web.Response:
         """A JSON answer, with the trailer after it for a peer."""

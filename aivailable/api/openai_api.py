@@ -38,7 +38,6 @@ from aivailable.backends.base import (
 from aivailable.metrics import Metrics
 from peer.availability import NoReadyReplica
 from peer.errors import ServiceError
-from peer.forward import HeadersWithFirstChunk
 
 log = logging.getLogger(__name__)
 
@@ -466,13 +465,7 @@ class OpenAIApi:
                 # Wait for the first event before sending headers, so a full queue or a
                 # failed engine still gets a proper status code rather than a broken stream.
                 first = await anext(events)
-                response = HeadersWithFirstChunk(
-                    headers={
-                        "Content-Type": "text/event-stream",
-                        "Cache-Control": "no-cache",
-                        **meter.headers(),
-                    }
-                )
+                response = meter.sse_response()
                 await response.prepare(request)
                 if is_chat:
                     for i in range(params.n):

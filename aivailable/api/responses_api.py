@@ -33,7 +33,7 @@ from aivailable.api.responses_store import (
 )
 from aivailable.backends.base import Engine, EngineError, Finished, TextDelta
 from aivailable.metrics import Metrics
-from peer.forward import FINAL_HEADER, HeadersWithFirstChunk
+from peer.forward import FINAL_HEADER
 
 ENDPOINT = "responses"  # the metrics' endpoint label
 
@@ -220,13 +220,7 @@ class ResponsesApi:
             async with asyncio.timeout(self._timeout_s), contextlib.aclosing(events):
                 # The first event before the headers: a full queue still gets its status.
                 event = await anext(events)
-                out = HeadersWithFirstChunk(
-                    headers={
-                        "Content-Type": "text/event-stream",
-                        "Cache-Control": "no-cache",
-                        **meter.headers(),
-                    }
-                )
+                out = meter.sse_response()
                 await out.prepare(request)
                 await out.write(
                     sse.event("response.created", response=response_obj)
