@@ -10,7 +10,6 @@ local-health awareness, tombstones, and piggybacked transmit-limited broadcasts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from random import Random
 from typing import Any
 
@@ -18,6 +17,7 @@ from peer import wire
 from peer.awareness import Awareness
 from peer.broadcast import BroadcastQueue
 from peer.config import GossipConfig
+from peer.member_table import Counters, Member, Probe, Relay
 from peer.messages import (
     ALIVE,
     DEAD,
@@ -41,60 +41,6 @@ from peer.messages import (
 from peer.suspicion import Suspicion
 
 
-@dataclass(slots=True)
-class _Member:
-    id: str
-    addr: str
-    port: int
-    incarnation: int
-    state: str
-    since: float  # when the state last changed
-    payload: dict[str, Any] = field(default_factory=dict)
-    payload_stale: bool = False  # incarnation known from a payload-less alive; fetch pending
-
-    def view(self) -> MemberView:
-        return MemberView(
-            self.id, self.addr, self.port, self.state, self.incarnation, self.payload, self.since
-        )
-
-
-@dataclass(slots=True)
-class _Probe:
-    seq: int
-    target: str
-    ack_deadline: float
-    end: float
-    indirect_sent: bool = False
-    acked: bool = False
-    expected_nacks: int = 0
-    nacks: int = 0
-
-
-@dataclass(slots=True)
-class _Relay:
-    """An indirect probe we run on behalf of another member."""
-
-    addr: str
-    port: int
-    seq: int
-    deadline: float
-    nack: bool
-
-
-@dataclass(slots=True)
-class Counters:
-    """Plain counters the peer exports as metrics."""
-
-    probes: int = 0
-    probes_failed: int = 0
-    indirect_probes: int = 0
-    suspicions: int = 0
-    refutations: int = 0
-    declared_dead: int = 0
-    packets_out: int = 0
-    messages_in: int = 0
-
-
 class Membership:
     def __init__(
         self,
@@ -113,14 +59,14 @@ class Membership:
         self.awareness = Awareness(config.awareness_max_multiplier)
         self.broadcasts = BroadcastQueue()
         self.counters = Counters()
-        me = _Member(node_id, addr, port, incarnation, ALIVE, now, wire.normalize(payload or {}))
+        me = Member(node_id, addr, port, incarnation, ALIVE, now, wire.normalize(payload or {}))
         self._me = me
-        self._members: dict[str, _Member] = {node_id: self._me}
+        self._members: dict[str, Member] = {node_id: self._me}
         self._live: int | None = None  # cached live_count()
         self._suspicions: dict[str, Suspicion] = {}
         self._rechecks: dict[str, float] = {}  # suspected node -> when to ask it directly again
-        self._relays: dict[int, _Relay] = {}
-        self._probe: _Probe | None = None
+        self._relays: dict[int, Relay] = {}
+        self._probe: Probe | None = None
         self._probe_order: list[str] = []
         self._probe_index = 0
         self._seq = rng.randrange(1 << 32)
@@ -287,7 +233,7 @@ class Membership:
 
     # ----- probing ---------------------------------------------------------------------
 
-    def _next_target(self) -> _Member | None:
+    def _next_target(self) -> Member | None:
         for _ in range(2):
             while self._probe_index < len(self._probe_order):
                 m = self._members.get(self._probe_order[self._probe_index])
@@ -308,7 +254,7 @@ class Membership:
         self._seq += 1
         self.counters.probes += 1
         timeout = self.awareness.scale(self.config.probe_timeout)
-        self._probe = _Probe(self._seq, target.id, now + timeout, now + interval)
+        self._probe = Probe(self._seq, target.id, now + timeout, now + interval)
         msgs: list[Message] = [Ping(self._seq, target.id, self.id)]
         if target.state == SUSPECT:
             # Lifeguard's buddy system: tell the suspect directly so it can refute at once.
@@ -366,7 +312,7 @@ class Membership:
                 if self._leaving:
                     return
                 self._seq += 1
-                relay = _Relay(addr, port, msg.seq, now + self.config.probe_timeout, msg.nack)
+                relay = Relay(addr, port, msg.seq, now + self.config.probe_timeout, msg.nack)
                 self._relays[self._seq] = relay
                 self._send(msg.target_addr, msg.target_port, [Ping(self._seq, msg.target, self.id)])
             case Ack():
@@ -416,7 +362,7 @@ class Membership:
             return
         m = self._members.get(msg.node)
         if m is None:
-            m = _Member(msg.node, msg.addr, msg.port, msg.incarnation, ALIVE, now)
+            m = Member(msg.node, msg.addr, msg.port, msg.incarnation, ALIVE, now)
             m.payload = dict(msg.payload or {})
             m.payload_stale = msg.payload is None
             self._members[msg.node] = m
@@ -547,7 +493,7 @@ class Membership:
         if accused_by is not None and accused_by.state in (ALIVE, SUSPECT):
             self._send(accused_by.addr, accused_by.port, [msg])
 
-    def _alive_of(self, m: _Member) -> Alive:
+    def _alive_of(self, m: Member) -> Alive:
         msg = Alive(m.id, m.incarnation, m.addr, m.port, None if m.payload_stale else m.payload)
         if wire.encoded_size(msg) > self.config.max_gossip_payload:
             msg = Alive(m.id, m.incarnation, m.addr, m.port, None)
@@ -596,14 +542,14 @@ class Membership:
         self.counters.packets_out += 1
         self._outputs.append(Packet(addr, port, tuple(msgs)))
 
-    def _random_members(self, k: int, accept) -> list[_Member]:
+    def _random_members(self, k: int, accept) -> list[Member]:
         pool = [m for m in self._members.values() if m is not self._me and accept(m)]
         if len(pool) <= k:
             self.rng.shuffle(pool)
             return pool
         return self.rng.sample(pool, k)
 
-    def _event(self, kind: str, m: _Member) -> None:
+    def _event(self, kind: str, m: Member) -> None:
         self._events.append(MemberEvent(kind, m.view()))
 
 
